@@ -1,0 +1,339 @@
+//! Types shared by the pcguard kernel programs and the userspace daemon.
+//!
+//! Everything here is `#[repr(C)]` plain data: map keys, map values, event
+//! records and the constants that size and index the maps. No logic lives here
+//! beyond trivial index arithmetic that both sides must agree on.
+//!
+//! # Map layout (the contract between `pcguard-ebpf` and `pcguard::datapath`)
+//!
+//! | map             | kind                 | key                  | value          |
+//! |-----------------|----------------------|----------------------|----------------|
+//! | `PORTS`         | Array                | [`port_table_index`] | [`PortEntry`]  |
+//! | `SLOTS`         | Array                | slot id (u32)        | [`PortSlot`]   |
+//! | `PEERS_V4`      | LpmTrie<[u8;4]>      | IPv4 prefix          | class mask u32 |
+//! | `PEERS_V6`      | LpmTrie<[u8;16]>     | IPv6 prefix          | class mask u32 |
+//! | `SETTINGS`      | Array (1 entry)      | 0                    | [`Settings`]   |
+//! | `CONNTRACK`     | LruHash              | [`FlowKey`]          | [`CtEntry`]    |
+//! | `REPORTED`      | LruHash              | [`FlowKey`]          | u64 (ns)       |
+//! | `PORT_COUNTERS` | PerCpuArray          | [`port_counter_index`] | [`Counters`] |
+//! | `RULE_COUNTERS` | PerCpuArray          | [`rule_counter_index`] | [`Counters`] |
+//! | `STATS`         | PerCpuArray          | `STAT_*`             | u64            |
+//! | `EVENTS`        | RingBuf              | -                    | [`FlowEvent`]  |
+//!
+//! The per-packet cost is a fixed number of map lookups whatever the number
+//! of rules: one `PORTS` lookup, one `SLOTS` lookup, one LPM lookup and one
+//! conntrack lookup.
+#![no_std]
+
+/// Directions. For counters: the direction the packet travels. For rules and
+/// conntrack: the direction the flow was initiated in.
+pub const DIR_INGRESS: u32 = 0;
+pub const DIR_EGRESS: u32 = 1;
+pub const NUM_DIRS: u32 = 2;
+
+/// Protocol indexes used by the dense tables. ICMP and anything else that is
+/// IP but not TCP/UDP is counted under `PROTO_IDX_OTHER` with port index 0.
+pub const PROTO_IDX_TCP: u32 = 0;
+pub const PROTO_IDX_UDP: u32 = 1;
+pub const PROTO_IDX_OTHER: u32 = 2;
+/// Protocols with a port table (TCP and UDP).
+pub const NUM_PORT_PROTOS: u32 = 2;
+/// Protocol indexes used by counters.
+pub const NUM_COUNTER_PROTOS: u32 = 3;
+
+/// IP protocol numbers.
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// Address families in [`FlowKey::family`] / [`FlowEvent::family`].
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// Number of entries in `PORTS`: one per (direction, port protocol, port).
+pub const PORT_TABLE_ENTRIES: u32 = NUM_DIRS * NUM_PORT_PROTOS * 65536;
+
+/// Index into `PORTS` for the service port of a flow in direction `dir`
+/// (`DIR_INGRESS`: the local destination port of an inbound flow;
+/// `DIR_EGRESS`: the remote destination port of an outbound flow).
+#[inline(always)]
+pub const fn port_table_index(dir: u32, proto_idx: u32, port: u16) -> u32 {
+    (dir * NUM_PORT_PROTOS + proto_idx) * 65536 + port as u32
+}
+
+/// One entry of the `PORTS` table.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortEntry {
+    /// Index into `SLOTS`; 0 means "no rule covers this port".
+    pub slot: u16,
+    /// Counter label index for this port (see [`port_counter_index`]);
+    /// 0 means the `other` label.
+    pub port_idx: u16,
+}
+
+/// Maximum number of peer classes, including the built-in [`CLASS_ANY`].
+pub const MAX_CLASSES: usize = 32;
+/// Bit index of the class every address belongs to (`any`).
+pub const CLASS_ANY_BIT: u32 = 31;
+pub const CLASS_ANY: u32 = 1 << CLASS_ANY_BIT;
+
+/// Number of entries in `SLOTS` (slot 0 is reserved: "no rule").
+pub const MAX_SLOTS: u32 = 1024;
+
+/// A port slot: which peer classes may use the ports pointing at it, and for
+/// each class which rule allowed it (for per-rule counters and audit).
+///
+/// A packet is allowed when `peer_mask & allowed_mask != 0`; the rule is
+/// `rule_by_class[lowest set bit of (peer_mask & allowed_mask)]`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct PortSlot {
+    pub allowed_mask: u32,
+    pub rule_by_class: [u16; MAX_CLASSES],
+}
+
+impl Default for PortSlot {
+    fn default() -> Self {
+        Self { allowed_mask: 0, rule_by_class: [0; MAX_CLASSES] }
+    }
+}
+
+/// Maximum number of rules; rule id 0 means "no rule".
+pub const MAX_RULES: u32 = 512;
+/// Maximum number of counter port labels per protocol; index 0 is `other`.
+pub const MAX_PORT_LABELS: u32 = 512;
+
+/// Verdict indexes in [`Counters`].
+/// Passed because a rule (or a tracked flow) allows it.
+pub const VERDICT_ALLOW: usize = 0;
+/// Dropped by policy (enforce mode) or because it is malformed.
+pub const VERDICT_DROP: usize = 1;
+/// Would have been dropped, passed because the direction is in monitor mode.
+pub const VERDICT_MONITOR: usize = 2;
+/// Not subject to the port policy (ICMP, non-first fragments).
+pub const VERDICT_BYPASS: usize = 3;
+pub const NUM_VERDICTS: usize = 4;
+
+/// Packets and bytes per verdict.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: [u64; NUM_VERDICTS],
+    pub bytes: [u64; NUM_VERDICTS],
+}
+
+/// Entries of `PORT_COUNTERS`.
+pub const PORT_COUNTER_ENTRIES: u32 = NUM_DIRS * NUM_COUNTER_PROTOS * MAX_PORT_LABELS;
+
+/// Index into `PORT_COUNTERS`: `dir` is the direction the packet travels,
+/// `port_idx` the label of the flow's service port (0 = other).
+#[inline(always)]
+pub const fn port_counter_index(dir: u32, proto_idx: u32, port_idx: u16) -> u32 {
+    (dir * NUM_COUNTER_PROTOS + proto_idx) * MAX_PORT_LABELS + port_idx as u32
+}
+
+/// Entries of `RULE_COUNTERS`.
+pub const RULE_COUNTER_ENTRIES: u32 = NUM_DIRS * MAX_RULES;
+
+/// Index into `RULE_COUNTERS`: `dir` is the direction the packet travels.
+#[inline(always)]
+pub const fn rule_counter_index(dir: u32, rule: u16) -> u32 {
+    dir * MAX_RULES + rule as u32
+}
+
+/// Indexes into the per-CPU `STATS` array.
+/// Non-IP frames seen at XDP (ARP, LLDP, ...), always passed.
+pub const STAT_NON_IP: u32 = 0;
+/// Packets whose headers were truncated or invalid.
+pub const STAT_MALFORMED: u32 = 1;
+/// Events that could not be reserved in the ring buffer.
+pub const STAT_EVENTS_DROPPED: u32 = 2;
+/// Events written to the ring buffer.
+pub const STAT_EVENTS_SENT: u32 = 3;
+/// Unexpected-flow events suppressed because the flow was already reported.
+pub const STAT_EVENTS_SUPPRESSED: u32 = 4;
+/// Conntrack entries created.
+pub const STAT_CT_CREATED: u32 = 5;
+/// Conntrack entries removed on FIN/RST close or found expired.
+pub const STAT_CT_EXPIRED: u32 = 6;
+/// Conntrack insert failures.
+pub const STAT_CT_INSERT_FAILED: u32 = 7;
+pub const NUM_STATS: u32 = 8;
+
+/// Modes in [`Settings`].
+pub const MODE_ENFORCE: u8 = 0;
+pub const MODE_MONITOR: u8 = 1;
+
+/// Global settings written by the daemon (`SETTINGS[0]`).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Mode for new inbound flows (`MODE_ENFORCE` / `MODE_MONITOR`).
+    pub ingress_mode: u8,
+    /// Mode for new outbound flows.
+    pub egress_mode: u8,
+    /// 1: ICMP/ICMPv6 passes (counted as `VERDICT_BYPASS`); 0: dropped in
+    /// enforce mode like any packet without a rule.
+    pub allow_icmp: u8,
+    /// 1 once the daemon has written a complete policy. Until then every
+    /// packet passes (counted as `VERDICT_BYPASS`), so a half-written policy
+    /// never drops anything.
+    pub ready: u8,
+    /// Classes the server must never initiate flows to (workstations,
+    /// secondary servers): such a flow is reported with
+    /// `REASON_OUTBOUND_TO_WORKSTATION`.
+    pub no_initiate_mask: u32,
+    /// Idle timeout of an established TCP flow.
+    pub tcp_timeout_ns: u64,
+    /// Idle timeout of a TCP flow after FIN.
+    pub tcp_closing_timeout_ns: u64,
+    /// Idle timeout of a UDP flow.
+    pub udp_timeout_ns: u64,
+    /// A flow is reported at most once per this interval.
+    pub report_interval_ns: u64,
+}
+
+/// Conntrack / event key, normalized from the server's point of view:
+/// `local` is this host, `remote` the peer, whatever the packet direction.
+/// IPv4 addresses are stored in the first 4 bytes of the address arrays,
+/// the rest zero. Addresses are in network byte order; ports in host order.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: u16,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+
+/// Conntrack states.
+pub const CT_STATE_OPEN: u8 = 0;
+pub const CT_STATE_CLOSING: u8 = 1;
+
+/// Conntrack flags.
+/// The flow was not allowed by policy and passes only because its direction
+/// is in monitor mode; its packets count as `VERDICT_MONITOR`.
+pub const CT_FLAG_MONITORED: u8 = 1;
+
+/// Value of a conntrack entry.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    pub last_seen_ns: u64,
+    /// Rule that allowed the flow (0 for monitored flows).
+    pub rule: u16,
+    /// Counter label of the flow's service port.
+    pub port_idx: u16,
+    /// Direction the flow was initiated in (`DIR_INGRESS` = inbound).
+    pub flow_dir: u8,
+    pub state: u8,
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+/// Reasons a flow is unexpected.
+/// No rule covers the (protocol, port).
+pub const REASON_NO_RULE: u8 = 1;
+/// A rule covers the port, but not for the peer's class.
+pub const REASON_PEER_NOT_ALLOWED: u8 = 2;
+/// The server initiated a flow to a workstation or secondary server.
+pub const REASON_OUTBOUND_TO_WORKSTATION: u8 = 3;
+/// Headers truncated or invalid.
+pub const REASON_MALFORMED: u8 = 4;
+pub const NUM_REASONS: u8 = 5;
+
+/// One record per new unexpected flow, sent on `EVENTS`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_ns()` when the packet was seen.
+    pub ts_ns: u64,
+    pub key: FlowKey,
+    /// Peer class mask of the remote address.
+    pub peer_mask: u32,
+    pub ifindex: u32,
+    /// Length of the packet that opened the flow.
+    pub pkt_len: u32,
+    /// Direction the packet travelled (`DIR_INGRESS` / `DIR_EGRESS`).
+    pub direction: u8,
+    /// `REASON_*`.
+    pub reason: u8,
+    /// `VERDICT_DROP` (enforce) or `VERDICT_MONITOR`.
+    pub verdict: u8,
+    /// TCP flags of the packet (0 for other protocols).
+    pub tcp_flags: u8,
+    /// Slot the port mapped to (0: none), for the audit record.
+    pub slot: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Capacity of `CONNTRACK`.
+pub const CONNTRACK_ENTRIES: u32 = 262_144;
+/// Capacity of `REPORTED`.
+pub const REPORTED_ENTRIES: u32 = 65_536;
+/// Capacity of the LPM tries.
+pub const PEER_ENTRIES: u32 = 16_384;
+/// Size of `EVENTS` in bytes (power of two, multiple of the page size).
+pub const EVENTS_BYTES: u32 = 1 << 20;
+
+/// Names of the maps and programs in the object file.
+pub mod names {
+    pub const XDP_PROG: &str = "pcguard_ingress";
+    pub const TC_PROG: &str = "pcguard_egress";
+    pub const PORTS: &str = "PORTS";
+    pub const SLOTS: &str = "SLOTS";
+    pub const PEERS_V4: &str = "PEERS_V4";
+    pub const PEERS_V6: &str = "PEERS_V6";
+    pub const SETTINGS: &str = "SETTINGS";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const REPORTED: &str = "REPORTED";
+    pub const PORT_COUNTERS: &str = "PORT_COUNTERS";
+    pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
+    pub const STATS: &str = "STATS";
+    pub const EVENTS: &str = "EVENTS";
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for PortEntry {}
+    unsafe impl aya::Pod for PortSlot {}
+    unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for FlowEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<PortEntry>(), 4);
+        assert_eq!(size_of::<PortSlot>(), 4 + 2 * MAX_CLASSES);
+        assert_eq!(size_of::<FlowKey>(), 8 + 32);
+        assert_eq!(size_of::<CtEntry>(), 16);
+        assert_eq!(size_of::<Settings>(), 8 + 32);
+        assert_eq!(size_of::<FlowEvent>(), 8 + 40 + 12 + 4 + 2 + 6);
+        assert_eq!(size_of::<Counters>(), 16 * NUM_VERDICTS);
+    }
+
+    #[test]
+    fn indexes_stay_in_bounds() {
+        assert_eq!(port_table_index(DIR_EGRESS, PROTO_IDX_UDP, 65535), PORT_TABLE_ENTRIES - 1);
+        assert_eq!(
+            port_counter_index(DIR_EGRESS, PROTO_IDX_OTHER, (MAX_PORT_LABELS - 1) as u16),
+            PORT_COUNTER_ENTRIES - 1
+        );
+        assert_eq!(rule_counter_index(DIR_EGRESS, (MAX_RULES - 1) as u16), RULE_COUNTER_ENTRIES - 1);
+        assert_eq!(port_table_index(DIR_INGRESS, PROTO_IDX_TCP, 9191), 9191);
+    }
+}
