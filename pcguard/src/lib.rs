@@ -1,0 +1,10 @@
+//! pcguard: eBPF/XDP port policy enforcer and traffic monitor for PaperCut
+//! NG/MF servers. See DESIGN.md in the steering docs and docs/ here.
+//!
+//! Pipeline: `catalog` -> `config` -> `policy` (pure, unit-tested) ->
+//! `datapath` (BPF maps) ; `flows` (audit log) ; `metrics` (Prometheus).
+
+pub mod catalog;
+pub mod config;
+pub mod policy;
+pub mod render;

@@ -1,0 +1,146 @@
+//! The compiled policy: dense tables ready to be written into the BPF maps.
+//!
+//! Produced by `policy::compile` (pure), consumed by `datapath` (writes the
+//! maps), `metrics` (labels), `render` (nftables) and `check` (rule table).
+
+use pcguard_common::{PortEntry, PortSlot, Settings};
+use serde::Serialize;
+
+/// Direction a rule's flows are initiated in.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Peers connect to this server (service port = local port).
+    Inbound,
+    /// This server connects to peers (service port = remote port).
+    Outbound,
+}
+
+impl Direction {
+    /// `pcguard_common::DIR_INGRESS` / `DIR_EGRESS`.
+    pub fn dir_index(self) -> u32 {
+        match self {
+            Direction::Inbound => pcguard_common::DIR_INGRESS,
+            Direction::Outbound => pcguard_common::DIR_EGRESS,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// `pcguard_common::PROTO_IDX_TCP` / `PROTO_IDX_UDP`.
+    pub fn proto_index(self) -> u32 {
+        match self {
+            Protocol::Tcp => pcguard_common::PROTO_IDX_TCP,
+            Protocol::Udp => pcguard_common::PROTO_IDX_UDP,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// Inclusive port range; a single port has `start == end`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PortRange {
+    pub start: u16,
+    pub end: u16,
+}
+
+impl PortRange {
+    pub fn single(p: u16) -> Self {
+        Self { start: p, end: p }
+    }
+    pub fn contains(&self, p: u16) -> bool {
+        self.start <= p && p <= self.end
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.start == self.end {
+            write!(f, "{}", self.start)
+        } else {
+            write!(f, "{}-{}", self.start, self.end)
+        }
+    }
+}
+
+/// Where a compiled rule came from.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleOrigin {
+    /// A catalog entry enabled by a feature (from the PaperCut document).
+    Catalog,
+    /// A catalog entry that is not from the document (marked in the catalog).
+    CatalogExtra,
+    /// An `[[rule]]` of the site config.
+    Site,
+    /// An always-allow entry (admin access); never dropped.
+    AlwaysAllow,
+}
+
+/// One compiled rule. Rule ids are indexes into `CompiledPolicy::rules`;
+/// index 0 is a placeholder for "no rule" and is never matched.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RuleInfo {
+    /// Catalog id (e.g. `web-http`) or the site rule's name. Used as the
+    /// `rule` label of per-rule metrics, so it is bounded and stable.
+    pub id: String,
+    pub description: String,
+    pub direction: Direction,
+    pub protocol: Protocol,
+    pub ports: Vec<PortRange>,
+    /// Peer class names allowed by this rule (`any` for every address).
+    pub peers: Vec<String>,
+    /// Documented FQDNs of the endpoint, for the operator (not enforced by
+    /// the kernel; see notes on DNS-aware egress).
+    pub fqdns: Vec<String>,
+    pub origin: RuleOrigin,
+}
+
+/// One LPM trie entry: prefix -> class bitmask. Masks already include the
+/// bits of every shorter prefix that contains this one, and `CLASS_ANY`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PeerPrefix<const N: usize> {
+    #[serde(skip)]
+    pub addr: [u8; N],
+    pub prefix_len: u32,
+    pub mask: u32,
+}
+
+/// The compiled policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompiledPolicy {
+    /// Written to `SETTINGS[0]` (with `ready = 1`).
+    pub settings: Settings,
+    /// Sparse `PORTS` content: (index from `port_table_index`, entry). Every
+    /// index not listed is `PortEntry::default()` (no rule).
+    pub ports: Vec<(u32, PortEntry)>,
+    /// `SLOTS` content, index = slot id; `slots[0]` is the empty slot.
+    pub slots: Vec<PortSlot>,
+    pub peers_v4: Vec<PeerPrefix<4>>,
+    pub peers_v6: Vec<PeerPrefix<16>>,
+    /// Index = rule id; `rules[0]` is the "no rule" placeholder.
+    pub rules: Vec<RuleInfo>,
+    /// Counter port labels per protocol index (`PROTO_IDX_TCP`, `PROTO_IDX_UDP`,
+    /// `PROTO_IDX_OTHER`); `port_labels[p][0] == "other"`.
+    pub port_labels: [Vec<String>; 3],
+    /// Peer class names by bit index (`None` = unused bit); bit 31 is `any`.
+    pub classes: Vec<Option<String>>,
+}

@@ -1,0 +1,3 @@
+//! placeholder: being written
+pub mod compiled;
+pub use compiled::*;
