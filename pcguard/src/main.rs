@@ -1,4 +1,209 @@
-fn main() {
-    let obj = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pcguard"));
-    println!("{}", obj.len());
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use pcguard::{
+    daemon::{self, RunOptions},
+    datapath::DEFAULT_BPFFS_DIR,
+    flows,
+    state::{DEFAULT_RUN_DIR, State},
+    status,
+};
+
+/// eBPF/XDP port policy enforcer and traffic monitor for PaperCut NG/MF servers.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the policy, attach to the configured interfaces and serve metrics
+    /// and the audit log until SIGTERM. SIGHUP reloads the config.
+    Run {
+        #[arg(short, long, default_value = "/etc/pcguard/pcguard.toml")]
+        config: PathBuf,
+        /// bpffs directory for the pinned maps (read by `pcguard status`).
+        #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
+        bpffs_dir: PathBuf,
+        /// Directory of the state file.
+        #[arg(long, default_value = DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+        /// Attach XDP in generic (skb) mode even where native mode works.
+        #[arg(long)]
+        xdp_skb: bool,
+        /// Override the metrics listen address of the config.
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
+        /// Override the audit log path of the config.
+        #[arg(long)]
+        audit_log: Option<PathBuf>,
+        /// Revert a newly applied policy unless `pcguard confirm` is run
+        /// within this time (e.g. 60s, 5m). At start, an unconfirmed policy
+        /// detaches pcguard entirely.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        confirm_within: Option<Duration>,
+    },
+    /// Validate a config and print the effective rule table.
+    Check {
+        config: PathBuf,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Print the PaperCut port catalog (from the PaperCut document).
+    Catalog {
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Show attached programs and live counters of the running daemon.
+    Status {
+        #[arg(long, default_value = DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Follow the audit log of unexpected flows.
+    Flows {
+        /// Audit log to read (default: the running daemon's).
+        #[arg(long)]
+        log: Option<PathBuf>,
+        #[arg(long, default_value = DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+        /// Print the last N records before following.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+        /// Print and exit instead of following.
+        #[arg(long)]
+        no_follow: bool,
+        /// Print the JSON records as they are.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_parser = ["no_rule", "peer_not_allowed", "outbound_to_workstation", "malformed"])]
+        reason: Option<String>,
+        #[arg(long, value_parser = ["inbound", "outbound"])]
+        direction: Option<String>,
+        #[arg(long, value_parser = ["alert", "warning"])]
+        severity: Option<String>,
+        /// Only flows whose remote address is in this peer class.
+        #[arg(long)]
+        peer_class: Option<String>,
+        /// Only flows with this local or remote port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only flows with this local or remote address.
+        #[arg(long)]
+        addr: Option<IpAddr>,
+    },
+    /// Render the compiled policy in another firewall's language.
+    Render {
+        #[command(subcommand)]
+        target: RenderTarget,
+    },
+    /// Keep a policy applied with --confirm-within.
+    Confirm {
+        #[arg(long, default_value = DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+    },
+    /// Ask the running daemon to reload its config (SIGHUP).
+    Reload {
+        #[arg(long, default_value = DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum RenderTarget {
+    /// An nftables ruleset (`nft -f`) equivalent to the policy.
+    Nftables { config: PathBuf },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match real_main(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run { config, bpffs_dir, run_dir, xdp_skb, metrics_listen, audit_log, confirm_within } => {
+            let opts =
+                RunOptions { config, bpffs_dir: Some(bpffs_dir), run_dir, xdp_skb, metrics_listen, audit_log, confirm_within };
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            rt.block_on(daemon::run(opts))
+        }
+        Command::Check { config, format } => {
+            let (_, policy) = daemon::load_policy(&config)?;
+            match format {
+                Format::Table => print!("{}", pcguard::policy::rule_table(&policy)),
+                Format::Json => println!("{}", serde_json::to_string_pretty(&pcguard::policy::rules_json(&policy))?),
+            }
+            Ok(())
+        }
+        Command::Catalog { format } => {
+            let catalog = pcguard::catalog::Catalog::builtin();
+            match format {
+                Format::Table => print!("{}", catalog.render_table()),
+                Format::Json => println!("{}", serde_json::to_string_pretty(&catalog.to_json())?),
+            }
+            Ok(())
+        }
+        Command::Status { run_dir, format } => {
+            let (state, snap) = status::collect(&run_dir)?;
+            match format {
+                Format::Table => print!("{}", status::render(&state, snap.as_ref())),
+                Format::Json => println!("{}", serde_json::to_string_pretty(&status::to_json(&state, snap.as_ref()))?),
+            }
+            Ok(())
+        }
+        Command::Flows { log, run_dir, lines, no_follow, json, reason, direction, severity, peer_class, port, addr } => {
+            let path = match log {
+                Some(p) => p,
+                None => State::read(&run_dir)?.audit_log.context("the running daemon has no audit log")?,
+            };
+            let filter = flows::Filter { reason, direction, peer_class, port, addr, severity };
+            flows::follow(&path, &filter, lines, !no_follow, json, std::io::stdout().lock())
+        }
+        Command::Render { target: RenderTarget::Nftables { config } } => {
+            let (_, policy) = daemon::load_policy(&config)?;
+            print!("{}", pcguard::render::nftables(&policy));
+            Ok(())
+        }
+        Command::Confirm { run_dir } => signal_daemon(&run_dir, libc::SIGUSR1, "confirm"),
+        Command::Reload { run_dir } => signal_daemon(&run_dir, libc::SIGHUP, "reload"),
+    }
+}
+
+fn signal_daemon(run_dir: &Path, sig: libc::c_int, what: &str) -> Result<()> {
+    let state = State::read(run_dir)?;
+    if !state.is_live() {
+        bail!("pcguard (pid {}) is not running", state.pid);
+    }
+    if what == "confirm" && state.pending_confirm_until.is_none() {
+        println!("nothing to confirm: the running policy is already confirmed");
+        return Ok(());
+    }
+    // SAFETY: sending a signal to a pid read from our own state file.
+    if unsafe { libc::kill(state.pid as libc::pid_t, sig) } != 0 {
+        bail!("signalling pid {}: {}", state.pid, std::io::Error::last_os_error());
+    }
+    println!("{what} sent to pcguard (pid {})", state.pid);
+    Ok(())
 }

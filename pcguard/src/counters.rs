@@ -1,0 +1,136 @@
+//! Reads the kernel's counters from the pinned maps. Shared by the metrics
+//! endpoint (inside the daemon) and `pcguard status` (another process).
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use aya::maps::{HashMap, MapData, PerCpuArray};
+use pcguard_common::{
+    Counters, CtEntry, FlowKey, NUM_DIRS, NUM_STATS, NUM_VERDICTS, names, port_counter_index, rule_counter_index,
+};
+use serde::{Deserialize, Serialize};
+
+/// Names of the verdict indexes, as used in metric labels and tables.
+pub const VERDICT_NAMES: [&str; NUM_VERDICTS] = ["allowed", "dropped", "would_drop", "bypassed"];
+/// Names of the packet directions (counter index order).
+pub const DIRECTION_NAMES: [&str; NUM_DIRS as usize] = ["ingress", "egress"];
+/// Names of the counter protocol indexes.
+pub const PROTOCOL_NAMES: [&str; 3] = ["tcp", "udp", "other"];
+
+/// What the counters need to know about the running policy to be labelled.
+/// Written by the daemon into its state file so `status` can read it too.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Labels {
+    /// Port labels per counter protocol index; index 0 is `other`.
+    pub port_labels: [Vec<String>; 3],
+    /// Rule ids by rule index; index 0 is the "no rule" placeholder.
+    pub rules: Vec<String>,
+}
+
+impl Labels {
+    pub fn from_policy(p: &crate::policy::CompiledPolicy) -> Self {
+        Self { port_labels: p.port_labels.clone(), rules: p.rules.iter().map(|r| r.id.clone()).collect() }
+    }
+}
+
+/// Counters of one (direction, protocol, port label).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortCount {
+    pub direction: usize,
+    pub protocol: usize,
+    pub port: String,
+    pub counters: Counters,
+}
+
+/// Counters of one (direction, rule).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleCount {
+    pub direction: usize,
+    pub rule: String,
+    pub counters: Counters,
+}
+
+/// Everything the kernel counts, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub ports: Vec<PortCount>,
+    pub rules: Vec<RuleCount>,
+    pub stats: [u64; NUM_STATS as usize],
+    pub conntrack_entries: u64,
+}
+
+impl Snapshot {
+    /// Total packets and bytes per verdict over all ports and directions.
+    pub fn totals(&self) -> Counters {
+        let mut t = Counters::default();
+        for p in &self.ports {
+            add(&mut t, &p.counters);
+        }
+        t
+    }
+}
+
+fn add(into: &mut Counters, c: &Counters) {
+    for v in 0..NUM_VERDICTS {
+        into.packets[v] += c.packets[v];
+        into.bytes[v] += c.bytes[v];
+    }
+}
+
+/// The pinned maps the counters live in.
+pub struct PinnedCounters {
+    ports: PerCpuArray<MapData, Counters>,
+    rules: PerCpuArray<MapData, Counters>,
+    stats: PerCpuArray<MapData, u64>,
+    conntrack: HashMap<MapData, FlowKey, CtEntry>,
+}
+
+impl PinnedCounters {
+    /// Opens the maps pinned by a running daemon under `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let open = |name: &str| {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
+            aya::maps::Map::from_map_data(data).with_context(|| format!("reading map {name}"))
+        };
+        Ok(Self {
+            ports: PerCpuArray::try_from(open(names::PORT_COUNTERS)?)?,
+            rules: PerCpuArray::try_from(open(names::RULE_COUNTERS)?)?,
+            stats: PerCpuArray::try_from(open(names::STATS)?)?,
+            conntrack: HashMap::try_from(open(names::CONNTRACK)?)?,
+        })
+    }
+
+    /// Reads every counter the labels name, plus stats and the conntrack size.
+    pub fn snapshot(&self, labels: &Labels) -> Result<Snapshot> {
+        let mut snap = Snapshot::default();
+        for dir in 0..NUM_DIRS {
+            for (proto, ports) in labels.port_labels.iter().enumerate() {
+                // Index 0 ("other") exists even for a policy without labels.
+                let n = ports.len().max(1);
+                for idx in 0..n {
+                    let counters = sum_cpus(&self.ports, port_counter_index(dir, proto as u32, idx as u16))?;
+                    let port = ports.get(idx).cloned().unwrap_or_else(|| "other".to_string());
+                    snap.ports.push(PortCount { direction: dir as usize, protocol: proto, port, counters });
+                }
+            }
+            for (rule, id) in labels.rules.iter().enumerate().skip(1) {
+                let counters = sum_cpus(&self.rules, rule_counter_index(dir, rule as u16))?;
+                snap.rules.push(RuleCount { direction: dir as usize, rule: id.clone(), counters });
+            }
+        }
+        for (i, s) in snap.stats.iter_mut().enumerate() {
+            *s = self.stats.get(&(i as u32), 0)?.iter().sum();
+        }
+        snap.conntrack_entries = self.conntrack.keys().filter(|k| k.is_ok()).count() as u64;
+        Ok(snap)
+    }
+}
+
+fn sum_cpus(map: &PerCpuArray<MapData, Counters>, index: u32) -> Result<Counters> {
+    let mut total = Counters::default();
+    for c in map.get(&index, 0)?.iter() {
+        add(&mut total, c);
+    }
+    Ok(total)
+}

@@ -1,0 +1,352 @@
+//! `pcguard run`: load, attach, serve; SIGHUP reloads, SIGTERM detaches,
+//! SIGUSR1 confirms a policy applied with a confirm window.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use log::{error, info, warn};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    config::{self, SiteConfig},
+    counters::{Labels, PinnedCounters},
+    datapath::Datapath,
+    flows::{AuditLog, AuditRecord, Dedup},
+    metrics::{Metrics, PolicyInfo},
+    policy::{self, CompiledPolicy},
+    state::{State, unix_now},
+};
+
+/// Options of `pcguard run` that are not in the config file.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub config: PathBuf,
+    /// Where maps are pinned (`None`: not pinned; `status` then cannot read them).
+    pub bpffs_dir: Option<PathBuf>,
+    pub run_dir: PathBuf,
+    /// Use generic (skb) XDP even where native XDP is available.
+    pub xdp_skb: bool,
+    /// Overrides the config's metrics address.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Overrides the config's audit log path.
+    pub audit_log: Option<PathBuf>,
+    /// Revert a newly applied policy (at start: detach and exit) unless
+    /// `pcguard confirm` is run within this time.
+    pub confirm_within: Option<Duration>,
+}
+
+/// Settings the daemon takes from the site config.
+struct DaemonSettings {
+    interfaces: Vec<String>,
+    metrics_listen: Option<SocketAddr>,
+    audit_log: PathBuf,
+    report_interval: Duration,
+    info: PolicyInfo,
+}
+
+fn daemon_settings(cfg: &SiteConfig, policy: &CompiledPolicy, opts: &RunOptions) -> DaemonSettings {
+    DaemonSettings {
+        interfaces: cfg.interfaces.clone(),
+        metrics_listen: opts.metrics_listen.or(cfg.metrics_listen()),
+        audit_log: opts.audit_log.clone().unwrap_or_else(|| cfg.audit_path()),
+        report_interval: Duration::from_nanos(policy.settings.report_interval_ns),
+        info: PolicyInfo {
+            labels: Labels::from_policy(policy),
+            mode: mode_name(policy.settings.ingress_mode).into(),
+            egress_mode: mode_name(policy.settings.egress_mode).into(),
+            role: cfg.role_name().into(),
+            rules: policy.rules.len().saturating_sub(1),
+        },
+    }
+}
+
+fn mode_name(m: u8) -> &'static str {
+    if m == pcguard_common::MODE_MONITOR { "monitor" } else { "enforce" }
+}
+
+/// Loads and compiles a config file: nothing touches the kernel here.
+pub fn load_policy(path: &Path) -> Result<(SiteConfig, CompiledPolicy)> {
+    let cfg = config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let policy = policy::compile(&cfg).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok((cfg, policy))
+}
+
+/// A policy applied with a confirm window, and what to go back to.
+struct Pending {
+    deadline: Instant,
+    /// `None` when the pending policy is the first one (revert = stop).
+    previous: Option<(SiteConfig, CompiledPolicy)>,
+}
+
+struct Daemon {
+    opts: RunOptions,
+    dp: Datapath,
+    cfg: SiteConfig,
+    policy: Arc<RwLock<CompiledPolicy>>,
+    metrics: Arc<Metrics>,
+    audit: Arc<Mutex<AuditLog>>,
+    dedup: Arc<Mutex<Dedup>>,
+    reloads: u64,
+    loaded_at: u64,
+    pending: Option<Pending>,
+}
+
+pub async fn run(opts: RunOptions) -> Result<()> {
+    let (cfg, compiled) = load_policy(&opts.config)?;
+    let settings = daemon_settings(&cfg, &compiled, &opts);
+    if settings.interfaces.is_empty() {
+        bail!("{}: no interfaces configured", opts.config.display());
+    }
+    let audit = AuditLog::open(&settings.audit_log)?;
+
+    let mut dp = Datapath::load(opts.bpffs_dir.as_deref())?;
+    // The policy is complete in the maps before the programs see a packet.
+    dp.apply(&compiled).context("writing the policy into the maps")?;
+    dp.attach(&settings.interfaces, opts.xdp_skb)?;
+    let events = dp.take_events()?;
+
+    let counters = match dp.bpffs_dir() {
+        Some(dir) => Some(PinnedCounters::open(dir)?),
+        None => None,
+    };
+    let metrics = Arc::new(Metrics::new(counters, settings.info.clone()));
+    let loaded_at = unix_now();
+    metrics.daemon.policy_loaded_time.set(loaded_at as f64);
+    if let Some(addr) = settings.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics listener {addr}"))?;
+        info!("metrics on http://{addr}/metrics");
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve_listener(listener, m).await {
+                error!("metrics server stopped: {e:#}");
+            }
+        });
+    }
+
+    let pending = opts.confirm_within.map(|d| Pending { deadline: Instant::now() + d, previous: None });
+    let mut daemon = Daemon {
+        dp,
+        cfg,
+        policy: Arc::new(RwLock::new(compiled)),
+        metrics,
+        audit: Arc::new(Mutex::new(audit)),
+        dedup: Arc::new(Mutex::new(Dedup::new(settings.report_interval))),
+        reloads: 0,
+        loaded_at,
+        pending,
+        opts,
+    };
+    daemon.spawn_events(events)?;
+    daemon.write_state()?;
+    info!(
+        "pcguard running: {} rules, mode {}, egress {}, audit log {}",
+        settings.info.rules,
+        settings.info.mode,
+        settings.info.egress_mode,
+        settings.audit_log.display()
+    );
+    let result = daemon.signal_loop().await;
+    let run_dir = daemon.opts.run_dir.clone();
+    daemon.dp.shutdown();
+    State::remove(&run_dir);
+    info!("detached; bye");
+    result
+}
+
+impl Daemon {
+    fn spawn_events(&self, ring: aya::maps::RingBuf<aya::maps::MapData>) -> Result<()> {
+        // SAFETY: the ring buffer owns its fd, and the AsyncFd owns the ring
+        // buffer, so the fd stays open as long as it is registered.
+        let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE)? };
+        let policy = self.policy.clone();
+        let metrics = self.metrics.clone();
+        let audit = self.audit.clone();
+        let dedup = self.dedup.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut guard = match fd.readable_mut().await {
+                    Ok(g) => g,
+                    Err(e) => {
+                        error!("event ring buffer: {e}");
+                        return;
+                    }
+                };
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    let Some(ev) = crate::flows::decode(&item) else { continue };
+                    drop(item);
+                    if !dedup.lock().unwrap().admit(&ev, Instant::now()) {
+                        continue;
+                    }
+                    let rec = {
+                        let p = policy.read().unwrap();
+                        AuditRecord::from_event(&ev, &p, crate::flows::ktime_to_system(ev.ts_ns))
+                    };
+                    metrics.daemon.flow(&rec.reason, &rec.direction);
+                    if rec.severity == "alert" {
+                        warn!("ALERT {}", rec.human());
+                    }
+                    if let Err(e) = audit.lock().unwrap().write(&rec) {
+                        metrics.daemon.audit_write_errors.inc();
+                        error!("{e:#}");
+                    }
+                }
+                guard.clear_ready();
+            }
+        });
+        Ok(())
+    }
+
+    async fn signal_loop(&mut self) -> Result<()> {
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut usr1 = signal(SignalKind::user_defined1())?;
+        loop {
+            let deadline = self.pending.as_ref().map(|p| p.deadline);
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = hup.recv() => self.reload(),
+                _ = usr1.recv() => self.confirm(),
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+                _ = sleep => {
+                    if !self.revert()? {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// SIGHUP: re-read the config; a config that fails to load, compile or
+    /// apply leaves the running policy in place.
+    fn reload(&mut self) {
+        info!("SIGHUP: reloading {}", self.opts.config.display());
+        if let Err(e) = self.audit.lock().unwrap().reopen() {
+            error!("reopening audit log: {e:#}");
+        }
+        match self.try_reload() {
+            Ok(()) => {
+                self.metrics.daemon.reload(true);
+                info!("reload applied");
+            }
+            Err(e) => {
+                self.metrics.daemon.reload(false);
+                error!("reload failed, keeping the running policy: {e:#}");
+            }
+        }
+    }
+
+    fn try_reload(&mut self) -> Result<()> {
+        let (cfg, compiled) = load_policy(&self.opts.config)?;
+        if cfg.interfaces != self.cfg.interfaces {
+            bail!(
+                "interfaces changed ({:?} -> {:?}); restart pcguard to attach to a different set",
+                self.cfg.interfaces,
+                cfg.interfaces
+            );
+        }
+        let previous = (self.cfg.clone(), self.policy.read().unwrap().clone());
+        self.install(cfg, compiled)?;
+        self.reloads += 1;
+        if let Some(window) = self.opts.confirm_within {
+            // Keep the oldest confirmed policy if one is already pending.
+            let previous = match self.pending.take() {
+                Some(p) => p.previous,
+                None => Some(previous),
+            };
+            self.pending = Some(Pending { deadline: Instant::now() + window, previous });
+            warn!("new policy applied; run `pcguard confirm` within {window:?} or it is reverted");
+        }
+        self.write_state()
+    }
+
+    /// Applies a compiled policy and makes it the running one.
+    fn install(&mut self, cfg: SiteConfig, compiled: CompiledPolicy) -> Result<()> {
+        let settings = daemon_settings(&cfg, &compiled, &self.opts);
+        let stats = self.dp.apply(&compiled)?;
+        info!("policy written: {} port entries, {} slots, {} prefixes changed", stats.ports, stats.slots, stats.peers);
+        {
+            let audit_path = settings.audit_log.clone();
+            let mut audit = self.audit.lock().unwrap();
+            if audit.path() != audit_path {
+                *audit = AuditLog::open(&audit_path)?;
+            }
+        }
+        self.dedup.lock().unwrap().set_interval(settings.report_interval);
+        *self.policy.write().unwrap() = compiled;
+        self.metrics.set_policy(settings.info);
+        self.loaded_at = unix_now();
+        self.metrics.daemon.policy_loaded_time.set(self.loaded_at as f64);
+        self.cfg = cfg;
+        Ok(())
+    }
+
+    /// SIGUSR1 (`pcguard confirm`): keep the pending policy.
+    fn confirm(&mut self) {
+        if self.pending.take().is_some() {
+            info!("policy confirmed");
+        } else {
+            info!("confirm: nothing pending");
+        }
+        if let Err(e) = self.write_state() {
+            error!("{e:#}");
+        }
+    }
+
+    /// The confirm window expired. Returns false when the daemon must stop
+    /// (the unconfirmed policy was the first one: detach everything).
+    fn revert(&mut self) -> Result<bool> {
+        let Some(p) = self.pending.take() else { return Ok(true) };
+        match p.previous {
+            None => {
+                warn!("policy not confirmed in time: detaching and exiting");
+                Ok(false)
+            }
+            Some((cfg, compiled)) => {
+                warn!("policy not confirmed in time: reverting to the previous policy");
+                self.install(cfg, compiled)?;
+                self.write_state()?;
+                Ok(true)
+            }
+        }
+    }
+
+    fn write_state(&self) -> Result<()> {
+        let policy = self.policy.read().unwrap();
+        let s = &policy.settings;
+        let state = State {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            config: self.opts.config.canonicalize().unwrap_or_else(|_| self.opts.config.clone()),
+            bpffs_dir: self.dp.bpffs_dir().map(Path::to_path_buf),
+            interfaces: self.dp.interfaces().to_vec(),
+            mode: mode_name(s.ingress_mode).into(),
+            egress_mode: mode_name(s.egress_mode).into(),
+            rules: policy.rules.len().saturating_sub(1),
+            policy_loaded_at: self.loaded_at,
+            reloads: self.reloads,
+            metrics_listen: self.opts.metrics_listen.or(self.cfg.metrics_listen()).map(|a| a.to_string()),
+            audit_log: Some(self.audit.lock().unwrap().path().to_path_buf()),
+            pending_confirm_until: self.pending.as_ref().map(|p| {
+                unix_now() + p.deadline.saturating_duration_since(Instant::now()).as_secs()
+            }),
+            labels: Labels::from_policy(&policy),
+        };
+        state.write(&self.opts.run_dir)
+    }
+}

@@ -1,0 +1,285 @@
+//! Prometheus/OpenMetrics endpoint.
+//!
+//! Kernel counters are read from the pinned maps at scrape time (a
+//! [`Collector`]), so every scrape sees exact values; userspace counters
+//! (unexpected flows by reason, reloads, audit errors) live in the registry.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, RwLock},
+};
+
+use anyhow::{Context as _, Result};
+use log::{debug, warn};
+use pcguard_common::{
+    Counters, NUM_VERDICTS, STAT_CT_CREATED, STAT_CT_EXPIRED, STAT_CT_INSERT_FAILED, STAT_EVENTS_DROPPED,
+    STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, STAT_MALFORMED, STAT_NON_IP,
+};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet},
+    metrics::{MetricType, counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use crate::counters::{DIRECTION_NAMES, Labels, PROTOCOL_NAMES, PinnedCounters, VERDICT_NAMES};
+
+type LabelPairs = Vec<(&'static str, String)>;
+
+/// Userspace metrics updated by the daemon.
+#[derive(Clone)]
+pub struct DaemonMetrics {
+    pub unexpected_flows: Family<LabelPairs, Counter>,
+    pub reloads: Family<LabelPairs, Counter>,
+    pub audit_write_errors: Counter,
+    pub policy_loaded_time: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl DaemonMetrics {
+    pub fn flow(&self, reason: &str, direction: &str) {
+        self.unexpected_flows.get_or_create(&vec![("reason", reason.to_string()), ("direction", direction.to_string())]).inc();
+    }
+
+    pub fn reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.reloads.get_or_create(&vec![("result", result.to_string())]).inc();
+    }
+}
+
+/// What the kernel collector needs: the pinned maps and the current labels.
+#[derive(Debug)]
+struct KernelCollector {
+    maps: Arc<Mutex<Option<PinnedCounters>>>,
+    labels: Arc<RwLock<PolicyInfo>>,
+}
+
+/// Labels and info of the running policy.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyInfo {
+    pub labels: Labels,
+    pub mode: String,
+    pub egress_mode: String,
+    pub role: String,
+    pub rules: usize,
+}
+
+impl std::fmt::Debug for PinnedCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PinnedCounters")
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub daemon: DaemonMetrics,
+    policy: Arc<RwLock<PolicyInfo>>,
+}
+
+impl Metrics {
+    /// `maps` is `None` when the maps could not be pinned (then only the
+    /// userspace metrics are served).
+    pub fn new(maps: Option<PinnedCounters>, policy: PolicyInfo) -> Self {
+        let mut registry = Registry::default();
+        let daemon = DaemonMetrics {
+            unexpected_flows: Family::default(),
+            reloads: Family::default(),
+            audit_write_errors: Counter::default(),
+            policy_loaded_time: Gauge::default(),
+        };
+        registry.register(
+            "pcguard_unexpected_flows",
+            "Unexpected flows reported (one per flow, not per packet), by reason and flow direction",
+            daemon.unexpected_flows.clone(),
+        );
+        for reason in crate::flows::REASONS {
+            for dir in ["inbound", "outbound"] {
+                let _ = daemon.unexpected_flows.get_or_create(&vec![("reason", reason.to_string()), ("direction", dir.to_string())]);
+            }
+        }
+        registry.register("pcguard_reloads", "Policy reloads by result", daemon.reloads.clone());
+        for ok in [true, false] {
+            let _ = daemon.reloads.get_or_create(&vec![("result", if ok { "success" } else { "failure" }.to_string())]);
+        }
+        registry.register("pcguard_audit_write_errors", "Audit records that could not be written", daemon.audit_write_errors.clone());
+        registry.register(
+            "pcguard_policy_loaded_timestamp_seconds",
+            "Unix time the running policy was applied",
+            daemon.policy_loaded_time.clone(),
+        );
+        let policy = Arc::new(RwLock::new(policy));
+        registry.register_collector(Box::new(KernelCollector { maps: Arc::new(Mutex::new(maps)), labels: policy.clone() }));
+        Self { registry, daemon, policy }
+    }
+
+    pub fn set_policy(&self, info: PolicyInfo) {
+        *self.policy.write().unwrap() = info;
+    }
+
+    /// The OpenMetrics text of one scrape.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            warn!("encoding metrics: {e}");
+        }
+        out
+    }
+}
+
+impl Collector for KernelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let info = self.labels.read().unwrap().clone();
+        encode_const_info(&mut encoder, &info)?;
+        let guard = self.maps.lock().unwrap();
+        let Some(maps) = guard.as_ref() else { return Ok(()) };
+        let snap = match maps.snapshot(&info.labels) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("reading counters: {e:#}");
+                return Ok(());
+            }
+        };
+        let port_series: Vec<(LabelPairs, &Counters)> = snap
+            .ports
+            .iter()
+            .map(|p| {
+                let labels = vec![
+                    ("direction", DIRECTION_NAMES[p.direction].to_string()),
+                    ("protocol", PROTOCOL_NAMES[p.protocol].to_string()),
+                    ("port", p.port.clone()),
+                ];
+                (labels, &p.counters)
+            })
+            .collect();
+        encode_counters(&mut encoder, "pcguard_packets", "Packets seen by the data path, by packet direction, protocol, service port (policy ports, else other) and verdict", &port_series, |c, v| c.packets[v])?;
+        encode_counters(&mut encoder, "pcguard_bytes", "Bytes (frame length) seen by the data path, labelled like pcguard_packets_total", &port_series, |c, v| c.bytes[v])?;
+        let rule_series: Vec<(LabelPairs, &Counters)> = snap
+            .rules
+            .iter()
+            .map(|r| (vec![("rule", r.rule.clone()), ("direction", DIRECTION_NAMES[r.direction].to_string())], &r.counters))
+            .collect();
+        encode_counters(&mut encoder, "pcguard_rule_packets", "Packets of flows matched by each rule (catalog id or site rule name), by packet direction and verdict", &rule_series, |c, v| c.packets[v])?;
+        encode_counters(&mut encoder, "pcguard_rule_bytes", "Bytes of flows matched by each rule, labelled like pcguard_rule_packets_total", &rule_series, |c, v| c.bytes[v])?;
+        let stats = [
+            ("pcguard_non_ip_packets", "Non-IP frames seen at ingress (always passed)", STAT_NON_IP),
+            ("pcguard_malformed_packets", "Packets with truncated or invalid headers", STAT_MALFORMED),
+            ("pcguard_events_dropped", "Unexpected-flow events lost because the ring buffer was full", STAT_EVENTS_DROPPED),
+            ("pcguard_events_sent", "Unexpected-flow events sent to the daemon", STAT_EVENTS_SENT),
+            ("pcguard_events_suppressed", "Packets of already reported unexpected flows (not reported again)", STAT_EVENTS_SUPPRESSED),
+            ("pcguard_conntrack_created", "Conntrack entries created", STAT_CT_CREATED),
+            ("pcguard_conntrack_expired", "Conntrack entries removed on close or idle timeout", STAT_CT_EXPIRED),
+            ("pcguard_conntrack_insert_failures", "Conntrack inserts that failed", STAT_CT_INSERT_FAILED),
+        ];
+        for (name, help, idx) in stats {
+            let c = prometheus_client::metrics::counter::ConstCounter::new(snap.stats[idx as usize]);
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        let g = prometheus_client::metrics::gauge::ConstGauge::new(snap.conntrack_entries as i64);
+        g.encode(encoder.encode_descriptor("pcguard_conntrack_entries", "Entries in the conntrack table", None, g.metric_type())?)?;
+        debug!("scrape: {} port series, {} rule series", snap.ports.len(), snap.rules.len());
+        Ok(())
+    }
+}
+
+/// Encodes one counter family with a `verdict` label. Series whose value is
+/// zero are left out except the `allowed` one, which keeps every known
+/// label set visible without multiplying idle series by four.
+fn encode_counters(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[(LabelPairs, &Counters)],
+    value: impl Fn(&Counters, usize) -> u64,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, counters) in series {
+        for v in 0..NUM_VERDICTS {
+            let n = value(counters, v);
+            if n == 0 && v != pcguard_common::VERDICT_ALLOW {
+                continue;
+            }
+            let mut l = labels.clone();
+            l.push(("verdict", VERDICT_NAMES[v].to_string()));
+            family.encode_family(&l)?.encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+        }
+    }
+    Ok(())
+}
+
+fn encode_const_info(encoder: &mut DescriptorEncoder, info: &PolicyInfo) -> Result<(), std::fmt::Error> {
+    let build = vec![("version", env!("CARGO_PKG_VERSION").to_string())];
+    let mut m = encoder.encode_descriptor("pcguard_build", "pcguard build information", None, MetricType::Info)?;
+    m.encode_info(&build)?;
+    let policy: LabelPairs = vec![
+        ("mode", info.mode.clone()),
+        ("egress_mode", info.egress_mode.clone()),
+        ("role", info.role.clone()),
+    ];
+    let mut m = encoder.encode_descriptor("pcguard_policy", "The running policy", None, MetricType::Info)?;
+    m.encode_info(&policy)?;
+    let g = prometheus_client::metrics::gauge::ConstGauge::new(info.rules as i64);
+    g.encode(encoder.encode_descriptor("pcguard_policy_rules", "Rules in the running policy", None, g.metric_type())?)?;
+    Ok(())
+}
+
+/// Serves `/metrics` on `addr` until the task is dropped.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding metrics listener {addr}"))?;
+    log::info!("metrics on http://{addr}/metrics");
+    serve_listener(listener, metrics).await
+}
+
+pub async fn serve_listener(listener: TcpListener, metrics: Arc<Metrics>) -> Result<()> {
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, &metrics).await {
+                debug!("metrics connection from {peer}: {e:#}");
+            }
+        });
+    }
+}
+
+/// A minimal HTTP/1.1 responder: one request per connection.
+async fn handle(mut stream: TcpStream, metrics: &Metrics) -> Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let head_end = loop {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut chunk)).await??;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        anyhow::ensure!(buf.len() <= 16 * 1024, "request head too large");
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]);
+    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, ctype, body) = match (method, path) {
+        ("GET" | "HEAD", "/metrics") => {
+            let body = tokio::task::block_in_place(|| metrics.encode());
+            ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
+        }
+        ("GET" | "HEAD", "/" | "/healthz") => ("200 OK", "text/plain; charset=utf-8", "pcguard: see /metrics\n".to_string()),
+        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain; charset=utf-8", "not found\n".to_string()),
+        _ => ("405 Method Not Allowed", "text/plain; charset=utf-8", "method not allowed\n".to_string()),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    if method != "HEAD" {
+        stream.write_all(body.as_bytes()).await?;
+    }
+    stream.shutdown().await?;
+    Ok(())
+}

@@ -1,0 +1,71 @@
+//! The daemon's runtime state file (`<run dir>/state.json`): what is attached
+//! where, which policy is loaded and where the maps are pinned. Written
+//! atomically by `pcguard run`, read by `pcguard status`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::{counters::Labels, datapath::AttachedInterface};
+
+pub const DEFAULT_RUN_DIR: &str = "/run/pcguard";
+pub const STATE_FILE: &str = "state.json";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub pid: u32,
+    pub version: String,
+    pub config: PathBuf,
+    pub bpffs_dir: Option<PathBuf>,
+    pub interfaces: Vec<AttachedInterface>,
+    pub mode: String,
+    pub egress_mode: String,
+    pub rules: usize,
+    /// Unix time the running policy was applied.
+    pub policy_loaded_at: u64,
+    /// Number of successful reloads since start.
+    pub reloads: u64,
+    pub metrics_listen: Option<String>,
+    pub audit_log: Option<PathBuf>,
+    /// Set while a policy waits for `pcguard confirm`: the Unix time at which
+    /// it is reverted.
+    pub pending_confirm_until: Option<u64>,
+    pub labels: Labels,
+}
+
+impl State {
+    pub fn path(run_dir: &Path) -> PathBuf {
+        run_dir.join(STATE_FILE)
+    }
+
+    /// Writes the state atomically (temp file + rename).
+    pub fn write(&self, run_dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+        let tmp = run_dir.join(format!(".{STATE_FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, Self::path(run_dir)).context("replacing the state file")?;
+        Ok(())
+    }
+
+    pub fn read(run_dir: &Path) -> Result<Self> {
+        let path = Self::path(run_dir);
+        let text = std::fs::read(&path)
+            .with_context(|| format!("reading {} (is `pcguard run` running?)", path.display()))?;
+        serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    pub fn remove(run_dir: &Path) {
+        let _ = std::fs::remove_file(Self::path(run_dir));
+    }
+
+    /// True when the process that wrote the state is still alive.
+    pub fn is_live(&self) -> bool {
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        unsafe { libc::kill(self.pid as libc::pid_t, 0) == 0 }
+    }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}

@@ -1,0 +1,125 @@
+//! `pcguard status`: what the running daemon has attached and its live
+//! counters, read from the state file and the pinned maps.
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::{Context as _, Result, bail};
+use pcguard_common::{
+    Counters, NUM_VERDICTS, STAT_EVENTS_DROPPED, STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, STAT_MALFORMED, STAT_NON_IP,
+};
+use serde_json::json;
+
+use crate::{
+    counters::{DIRECTION_NAMES, PROTOCOL_NAMES, PinnedCounters, Snapshot, VERDICT_NAMES},
+    state::State,
+};
+
+/// Reads the state and counters of the daemon whose run dir is `run_dir`.
+pub fn collect(run_dir: &Path) -> Result<(State, Option<Snapshot>)> {
+    let state = State::read(run_dir)?;
+    if !state.is_live() {
+        bail!("pcguard (pid {}) is not running; stale state in {}", state.pid, run_dir.display());
+    }
+    let snap = match &state.bpffs_dir {
+        Some(dir) => Some(PinnedCounters::open(dir)?.snapshot(&state.labels).context("reading counters")?),
+        None => None,
+    };
+    Ok((state, snap))
+}
+
+pub fn to_json(state: &State, snap: Option<&Snapshot>) -> serde_json::Value {
+    let counters = |c: &Counters| {
+        let mut m = serde_json::Map::new();
+        for v in 0..NUM_VERDICTS {
+            m.insert(VERDICT_NAMES[v].into(), json!({"packets": c.packets[v], "bytes": c.bytes[v]}));
+        }
+        serde_json::Value::Object(m)
+    };
+    let snap_json = snap.map(|s| {
+        json!({
+            "ports": s.ports.iter().filter(|p| nonzero(&p.counters)).map(|p| json!({
+                "direction": DIRECTION_NAMES[p.direction], "protocol": PROTOCOL_NAMES[p.protocol],
+                "port": p.port, "counters": counters(&p.counters)})).collect::<Vec<_>>(),
+            "rules": s.rules.iter().filter(|r| nonzero(&r.counters)).map(|r| json!({
+                "rule": r.rule, "direction": DIRECTION_NAMES[r.direction], "counters": counters(&r.counters)})).collect::<Vec<_>>(),
+            "conntrack_entries": s.conntrack_entries,
+            "events_sent": s.stats[STAT_EVENTS_SENT as usize],
+            "events_dropped": s.stats[STAT_EVENTS_DROPPED as usize],
+            "events_suppressed": s.stats[STAT_EVENTS_SUPPRESSED as usize],
+            "malformed_packets": s.stats[STAT_MALFORMED as usize],
+            "non_ip_packets": s.stats[STAT_NON_IP as usize],
+        })
+    });
+    json!({"state": state, "counters": snap_json})
+}
+
+fn nonzero(c: &Counters) -> bool {
+    c.packets.iter().any(|&p| p != 0)
+}
+
+/// Human-readable status.
+pub fn render(state: &State, snap: Option<&Snapshot>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "pcguard {} (pid {}), config {}", state.version, state.pid, state.config.display());
+    let _ = writeln!(
+        out,
+        "policy: {} rules, inbound {}, outbound {}, applied {}s ago, {} reloads",
+        state.rules,
+        state.mode,
+        state.egress_mode,
+        crate::state::unix_now().saturating_sub(state.policy_loaded_at),
+        state.reloads
+    );
+    if let Some(until) = state.pending_confirm_until {
+        let left = until.saturating_sub(crate::state::unix_now());
+        let _ = writeln!(out, "PENDING CONFIRMATION: reverted in {left}s unless `pcguard confirm` is run");
+    }
+    if let Some(m) = &state.metrics_listen {
+        let _ = writeln!(out, "metrics: http://{m}/metrics");
+    }
+    if let Some(a) = &state.audit_log {
+        let _ = writeln!(out, "audit log: {}", a.display());
+    }
+    let _ = writeln!(out, "\n{:<12} {:>7} {:<8} {:>8} {:>8}", "INTERFACE", "IFINDEX", "XDP", "XDP-PROG", "TC-PROG");
+    for i in &state.interfaces {
+        let mode = format!("{:?}", i.xdp_mode).to_lowercase();
+        let _ = writeln!(out, "{:<12} {:>7} {:<8} {:>8} {:>8}", i.name, i.ifindex, mode, i.xdp_program_id, i.tc_program_id);
+    }
+    let Some(s) = snap else {
+        let _ = writeln!(out, "\n(no pinned maps: counters unavailable)");
+        return out;
+    };
+    let header = |out: &mut String, first: &str| {
+        let _ = write!(out, "\n{first}");
+        for v in VERDICT_NAMES {
+            let _ = write!(out, " {:>12} {:>12}", format!("{v}-pkts"), "bytes");
+        }
+        let _ = writeln!(out);
+    };
+    let row = |out: &mut String, first: String, c: &Counters| {
+        let _ = write!(out, "{first}");
+        for v in 0..NUM_VERDICTS {
+            let _ = write!(out, " {:>12} {:>12}", c.packets[v], c.bytes[v]);
+        }
+        let _ = writeln!(out);
+    };
+    header(&mut out, &format!("{:<8} {:<6} {:<12}", "DIR", "PROTO", "PORT"));
+    for p in s.ports.iter().filter(|p| nonzero(&p.counters)) {
+        row(&mut out, format!("{:<8} {:<6} {:<12}", DIRECTION_NAMES[p.direction], PROTOCOL_NAMES[p.protocol], p.port), &p.counters);
+    }
+    header(&mut out, &format!("{:<28} {:<8}", "RULE", "DIR"));
+    for r in s.rules.iter().filter(|r| nonzero(&r.counters)) {
+        row(&mut out, format!("{:<28} {:<8}", r.rule, DIRECTION_NAMES[r.direction]), &r.counters);
+    }
+    let _ = writeln!(
+        out,
+        "\nconntrack entries: {}   events sent: {}   dropped (ring full): {}   suppressed: {}   malformed: {}   non-IP: {}",
+        s.conntrack_entries,
+        s.stats[STAT_EVENTS_SENT as usize],
+        s.stats[STAT_EVENTS_DROPPED as usize],
+        s.stats[STAT_EVENTS_SUPPRESSED as usize],
+        s.stats[STAT_MALFORMED as usize],
+        s.stats[STAT_NON_IP as usize]
+    );
+    out
+}
