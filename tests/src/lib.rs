@@ -1,1 +1,531 @@
+//! The pcguard lab: network namespaces joined by a bridge, standing for a
+//! PaperCut server and its peers, plus helpers to run real TCP/UDP servers
+//! and clients inside them and to drive a `pcguard run` daemon.
+//!
+//! Topology (all addresses exist only inside the lab's namespaces):
+//!
+//! ```text
+//!   <p>-srv  pcg0 10.77.0.1/24 fd77::1/64   (PaperCut server; pcguard attaches here)
+//!        |
+//!   <p>-lan  br0 (bridge)
+//!        |-- <p>-ws    eth0 10.77.0.2  fd77::2   workstation
+//!        |-- <p>-mfd   eth0 10.77.0.3  fd77::3   MFD (device)
+//!        |-- <p>-sec   eth0 10.77.0.4  fd77::4   secondary server
+//!        |-- <p>-ldap  eth0 10.77.0.5  fd77::5   LDAP server
+//!        |-- <p>-db    eth0 10.77.0.6  fd77::6   database
+//!        |-- <p>-adm   eth0 10.77.0.7  fd77::7   admin workstation
+//!        `-- <p>-out   eth0 10.77.0.99 fd77::99  unclassified host
+//! ```
 
+use std::{
+    fs::File,
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+/// A peer of the lab: short name, last address byte.
+pub const PEERS: [(&str, u8); 7] =
+    [("ws", 2), ("mfd", 3), ("sec", 4), ("ldap", 5), ("db", 6), ("adm", 7), ("out", 99)];
+pub const SERVER: &str = "srv";
+pub const SERVER_IF: &str = "pcg0";
+
+pub fn v4(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 77, 0, last)
+}
+
+pub fn v6(last: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, last as u16)
+}
+
+/// Address of a lab host by short name (`srv`, `ws`, ...).
+pub fn addr(host: &str) -> Ipv4Addr {
+    v4(last_byte(host))
+}
+
+pub fn addr6(host: &str) -> Ipv6Addr {
+    v6(last_byte(host))
+}
+
+fn last_byte(host: &str) -> u8 {
+    if host == SERVER {
+        return 1;
+    }
+    PEERS.iter().find(|(n, _)| *n == host).map(|(_, b)| *b).unwrap_or_else(|| panic!("unknown lab host {host}"))
+}
+
+/// Runs a command, failing with its stderr.
+pub fn sh(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A lab of namespaces; removed on drop.
+pub struct Lab {
+    pub prefix: String,
+}
+
+impl Lab {
+    /// Builds the topology; stale namespaces of the same prefix are removed first.
+    pub fn up(prefix: &str) -> Result<Self> {
+        ensure!(is_root(), "the lab needs root (network namespaces, XDP)");
+        let lab = Lab { prefix: prefix.to_string() };
+        lab.remove();
+        let lan = lab.ns("lan");
+        sh("ip", &["netns", "add", &lan])?;
+        sh("ip", &["-n", &lan, "link", "add", "br0", "type", "bridge"])?;
+        sh("ip", &["-n", &lan, "link", "set", "br0", "up"])?;
+        sh("ip", &["-n", &lan, "link", "set", "lo", "up"])?;
+        lab.add_host(SERVER, SERVER_IF, 1)?;
+        for (name, last) in PEERS {
+            lab.add_host(name, "eth0", last)?;
+        }
+        Ok(lab)
+    }
+
+    fn add_host(&self, name: &str, ifname: &str, last: u8) -> Result<()> {
+        let ns = self.ns(name);
+        let lan = self.ns("lan");
+        sh("ip", &["netns", "add", &ns])?;
+        // Temporary names in the root namespace must be unique and short.
+        let a = format!("{}{}a", short(&self.prefix), last);
+        let b = format!("{}{}b", short(&self.prefix), last);
+        sh("ip", &["link", "add", &a, "type", "veth", "peer", "name", &b])?;
+        sh("ip", &["link", "set", &a, "netns", &ns])?;
+        sh("ip", &["link", "set", &b, "netns", &lan])?;
+        sh("ip", &["-n", &ns, "link", "set", &a, "name", ifname])?;
+        sh("ip", &["-n", &ns, "addr", "add", &format!("{}/24", v4(last)), "dev", ifname])?;
+        sh("ip", &["-n", &ns, "addr", "add", &format!("{}/64", v6(last)), "dev", ifname, "nodad"])?;
+        sh("ip", &["-n", &ns, "link", "set", ifname, "up"])?;
+        sh("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
+        sh("ip", &["-n", &lan, "link", "set", &b, "master", "br0"])?;
+        sh("ip", &["-n", &lan, "link", "set", &b, "up"])?;
+        Ok(())
+    }
+
+    /// Namespace name of a lab host.
+    pub fn ns(&self, host: &str) -> String {
+        format!("{}-{host}", self.prefix)
+    }
+
+    pub fn ns_path(&self, host: &str) -> PathBuf {
+        PathBuf::from("/run/netns").join(self.ns(host))
+    }
+
+    /// Runs `f` on a thread whose network namespace is `host`'s. Sockets
+    /// created there stay in that namespace wherever they are used later.
+    pub fn run_in<T: Send + 'static>(&self, host: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let path = self.ns_path(host);
+        std::thread::spawn(move || -> Result<T> {
+            enter_netns(&path)?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {host} panicked"))?
+    }
+
+    /// Waits until `host` can reach the server over IPv4 and IPv6 (neighbour
+    /// discovery done), using ICMP, which pcguard passes.
+    pub fn wait_reachable(&self, host: &str) -> Result<()> {
+        let ns = self.ns(host);
+        for target in [addr(SERVER).to_string(), addr6(SERVER).to_string()] {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while sh("ip", &["netns", "exec", &ns, "ping", "-c1", "-W1", &target]).is_err() {
+                ensure!(Instant::now() < deadline, "{host} cannot reach {target}");
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(&self) {
+        let list = sh("ip", &["netns", "list"]).unwrap_or_default();
+        for line in list.lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if name.starts_with(&format!("{}-", self.prefix)) {
+                let _ = sh("ip", &["netns", "del", name]);
+            }
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::env::var_os("PCGUARD_KEEP_LAB").is_none() {
+            self.remove();
+        }
+    }
+}
+
+fn short(prefix: &str) -> String {
+    prefix.chars().filter(|c| c.is_ascii_alphanumeric()).take(6).collect()
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Moves the calling thread into the network namespace at `path`.
+pub fn enter_netns(path: &Path) -> Result<()> {
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: f is an open namespace fd; setns affects only this thread.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A TCP server that accepts connections, reads a line and answers
+/// `ok <line>`; runs until dropped.
+pub struct TcpServer {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TcpServer {
+    pub fn start(lab: &Lab, host: &str, bind: SocketAddr) -> Result<Self> {
+        let listener = lab.run_in(host, move || TcpListener::bind(bind))??;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        std::thread::spawn(move || echo(s));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Ok(Self { addr, stop, thread: Some(thread) })
+    }
+}
+
+fn echo(mut s: TcpStream) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut buf = [0u8; 4096];
+    if let Ok(n) = s.read(&mut buf) {
+        let _ = s.write_all(b"ok ");
+        let _ = s.write_all(&buf[..n]);
+    }
+    let _ = s.shutdown(Shutdown::Both);
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Outcome of one client attempt.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Connected and got the expected answer.
+    Answered,
+    /// Connection refused (RST): the packet reached the host.
+    Refused,
+    /// Timed out: something dropped the packets.
+    TimedOut,
+    Other(String),
+}
+
+/// From `host`, connects to `to`, sends `msg` and expects `ok <msg>` back.
+pub fn tcp_request(lab: &Lab, host: &str, to: SocketAddr, msg: &str, timeout: Duration) -> Result<Outcome> {
+    let msg = msg.to_string();
+    lab.run_in(host, move || {
+        let mut s = match TcpStream::connect_timeout(&to, timeout) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Outcome::Refused,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Outcome::TimedOut,
+            Err(e) => return Outcome::Other(e.to_string()),
+        };
+        let _ = s.set_read_timeout(Some(timeout));
+        if let Err(e) = s.write_all(msg.as_bytes()) {
+            return Outcome::Other(e.to_string());
+        }
+        let mut answer = String::new();
+        match s.read_to_string(&mut answer) {
+            Ok(_) if answer == format!("ok {msg}") => Outcome::Answered,
+            Ok(_) => Outcome::Other(format!("unexpected answer {answer:?}")),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                Outcome::TimedOut
+            }
+            Err(e) => Outcome::Other(e.to_string()),
+        }
+    })
+}
+
+/// A UDP server answering each datagram with `ok <datagram>`.
+pub struct UdpServer {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpServer {
+    pub fn start(lab: &Lab, host: &str, bind: SocketAddr) -> Result<Self> {
+        let sock = lab.run_in(host, move || UdpSocket::bind(bind))??;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let addr = sock.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop2.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    let mut answer = b"ok ".to_vec();
+                    answer.extend_from_slice(&buf[..n]);
+                    let _ = sock.send_to(&answer, from);
+                }
+            }
+        });
+        Ok(Self { addr, stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for UdpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// From `host`, sends `msg` to `to` over UDP; true when `ok <msg>` came back.
+pub fn udp_request(lab: &Lab, host: &str, to: SocketAddr, msg: &str, timeout: Duration) -> Result<bool> {
+    let msg = msg.to_string();
+    let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
+    lab.run_in(host, move || -> Result<bool> {
+        let s = UdpSocket::bind(bind)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.send_to(msg.as_bytes(), to)?;
+        let mut buf = [0u8; 2048];
+        Ok(match s.recv_from(&mut buf) {
+            Ok((n, _)) => &buf[..n] == format!("ok {msg}").as_bytes(),
+            Err(_) => false,
+        })
+    })?
+}
+
+/// Path of the pcguard binary: `$PCGUARD_BIN`, else next to the test
+/// executable's target directory (`target/<profile>/pcguard`).
+pub fn pcguard_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("PCGUARD_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1) {
+        let candidate = dir.join("pcguard");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!("pcguard binary not found near {} (build it or set PCGUARD_BIN)", exe.display())
+}
+
+/// A `pcguard run` daemon in the lab's server namespace.
+pub struct Daemon {
+    child: Child,
+    pub run_dir: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub audit_log: PathBuf,
+    pub metrics: SocketAddr,
+    pub log: PathBuf,
+    server_ns: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `pcguard run --config <config>` in the server namespace (via
+    /// nsenter, which keeps /sys/fs/bpf visible) and waits until it has
+    /// attached (its state file exists). `work` holds the run dir, logs and
+    /// the audit log; `extra` are further `run` arguments.
+    pub fn start(lab: &Lab, config: &Path, work: &Path, extra: &[&str]) -> Result<Self> {
+        std::fs::create_dir_all(work)?;
+        let run_dir = work.join("run");
+        let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/pcguard-{}", lab.prefix));
+        let audit_log = work.join("flows.jsonl");
+        let log = work.join("daemon.log");
+        let metrics: SocketAddr = "127.0.0.1:9750".parse()?;
+        let _ = std::fs::remove_file(run_dir.join("state.json"));
+        let server_ns = lab.ns_path(SERVER);
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", server_ns.display()))
+            .arg(pcguard_bin()?)
+            .args(["run", "--config"])
+            .arg(config)
+            .arg("--run-dir")
+            .arg(&run_dir)
+            .arg("--bpffs-dir")
+            .arg(&bpffs_dir)
+            .arg("--audit-log")
+            .arg(&audit_log)
+            .arg("--metrics-listen")
+            .arg(metrics.to_string())
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(File::create(&log)?))
+            .stderr(Stdio::from(File::options().append(true).open(&log)?))
+            .spawn()
+            .context("starting pcguard")?;
+        let mut d = Daemon { child, run_dir, bpffs_dir, audit_log, metrics, log, server_ns };
+        d.wait_started()?;
+        Ok(d)
+    }
+
+    fn wait_started(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.run_dir.join("state.json").exists() {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("pcguard exited with {status}:\n{}", self.log_text());
+            }
+            ensure!(Instant::now() < deadline, "pcguard did not start:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: libc::c_int) -> Result<()> {
+        // SAFETY: signalling our own child.
+        ensure!(unsafe { libc::kill(self.child.id() as libc::pid_t, sig) } == 0, "kill failed");
+        Ok(())
+    }
+
+    /// Runs `pcguard <args>` (status, confirm, ...) against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(pcguard_bin()?).args(args).arg("--run-dir").arg(&self.run_dir).output()?;
+        ensure!(out.status.success(), "pcguard {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Fetches /metrics from inside the server namespace.
+    pub fn scrape(&self) -> Result<String> {
+        let addr = self.metrics;
+        let ns = self.server_ns.clone();
+        std::thread::spawn(move || -> Result<String> {
+            enter_netns(&ns)?;
+            http_get(addr, "/metrics")
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("scrape thread panicked"))?
+    }
+
+    /// The audit records written so far.
+    pub fn audit(&self) -> Result<Vec<serde_json::Value>> {
+        let text = std::fs::read_to_string(&self.audit_log).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).with_context(|| format!("audit line {l:?}"))).collect()
+    }
+
+    /// Waits until `pred` holds for the audit records.
+    pub fn wait_audit(&self, what: &str, pred: impl Fn(&[serde_json::Value]) -> bool) -> Result<Vec<serde_json::Value>> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let recs = self.audit()?;
+            if pred(&recs) {
+                return Ok(recs);
+            }
+            ensure!(Instant::now() < deadline, "audit log never showed {what}; records: {recs:#?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(mut self) -> Result<std::process::ExitStatus> {
+        self.signal(libc::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            ensure!(Instant::now() < deadline, "pcguard did not stop on SIGTERM:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.signal(libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET; returns the body of a 200 answer.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+    ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {}", head.lines().next().unwrap_or(""));
+    Ok(body.to_string())
+}
+
+/// Value of the sample `name{labels}` in an OpenMetrics/Prometheus text,
+/// where every `k="v"` of `labels` must be present (others may be too).
+/// Sums over matching series.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut total = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (n, lbl) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if n != name {
+            continue;
+        }
+        if labels.iter().all(|(k, v)| lbl.split(',').any(|kv| kv == format!("{k}=\"{v}\""))) {
+            *total.get_or_insert(0.0) += value.parse::<f64>().ok()?;
+        }
+    }
+    total
+}
+
+/// `IpAddr` and port as a `SocketAddr`.
+pub fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
