@@ -44,8 +44,10 @@ pub fn v4(last: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 77, 0, last)
 }
 
+/// `fd77::<last>`, the decimal digits read as hex so that the address
+/// reads like its IPv4 twin (`10.77.0.99` <-> `fd77::99`).
 pub fn v6(last: u8) -> Ipv6Addr {
-    Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, last as u16)
+    format!("fd77::{last}").parse().expect("valid IPv6 literal")
 }
 
 /// Address of a lab host by short name (`srv`, `ws`, ...).
@@ -528,4 +530,85 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 /// `IpAddr` and port as a `SocketAddr`.
 pub fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
+}
+
+/// One line per host: namespace and addresses.
+pub fn describe(lab: &Lab) -> String {
+    let mut hosts = vec![(SERVER, 1u8)];
+    hosts.extend(PEERS);
+    hosts.iter().map(|(h, b)| format!("\n  {:<12} {} {}", lab.ns(h), v4(*b), v6(*b))).collect()
+}
+
+/// Transport of a probe.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// One request of the sample traffic.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    pub what: &'static str,
+    pub from: &'static str,
+    pub to: &'static str,
+    pub proto: Proto,
+    pub port: u16,
+    /// Expected to get through under the lab policy in enforce mode.
+    pub allowed: bool,
+}
+
+/// The sample traffic of the lab policy (`examples/lab.toml`): PaperCut
+/// clients, devices and admins reaching the server, the server reaching
+/// its LDAP server, and the flows the policy forbids.
+pub fn sample_probes() -> Vec<Probe> {
+    use Proto::*;
+    let p = |what, from, to, proto, port, allowed| Probe { what, from, to, proto, port, allowed };
+    vec![
+        p("workstation -> web (9191)", "ws", SERVER, Tcp, 9191, true),
+        p("workstation -> web SSL (9192)", "ws", SERVER, Tcp, 9192, true),
+        p("MFD -> web (9191)", "mfd", SERVER, Tcp, 9191, true),
+        p("MFD -> device RPC (9193)", "mfd", SERVER, Tcp, 9193, true),
+        p("secondary -> web SSL (9192)", "sec", SERVER, Tcp, 9192, true),
+        p("admin -> SSH (22, always allowed)", "adm", SERVER, Tcp, 22, true),
+        p("server -> LDAP (389)", SERVER, "ldap", Tcp, 389, true),
+        p("workstation -> unlisted port 9999", "ws", SERVER, Tcp, 9999, false),
+        p("workstation -> UDP 9191 (PaperCut uses no UDP)", "ws", SERVER, Udp, 9191, false),
+        p("workstation -> SSH (22, admins only)", "ws", SERVER, Tcp, 22, false),
+        p("unclassified host -> web (9191)", "out", SERVER, Tcp, 9191, false),
+        p("server -> workstation SMB (445): never allowed", SERVER, "ws", Tcp, 445, false),
+    ]
+}
+
+/// Servers for every probe target; keep them alive while probing.
+pub struct ProbeServers {
+    _tcp: Vec<TcpServer>,
+    _udp: Vec<UdpServer>,
+}
+
+pub fn start_probe_servers(lab: &Lab, probes: &[Probe]) -> Result<ProbeServers> {
+    let mut tcp = Vec::new();
+    let mut udp = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for p in probes {
+        if !seen.insert((p.to, p.proto, p.port)) {
+            continue;
+        }
+        let bind = sa(Ipv6Addr::UNSPECIFIED, p.port); // dual-stack: v4 and v6
+        match p.proto {
+            Proto::Tcp => tcp.push(TcpServer::start(lab, p.to, bind)?),
+            Proto::Udp => udp.push(UdpServer::start(lab, p.to, bind)?),
+        }
+    }
+    Ok(ProbeServers { _tcp: tcp, _udp: udp })
+}
+
+/// Runs one probe over IPv4 (or IPv6 with `v6`); true when it got an answer.
+pub fn run_probe(lab: &Lab, p: &Probe, v6: bool, timeout: Duration) -> Result<bool> {
+    let to = if v6 { sa(addr6(p.to), p.port) } else { sa(addr(p.to), p.port) };
+    let msg = format!("{} {}", p.what, if v6 { "v6" } else { "v4" });
+    Ok(match p.proto {
+        Proto::Tcp => tcp_request(lab, p.from, to, &msg, timeout)? == Outcome::Answered,
+        Proto::Udp => udp_request(lab, p.from, to, &msg, timeout)?,
+    })
 }

@@ -1,1 +1,222 @@
-fn main() {}
+//! Developer tasks: `cargo xtask <task>`.
+//!
+//! * `deps`  — install what building and testing need (apt packages,
+//!   nightly rust-src, bpf-linker), mount bpffs. Idempotent.
+//! * `build` — build the workspace (the eBPF object is built by pcguard's build.rs).
+//! * `test`  — deps + build + unit tests + privileged end-to-end tests.
+//! * `demo`  — deps + build + a lab of network namespaces, pcguard with the
+//!   lab policy, sample traffic, then status, metrics and the audit log.
+//! * `lab up|down` — the lab topology alone, to experiment by hand.
+//! * `bench` — ns/packet of the XDP program via BPF_PROG_TEST_RUN.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+mod demo;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install build and test prerequisites (needs root for apt).
+    Deps,
+    /// Build the workspace, eBPF object included.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test: unit tests, then the end-to-end tests (root).
+    Test {
+        /// Do not install prerequisites first.
+        #[arg(long)]
+        no_deps: bool,
+        /// Only the unit tests (no root needed).
+        #[arg(long)]
+        unit_only: bool,
+    },
+    /// Build, start a lab, run pcguard on it with sample traffic, show the results.
+    Demo {
+        #[arg(long)]
+        no_deps: bool,
+        /// Leave the lab and daemon running until Enter is pressed.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Create or remove the lab network namespaces.
+    Lab {
+        #[arg(value_parser = ["up", "down"])]
+        action: String,
+        #[arg(long, default_value = "pcglab")]
+        prefix: String,
+    },
+    /// Measure the XDP program with BPF_PROG_TEST_RUN (not a timed test).
+    Bench {
+        #[arg(long, default_value_t = 1_000_000)]
+        iterations: u32,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Deps => deps(),
+        Task::Build { release } => build(release),
+        Task::Test { no_deps, unit_only } => {
+            if !no_deps {
+                deps()?;
+            }
+            test(unit_only)
+        }
+        Task::Demo { no_deps, keep } => {
+            if !no_deps {
+                deps()?;
+            }
+            build(false)?;
+            demo::run(&workspace_root(), keep)
+        }
+        Task::Lab { action, prefix } => lab(&action, &prefix),
+        Task::Bench { iterations } => {
+            build(true)?;
+            bench(iterations)
+        }
+    }
+}
+
+/// The workspace root (xtask's parent directory).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+}
+
+const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages: LLVM 22 for bpf-linker, network tools for the lab and
+/// the tests, nftables for the render oracle, Prometheus for the scrape test.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+    "iputils-ping",
+    "nftables",
+    "util-linux",
+    "prometheus",
+];
+
+/// PATH with LLVM 22 first, for bpf-linker and everything that runs it.
+fn path_env() -> String {
+    format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.env("PATH", path_env()).current_dir(workspace_root());
+    c
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn deps() -> Result<()> {
+    let missing: Vec<&str> =
+        APT_PACKAGES.iter().copied().filter(|p| !succeeds(Command::new("dpkg").args(["-s", p]))).collect();
+    if !missing.is_empty() {
+        eprintln!("xtask deps: installing {}", missing.join(" "));
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    // The packaged Prometheus starts a service on install; the tests start
+    // their own on loopback.
+    let _ = Command::new("systemctl").args(["disable", "--now", "prometheus"]).output();
+    let _ = Command::new("pkill").args(["-x", "prometheus"]).output();
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    let version = Command::new("bpf-linker")
+        .env("PATH", path_env())
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if !version.contains(BPF_LINKER_VERSION) {
+        eprintln!("xtask deps: installing bpf-linker {BPF_LINKER_VERSION} (LLVM 22)");
+        run(Command::new("cargo")
+            .env("PATH", path_env())
+            .args(["+nightly", "install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22"]))?;
+    }
+    if !Path::new("/sys/fs/bpf").join(".").exists() || !is_bpffs("/sys/fs/bpf") {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &str) -> bool {
+    Command::new("stat")
+        .args(["-f", "-c", "%T", path])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "bpf_fs")
+        .unwrap_or(false)
+}
+
+fn build(release: bool) -> Result<()> {
+    let mut c = cargo();
+    c.args(["build", "--workspace"]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)
+}
+
+fn test(unit_only: bool) -> Result<()> {
+    build(false)?;
+    run(cargo().args(["test", "--workspace", "--exclude", "pcguard-tests"]))?;
+    if unit_only {
+        return Ok(());
+    }
+    // End-to-end tests: one lab at a time (2-core machines, shared CPU time).
+    run(cargo().args(["test", "-p", "pcguard-tests", "--", "--test-threads=1"]))
+}
+
+fn lab(action: &str, prefix: &str) -> Result<()> {
+    match action {
+        "up" => {
+            let lab = pcguard_tests::Lab::up(prefix)?;
+            println!("lab {prefix} is up: namespaces {}", pcguard_tests::describe(&lab));
+            std::mem::forget(lab); // keep it; `cargo xtask lab down` removes it
+            Ok(())
+        }
+        _ => {
+            drop(pcguard_tests::Lab { prefix: prefix.to_string() });
+            println!("lab {prefix} removed");
+            Ok(())
+        }
+    }
+}
+
+fn bench(iterations: u32) -> Result<()> {
+    let _ = iterations;
+    bail!("bench: not wired yet")
+}
