@@ -1,0 +1,299 @@
+//! Defensive header parsing: Ethernet, up to two VLAN tags, IPv4 (options,
+//! fragments), IPv6 (extension headers), TCP/UDP/ICMP.
+//!
+//! Everything the rest of the program needs is copied out of the packet into
+//! a [`Packet`] on the stack, so no packet pointer outlives parsing (helper
+//! calls such as `bpf_skb_pull_data` invalidate them) and later stages never
+//! touch packet memory.
+
+use core::ptr::read_unaligned;
+
+use pcguard_common::{FAMILY_V4, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+
+const ETH_HLEN: usize = 14;
+const VLAN_HLEN: usize = 4;
+const IPV4_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const IPV6_FRAG_HLEN: usize = 8;
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+
+const MAX_VLAN_TAGS: usize = 2;
+const MAX_IPV6_EXT_HDRS: usize = 8;
+
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_DEST: u8 = 60;
+
+/// IPv4 fragment offset bits of `frag_off`.
+const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
+/// IPv6 fragment offset bits of the fragment header's second 16-bit word.
+const IPV6_FRAG_OFFSET_MASK: u16 = 0xfff8;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// A SYN without ACK: the first packet of a TCP connection.
+#[inline(always)]
+pub fn is_bare_syn(tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// The frame as the hook sees it.
+pub struct Frame {
+    /// Start of the (linear) packet data.
+    pub data: usize,
+    /// End of the (linear) packet data.
+    pub end: usize,
+    /// Frame length counted in byte counters and events.
+    pub len: u32,
+    pub ifindex: u32,
+}
+
+/// What follows the IP header(s).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum L4 {
+    Tcp,
+    Udp,
+    /// ICMP in IPv4, ICMPv6 in IPv6.
+    Icmp,
+    /// Any other IP protocol (GRE, ESP, AH, no next header, ...).
+    Other,
+    /// A non-first fragment: no L4 header.
+    Fragment,
+}
+
+/// The parsed fields of an IP packet. Addresses are in network byte order
+/// (IPv4 in the first 4 bytes, the rest zero); ports in host order.
+#[derive(Clone, Copy)]
+pub struct Packet {
+    pub family: u8,
+    /// IP protocol of the transport header (after IPv6 extension headers).
+    pub proto: u8,
+    pub l4: L4,
+    /// TCP flags (0 for other protocols).
+    pub tcp_flags: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+impl Packet {
+    #[inline(always)]
+    fn new(family: u8, proto: u8, src: [u8; 16], dst: [u8; 16]) -> Self {
+        Self { family, proto, l4: L4::Other, tcp_flags: 0, sport: 0, dport: 0, src, dst }
+    }
+}
+
+pub enum Parsed {
+    /// Not IPv4/IPv6 (ARP, LLDP, ...).
+    NonIp,
+    /// Truncated or invalid headers. `Some` when the IP addresses (and so a
+    /// flow key, with ports 0) could be read.
+    Malformed(Option<Packet>),
+    Ip(Packet),
+}
+
+/// `N` bytes of the packet whose bounds have been checked against `data_end`.
+///
+/// Fields are read through the one pointer that was checked: the verifier
+/// attaches the proven range to that register, so re-deriving `data + off`
+/// for every field could lose it.
+#[derive(Clone, Copy)]
+struct Hdr<const N: usize>(*const u8);
+
+impl<const N: usize> Hdr<N> {
+    #[inline(always)]
+    fn bytes<const I: usize, const M: usize>(self) -> [u8; M] {
+        const { assert!(I + M <= N) };
+        // SAFETY: `Bounds::hdr` checked that N bytes are inside the packet.
+        unsafe { read_unaligned(self.0.add(I).cast::<[u8; M]>()) }
+    }
+
+    #[inline(always)]
+    fn u8<const I: usize>(self) -> u8 {
+        self.bytes::<I, 1>()[0]
+    }
+
+    #[inline(always)]
+    fn be16<const I: usize>(self) -> u16 {
+        u16::from_be_bytes(self.bytes::<I, 2>())
+    }
+}
+
+/// Packet bounds. Offsets stay small and bounded (every increment is at most
+/// 2 KiB and the number of steps is constant), which the verifier needs
+/// before it lets a variable offset be added to a packet pointer.
+#[derive(Clone, Copy)]
+struct Bounds {
+    data: usize,
+    end: usize,
+}
+
+impl Bounds {
+    #[inline(always)]
+    fn hdr<const N: usize>(self, off: usize) -> Option<Hdr<N>> {
+        let start = self.data + off;
+        if start + N > self.end {
+            return None;
+        }
+        Some(Hdr(start as *const u8))
+    }
+
+    /// Whether `len` bytes from `off` are inside the packet (no access).
+    #[inline(always)]
+    fn contains(self, off: usize, len: usize) -> bool {
+        self.data + off + len <= self.end
+    }
+}
+
+#[inline(always)]
+pub fn parse(frame: &Frame) -> Parsed {
+    let pkt = Bounds { data: frame.data, end: frame.end };
+    match l2(pkt) {
+        None => Parsed::Malformed(None),
+        Some((ETH_P_IP, off)) => ipv4(pkt, off),
+        Some((ETH_P_IPV6, off)) => ipv6(pkt, off),
+        Some(_) => Parsed::NonIp,
+    }
+}
+
+/// Ethernet and up to two VLAN tags: the inner ethertype and the L3 offset.
+#[inline(always)]
+fn l2(pkt: Bounds) -> Option<(u16, usize)> {
+    let eth = pkt.hdr::<ETH_HLEN>(0)?;
+    let mut ethertype = eth.be16::<12>();
+    let mut off = ETH_HLEN;
+    // Constant trip count: LLVM unrolls it, the verifier sees straight code.
+    for _ in 0..MAX_VLAN_TAGS {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        let tag = pkt.hdr::<VLAN_HLEN>(off)?;
+        ethertype = tag.be16::<2>();
+        off += VLAN_HLEN;
+    }
+    Some((ethertype, off))
+}
+
+/// An IPv4 address in the first 4 bytes of a 16-byte address. Built as one
+/// integer: zero-filling an array emits a `memset` call (a BPF-to-BPF call
+/// with a loop) instead of plain stores.
+#[inline(always)]
+fn v4_addr(a: [u8; 4]) -> [u8; 16] {
+    (u32::from_le_bytes(a) as u128).to_le_bytes()
+}
+
+#[inline(always)]
+fn ipv4(pkt: Bounds, off: usize) -> Parsed {
+    let Some(ip) = pkt.hdr::<IPV4_HLEN>(off) else {
+        return Parsed::Malformed(None);
+    };
+    let vihl = ip.u8::<0>();
+    if vihl >> 4 != 4 {
+        return Parsed::Malformed(None);
+    }
+    let mut p = Packet::new(
+        FAMILY_V4,
+        ip.u8::<9>(),
+        v4_addr(ip.bytes::<12, 4>()),
+        v4_addr(ip.bytes::<16, 4>()),
+    );
+    let hlen = ((vihl & 0x0f) as usize) * 4;
+    if hlen < IPV4_HLEN || !pkt.contains(off, hlen) {
+        return Parsed::Malformed(Some(p));
+    }
+    if ip.be16::<6>() & IPV4_FRAG_OFFSET_MASK != 0 {
+        p.l4 = L4::Fragment;
+        return Parsed::Ip(p);
+    }
+    transport(pkt, off + hlen, p, IPPROTO_ICMP)
+}
+
+#[inline(always)]
+fn is_ipv6_ext(nexthdr: u8) -> bool {
+    matches!(nexthdr, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT)
+}
+
+#[inline(always)]
+fn ipv6(pkt: Bounds, off: usize) -> Parsed {
+    let Some(ip) = pkt.hdr::<IPV6_HLEN>(off) else {
+        return Parsed::Malformed(None);
+    };
+    if ip.u8::<0>() >> 4 != 6 {
+        return Parsed::Malformed(None);
+    }
+    let mut p = Packet::new(FAMILY_V6, ip.u8::<6>(), ip.bytes::<8, 16>(), ip.bytes::<24, 16>());
+    let mut off = off + IPV6_HLEN;
+    // At most MAX_IPV6_EXT_HDRS headers: a constant bound keeps the walk
+    // verifiable (and `off` bounded: each step adds at most 2 KiB).
+    for _ in 0..MAX_IPV6_EXT_HDRS {
+        match p.proto {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                let Some(ext) = pkt.hdr::<2>(off) else {
+                    return Parsed::Malformed(Some(p));
+                };
+                p.proto = ext.u8::<0>();
+                off += (ext.u8::<1>() as usize + 1) * 8;
+            }
+            NEXTHDR_FRAGMENT => {
+                let Some(frag) = pkt.hdr::<IPV6_FRAG_HLEN>(off) else {
+                    return Parsed::Malformed(Some(p));
+                };
+                p.proto = frag.u8::<0>();
+                off += IPV6_FRAG_HLEN;
+                if frag.be16::<2>() & IPV6_FRAG_OFFSET_MASK != 0 {
+                    p.l4 = L4::Fragment;
+                    return Parsed::Ip(p);
+                }
+            }
+            _ => break,
+        }
+    }
+    if is_ipv6_ext(p.proto) {
+        // More extension headers than we walk: treat as invalid rather
+        // than guess at what follows.
+        return Parsed::Malformed(Some(p));
+    }
+    transport(pkt, off, p, IPPROTO_ICMPV6)
+}
+
+/// The transport header at `off`. `icmp` is the ICMP protocol number of the
+/// address family.
+#[inline(always)]
+fn transport(pkt: Bounds, off: usize, mut p: Packet, icmp: u8) -> Parsed {
+    match p.proto {
+        IPPROTO_TCP => {
+            let Some(tcp) = pkt.hdr::<TCP_HLEN>(off) else {
+                return Parsed::Malformed(Some(p));
+            };
+            if (tcp.u8::<12>() >> 4) < 5 {
+                return Parsed::Malformed(Some(p));
+            }
+            p.l4 = L4::Tcp;
+            p.sport = tcp.be16::<0>();
+            p.dport = tcp.be16::<2>();
+            p.tcp_flags = tcp.u8::<13>();
+        }
+        IPPROTO_UDP => {
+            let Some(udp) = pkt.hdr::<UDP_HLEN>(off) else {
+                return Parsed::Malformed(Some(p));
+            };
+            p.l4 = L4::Udp;
+            p.sport = udp.be16::<0>();
+            p.dport = udp.be16::<2>();
+        }
+        proto if proto == icmp => p.l4 = L4::Icmp,
+        _ => {}
+    }
+    Parsed::Ip(p)
+}

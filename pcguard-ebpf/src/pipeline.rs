@@ -1,0 +1,201 @@
+//! The per-packet pipeline shared by both hooks (docs/datapath.md): parse
+//! result -> readiness -> bypass -> conntrack -> policy decision -> verdict.
+//! `dir` is the direction the packet travels (`DIR_INGRESS` at XDP,
+//! `DIR_EGRESS` at TC).
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use pcguard_common::{
+    CT_FLAG_MONITORED, CtEntry, DIR_EGRESS, DIR_INGRESS, FlowKey, MODE_MONITOR, PROTO_IDX_OTHER,
+    REASON_MALFORMED, REASON_OUTBOUND_TO_WORKSTATION, STAT_MALFORMED, STAT_NON_IP, Settings,
+    VERDICT_ALLOW, VERDICT_BYPASS, VERDICT_DROP, VERDICT_MONITOR,
+};
+
+use crate::{
+    conntrack,
+    counters::{count, proto_idx, stat},
+    events::{self, Report},
+    maps::SETTINGS,
+    parse::{Frame, L4, Packet, Parsed, is_bare_syn},
+    policy::{self, Decision},
+};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Pass,
+    Drop,
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn opposite(dir: u32) -> u32 {
+    dir ^ 1
+}
+
+/// The settings, once the daemon has written a complete policy.
+#[inline(always)]
+fn ready_settings() -> Option<&'static Settings> {
+    SETTINGS.get(0).filter(|s| s.ready != 0)
+}
+
+/// Verdict for a packet policy does not allow: drop in enforce mode (any
+/// mode value other than monitor fails closed), monitor otherwise.
+#[inline(always)]
+fn unexpected_verdict(s: &Settings, dir: u32) -> usize {
+    let mode = if dir == DIR_INGRESS { s.ingress_mode } else { s.egress_mode };
+    if mode == MODE_MONITOR { VERDICT_MONITOR } else { VERDICT_DROP }
+}
+
+#[inline(always)]
+fn action(verdict: usize) -> Action {
+    if verdict == VERDICT_DROP { Action::Drop } else { Action::Pass }
+}
+
+#[inline(always)]
+pub fn run(frame: &Frame, dir: u32, parsed: Parsed) -> Action {
+    match parsed {
+        Parsed::NonIp => {
+            stat(STAT_NON_IP);
+            Action::Pass
+        }
+        Parsed::Malformed(pkt) => {
+            stat(STAT_MALFORMED);
+            match ready_settings() {
+                Some(s) => malformed(frame, dir, s, pkt),
+                None => bypass(frame, dir, PROTO_IDX_OTHER),
+            }
+        }
+        Parsed::Ip(pkt) => match ready_settings() {
+            Some(s) => ip(frame, dir, s, &pkt),
+            None => bypass(frame, dir, proto_idx(pkt.proto)),
+        },
+    }
+}
+
+/// Passed without policy (not ready, ICMP allowed, non-first fragment).
+#[inline(always)]
+fn bypass(frame: &Frame, dir: u32, proto_idx: u32) -> Action {
+    count(dir, proto_idx, 0, 0, VERDICT_BYPASS, frame.len);
+    Action::Pass
+}
+
+#[inline(always)]
+fn malformed(frame: &Frame, dir: u32, s: &Settings, pkt: Option<Packet>) -> Action {
+    let verdict = unexpected_verdict(s, dir);
+    count(dir, PROTO_IDX_OTHER, 0, 0, verdict, frame.len);
+    if let Some(pkt) = pkt {
+        let key = conntrack::flow_key(&pkt, dir);
+        let r = Report {
+            direction: dir,
+            reason: REASON_MALFORMED,
+            verdict,
+            peer_mask: policy::peer_mask(&key),
+            slot: 0,
+            tcp_flags: 0,
+        };
+        events::report(frame, &key, &r, now(), s.report_interval_ns);
+    }
+    action(verdict)
+}
+
+#[inline(always)]
+fn ip(frame: &Frame, dir: u32, s: &Settings, pkt: &Packet) -> Action {
+    let pidx = proto_idx(pkt.proto);
+    match pkt.l4 {
+        L4::Fragment => return bypass(frame, dir, pidx),
+        L4::Icmp if s.allow_icmp == 1 => return bypass(frame, dir, PROTO_IDX_OTHER),
+        _ => {}
+    }
+    let key = conntrack::flow_key(pkt, dir);
+    let now = now();
+    match conntrack::lookup(&key, dir, pkt.tcp_flags, now, s) {
+        Some(entry) => tracked(frame, dir, pidx, &key, entry, pkt.tcp_flags, now),
+        None => untracked(frame, dir, pidx, s, pkt, &key, now),
+    }
+}
+
+#[inline(always)]
+fn tracked(
+    frame: &Frame,
+    dir: u32,
+    pidx: u32,
+    key: &FlowKey,
+    entry: *mut CtEntry,
+    tcp_flags: u8,
+    now: u64,
+) -> Action {
+    // SAFETY: map value pointer, valid for the duration of the program.
+    let (port_idx, rule, flags) = unsafe { ((*entry).port_idx, (*entry).rule, (*entry).flags) };
+    let verdict = if flags & CT_FLAG_MONITORED != 0 { VERDICT_MONITOR } else { VERDICT_ALLOW };
+    count(dir, pidx, port_idx, rule, verdict, frame.len);
+    conntrack::touch(key, entry, tcp_flags, now);
+    Action::Pass
+}
+
+/// Tracks a flow initiated in `flow_dir` and passes the packet.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn track(
+    frame: &Frame,
+    dir: u32,
+    flow_dir: u32,
+    pidx: u32,
+    key: &FlowKey,
+    d: &Decision,
+    verdict: usize,
+    now: u64,
+) -> Action {
+    let flags = if verdict == VERDICT_MONITOR { CT_FLAG_MONITORED } else { 0 };
+    conntrack::insert(key, flow_dir, d.rule, d.port_idx, flags, now);
+    count(dir, pidx, d.port_idx, d.rule, verdict, frame.len);
+    Action::Pass
+}
+
+#[inline(always)]
+fn untracked(
+    frame: &Frame,
+    dir: u32,
+    pidx: u32,
+    s: &Settings,
+    pkt: &Packet,
+    key: &FlowKey,
+    now: u64,
+) -> Action {
+    let peer_mask = policy::peer_mask(key);
+    let has_ports = pkt.l4 == L4::Tcp || pkt.l4 == L4::Udp;
+    // 1. A new flow in the packet's direction, to its destination port.
+    let first = if has_ports { policy::decide(dir, pidx, pkt.dport, peer_mask) } else { Decision::NO_RULE };
+    if first.allowed() {
+        return track(frame, dir, dir, pidx, key, &first, VERDICT_ALLOW, now);
+    }
+    // 2. A TCP reply of a flow initiated the other way before we tracked it.
+    //    Never for a bare SYN (that opens a flow) nor UDP (its initiator's
+    //    first packet always creates the entry).
+    if pkt.l4 == L4::Tcp && !is_bare_syn(pkt.tcp_flags) {
+        let back = opposite(dir);
+        let second = policy::decide(back, pidx, pkt.sport, peer_mask);
+        if second.allowed() {
+            return track(frame, dir, back, pidx, key, &second, VERDICT_ALLOW, now);
+        }
+    }
+    // 3. Unexpected.
+    let reason = if dir == DIR_EGRESS && peer_mask & s.no_initiate_mask != 0 {
+        REASON_OUTBOUND_TO_WORKSTATION
+    } else {
+        first.reason
+    };
+    let verdict = unexpected_verdict(s, dir);
+    let r = Report { direction: dir, reason, verdict, peer_mask, slot: first.slot, tcp_flags: pkt.tcp_flags };
+    events::report(frame, key, &r, now, s.report_interval_ns);
+    if verdict == VERDICT_DROP {
+        count(dir, pidx, first.port_idx, 0, VERDICT_DROP, frame.len);
+        return Action::Drop;
+    }
+    // Monitor: the entry (rule 0: `first` allowed nothing) makes the rest of
+    // the flow and its replies known.
+    track(frame, dir, dir, pidx, key, &first, VERDICT_MONITOR, now)
+}

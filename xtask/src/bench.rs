@@ -1,0 +1,428 @@
+//! `cargo xtask bench`: loads the eBPF object, writes a small policy straight
+//! into its maps, and runs both programs on crafted packets with
+//! `BPF_PROG_TEST_RUN`. Every case asserts the program's verdict, so this
+//! doubles as a smoke test of the data path (and of the verifier: loading
+//! fails loudly if either program is rejected). Needs root (or CAP_BPF +
+//! CAP_NET_ADMIN + CAP_PERFMON).
+//!
+//! Timings are the kernel's own (`duration` of the test run: the average
+//! over `repeat` runs of the program, without syscall overhead).
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context as _, bail, ensure};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use pcguard_common::{
+    CLASS_ANY, CLASS_ANY_BIT, CtEntry, DIR_EGRESS, DIR_INGRESS, FAMILY_V4, FlowEvent, FlowKey,
+    IPPROTO_TCP, MODE_ENFORCE, PROTO_IDX_TCP, PortEntry, PortSlot, REASON_NO_RULE,
+    REASON_OUTBOUND_TO_WORKSTATION, REASON_PEER_NOT_ALLOWED, STAT_EVENTS_SENT,
+    STAT_EVENTS_SUPPRESSED, Settings, VERDICT_ALLOW, names, port_counter_index, port_table_index,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_PIPE: u32 = 3;
+
+/// Peer class bit of "workstations" in the bench policy.
+const WORKSTATIONS: u32 = 1 << 0;
+const SERVER: [u8; 4] = [192, 168, 1, 10];
+const WORKSTATION: [u8; 4] = [10, 1, 2, 3];
+const STRANGER: [u8; 4] = [172, 16, 0, 5];
+const LDAP_SERVER: [u8; 4] = [10, 9, 9, 9];
+
+const WEB_PORT: u16 = 9191;
+const LDAPS_PORT: u16 = 636;
+const CLIENT_PORT: u16 = 40000;
+const WEB_RULE: u16 = 1;
+const LDAPS_RULE: u16 = 2;
+const WEB_LABEL: u16 = 1;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// Cap on the runs of cases that need a map reset between runs (two
+/// syscalls per run).
+const MAX_FRESH_RUNS: u32 = 200_000;
+
+const SEC: u64 = 1_000_000_000;
+
+pub fn run(obj_path: &Path, iterations: u32) -> anyhow::Result<()> {
+    ensure!(iterations > 0, "iterations must be > 0");
+    let mut ebpf = EbpfLoader::new()
+        .load_file(obj_path)
+        .with_context(|| format!("loading {}", obj_path.display()))?;
+    load_programs(&mut ebpf)?;
+    write_policy(&mut ebpf)?;
+    // Owned handle so runs can delete entries between test runs (the loaded
+    // programs keep their own reference to the map).
+    let ct = HashMap::try_from(ebpf.take_map(names::CONNTRACK).context("no CONNTRACK map")?)?;
+    let mut bench = Bench { ebpf, ct, iterations, rows: Vec::new() };
+    bench.ingress_cases()?;
+    bench.egress_cases()?;
+    bench.print();
+    bench.check_side_effects()
+}
+
+fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let xdp: &mut Xdp = program(ebpf, names::XDP_PROG)?.try_into()?;
+    xdp.load().context("verifier rejected pcguard_ingress")?;
+    let tc: &mut SchedClassifier = program(ebpf, names::TC_PROG)?.try_into()?;
+    tc.load().context("verifier rejected pcguard_egress")?;
+    Ok(())
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name).with_context(|| format!("program {name} not in the object"))
+}
+
+fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
+    ebpf.map_mut(name).with_context(|| format!("map {name} not in the object"))
+}
+
+/// Inbound TCP 9191 from workstations (rule 1), outbound TCP 636 to anyone
+/// (rule 2); workstations must never be initiated to; enforce both ways.
+fn write_policy(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let mut slots: Array<_, PortSlot> = Array::try_from(map(ebpf, names::SLOTS)?)?;
+    let mut web = PortSlot { allowed_mask: WORKSTATIONS, ..Default::default() };
+    web.rule_by_class[0] = WEB_RULE;
+    slots.set(1, web, 0)?;
+    let mut ldaps = PortSlot { allowed_mask: CLASS_ANY, ..Default::default() };
+    ldaps.rule_by_class[CLASS_ANY_BIT as usize] = LDAPS_RULE;
+    slots.set(2, ldaps, 0)?;
+
+    let mut ports: Array<_, PortEntry> = Array::try_from(map(ebpf, names::PORTS)?)?;
+    let web_in = port_table_index(DIR_INGRESS, PROTO_IDX_TCP, WEB_PORT);
+    ports.set(web_in, PortEntry { slot: 1, port_idx: WEB_LABEL }, 0)?;
+    let ldaps_out = port_table_index(DIR_EGRESS, PROTO_IDX_TCP, LDAPS_PORT);
+    ports.set(ldaps_out, PortEntry { slot: 2, port_idx: 2 }, 0)?;
+
+    let mut v4: LpmTrie<_, [u8; 4], u32> = LpmTrie::try_from(map(ebpf, names::PEERS_V4)?)?;
+    v4.insert(&Key::new(8, [10, 0, 0, 0]), WORKSTATIONS | CLASS_ANY, 0)?;
+    v4.insert(&Key::new(0, [0; 4]), CLASS_ANY, 0)?;
+    let mut v6: LpmTrie<_, [u8; 16], u32> = LpmTrie::try_from(map(ebpf, names::PEERS_V6)?)?;
+    v6.insert(&Key::new(0, [0; 16]), CLASS_ANY, 0)?;
+
+    let mut settings: Array<_, Settings> = Array::try_from(map(ebpf, names::SETTINGS)?)?;
+    let s = Settings {
+        ingress_mode: MODE_ENFORCE,
+        egress_mode: MODE_ENFORCE,
+        allow_icmp: 1,
+        ready: 1,
+        no_initiate_mask: WORKSTATIONS,
+        tcp_timeout_ns: 7200 * SEC,
+        tcp_closing_timeout_ns: 10 * SEC,
+        udp_timeout_ns: 60 * SEC,
+        report_interval_ns: 60 * SEC,
+    };
+    settings.set(0, s, 0)?;
+    Ok(())
+}
+
+/// Packet builders (checksums are left zero: neither hook checks them).
+mod pkt {
+    pub const ETH_P_IP: u16 = 0x0800;
+    pub const ETH_P_IPV6: u16 = 0x86dd;
+    pub const ETH_P_ARP: u16 = 0x0806;
+    pub const ETH_P_8021Q: u16 = 0x8100;
+
+    pub fn eth(ethertype: u16) -> Vec<u8> {
+        let mut p = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+        p.extend_from_slice(&ethertype.to_be_bytes());
+        p
+    }
+
+    pub fn vlan(mut frame: Vec<u8>, vid: u16) -> Vec<u8> {
+        let inner: [u8; 2] = [frame[12], frame[13]];
+        frame[12..14].copy_from_slice(&ETH_P_8021Q.to_be_bytes());
+        let tag = [(vid >> 8) as u8, vid as u8, inner[0], inner[1]];
+        frame.splice(14..14, tag);
+        frame
+    }
+
+    pub fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+        let mut t = vec![0u8; 20];
+        t[0..2].copy_from_slice(&sport.to_be_bytes());
+        t[2..4].copy_from_slice(&dport.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = flags;
+        t
+    }
+
+    pub fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> Vec<u8> {
+        let mut p = eth(ETH_P_IP);
+        let total = (20 + l4.len()) as u16;
+        p.extend_from_slice(&[0x45, 0]);
+        p.extend_from_slice(&total.to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        p.extend_from_slice(l4);
+        p
+    }
+
+    pub fn ipv6(src: [u8; 16], dst: [u8; 16], proto: u8, l4: &[u8]) -> Vec<u8> {
+        let mut p = eth(ETH_P_IPV6);
+        p.extend_from_slice(&[0x60, 0, 0, 0]);
+        p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        p.extend_from_slice(&[proto, 64]);
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        p.extend_from_slice(l4);
+        p
+    }
+
+    pub fn arp() -> Vec<u8> {
+        let mut p = eth(ETH_P_ARP);
+        p.extend_from_slice(&[0u8; 28]);
+        p
+    }
+}
+
+fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    pkt::ipv4(src, dst, IPPROTO_TCP, &pkt::tcp(sport, dport, flags))
+}
+
+fn v4_key(local: [u8; 4], remote: [u8; 4], local_port: u16, remote_port: u16) -> FlowKey {
+    let mut key = FlowKey { family: FAMILY_V4, proto: IPPROTO_TCP, local_port, remote_port, ..Default::default() };
+    key.local_addr[..4].copy_from_slice(&local);
+    key.remote_addr[..4].copy_from_slice(&remote);
+    key
+}
+
+#[derive(Clone, Copy)]
+enum Hook {
+    Xdp,
+    Tc,
+}
+
+impl Hook {
+    fn name(self) -> &'static str {
+        match self {
+            Hook::Xdp => "xdp",
+            Hook::Tc => "tc",
+        }
+    }
+
+    fn action_name(self, ret: u32) -> &'static str {
+        match (self, ret) {
+            (Hook::Xdp, XDP_PASS) => "XDP_PASS",
+            (Hook::Xdp, XDP_DROP) => "XDP_DROP",
+            (Hook::Tc, TC_ACT_PIPE) => "TC_ACT_PIPE",
+            (Hook::Tc, TC_ACT_SHOT) => "TC_ACT_SHOT",
+            _ => "?",
+        }
+    }
+}
+
+struct Row {
+    case: &'static str,
+    hook: Hook,
+    action: u32,
+    runs: u32,
+    ns: f64,
+    note: String,
+}
+
+struct Bench {
+    ebpf: Ebpf,
+    ct: HashMap<MapData, FlowKey, CtEntry>,
+    iterations: u32,
+    rows: Vec<Row>,
+}
+
+impl Bench {
+    fn test_run(&self, hook: Hook, data: &[u8], repeat: u32) -> anyhow::Result<(u32, Duration)> {
+        let opts = TestRunOptions { data_in: Some(data), repeat, ..Default::default() };
+        let name = match hook {
+            Hook::Xdp => names::XDP_PROG,
+            Hook::Tc => names::TC_PROG,
+        };
+        let prog = self.ebpf.program(name).context("program vanished")?;
+        let res = match hook {
+            Hook::Xdp => <&Xdp>::try_from(prog)?.test_run(opts),
+            Hook::Tc => <&SchedClassifier>::try_from(prog)?.test_run(opts),
+        }
+        .with_context(|| format!("BPF_PROG_TEST_RUN on {name}"))?;
+        Ok((res.return_value, res.duration))
+    }
+
+    fn expect(&self, case: &str, hook: Hook, got: u32, want: u32) -> anyhow::Result<()> {
+        if got != want {
+            bail!(
+                "{case}: {} returned {got} ({}), expected {want} ({})",
+                hook.name(),
+                hook.action_name(got),
+                hook.action_name(want)
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs `data` `iterations` times in one test run (the kernel's average).
+    fn repeated(&mut self, case: &'static str, hook: Hook, data: &[u8], want: u32, note: &str) -> anyhow::Result<f64> {
+        let (ret, avg) = self.test_run(hook, data, self.iterations)?;
+        self.expect(case, hook, ret, want)?;
+        let ns = avg.as_nanos() as f64;
+        let row = Row { case, hook, action: ret, runs: self.iterations, ns, note: note.to_owned() };
+        self.rows.push(row);
+        Ok(ns)
+    }
+
+    /// Runs `data` once per test run, deleting the conntrack entry of `key`
+    /// before each so every run takes the new-flow path. Returns the average
+    /// per run, which includes the test-run timer's own overhead.
+    fn fresh_loop(&mut self, case: &str, hook: Hook, data: &[u8], want: u32, key: Option<&FlowKey>) -> anyhow::Result<(u32, f64)> {
+        let runs = self.iterations.min(MAX_FRESH_RUNS);
+        let mut total = Duration::ZERO;
+        for _ in 0..runs {
+            if let Some(key) = key {
+                self.forget(key)?;
+            }
+            let (ret, d) = self.test_run(hook, data, 1)?;
+            self.expect(case, hook, ret, want)?;
+            total += d;
+        }
+        Ok((runs, total.as_nanos() as f64 / runs as f64))
+    }
+
+    fn forget(&mut self, key: &FlowKey) -> anyhow::Result<()> {
+        match self.ct.remove(key) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn ingress_cases(&mut self) -> anyhow::Result<()> {
+        let xdp = Hook::Xdp;
+        let syn = tcp4(WORKSTATION, SERVER, CLIENT_PORT, WEB_PORT, TCP_SYN);
+        let key = v4_key(SERVER, WORKSTATION, WEB_PORT, CLIENT_PORT);
+
+        // Allowed first packet: conntrack miss, PORTS + SLOTS + LPM, conntrack
+        // insert. Each run needs the entry gone, hence one run per syscall;
+        // the timer overhead of such runs is estimated with a conntrack hit
+        // measured both ways and subtracted.
+        let case = "allowed SYN, first packet (policy + ct insert)";
+        let (runs, fresh) = self.fresh_loop(case, xdp, &syn, XDP_PASS, Some(&key))?;
+        let ack = tcp4(WORKSTATION, SERVER, CLIENT_PORT, WEB_PORT, TCP_ACK);
+        let (_, hit_single) = self.fresh_loop("ct hit, single runs", xdp, &ack, XDP_PASS, None)?;
+        let hit = self.repeated("conntrack hit (ACK, established)", xdp, &ack, XDP_PASS, "")?;
+        let overhead = (hit_single - hit).max(0.0);
+        self.rows.push(Row {
+            case,
+            hook: xdp,
+            action: XDP_PASS,
+            runs,
+            ns: fresh - overhead,
+            note: format!("{fresh:.1} raw, minus {overhead:.1} timer overhead"),
+        });
+        ensure!(self.ct.get(&key, 0).is_ok(), "allowed SYN left no conntrack entry");
+
+        let repeat_syn = "allowed SYN, retransmitted (ct hit)";
+        self.repeated(repeat_syn, xdp, &syn, XDP_PASS, "")?;
+
+        let to_9999 = tcp4(WORKSTATION, SERVER, CLIENT_PORT + 1, 9999, TCP_SYN);
+        self.repeated("dropped SYN, no rule (9999)", xdp, &to_9999, XDP_DROP, "1 event, rest suppressed")?;
+
+        let stranger = tcp4(STRANGER, SERVER, CLIENT_PORT, WEB_PORT, TCP_SYN);
+        self.repeated("dropped SYN, peer not allowed", xdp, &stranger, XDP_DROP, "")?;
+
+        let vlan_syn = pkt::vlan(tcp4(WORKSTATION, SERVER, CLIENT_PORT + 2, WEB_PORT, TCP_SYN), 100);
+        self.repeated("allowed SYN in 802.1Q tag", xdp, &vlan_syn, XDP_PASS, "first run inserts, rest hit")?;
+
+        let mut v6_src = [0u8; 16];
+        v6_src[..2].copy_from_slice(&[0xfd, 0]);
+        v6_src[15] = 1;
+        let mut v6_dst = v6_src;
+        v6_dst[15] = 2;
+        let v6 = pkt::ipv6(v6_src, v6_dst, IPPROTO_TCP, &pkt::tcp(CLIENT_PORT, WEB_PORT, TCP_SYN));
+        self.repeated("dropped IPv6 SYN, peer not allowed", xdp, &v6, XDP_DROP, "")?;
+
+        let mut truncated = tcp4(WORKSTATION, SERVER, CLIENT_PORT, WEB_PORT, TCP_SYN);
+        truncated.truncate(truncated.len() - 4);
+        self.repeated("malformed (truncated TCP)", xdp, &truncated, XDP_DROP, "")?;
+
+        let icmp = pkt::ipv4(STRANGER, SERVER, 1, &[8, 0, 0, 0, 0, 0, 0, 0]);
+        self.repeated("ICMP echo (allow_icmp)", xdp, &icmp, XDP_PASS, "bypass")?;
+
+        self.repeated("ARP (non-IP)", xdp, &pkt::arp(), XDP_PASS, "")?;
+        Ok(())
+    }
+
+    fn egress_cases(&mut self) -> anyhow::Result<()> {
+        let tc = Hook::Tc;
+        let reply = tcp4(SERVER, WORKSTATION, WEB_PORT, CLIENT_PORT, TCP_SYN | TCP_ACK);
+        self.repeated("reply to inbound flow (ct hit)", tc, &reply, TC_ACT_PIPE, "")?;
+
+        let ldaps = tcp4(SERVER, LDAP_SERVER, CLIENT_PORT + 3, LDAPS_PORT, TCP_SYN);
+        let key = v4_key(SERVER, LDAP_SERVER, CLIENT_PORT + 3, LDAPS_PORT);
+        let case = "allowed outbound SYN, first packet (ldaps)";
+        let (runs, fresh) = self.fresh_loop(case, tc, &ldaps, TC_ACT_PIPE, Some(&key))?;
+        self.rows.push(Row { case, hook: tc, action: TC_ACT_PIPE, runs, ns: fresh, note: "raw, incl. timer".into() });
+        let back = tcp4(LDAP_SERVER, SERVER, LDAPS_PORT, CLIENT_PORT + 3, TCP_SYN | TCP_ACK);
+        self.repeated("ldaps reply at ingress (ct hit)", Hook::Xdp, &back, XDP_PASS, "")?;
+
+        let to_ws = tcp4(SERVER, WORKSTATION, CLIENT_PORT + 4, 445, TCP_SYN);
+        self.repeated("dropped outbound SYN to workstation", tc, &to_ws, TC_ACT_SHOT, "headline alert")?;
+
+        // A FIN on the inbound flow moves it to closing; it still passes.
+        let fin = tcp4(SERVER, WORKSTATION, WEB_PORT, CLIENT_PORT, TCP_FIN | TCP_ACK);
+        let (ret, _) = self.test_run(tc, &fin, 1)?;
+        self.expect("FIN on inbound flow", tc, ret, TC_ACT_PIPE)?;
+        let key = v4_key(SERVER, WORKSTATION, WEB_PORT, CLIENT_PORT);
+        let state = self.ct.get(&key, 0)?.state;
+        ensure!(state == pcguard_common::CT_STATE_CLOSING, "FIN did not mark the flow closing");
+        Ok(())
+    }
+
+    fn print(&self) {
+        println!("{:<48} {:<4} {:<12} {:>9} {:>10}  note", "case", "hook", "action", "runs", "ns/pkt");
+        for r in &self.rows {
+            println!(
+                "{:<48} {:<4} {:<12} {:>9} {:>10.1}  {}",
+                r.case,
+                r.hook.name(),
+                r.hook.action_name(r.action),
+                r.runs,
+                r.ns,
+                r.note
+            );
+        }
+    }
+
+    /// Counters and events the cases above must have produced.
+    fn check_side_effects(&mut self) -> anyhow::Result<()> {
+        let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(map(&mut self.ebpf, names::STATS)?)?;
+        let stat = |i: u32| -> anyhow::Result<u64> { Ok(stats.get(&i, 0)?.iter().sum()) };
+        let (sent, suppressed) = (stat(STAT_EVENTS_SENT)?, stat(STAT_EVENTS_SUPPRESSED)?);
+        println!("events sent {sent}, suppressed {suppressed}");
+        ensure!(sent >= 4, "expected at least 4 events (no rule, peer, malformed, outbound), got {sent}");
+
+        let counters: PerCpuArray<_, pcguard_common::Counters> =
+            PerCpuArray::try_from(map(&mut self.ebpf, names::PORT_COUNTERS)?)?;
+        let web = port_counter_index(DIR_INGRESS, PROTO_IDX_TCP, WEB_LABEL);
+        let allowed: u64 = counters.get(&web, 0)?.iter().map(|c| c.packets[VERDICT_ALLOW]).sum();
+        println!("ingress tcp/{WEB_PORT} allowed packets: {allowed}");
+        ensure!(allowed >= u64::from(self.iterations), "web port counter too low: {allowed}");
+
+        let mut ring = RingBuf::try_from(map(&mut self.ebpf, names::EVENTS)?)?;
+        let mut reasons = Vec::new();
+        while let Some(item) = ring.next() {
+            ensure!(item.len() == size_of::<FlowEvent>(), "event of {} bytes", item.len());
+            // SAFETY: FlowEvent is plain data and the length was checked.
+            let ev: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            reasons.push(ev.reason);
+        }
+        for want in [REASON_NO_RULE, REASON_PEER_NOT_ALLOWED, REASON_OUTBOUND_TO_WORKSTATION] {
+            ensure!(reasons.contains(&want), "no event with reason {want} (got {reasons:?})");
+        }
+        println!("event reasons: {reasons:?}");
+        Ok(())
+    }
+}
