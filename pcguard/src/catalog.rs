@@ -1,1 +1,351 @@
-//! placeholder: being written
+//! The PaperCut port catalog: one entry per documented service, as data
+//! (`pcguard/data/catalog.toml`), each with the fragment of the PaperCut
+//! document (`docs/papercut-ports.txt`) it comes from.
+
+use crate::policy::cidr::Cidr;
+use crate::policy::portspec::{first_overlap, format_ports};
+use crate::policy::table;
+use crate::policy::{Direction, PortRange, Protocol};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashSet};
+use std::sync::OnceLock;
+
+/// The PaperCut document "What ports does PaperCut use?", verbatim.
+pub const DOCUMENT: &str = include_str!("../../docs/papercut-ports.txt");
+
+const CATALOG_TOML: &str = include_str!("../data/catalog.toml");
+
+/// A peer class: a named set of addresses the site config fills in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerClass {
+    pub name: String,
+    pub description: String,
+}
+
+/// One documented service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub id: String,
+    pub name: String,
+    pub direction: Direction,
+    pub protocol: Protocol,
+    pub ports: Vec<PortRange>,
+    pub peers: Vec<String>,
+    /// Site-config feature keys enabling the service (any of them).
+    pub features: Vec<String>,
+    #[serde(default)]
+    pub fqdns: Vec<String>,
+    #[serde(default)]
+    pub ips: Vec<String>,
+    /// The fragment of [`DOCUMENT`] the service comes from (verbatim).
+    #[serde(default)]
+    pub source: Option<String>,
+    #[serde(default = "default_true")]
+    pub from_document: bool,
+    #[serde(default)]
+    pub always_allow: bool,
+    #[serde(default)]
+    pub optional_peers: bool,
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Service {
+    pub fn has_feature(&self, key: &str) -> bool {
+        self.features.iter().any(|f| f == key)
+    }
+
+    /// The documented IPs as host prefixes (validated when the catalog is
+    /// loaded).
+    pub fn ip_prefixes(&self) -> Vec<Cidr> {
+        self.ips.iter().filter_map(|ip| ip.parse().ok()).collect()
+    }
+
+    /// The service brings its own endpoints (cloud FQDNs or IPs), so its
+    /// peer class needs no configured CIDR.
+    pub fn has_endpoints(&self) -> bool {
+        !self.fqdns.is_empty() || !self.ips.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Catalog {
+    /// Peer classes, in bit order.
+    #[serde(rename = "class")]
+    pub classes: Vec<PeerClass>,
+    /// Services, in priority order.
+    #[serde(rename = "service")]
+    pub services: Vec<Service>,
+}
+
+/// The built-in catalog (parsed and validated once; the data is checked by
+/// unit tests, so a failure here is a build defect).
+pub fn builtin() -> &'static Catalog {
+    static CATALOG: OnceLock<Catalog> = OnceLock::new();
+    CATALOG.get_or_init(|| parse(CATALOG_TOML).unwrap_or_else(|e| panic!("built-in catalog: {e}")))
+}
+
+/// Parses and validates catalog data.
+pub fn parse(text: &str) -> Result<Catalog, String> {
+    let catalog: Catalog = toml::from_str(text).map_err(|e| e.to_string())?;
+    catalog.validate()?;
+    Ok(catalog)
+}
+
+impl Catalog {
+    pub fn service(&self, id: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.id == id)
+    }
+
+    pub fn class(&self, name: &str) -> Option<&PeerClass> {
+        self.classes.iter().find(|c| c.name == name)
+    }
+
+    pub fn class_names(&self) -> Vec<&str> {
+        self.classes.iter().map(|c| c.name.as_str()).collect()
+    }
+
+    /// Every feature key used by a service.
+    pub fn feature_keys(&self) -> BTreeSet<&str> {
+        self.services.iter().flat_map(|s| s.features.iter().map(String::as_str)).collect()
+    }
+
+    /// The values of a namespaced feature (`mfd` -> `brother`, `canon`, ...),
+    /// sorted.
+    pub fn feature_values(&self, namespace: &str) -> Vec<&str> {
+        let prefix = format!("{namespace}:");
+        self.feature_keys().into_iter().filter_map(|k| k.strip_prefix(prefix.as_str())).collect()
+    }
+
+    /// Services enabled by `key`, in catalog order.
+    pub fn services_with_feature<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a Service> + 'a {
+        self.services.iter().filter(move |s| s.has_feature(key))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let mut ids = HashSet::new();
+        for s in &self.services {
+            if !ids.insert(s.id.as_str()) {
+                return Err(format!("service {}: duplicate id", s.id));
+            }
+            self.validate_service(s).map_err(|e| format!("service {}: {e}", s.id))?;
+        }
+        Ok(())
+    }
+
+    fn validate_service(&self, s: &Service) -> Result<(), String> {
+        if !is_kebab_case(&s.id) {
+            return Err("id must be kebab-case".into());
+        }
+        if s.ports.is_empty() || s.peers.is_empty() || s.features.is_empty() {
+            return Err("ports, peers and features must not be empty".into());
+        }
+        if let Some((a, b)) = first_overlap(&s.ports) {
+            return Err(format!("ports {a} and {b} overlap"));
+        }
+        if let Some(p) = s.peers.iter().find(|p| self.class(p).is_none()) {
+            return Err(format!("unknown peer class {p}"));
+        }
+        if let Some(ip) = s.ips.iter().find(|ip| ip.parse::<Cidr>().is_err()) {
+            return Err(format!("invalid ip {ip}"));
+        }
+        match (&s.source, s.from_document) {
+            (None, true) => Err("a service from the document needs its source".into()),
+            (Some(src), _) if !DOCUMENT.contains(src.as_str()) => {
+                Err(format!("source is not a verbatim fragment of the document: {src:?}"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn is_kebab_case(id: &str) -> bool {
+    !id.is_empty()
+        && !id.starts_with('-')
+        && !id.ends_with('-')
+        && id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// The catalog as an aligned text table (`pcguard catalog`).
+pub fn render_table(catalog: &Catalog) -> String {
+    let rows: Vec<Vec<String>> = catalog.services.iter().map(table_row).collect();
+    table::aligned(&["ID", "DIR", "PROTO", "PORTS", "PEERS", "FEATURES", "DOC", "ENDPOINTS"], &rows)
+}
+
+fn table_row(s: &Service) -> Vec<String> {
+    let endpoints: Vec<&str> = s.fqdns.iter().chain(&s.ips).map(String::as_str).collect();
+    vec![
+        s.id.clone(),
+        s.direction.as_str().to_string(),
+        s.protocol.as_str().to_string(),
+        format_ports(&s.ports),
+        s.peers.join(","),
+        s.features.join(","),
+        if s.from_document { "yes" } else { "no" }.to_string(),
+        endpoints.join(","),
+    ]
+}
+
+/// The catalog as JSON (`pcguard catalog --json`): `{"classes": [...],
+/// "services": [...]}`, ports as `"9191"` / `"49152-65535"` strings.
+pub fn to_json(catalog: &Catalog) -> serde_json::Value {
+    let services: Vec<serde_json::Value> = catalog.services.iter().map(service_json).collect();
+    serde_json::json!({ "classes": catalog.classes, "services": services })
+}
+
+fn service_json(s: &Service) -> serde_json::Value {
+    let mut v = serde_json::to_value(s).expect("a catalog service serializes");
+    let ports: Vec<String> = s.ports.iter().map(PortRange::to_string).collect();
+    v["ports"] = serde_json::json!(ports);
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// Numbers in the document that are not ports: an error code
+    /// (`0×0000011b`), a version (`version 24`), a model (`Ethernet 241`)
+    /// and a year (`August 2024`).
+    const NOT_PORTS: [u32; 4] = [0, 24, 241, 2024];
+
+    fn document_numbers() -> BTreeSet<u32> {
+        DOCUMENT
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '.'))
+            .filter(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_digit()))
+            .map(|t| t.parse().unwrap())
+            .collect()
+    }
+
+    fn covered(port: u32, proto: Option<Protocol>) -> bool {
+        builtin().services.iter().any(|s| {
+            s.from_document
+                && proto.is_none_or(|p| p == s.protocol)
+                && s.ports.iter().any(|r| u32::from(r.start) <= port && port <= u32::from(r.end))
+        })
+    }
+
+    #[test]
+    fn builtin_catalog_is_valid() {
+        let c = builtin();
+        assert!(c.services.len() > 90);
+        assert_eq!(c.classes.len(), 14);
+    }
+
+    #[test]
+    fn every_port_of_the_document_is_covered() {
+        let numbers = document_numbers();
+        assert!(numbers.contains(&9191) && numbers.contains(&49152));
+        let missing: Vec<u32> =
+            numbers.iter().copied().filter(|n| !NOT_PORTS.contains(n) && !covered(*n, None)).collect();
+        assert!(missing.is_empty(), "ports of the document without a catalog entry: {missing:?}");
+    }
+
+    #[test]
+    fn every_udp_port_of_the_document_is_covered_as_udp() {
+        for port in [53, 88, 137, 138, 161, 162, 389, 445] {
+            assert!(covered(port, Some(Protocol::Udp)), "{port}/udp");
+        }
+    }
+
+    #[test]
+    fn every_source_is_verbatim() {
+        for s in &builtin().services {
+            if let Some(src) = &s.source {
+                assert!(DOCUMENT.contains(src.as_str()), "{}: {src:?}", s.id);
+            }
+            assert!(s.from_document || s.source.is_none() || s.note.is_some() || s.id == "admin-ssh");
+        }
+    }
+
+    #[test]
+    fn document_copy_matches_shared_original() {
+        let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/papercut-ports.txt");
+        match std::fs::read_to_string(&shared) {
+            Ok(original) => assert_eq!(original, DOCUMENT, "docs/papercut-ports.txt differs from {shared:?}"),
+            Err(_) => eprintln!("skipped: {} not present", shared.display()),
+        }
+    }
+
+    #[test]
+    fn documented_entries_have_expected_shape() {
+        let c = builtin();
+        let check = |id: &str, dir, proto, ports: &str, peer: &str| {
+            let s = c.service(id).unwrap_or_else(|| panic!("{id} missing"));
+            assert_eq!((s.direction, s.protocol, format_ports(&s.ports)), (dir, proto, ports.to_string()), "{id}");
+            assert!(s.peers.iter().any(|p| p == peer), "{id} peers {:?}", s.peers);
+        };
+        use Direction::*;
+        use Protocol::*;
+        check("web-http", Inbound, Tcp, "9191", "workstations");
+        check("web-https", Inbound, Tcp, "9192", "secondary_servers");
+        check("device-rpc", Inbound, Tcp, "9193", "devices");
+        check("ges", Outbound, Tcp, "443", "cloud");
+        check("ldaps", Outbound, Tcp, "636", "ldap");
+        check("hp-device", Outbound, Tcp, "7627", "devices");
+        check("toshiba-snmp-trap", Inbound, Udp, "162", "devices");
+        check("ad-rpc-dynamic", Outbound, Tcp, "49152-65535", "directory");
+        check("db-postgresql", Outbound, Tcp, "5432", "database");
+        check("netbios-udp", Inbound, Udp, "137, 138", "workstations");
+        assert_eq!(c.service("ges").unwrap().fqdns, vec!["mf.cloud.papercut.com"]);
+        assert_eq!(c.service("email-sendgrid").unwrap().ips, vec!["168.245.53.86"]);
+        assert!(!c.service("admin-ssh").unwrap().from_document);
+        assert!(c.service("admin-ssh").unwrap().always_allow);
+    }
+
+    #[test]
+    fn feature_values_list_vendors() {
+        let vendors = builtin().feature_values("mfd");
+        for v in ["brother", "hp", "konica-minolta", "toshiba-sdk1", "vcc", "xerox"] {
+            assert!(vendors.contains(&v), "{v}");
+        }
+        assert!(builtin().feature_values("database").contains(&"postgresql"));
+    }
+
+    #[test]
+    fn rejects_invalid_catalog_data() {
+        let base = r#"
+[[class]]
+name = "devices"
+description = "d"
+[[service]]
+id = "x"
+name = "x"
+direction = "inbound"
+protocol = "tcp"
+peers = ["devices"]
+features = ["f"]
+"#;
+        let with = |extra: &str| parse(&format!("{base}{extra}"));
+        assert!(with("ports = [1]\nsource = \"9191 for HTTP connections\"").is_ok());
+        assert!(with("ports = [1]\nsource = \"not in the document\"").unwrap_err().contains("verbatim"));
+        assert!(with("ports = [1]").unwrap_err().contains("needs its source"));
+        assert!(with("ports = [1, \"1-5\"]\nfrom_document = false").unwrap_err().contains("overlap"));
+        assert!(with("ports = [1]\nfrom_document = false\nbogus = 1").unwrap_err().contains("bogus"));
+    }
+
+    #[test]
+    fn table_and_json() {
+        let c = builtin();
+        let t = render_table(c);
+        assert!(t.starts_with("ID"));
+        let line = t.lines().find(|l| l.starts_with("ad-rpc-dynamic ")).unwrap();
+        assert!(line.contains("outbound") && line.contains("49152-65535") && line.contains("directory"));
+        assert_eq!(t.lines().count(), c.services.len() + 1);
+        let j = to_json(c);
+        let svc = j["services"].as_array().unwrap();
+        assert_eq!(svc.len(), c.services.len());
+        let ges = svc.iter().find(|s| s["id"] == "ges").unwrap();
+        assert_eq!(ges["ports"], serde_json::json!(["443"]));
+        assert_eq!(ges["direction"], "outbound");
+        assert!(ges["source"].as_str().unwrap().contains("mf.cloud.papercut.com"));
+    }
+}

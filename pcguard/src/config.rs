@@ -1,1 +1,400 @@
-//! placeholder: being written
+//! The site config (TOML): what this server is, which peers it talks to and
+//! which PaperCut features it uses. `parse` validates everything (syntax,
+//! unknown keys, CIDRs, feature values against the catalog, peers a
+//! feature needs, site rules) and reports the first problem with the file,
+//! line and key. See docs/config.md for every key.
+
+mod features;
+mod raw;
+mod rules;
+mod span;
+
+use crate::catalog::{self, Service};
+use crate::policy::{Direction, PortRange, Protocol};
+use raw::{RawConfig, Seconds, SpannedList};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+
+pub use crate::policy::cidr::Cidr;
+pub use raw::parse_duration;
+
+pub const DEFAULT_AUDIT_PATH: &str = "/var/log/pcguard/flows.jsonl";
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9750";
+pub const DEFAULT_TCP_TIMEOUT: Duration = Duration::from_secs(3600);
+pub const DEFAULT_TCP_CLOSING_TIMEOUT: Duration = Duration::from_secs(120);
+pub const DEFAULT_UDP_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(60);
+/// The pseudo peer class every address belongs to.
+pub const CLASS_ANY_NAME: &str = "any";
+
+/// What this server is in the PaperCut deployment.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// The primary Application Server.
+    Primary,
+    /// A secondary (print) server.
+    Secondary,
+    /// A site server.
+    SiteServer,
+    /// A self-hosted Document Processing server.
+    DocumentProcessing,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Secondary => "secondary",
+            Role::SiteServer => "site-server",
+            Role::DocumentProcessing => "document-processing",
+        }
+    }
+}
+
+/// What happens to a new flow no rule allows.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Dropped (and reported).
+    Enforce,
+    /// Passed and reported (dry run).
+    Monitor,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Monitor => "monitor",
+        }
+    }
+
+    /// `pcguard_common::MODE_ENFORCE` / `MODE_MONITOR`.
+    pub fn to_setting(self) -> u8 {
+        match self {
+            Mode::Enforce => pcguard_common::MODE_ENFORCE,
+            Mode::Monitor => pcguard_common::MODE_MONITOR,
+        }
+    }
+}
+
+/// A `[[rule]]` or `[[always_allow.rule]]` of the site config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SiteRule {
+    pub name: String,
+    pub description: String,
+    pub direction: Direction,
+    pub protocol: Protocol,
+    pub ports: Vec<PortRange>,
+    /// Peer class names, or `any`.
+    pub peers: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConntrackTimeouts {
+    /// Idle timeout of an open TCP flow.
+    pub tcp: Duration,
+    /// Idle timeout of a TCP flow after FIN.
+    pub tcp_closing: Duration,
+    /// Idle timeout of a UDP flow.
+    pub udp: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// JSON-lines flow audit log.
+    pub path: PathBuf,
+    /// A flow is reported at most once per this interval.
+    pub report_interval: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus endpoint.
+    pub listen: SocketAddr,
+}
+
+/// A validated site config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SiteConfig {
+    /// The file it was read from (for messages).
+    pub origin: String,
+    pub role: Role,
+    pub interfaces: Vec<String>,
+    /// Mode for new inbound flows.
+    pub mode: Mode,
+    /// Mode for new outbound flows (defaults to `mode`).
+    pub egress_mode: Mode,
+    pub allow_icmp: bool,
+    /// Peer classes with at least one address: name -> CIDRs (normalized,
+    /// deduplicated, sorted).
+    pub peers: BTreeMap<String, Vec<Cidr>>,
+    /// Enabled catalog feature keys (`web`, `mfd:hp`, `database:postgresql`, ...).
+    pub features: BTreeSet<String>,
+    /// Catalog service id -> ports replacing the documented ones
+    /// (`features.database_port`, `always_allow.ssh_port`).
+    pub port_overrides: BTreeMap<String, Vec<PortRange>>,
+    pub rules: Vec<SiteRule>,
+    pub always_allow: Vec<SiteRule>,
+    pub conntrack: ConntrackTimeouts,
+    pub audit: AuditConfig,
+    pub metrics: MetricsConfig,
+    /// Warnings for the operator (defaults skipped, lock-out risk, ...).
+    pub notes: Vec<String>,
+}
+
+impl SiteConfig {
+    pub fn report_interval(&self) -> Duration {
+        self.audit.report_interval
+    }
+
+    pub fn audit_path(&self) -> &Path {
+        &self.audit.path
+    }
+
+    pub fn metrics_listen(&self) -> SocketAddr {
+        self.metrics.listen
+    }
+
+    /// Catalog services enabled by the features, in catalog order.
+    pub fn enabled_services(&self) -> impl Iterator<Item = &'static Service> + '_ {
+        catalog::builtin().services.iter().filter(|s| s.features.iter().any(|f| self.features.contains(f)))
+    }
+
+    /// The classes of `service` this site can use (see [`service_peers`]).
+    pub fn service_peers(&self, service: &Service) -> Vec<String> {
+        service_peers(&self.peers, service)
+    }
+
+    /// The ports of an enabled service, after overrides.
+    pub fn service_ports(&self, service: &Service) -> Vec<PortRange> {
+        self.port_overrides.get(&service.id).cloned().unwrap_or_else(|| service.ports.clone())
+    }
+}
+
+/// The peer classes of `service` that have addresses: configured in
+/// `peers`, or, for a service with documented endpoints (cloud FQDNs /
+/// IPs), its own class.
+pub fn service_peers(peers: &BTreeMap<String, Vec<Cidr>>, service: &Service) -> Vec<String> {
+    service.peers.iter().filter(|c| peers.contains_key(*c) || service.has_endpoints()).cloned().collect()
+}
+
+/// A config problem: `file:line: key: message`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub origin: String,
+    pub line: Option<usize>,
+    /// Dotted key (`peers.workstations`, `rule[0].ports`); may be empty.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.origin)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads and validates a site config file.
+pub fn load(path: &Path) -> Result<SiteConfig, ConfigError> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        origin: origin.clone(),
+        line: None,
+        key: String::new(),
+        message: format!("cannot read: {e}"),
+    })?;
+    parse(&text, &origin)
+}
+
+/// Validates a site config; `origin` names it in errors.
+pub fn parse(text: &str, origin: &str) -> Result<SiteConfig, ConfigError> {
+    let ctx = Ctx { text, origin };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ctx.toml_error(&e))?;
+    let peers = parse_peers(&ctx, &raw)?;
+    let mut names = HashSet::new();
+    let rules = rules::validate(&ctx, &raw.rules, "rule", &peers, &mut names)?;
+    let always_allow = rules::validate(&ctx, &raw.always_allow.rules, "always_allow.rule", &peers, &mut names)?;
+    check_custom_classes(&ctx, &raw, &rules, &always_allow)?;
+    let resolved = features::resolve(&ctx, &raw, &peers)?;
+    let mode = *raw.mode.get_ref();
+    let egress_mode = raw.egress_mode.unwrap_or(mode);
+    let mut notes = resolved.notes;
+    notes.extend(lockout_note(mode, &resolved.features, &always_allow));
+    Ok(SiteConfig {
+        origin: origin.to_string(),
+        role: *raw.role.get_ref(),
+        interfaces: parse_interfaces(&ctx, &raw.interfaces)?,
+        mode,
+        egress_mode,
+        allow_icmp: raw.allow_icmp.unwrap_or(true),
+        peers,
+        features: resolved.features,
+        port_overrides: resolved.port_overrides,
+        rules,
+        always_allow,
+        conntrack: ConntrackTimeouts {
+            tcp: ctx.duration(&raw.conntrack.tcp_timeout, "conntrack.tcp_timeout", DEFAULT_TCP_TIMEOUT)?,
+            tcp_closing: ctx.duration(
+                &raw.conntrack.tcp_closing_timeout,
+                "conntrack.tcp_closing_timeout",
+                DEFAULT_TCP_CLOSING_TIMEOUT,
+            )?,
+            udp: ctx.duration(&raw.conntrack.udp_timeout, "conntrack.udp_timeout", DEFAULT_UDP_TIMEOUT)?,
+        },
+        audit: AuditConfig {
+            path: raw.audit.path.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_AUDIT_PATH)),
+            report_interval: ctx.duration(
+                &raw.audit.report_interval,
+                "audit.report_interval",
+                DEFAULT_REPORT_INTERVAL,
+            )?,
+        },
+        metrics: MetricsConfig {
+            listen: raw.metrics.listen.unwrap_or_else(|| DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
+        },
+        notes,
+    })
+}
+
+/// Where errors point: the config text and its name.
+pub(crate) struct Ctx<'a> {
+    text: &'a str,
+    origin: &'a str,
+}
+
+impl Ctx<'_> {
+    fn error(&self, span: Option<Range<usize>>, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            origin: self.origin.to_string(),
+            line: span::line_of_span(self.text, span),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
+        let start = e.span().map(|s| s.start).unwrap_or(0);
+        let (table, key) = span::key_at(self.text, start);
+        let message = e.message().trim().to_string();
+        // A missing field is reported on its table, not on the last key.
+        let key = if message.starts_with("missing field") { table } else { span::join_key(&table, &key) };
+        self.error(e.span(), key, message)
+    }
+
+    fn duration(&self, value: &Option<Spanned<Seconds>>, key: &str, default: Duration) -> Result<Duration, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(v) if v.get_ref().0.is_zero() => Err(self.error(Some(v.span()), key, "must be greater than 0")),
+            Some(v) => Ok(v.get_ref().0),
+        }
+    }
+}
+
+fn parse_interfaces(ctx: &Ctx, list: &SpannedList) -> Result<Vec<String>, ConfigError> {
+    if list.get_ref().is_empty() {
+        return Err(ctx.error(Some(list.span()), "interfaces", "at least one interface is required"));
+    }
+    let mut seen = HashSet::new();
+    for name in list.get_ref() {
+        let n = name.get_ref();
+        let valid = !n.is_empty()
+            && n.len() <= 15
+            && n != "."
+            && n != ".."
+            && !n.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
+        let why = if !valid {
+            "invalid interface name (1-15 characters, no '/', ':' or spaces)"
+        } else if !seen.insert(n.as_str()) {
+            "duplicate interface"
+        } else {
+            continue;
+        };
+        return Err(ctx.error(Some(name.span()), "interfaces", format!("\"{n}\": {why}")));
+    }
+    Ok(list.get_ref().iter().map(|n| n.get_ref().clone()).collect())
+}
+
+fn parse_peers(ctx: &Ctx, raw: &RawConfig) -> Result<BTreeMap<String, Vec<Cidr>>, ConfigError> {
+    let mut peers = BTreeMap::new();
+    for (name, cidrs) in &raw.peers {
+        let key = format!("peers.{}", name.get_ref());
+        check_class_name(ctx, name, &key)?;
+        let mut parsed = BTreeSet::new();
+        for c in cidrs {
+            let cidr = c.get_ref().parse::<Cidr>().map_err(|e| ctx.error(Some(c.span()), key.as_str(), e))?;
+            parsed.insert(cidr);
+        }
+        if !parsed.is_empty() {
+            peers.insert(name.get_ref().clone(), parsed.into_iter().collect());
+        }
+    }
+    Ok(peers)
+}
+
+fn check_class_name(ctx: &Ctx, name: &Spanned<String>, key: &str) -> Result<(), ConfigError> {
+    let n = name.get_ref();
+    let well_formed = n.starts_with(|c: char| c.is_ascii_lowercase())
+        && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if n == CLASS_ANY_NAME {
+        Err(ctx.error(Some(name.span()), key, "\"any\" is built in (every address) and takes no CIDRs"))
+    } else if !well_formed {
+        Err(ctx.error(Some(name.span()), key, "class names are lowercase letters, digits and '_'"))
+    } else {
+        Ok(())
+    }
+}
+
+/// A class in `[peers]` that is not built in must be used by a site rule
+/// (so a misspelt built-in class is reported, not silently ignored).
+fn check_custom_classes(
+    ctx: &Ctx,
+    raw: &RawConfig,
+    rules: &[SiteRule],
+    always: &[SiteRule],
+) -> Result<(), ConfigError> {
+    let builtin = catalog::builtin().class_names();
+    let used: HashSet<&str> = rules.iter().chain(always).flat_map(|r| r.peers.iter().map(String::as_str)).collect();
+    for name in raw.peers.keys() {
+        let n = name.get_ref().as_str();
+        if !builtin.contains(&n) && !used.contains(n) {
+            return Err(ctx.error(
+                Some(name.span()),
+                format!("peers.{n}"),
+                format!(
+                    "unknown peer class \"{n}\" (built-in classes: {}; a custom class must be used by a [[rule]])",
+                    builtin.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn lockout_note(mode: Mode, features: &BTreeSet<String>, always: &[SiteRule]) -> Option<String> {
+    let protected = features.contains("admin_ssh") || !always.is_empty();
+    (mode == Mode::Enforce && !protected).then(|| {
+        "mode is enforce and nothing is always allowed (no peers.admin): SSH to this server is dropped \
+         unless a rule allows it; try mode = \"monitor\" first"
+            .to_string()
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -4,10 +4,10 @@
 //! maps), `metrics` (labels), `render` (nftables) and `check` (rule table).
 
 use pcguard_common::{PortEntry, PortSlot, Settings};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Direction a rule's flows are initiated in.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// Peers connect to this server (service port = local port).
@@ -32,7 +32,7 @@ impl Direction {
     }
 }
 
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -56,6 +56,8 @@ impl Protocol {
 }
 
 /// Inclusive port range; a single port has `start == end`.
+/// Deserializes from a port number (`9191`) or a string (`"9191"`,
+/// `"49152-65535"`); see `policy::portspec`.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct PortRange {
     pub start: u16,
@@ -125,7 +127,7 @@ pub struct PeerPrefix<const N: usize> {
 }
 
 /// The compiled policy.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CompiledPolicy {
     /// Written to `SETTINGS[0]` (with `ready = 1`).
     pub settings: Settings,

@@ -1,3 +1,30 @@
-//! placeholder: being written
+//! The policy pipeline (pure, no I/O): site config + catalog -> typed
+//! [`Policy`] ([`build`]) -> [`CompiledPolicy`] ([`compile_policy`]), the
+//! dense tables the kernel reads (docs/datapath.md).
+
+mod build;
+pub mod cidr;
+mod classes;
+mod compile;
 pub mod compiled;
+mod lpm;
+mod ports;
+pub mod portspec;
+mod report;
+pub(crate) mod table;
+
+pub use build::{Policy, PolicyClass, build};
+pub use classes::ClassInfo;
+pub use compile::{PolicyError, compile_policy};
 pub use compiled::*;
+pub use report::{check_report, origin_name, rule_table};
+
+use crate::config::SiteConfig;
+
+/// Compiles a validated site config.
+pub fn compile(cfg: &SiteConfig) -> Result<CompiledPolicy, PolicyError> {
+    compile_policy(&build(cfg))
+}
+
+#[cfg(test)]
+mod tests;
