@@ -46,7 +46,7 @@ pub struct RunOptions {
 /// Settings the daemon takes from the site config.
 struct DaemonSettings {
     interfaces: Vec<String>,
-    metrics_listen: Option<SocketAddr>,
+    metrics_listen: SocketAddr,
     audit_log: PathBuf,
     report_interval: Duration,
     info: PolicyInfo,
@@ -55,14 +55,14 @@ struct DaemonSettings {
 fn daemon_settings(cfg: &SiteConfig, policy: &CompiledPolicy, opts: &RunOptions) -> DaemonSettings {
     DaemonSettings {
         interfaces: cfg.interfaces.clone(),
-        metrics_listen: opts.metrics_listen.or(cfg.metrics_listen()),
-        audit_log: opts.audit_log.clone().unwrap_or_else(|| cfg.audit_path()),
+        metrics_listen: opts.metrics_listen.unwrap_or_else(|| cfg.metrics_listen()),
+        audit_log: opts.audit_log.clone().unwrap_or_else(|| cfg.audit_path().to_path_buf()),
         report_interval: Duration::from_nanos(policy.settings.report_interval_ns),
         info: PolicyInfo {
             labels: Labels::from_policy(policy),
             mode: mode_name(policy.settings.ingress_mode).into(),
             egress_mode: mode_name(policy.settings.egress_mode).into(),
-            role: cfg.role_name().into(),
+            role: cfg.role.as_str().into(),
             rules: policy.rules.len().saturating_sub(1),
         },
     }
@@ -100,12 +100,20 @@ struct Daemon {
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
+    if let Ok(other) = State::read(&opts.run_dir) {
+        if other.is_live() && other.pid != std::process::id() {
+            bail!("pcguard is already running (pid {}, state in {})", other.pid, opts.run_dir.display());
+        }
+    }
     let (cfg, compiled) = load_policy(&opts.config)?;
     let settings = daemon_settings(&cfg, &compiled, &opts);
     if settings.interfaces.is_empty() {
         bail!("{}: no interfaces configured", opts.config.display());
     }
     let audit = AuditLog::open(&settings.audit_log)?;
+    // Bind before touching the kernel, so a busy port fails cleanly.
+    let addr = settings.metrics_listen;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics listener {addr}"))?;
 
     let mut dp = Datapath::load(opts.bpffs_dir.as_deref())?;
     // The policy is complete in the maps before the programs see a packet.
@@ -120,16 +128,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let metrics = Arc::new(Metrics::new(counters, settings.info.clone()));
     let loaded_at = unix_now();
     metrics.daemon.policy_loaded_time.set(loaded_at as f64);
-    if let Some(addr) = settings.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics listener {addr}"))?;
-        info!("metrics on http://{addr}/metrics");
-        let m = metrics.clone();
-        tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve_listener(listener, m).await {
-                error!("metrics server stopped: {e:#}");
-            }
-        });
-    }
+    info!("metrics on http://{addr}/metrics");
+    let m = metrics.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::metrics::serve_listener(listener, m).await {
+            error!("metrics server stopped: {e:#}");
+        }
+    });
 
     let pending = opts.confirm_within.map(|d| Pending { deadline: Instant::now() + d, previous: None });
     let mut daemon = Daemon {
@@ -340,7 +345,7 @@ impl Daemon {
             rules: policy.rules.len().saturating_sub(1),
             policy_loaded_at: self.loaded_at,
             reloads: self.reloads,
-            metrics_listen: self.opts.metrics_listen.or(self.cfg.metrics_listen()).map(|a| a.to_string()),
+            metrics_listen: Some(self.opts.metrics_listen.unwrap_or_else(|| self.cfg.metrics_listen()).to_string()),
             audit_log: Some(self.audit.lock().unwrap().path().to_path_buf()),
             pending_confirm_until: self.pending.as_ref().map(|p| {
                 unix_now() + p.deadline.saturating_duration_since(Instant::now()).as_secs()

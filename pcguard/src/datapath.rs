@@ -158,7 +158,7 @@ impl Datapath {
     /// are cleared last among the tables so that an allowed service is never
     /// transiently unknown. Flows already in conntrack are unaffected.
     pub fn apply(&mut self, policy: &CompiledPolicy) -> Result<ApplyStats> {
-        let old = self.applied.take().unwrap_or_else(empty_policy);
+        let old = self.applied.take().unwrap_or_default();
         let mut stats = ApplyStats::default();
         match self.write_policy(&old, policy, &mut stats) {
             Ok(()) => {
@@ -271,19 +271,6 @@ where
         }
     }
     Ok(written)
-}
-
-fn empty_policy() -> CompiledPolicy {
-    CompiledPolicy {
-        settings: Settings::default(),
-        ports: Vec::new(),
-        slots: Vec::new(),
-        peers_v4: Vec::new(),
-        peers_v6: Vec::new(),
-        rules: Vec::new(),
-        port_labels: [Vec::new(), Vec::new(), Vec::new()],
-        classes: Vec::new(),
-    }
 }
 
 /// Makes sure `dir`'s parent is a bpffs mount (mounting one at /sys/fs/bpf

@@ -4,12 +4,9 @@
 //! [`Collector`]), so every scrape sees exact values; userspace counters
 //! (unexpected flows by reason, reloads, audit errors) live in the registry.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, Mutex, RwLock},
-};
+use std::sync::{Arc, Mutex, RwLock};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use log::{debug, warn};
 use pcguard_common::{
     Counters, NUM_VERDICTS, STAT_CT_CREATED, STAT_CT_EXPIRED, STAT_CT_INSERT_FAILED, STAT_EVENTS_DROPPED,
@@ -225,13 +222,7 @@ fn encode_const_info(encoder: &mut DescriptorEncoder, info: &PolicyInfo) -> Resu
     Ok(())
 }
 
-/// Serves `/metrics` on `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
-    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding metrics listener {addr}"))?;
-    log::info!("metrics on http://{addr}/metrics");
-    serve_listener(listener, metrics).await
-}
-
+/// Serves `/metrics` on `listener` until the task is dropped.
 pub async fn serve_listener(listener: TcpListener, metrics: Arc<Metrics>) -> Result<()> {
     loop {
         let (stream, peer) = listener.accept().await?;

@@ -1,0 +1,283 @@
+//! End-to-end tests: a lab of network namespaces, real TCP/UDP servers and
+//! clients, `pcguard run` attached to the server's interface. They need root;
+//! run them with `cargo xtask test` (one at a time).
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Result;
+use pcguard_tests::*;
+use serde_json::Value;
+
+const BLOCKED_TIMEOUT: Duration = Duration::from_millis(1200);
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A lab with every peer reachable, and a work dir holding the config.
+struct Env {
+    lab: Lab,
+    work: PathBuf,
+    config: PathBuf,
+}
+
+/// `examples/lab.toml` with `mode` set, plus `extra` appended.
+fn lab_config(mode: &str, extra: &str) -> String {
+    let text = std::fs::read_to_string(root().join("examples/lab.toml")).expect("examples/lab.toml");
+    assert!(text.contains("mode = \"enforce\""), "examples/lab.toml must set mode = \"enforce\"");
+    format!("{}\n{extra}\n", text.replace("mode = \"enforce\"", &format!("mode = \"{mode}\"")))
+}
+
+fn setup(prefix: &str, config: &str) -> Result<Env> {
+    let lab = Lab::up(prefix)?;
+    for (host, _) in PEERS {
+        lab.wait_reachable(host)?;
+    }
+    let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join(prefix);
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let path = work.join("pcguard.toml");
+    std::fs::write(&path, config)?;
+    Ok(Env { lab, work, config: path })
+}
+
+fn start(env: &Env, extra: &[&str]) -> Result<Daemon> {
+    Daemon::start(&env.lab, &env.config, &env.work.join("daemon"), extra)
+}
+
+/// Runs every sample probe over IPv4 and IPv6; returns (probe, v4, v6).
+fn run_probes(lab: &Lab) -> Result<Vec<(Probe, bool, bool)>> {
+    let probes = sample_probes();
+    let _servers = start_probe_servers(lab, &probes)?;
+    probes
+        .into_iter()
+        .map(|p| Ok((p.clone(), run_probe(lab, &p, false, BLOCKED_TIMEOUT)?, run_probe(lab, &p, true, BLOCKED_TIMEOUT)?)))
+        .collect()
+}
+
+fn s(v: &Value, key: &str) -> String {
+    v[key].as_str().unwrap_or_default().to_string()
+}
+
+fn port(v: &Value, side: &str) -> u64 {
+    v[side]["port"].as_u64().unwrap_or(0)
+}
+
+fn m(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric(text, name, labels).unwrap_or(0.0)
+}
+
+#[test]
+fn enforce_mode_verdicts_counters_and_audit() -> Result<()> {
+    let env = setup("pe1", &lab_config("enforce", ""))?;
+    let daemon = start(&env, &[])?;
+    for (p, v4, v6) in run_probes(&env.lab)? {
+        assert_eq!((v4, v6), (p.allowed, p.allowed), "{} (v4, v6), daemon log:\n{}", p.what, daemon.log_text());
+    }
+
+    // One audit record per unexpected flow and address family, not per packet
+    // (the blocked TCP probes retransmit their SYN within the timeout).
+    let recs = daemon.wait_audit("the server->workstation alert", |r| {
+        r.iter().filter(|x| s(x, "reason") == "outbound_to_workstation").count() >= 2
+    })?;
+    let count = |f: &dyn Fn(&Value) -> bool| recs.iter().filter(|r| f(r)).count();
+    assert_eq!(count(&|r| s(r, "reason") == "no_rule" && port(r, "local") == 9999 && s(r, "protocol") == "tcp"), 2, "{recs:#?}");
+    assert_eq!(count(&|r| s(r, "reason") == "no_rule" && port(r, "local") == 9191 && s(r, "protocol") == "udp"), 2, "{recs:#?}");
+    let alerts: Vec<&Value> = recs.iter().filter(|r| s(r, "reason") == "outbound_to_workstation").collect();
+    assert_eq!(alerts.len(), 2, "{recs:#?}");
+    for a in &alerts {
+        assert_eq!(s(a, "severity"), "alert");
+        assert_eq!(s(a, "direction"), "outbound");
+        assert_eq!(s(a, "verdict"), "dropped");
+        assert_eq!(port(a, "remote"), 445);
+        assert!(a["peer_classes"].as_array().unwrap().iter().any(|c| c == "workstations"), "{a}");
+        assert_eq!(s(a, "interface"), SERVER_IF);
+    }
+    let ssh = recs.iter().find(|r| port(r, "local") == 22).expect("ws -> ssh reported");
+    assert_eq!(s(ssh, "reason"), "peer_not_allowed");
+    assert!(!ssh["port_rules"].as_array().unwrap().is_empty(), "{ssh}");
+    let out = recs.iter().find(|r| r["remote"]["addr"] == addr("out").to_string()).expect("unclassified host reported");
+    assert_eq!(s(out, "reason"), "peer_not_allowed");
+    // Allowed flows are never reported.
+    assert_eq!(count(&|r| port(r, "local") == 9192 || port(r, "remote") == 389), 0, "{recs:#?}");
+
+    let text = daemon.scrape()?;
+    let allowed_9191 = m(&text, "pcguard_packets_total", &[("direction", "ingress"), ("protocol", "tcp"), ("port", "9191"), ("verdict", "allowed")]);
+    assert!(allowed_9191 >= 12.0, "ingress 9191 allowed packets: {allowed_9191}\n{text}");
+    assert!(m(&text, "pcguard_packets_total", &[("direction", "egress"), ("protocol", "tcp"), ("port", "9191"), ("verdict", "allowed")]) >= 8.0);
+    assert!(m(&text, "pcguard_packets_total", &[("direction", "egress"), ("protocol", "tcp"), ("port", "389"), ("verdict", "allowed")]) >= 4.0);
+    assert!(m(&text, "pcguard_packets_total", &[("direction", "ingress"), ("protocol", "tcp"), ("port", "389"), ("verdict", "allowed")]) >= 4.0, "LDAP replies counted under the flow's port");
+    assert!(m(&text, "pcguard_packets_total", &[("direction", "ingress"), ("protocol", "tcp"), ("port", "other"), ("verdict", "dropped")]) >= 2.0);
+    assert!(m(&text, "pcguard_packets_total", &[("direction", "egress"), ("protocol", "tcp"), ("port", "other"), ("verdict", "dropped")]) >= 2.0);
+    assert!(m(&text, "pcguard_rule_packets_total", &[("rule", "web-http"), ("direction", "ingress"), ("verdict", "allowed")]) >= 12.0, "{text}");
+    // The unexpected-flow counter agrees with the audit log, reason by reason.
+    for reason in ["no_rule", "peer_not_allowed", "outbound_to_workstation"] {
+        let n = count(&|r| s(r, "reason") == reason) as f64;
+        assert_eq!(m(&text, "pcguard_unexpected_flows_total", &[("reason", reason)]), n, "{reason}\n{text}");
+    }
+    assert_eq!(m(&text, "pcguard_events_dropped_total", &[]), 0.0);
+    assert!(m(&text, "pcguard_conntrack_entries", &[]) >= 1.0);
+    assert_eq!(m(&text, "pcguard_policy_info", &[("mode", "enforce")]), 1.0, "{text}");
+    assert!(daemon.stop()?.success());
+    Ok(())
+}
+
+#[test]
+fn monitor_mode_passes_everything_and_reports_what_enforce_would_drop() -> Result<()> {
+    let env = setup("pe2", &lab_config("monitor", ""))?;
+    let daemon = start(&env, &[])?;
+    for (p, v4, v6) in run_probes(&env.lab)? {
+        assert!(v4 && v6, "{} must pass in monitor mode", p.what);
+    }
+    let recs = daemon.wait_audit("the alert", |r| r.iter().any(|x| s(x, "reason") == "outbound_to_workstation"))?;
+    assert!(recs.iter().all(|r| s(r, "verdict") == "would_drop"), "{recs:#?}");
+    assert!(recs.iter().any(|r| port(r, "local") == 9999));
+    let text = daemon.scrape()?;
+    assert!(m(&text, "pcguard_packets_total", &[("direction", "ingress"), ("port", "other"), ("verdict", "would_drop")]) >= 2.0, "{text}");
+    assert_eq!(m(&text, "pcguard_packets_total", &[("verdict", "dropped")]), 0.0, "nothing dropped in monitor mode");
+    assert!(m(&text, "pcguard_packets_total", &[("direction", "egress"), ("verdict", "would_drop")]) >= 2.0, "replies of monitored flows and the server->ws flow");
+    assert_eq!(m(&text, "pcguard_policy_info", &[("mode", "monitor")]), 1.0);
+    assert!(daemon.stop()?.success());
+    Ok(())
+}
+
+#[test]
+fn counters_match_the_udp_traffic_sent_exactly() -> Result<()> {
+    let env = setup("pe3", &lab_config("enforce", ""))?;
+    let daemon = start(&env, &[])?;
+    let before = daemon.scrape()?;
+    let labels = [("direction", "ingress"), ("protocol", "udp"), ("port", "other"), ("verdict", "dropped")];
+    const N: usize = 40;
+    const PAYLOAD: usize = 100;
+    let dst4 = sa(addr(SERVER), 9999);
+    let dst6 = sa(addr6(SERVER), 9999);
+    env.lab.run_in("ws", move || -> Result<()> {
+        let s4 = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        let s6 = std::net::UdpSocket::bind("[::]:0")?;
+        for _ in 0..N {
+            s4.send_to(&[7u8; PAYLOAD], dst4)?;
+            s6.send_to(&[7u8; PAYLOAD], dst6)?;
+        }
+        Ok(())
+    })??;
+    std::thread::sleep(Duration::from_millis(300));
+    let after = daemon.scrape()?;
+    let delta = |name| m(&after, name, &labels) - m(&before, name, &labels);
+    assert_eq!(delta("pcguard_packets_total"), (2 * N) as f64, "{after}");
+    // Ethernet 14 + IPv4 20 / IPv6 40 + UDP 8 + payload.
+    let bytes = N * (14 + 20 + 8 + PAYLOAD) + N * (14 + 40 + 8 + PAYLOAD);
+    assert_eq!(delta("pcguard_bytes_total"), bytes as f64);
+    // Two flows (one per source socket and family), each reported once.
+    let recs = daemon.wait_audit("the two UDP flows", |r| r.iter().filter(|x| port(x, "local") == 9999).count() >= 2)?;
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(daemon.audit()?.iter().filter(|x| port(x, "local") == 9999).count(), 2, "{recs:#?}");
+    let suppressed = m(&after, "pcguard_events_suppressed_total", &[]) - m(&before, "pcguard_events_suppressed_total", &[]);
+    assert_eq!(suppressed, (2 * N - 2) as f64);
+    assert!(daemon.stop()?.success());
+    Ok(())
+}
+
+fn probe_9999(lab: &Lab) -> Result<bool> {
+    let p = Probe { what: "ws -> 9999", from: "ws", to: SERVER, proto: Proto::Tcp, port: 9999, allowed: true };
+    run_probe(lab, &p, false, BLOCKED_TIMEOUT)
+}
+
+const ALLOW_9999: &str = r#"
+[[rule]]
+name = "legacy-9999"
+description = "test service"
+direction = "inbound"
+protocol = "tcp"
+ports = [9999]
+peers = ["workstations"]
+"#;
+
+#[test]
+fn sighup_reloads_and_a_bad_config_keeps_the_running_policy() -> Result<()> {
+    let env = setup("pe4", &lab_config("enforce", ""))?;
+    let _srv = TcpServer::start(&env.lab, SERVER, sa(std::net::Ipv6Addr::UNSPECIFIED, 9999))?;
+    let daemon = start(&env, &[])?;
+    assert!(!probe_9999(&env.lab)?);
+
+    std::fs::write(&env.config, lab_config("enforce", ALLOW_9999))?;
+    daemon.signal(libc::SIGHUP)?;
+    wait_metric(&daemon, "pcguard_reloads_total", &[("result", "success")], 1.0)?;
+    assert!(probe_9999(&env.lab)?, "allowed after reload");
+    let text = daemon.scrape()?;
+    assert!(m(&text, "pcguard_rule_packets_total", &[("rule", "legacy-9999"), ("verdict", "allowed")]) >= 1.0, "{text}");
+
+    std::fs::write(&env.config, "role = \"primary\"\nthis is not toml\n")?;
+    daemon.signal(libc::SIGHUP)?;
+    wait_metric(&daemon, "pcguard_reloads_total", &[("result", "failure")], 1.0)?;
+    assert!(probe_9999(&env.lab)?, "the running policy is kept");
+    assert!(daemon.log_text().contains("reload failed"), "{}", daemon.log_text());
+    assert!(daemon.stop()?.success());
+    Ok(())
+}
+
+fn wait_metric(d: &Daemon, name: &str, labels: &[(&str, &str)], want: f64) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = d.scrape()?;
+        if m(&text, name, labels) == want {
+            return Ok(());
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "{name}{labels:?} never reached {want}:\n{text}\n{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn sigterm_detaches_and_removes_pins() -> Result<()> {
+    let env = setup("pe5", &lab_config("enforce", ""))?;
+    let _srv = TcpServer::start(&env.lab, SERVER, sa(std::net::Ipv6Addr::UNSPECIFIED, 9999))?;
+    let daemon = start(&env, &[])?;
+    let link = sh("ip", &["-n", &env.lab.ns(SERVER), "-d", "link", "show", SERVER_IF])?;
+    assert!(link.contains("xdp"), "XDP attached: {link}");
+    assert!(daemon.bpffs_dir.join("PORT_COUNTERS").exists());
+    assert!(!probe_9999(&env.lab)?);
+    let (bpffs, run_dir) = (daemon.bpffs_dir.clone(), daemon.run_dir.clone());
+    assert!(daemon.stop()?.success());
+    let link = sh("ip", &["-n", &env.lab.ns(SERVER), "-d", "link", "show", SERVER_IF])?;
+    assert!(!link.contains("xdp"), "XDP detached: {link}");
+    assert!(!bpffs.exists(), "pins removed");
+    assert!(!run_dir.join("state.json").exists(), "state removed");
+    assert!(probe_9999(&env.lab)?, "nothing filters after detach");
+    Ok(())
+}
+
+#[test]
+fn status_and_flows_commands_show_the_running_daemon() -> Result<()> {
+    let env = setup("pe6", &lab_config("enforce", ""))?;
+    let daemon = start(&env, &[])?;
+    run_probes(&env.lab)?;
+    daemon.wait_audit("alerts", |r| r.iter().any(|x| s(x, "reason") == "outbound_to_workstation"))?;
+    let status = daemon.cli(&["status"])?;
+    for want in [SERVER_IF, "web-http", "9191", "conntrack entries", "enforce"] {
+        assert!(status.contains(want), "status lacks {want}:\n{status}");
+    }
+    let json: Value = serde_json::from_str(&daemon.cli(&["status", "--format", "json"])?)?;
+    assert_eq!(json["state"]["interfaces"][0]["name"], SERVER_IF);
+    assert!(json["counters"]["ports"].as_array().unwrap().iter().any(|p| p["port"] == "9191"));
+
+    let out = std::process::Command::new(pcguard_bin()?)
+        .args(["flows", "--no-follow", "--json", "--severity", "alert", "--log"])
+        .arg(&daemon.audit_log)
+        .output()?;
+    assert!(out.status.success());
+    let lines: Vec<Value> = String::from_utf8(out.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert!(lines.iter().all(|l| s(l, "reason") == "outbound_to_workstation"));
+    let human = std::process::Command::new(pcguard_bin()?)
+        .args(["flows", "--no-follow", "--port", "9999", "--log"])
+        .arg(&daemon.audit_log)
+        .output()?;
+    let human = String::from_utf8(human.stdout)?;
+    assert_eq!(human.lines().count(), 2, "{human}");
+    assert!(human.contains(":9999") && human.contains("no_rule"), "{human}");
+    assert!(daemon.stop()?.success());
+    Ok(())
+}
