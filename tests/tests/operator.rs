@@ -1,0 +1,284 @@
+//! Operator-facing end-to-end tests: confirm-or-revert rollout, a real
+//! Prometheus scraping the daemon for every query of the shipped Grafana
+//! dashboard, the nftables rendering as an oracle of the kernel verdicts,
+//! and the systemd unit. Root needed (except the unit check).
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use pcguard_tests::*;
+use serde_json::Value;
+
+const BLOCKED_TIMEOUT: Duration = Duration::from_millis(1200);
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn lab_config(extra: &str) -> String {
+    let text = std::fs::read_to_string(root().join("examples/lab.toml")).expect("examples/lab.toml");
+    format!("{text}\n{extra}\n")
+}
+
+struct Env {
+    lab: Lab,
+    work: PathBuf,
+    config: PathBuf,
+}
+
+fn setup(prefix: &str, config: &str) -> Result<Env> {
+    let lab = Lab::up(prefix)?;
+    for (host, _) in PEERS {
+        lab.wait_reachable(host)?;
+    }
+    let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join(prefix);
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let config_path = work.join("pcguard.toml");
+    std::fs::write(&config_path, config)?;
+    Ok(Env { lab, work, config: config_path })
+}
+
+fn probe_9999(lab: &Lab) -> Result<bool> {
+    let p = Probe { what: "ws -> 9999", from: "ws", to: SERVER, proto: Proto::Tcp, port: 9999, allowed: true };
+    run_probe(lab, &p, false, BLOCKED_TIMEOUT)
+}
+
+const ALLOW_9999: &str = r#"
+[[rule]]
+name = "legacy-9999"
+direction = "inbound"
+protocol = "tcp"
+ports = [9999]
+peers = ["workstations"]
+"#;
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !f()? {
+        ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+#[test]
+fn unconfirmed_reload_is_reverted_and_confirmed_one_kept() -> Result<()> {
+    let env = setup("po1", &lab_config(""))?;
+    let _srv = TcpServer::start(&env.lab, SERVER, sa(std::net::Ipv6Addr::UNSPECIFIED, 9999))?;
+    let mut daemon = Daemon::start(&env.lab, &env.config, &env.work.join("d"), &["--confirm-within", "3s"])?;
+    assert!(daemon.cli(&["status"])?.contains("PENDING CONFIRMATION"));
+    assert!(daemon.cli(&["confirm"])?.contains("confirm sent"));
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(daemon.try_wait()?.is_none(), "a confirmed policy stays:\n{}", daemon.log_text());
+    assert!(!daemon.cli(&["status"])?.contains("PENDING"));
+    assert!(!probe_9999(&env.lab)?);
+
+    // A reload that is never confirmed goes back to the previous policy.
+    std::fs::write(&env.config, lab_config(ALLOW_9999))?;
+    daemon.signal(libc::SIGHUP)?;
+    wait_until("the reload", Duration::from_secs(5), || Ok(daemon.log_text().contains("reload applied")))?;
+    assert!(probe_9999(&env.lab)?, "allowed while pending");
+    wait_until("the revert", Duration::from_secs(8), || Ok(daemon.log_text().contains("reverting")))?;
+    assert!(!probe_9999(&env.lab)?, "reverted to the confirmed policy");
+    assert!(daemon.try_wait()?.is_none());
+
+    // Confirmed in time: kept.
+    daemon.signal(libc::SIGHUP)?;
+    wait_until("the second reload", Duration::from_secs(5), || {
+        Ok(daemon.log_text().matches("reload applied").count() >= 2)
+    })?;
+    daemon.cli(&["confirm"])?;
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(probe_9999(&env.lab)?, "confirmed policy kept");
+    assert!(daemon.stop()?.success());
+    Ok(())
+}
+
+#[test]
+fn unconfirmed_start_detaches_and_exits() -> Result<()> {
+    let env = setup("po2", &lab_config(""))?;
+    let _srv = TcpServer::start(&env.lab, SERVER, sa(std::net::Ipv6Addr::UNSPECIFIED, 9999))?;
+    let mut daemon = Daemon::start(&env.lab, &env.config, &env.work.join("d"), &["--confirm-within", "2s"])?;
+    assert!(!probe_9999(&env.lab)?);
+    let mut status = None;
+    wait_until("the daemon to exit", Duration::from_secs(8), || {
+        status = daemon.try_wait()?;
+        Ok(status.is_some())
+    })?;
+    assert!(status.unwrap().success(), "{}", daemon.log_text());
+    let link = sh("ip", &["-n", &env.lab.ns(SERVER), "-d", "link", "show", SERVER_IF])?;
+    assert!(!link.contains("xdp"), "detached: {link}");
+    assert!(probe_9999(&env.lab)?);
+    Ok(())
+}
+
+#[test]
+fn always_allowed_admin_ssh_passes_in_enforce_mode() -> Result<()> {
+    // The admin class reaches SSH even though no PaperCut feature needs it;
+    // other classes do not.
+    let env = setup("po3", &lab_config(""))?;
+    let _daemon = Daemon::start(&env.lab, &env.config, &env.work.join("d"), &[])?;
+    let probes: Vec<Probe> = sample_probes().into_iter().filter(|p| p.port == 22).collect();
+    let _servers = start_probe_servers(&env.lab, &probes)?;
+    for p in &probes {
+        assert_eq!(run_probe(&env.lab, p, false, BLOCKED_TIMEOUT)?, p.allowed, "{}", p.what);
+        assert_eq!(run_probe(&env.lab, p, true, BLOCKED_TIMEOUT)?, p.allowed, "{}", p.what);
+    }
+    Ok(())
+}
+
+/// Same traffic through `pcguard render nftables` (no pcguard) and through
+/// pcguard (no nftables): identical verdicts.
+#[test]
+fn nftables_rendering_gives_the_same_verdicts_as_the_kernel_programs() -> Result<()> {
+    let env = setup("po4", &lab_config(""))?;
+    let out = Command::new(pcguard_bin()?).args(["render", "nftables"]).arg(&env.config).output()?;
+    ensure!(out.status.success(), "render: {}", String::from_utf8_lossy(&out.stderr));
+    let ruleset = env.work.join("pcguard.nft");
+    std::fs::write(&ruleset, &out.stdout)?;
+    let probes = sample_probes();
+    let _servers = start_probe_servers(&env.lab, &probes)?;
+    let run_all = |lab: &Lab| -> Result<Vec<(bool, bool)>> {
+        probes.iter().map(|p| Ok((run_probe(lab, p, false, BLOCKED_TIMEOUT)?, run_probe(lab, p, true, BLOCKED_TIMEOUT)?))).collect()
+    };
+    let ns = env.lab.ns(SERVER);
+    sh("ip", &["netns", "exec", &ns, "nft", "-f", &ruleset.to_string_lossy()])?;
+    let nft = run_all(&env.lab)?;
+    sh("ip", &["netns", "exec", &ns, "nft", "flush", "ruleset"])?;
+
+    let daemon = Daemon::start(&env.lab, &env.config, &env.work.join("d"), &[])?;
+    let kernel = run_all(&env.lab)?;
+    drop(daemon);
+    for ((p, n), k) in probes.iter().zip(&nft).zip(&kernel) {
+        assert_eq!(n, k, "{}: nftables (v4, v6) vs pcguard (v4, v6)", p.what);
+        assert_eq!(*k, (p.allowed, p.allowed), "{}", p.what);
+    }
+    Ok(())
+}
+
+struct Prometheus {
+    child: Child,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn prom_query(lab: &Lab, expr: &str) -> Result<Vec<Value>> {
+    let path = format!("/api/v1/query?query={}", urlencode(expr));
+    let body = lab.run_in(SERVER, move || http_get(sa(addr_lo(), 9090), &path))??;
+    let v: Value = serde_json::from_str(&body)?;
+    ensure!(v["status"] == "success", "query {expr}: {body}");
+    Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
+}
+
+fn addr_lo() -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::LOCALHOST
+}
+
+/// Every expression of the shipped dashboard, with Grafana's variables
+/// replaced the way Grafana would for a 5-minute view of all servers.
+fn dashboard_queries() -> Result<Vec<(String, String)>> {
+    let dash: Value = serde_json::from_str(&std::fs::read_to_string(root().join("deploy/grafana/pcguard.json"))?)?;
+    let mut out = Vec::new();
+    for panel in dash["panels"].as_array().context("panels")? {
+        for t in panel["targets"].as_array().context("targets")? {
+            let expr = t["expr"].as_str().context("expr")?;
+            let expr = expr.replace("$__rate_interval", "1m").replace("$__range", "5m").replace("$instance", ".+");
+            out.push((panel["title"].as_str().unwrap_or("").to_string(), expr));
+        }
+    }
+    ensure!(out.len() >= 10, "dashboard has {} queries", out.len());
+    Ok(out)
+}
+
+#[test]
+fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() -> Result<()> {
+    let env = setup("po5", &lab_config(""))?;
+    let daemon = Daemon::start(&env.lab, &env.config, &env.work.join("d"), &[])?;
+    let prom_dir = env.work.join("prometheus");
+    std::fs::create_dir_all(&prom_dir)?;
+    let prom_cfg = prom_dir.join("prometheus.yml");
+    std::fs::write(
+        &prom_cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: pcguard\n    static_configs:\n      - targets: ['{}']\n",
+            daemon.metrics
+        ),
+    )?;
+    let log = std::fs::File::create(prom_dir.join("prometheus.log"))?;
+    let _prom = Prometheus {
+        child: Command::new("nsenter")
+            .arg(format!("--net={}", env.lab.ns_path(SERVER).display()))
+            .arg("prometheus")
+            .arg(format!("--config.file={}", prom_cfg.display()))
+            .arg(format!("--storage.tsdb.path={}", prom_dir.join("data").display()))
+            .arg("--web.listen-address=127.0.0.1:9090")
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("starting prometheus (cargo xtask deps installs it)")?,
+    };
+    wait_until("Prometheus to scrape pcguard", Duration::from_secs(30), || {
+        Ok(prom_query(&env.lab, "up{job=\"pcguard\"} == 1").map(|r| !r.is_empty()).unwrap_or(false))
+    })?;
+    run_all_probes(&env.lab)?;
+    // Enough scrapes after the traffic for rate() and increase() to have two samples.
+    std::thread::sleep(Duration::from_secs(4));
+    for (title, expr) in dashboard_queries()? {
+        let result = prom_query(&env.lab, &expr)?;
+        assert!(!result.is_empty(), "panel {title:?}: no series for {expr}");
+    }
+    let alert = prom_query(&env.lab, "sum(pcguard_unexpected_flows_total{reason=\"outbound_to_workstation\"})")?;
+    assert_eq!(alert[0]["value"][1], "2", "{alert:?}");
+    Ok(())
+}
+
+fn run_all_probes(lab: &Lab) -> Result<()> {
+    let probes = sample_probes();
+    let _servers = start_probe_servers(lab, &probes)?;
+    for p in &probes {
+        run_probe(lab, p, false, BLOCKED_TIMEOUT)?;
+        run_probe(lab, p, true, BLOCKED_TIMEOUT)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn systemd_unit_is_valid_and_least_privileged() -> Result<()> {
+    let unit = std::fs::read_to_string(root().join("deploy/systemd/pcguard.service"))?;
+    for want in ["CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN", "NoNewPrivileges=yes", "ProtectSystem=strict", "ExecReload=/bin/kill -HUP $MAINPID"] {
+        assert!(unit.contains(want), "unit lacks {want}");
+    }
+    assert!(!unit.contains("CAP_SYS_ADMIN"), "no CAP_SYS_ADMIN");
+    let bin = pcguard_bin()?;
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("systemd");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("pcguard.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/pcguard", &bin.to_string_lossy()))?;
+    let out = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&path).output().context("systemd-analyze")?;
+    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let problems: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("pcguard.service"))
+        .collect();
+    assert!(out.status.success() && problems.is_empty(), "systemd-analyze verify:\n{text}");
+    Ok(())
+}
