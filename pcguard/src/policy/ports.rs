@@ -121,3 +121,39 @@ fn intern(
     dedup.insert(key, id);
     Ok(id)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::RuleOrigin;
+
+    fn rule(ports: Vec<PortRange>) -> RuleInfo {
+        RuleInfo {
+            id: "r".into(),
+            description: String::new(),
+            direction: Direction::Inbound,
+            protocol: Protocol::Tcp,
+            ports,
+            peers: Vec::new(),
+            fqdns: Vec::new(),
+            origin: RuleOrigin::Site,
+        }
+    }
+
+    #[test]
+    fn too_many_distinct_slots() {
+        // Rule a_i covers block i, rule b_j every port j of each block: each
+        // port has its own (a_i, b_j) pair, so every slot is distinct.
+        let blocks = 40u16;
+        let a = (0..blocks).map(|i| rule(vec![PortRange { start: 1 + i * blocks, end: (i + 1) * blocks }]));
+        let b = (0..blocks).map(|j| rule((0..blocks).map(|i| PortRange::single(1 + i * blocks + j)).collect()));
+        let rules: Vec<RuleInfo> = a.chain(b).collect();
+        let masks: Vec<u32> = (0..rules.len()).map(|i| if i < usize::from(blocks) { 1 } else { 2 }).collect();
+        let labels = [Labels(Vec::new()), Labels(Vec::new())];
+        let Err(e) = tables(&rules, &masks, &labels) else { panic!("1600 slots fit in {MAX_SLOTS}") };
+        assert_eq!(e, PolicyError::TooManySlots { max: MAX_SLOTS as usize - 1 });
+        let fits = tables(&rules[..usize::from(blocks) + 20], &masks, &labels).unwrap();
+        // 40 blocks x (20 ports with a b rule + the rest sharing one slot).
+        assert_eq!(fits.slots.len(), 1 + 40 * 20 + 40);
+    }
+}
