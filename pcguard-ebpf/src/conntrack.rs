@@ -3,26 +3,47 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use pcguard_common::{
-    CT_STATE_CLOSING, CT_STATE_OPEN, CtEntry, DIR_INGRESS, FlowKey, IPPROTO_TCP,
-    STAT_CT_CREATED, STAT_CT_EXPIRED, STAT_CT_INSERT_FAILED, Settings,
+    CT_STATE_CLOSING, CT_STATE_OPEN, CtEntry, DIR_INGRESS, FlowKey, IPPROTO_TCP, STAT_CT_CREATED,
+    STAT_CT_EXPIRED, STAT_CT_INSERT_FAILED, Settings,
 };
 
 use crate::{
     counters::stat,
     maps::CONNTRACK,
-    parse::{Packet, TCP_FIN, TCP_RST, is_bare_syn},
+    parse::{Packet, TCP_FIN, TCP_RST, addr_bytes, is_bare_syn},
 };
 
 const EEXIST: i32 = 17;
 
+/// A `FlowKey` on the stack, 8-aligned: `FlowKey` itself is only 2-aligned,
+/// and LLVM would fill its address arrays with 2-byte stores.
+#[repr(C, align(8))]
+pub struct Key(pub FlowKey);
+
 /// The flow key of `pkt` seen travelling in `dir`: at ingress local is the
 /// destination, at egress the source.
 #[inline(always)]
-pub fn flow_key(pkt: &Packet, dir: u32) -> FlowKey {
+pub fn flow_key(pkt: &Packet, dir: u32) -> Key {
     let ingress = dir == DIR_INGRESS;
-    let (local_port, remote_port) = if ingress { (pkt.dport, pkt.sport) } else { (pkt.sport, pkt.dport) };
-    let (local_addr, remote_addr) = if ingress { (pkt.dst, pkt.src) } else { (pkt.src, pkt.dst) };
-    FlowKey { family: pkt.family, proto: pkt.proto, _pad: 0, local_port, remote_port, local_addr, remote_addr }
+    let (local_port, remote_port) = if ingress {
+        (pkt.dport, pkt.sport)
+    } else {
+        (pkt.sport, pkt.dport)
+    };
+    let (local, remote) = if ingress {
+        (pkt.dst, pkt.src)
+    } else {
+        (pkt.src, pkt.dst)
+    };
+    Key(FlowKey {
+        family: pkt.family,
+        proto: pkt.proto,
+        _pad: 0,
+        local_port,
+        remote_port,
+        local_addr: addr_bytes(local),
+        remote_addr: addr_bytes(remote),
+    })
 }
 
 #[inline(always)]
@@ -47,7 +68,13 @@ fn remove(key: &FlowKey) {
 /// deleted), and not a bare SYN against the flow's direction (the entry is
 /// kept: a genuine reply is never a bare SYN).
 #[inline(always)]
-pub fn lookup(key: &FlowKey, dir: u32, tcp_flags: u8, now: u64, s: &Settings) -> Option<*mut CtEntry> {
+pub fn lookup(
+    key: &FlowKey,
+    dir: u32,
+    tcp_flags: u8,
+    now: u64,
+    s: &Settings,
+) -> Option<*mut CtEntry> {
     let entry = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: map value pointer, valid for the duration of the program.
     let e = unsafe { &*entry };

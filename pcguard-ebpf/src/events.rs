@@ -1,6 +1,7 @@
 //! Unexpected-flow reports on the `EVENTS` ring buffer, at most one per flow
 //! key per `report_interval_ns`.
 
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use pcguard_common::{
     FlowEvent, FlowKey, STAT_EVENTS_DROPPED, STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED,
 };
@@ -48,7 +49,10 @@ pub fn report(frame: &Frame, key: &FlowKey, r: &Report, now: u64, interval: u64)
     // and then set the fields: a struct literal's zero bytes at odd offsets
     // (`_pad`) became a `memset` call, i.e. a BPF-to-BPF call with a loop.
     let ev = slot.write(FlowEvent::default());
-    ev.ts_ns = now;
+    // The record's timestamp is precise (the contract: `bpf_ktime_get_ns`);
+    // `now` is the coarse per-packet clock.
+    // SAFETY: helper without preconditions.
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     ev.key = *key;
     ev.peer_mask = r.peer_mask;
     ev.ifindex = frame.ifindex;

@@ -34,7 +34,12 @@ const TC_PULL_LEN: u32 = 256;
 #[xdp]
 pub fn pcguard_ingress(ctx: XdpContext) -> u32 {
     let (data, end) = (ctx.data(), ctx.data_end());
-    let frame = Frame { data, end, len: (end - data) as u32, ifindex: ctx.ingress_ifindex() as u32 };
+    let frame = Frame {
+        data,
+        end,
+        len: (end - data) as u32,
+        ifindex: ctx.ingress_ifindex() as u32,
+    };
     match run(&frame, DIR_INGRESS, parse(&frame)) {
         Action::Pass => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
@@ -45,7 +50,12 @@ pub fn pcguard_ingress(ctx: XdpContext) -> u32 {
 fn tc_frame(ctx: &TcContext) -> Frame {
     // SAFETY: the context pointer is valid for the duration of the program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    Frame { data: ctx.data(), end: ctx.data_end(), len: ctx.len(), ifindex }
+    Frame {
+        data: ctx.data(),
+        end: ctx.data_end(),
+        len: ctx.len(),
+        ifindex,
+    }
 }
 
 #[classifier]
@@ -56,7 +66,11 @@ pub fn pcguard_egress(ctx: TcContext) -> i32 {
     // again only when the headers were cut short by it: pulling up front
     // would copy payload out of the frags of every GSO skb.
     if matches!(parsed, Parsed::Malformed(_)) && frame.data + (frame.len as usize) > frame.end {
-        let want = if frame.len < TC_PULL_LEN { frame.len } else { TC_PULL_LEN };
+        let want = if frame.len < TC_PULL_LEN {
+            frame.len
+        } else {
+            TC_PULL_LEN
+        };
         if ctx.pull_data(want).is_ok() {
             // The helper invalidates every packet pointer: re-read them.
             frame = tc_frame(&ctx);

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use pcguard_common::{
     CONNTRACK_ENTRIES, Counters, CtEntry, EVENTS_BYTES, FlowKey, MAX_SLOTS, NUM_STATS,
-    PEER_ENTRIES, PORT_COUNTER_ENTRIES, PORT_TABLE_ENTRIES, PortEntry, PortSlot,
-    REPORTED_ENTRIES, RULE_COUNTER_ENTRIES, Settings,
+    PEER_ENTRIES, PORT_COUNTER_ENTRIES, PORT_TABLE_ENTRIES, PortEntry, PortSlot, REPORTED_ENTRIES,
+    RULE_COUNTER_ENTRIES, Settings,
 };
 
 /// (direction, protocol, port) -> slot and counter label.

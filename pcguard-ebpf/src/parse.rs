@@ -6,9 +6,9 @@
 //! calls such as `bpf_skb_pull_data` invalidate them) and later stages never
 //! touch packet memory.
 
-use core::ptr::read_unaligned;
-
-use pcguard_common::{FAMILY_V4, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+use pcguard_common::{
+    FAMILY_V4, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+};
 
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
@@ -71,26 +71,46 @@ pub enum L4 {
     Fragment,
 }
 
-/// The parsed fields of an IP packet. Addresses are in network byte order
-/// (IPv4 in the first 4 bytes, the rest zero); ports in host order.
+/// An address as two 8-byte words holding its bytes in network order (IPv4
+/// in the first 4 bytes, the rest zero): copied with two 8-byte loads and
+/// stores instead of sixteen byte moves.
+pub type Addr = [u64; 2];
+
+/// The bytes of an [`Addr`], as stored in a `FlowKey`.
+#[inline(always)]
+pub fn addr_bytes(a: Addr) -> [u8; 16] {
+    // SAFETY: same size, every bit pattern is valid for both.
+    unsafe { core::mem::transmute::<Addr, [u8; 16]>(a) }
+}
+
+/// The parsed fields of an IP packet. Ports are in host order.
 #[derive(Clone, Copy)]
 pub struct Packet {
+    pub src: Addr,
+    pub dst: Addr,
+    pub sport: u16,
+    pub dport: u16,
     pub family: u8,
     /// IP protocol of the transport header (after IPv6 extension headers).
     pub proto: u8,
-    pub l4: L4,
     /// TCP flags (0 for other protocols).
     pub tcp_flags: u8,
-    pub sport: u16,
-    pub dport: u16,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    pub l4: L4,
 }
 
 impl Packet {
     #[inline(always)]
-    fn new(family: u8, proto: u8, src: [u8; 16], dst: [u8; 16]) -> Self {
-        Self { family, proto, l4: L4::Other, tcp_flags: 0, sport: 0, dport: 0, src, dst }
+    fn new(family: u8, proto: u8, src: Addr, dst: Addr) -> Self {
+        Self {
+            src,
+            dst,
+            sport: 0,
+            dport: 0,
+            family,
+            proto,
+            tcp_flags: 0,
+            l4: L4::Other,
+        }
     }
 }
 
@@ -112,21 +132,51 @@ pub enum Parsed {
 struct Hdr<const N: usize>(*const u8);
 
 impl<const N: usize> Hdr<N> {
+    /// The `T` at byte `I` (bounds checked at compile time against `N`).
+    ///
+    /// A plain (aligned) load although header fields are not necessarily
+    /// aligned in memory: this is what C programs do through `struct iphdr`,
+    /// and it is sound for BPF, whose loads have no alignment requirement on
+    /// JITs with efficient unaligned access (x86-64, arm64); elsewhere the
+    /// verifier checks packet loads against NET_IP_ALIGN, which these
+    /// offsets satisfy. An unaligned read instead makes LLVM split every
+    /// load into byte loads (the BPF backend assumes no misaligned access).
     #[inline(always)]
-    fn bytes<const I: usize, const M: usize>(self) -> [u8; M] {
-        const { assert!(I + M <= N) };
+    fn at<const I: usize, T: Copy>(self) -> T {
+        const { assert!(I + size_of::<T>() <= N) };
         // SAFETY: `Bounds::hdr` checked that N bytes are inside the packet.
-        unsafe { read_unaligned(self.0.add(I).cast::<[u8; M]>()) }
+        unsafe { self.0.add(I).cast::<T>().read() }
     }
 
     #[inline(always)]
     fn u8<const I: usize>(self) -> u8 {
-        self.bytes::<I, 1>()[0]
+        self.at::<I, u8>()
     }
 
     #[inline(always)]
     fn be16<const I: usize>(self) -> u16 {
-        u16::from_be_bytes(self.bytes::<I, 2>())
+        u16::from_be(self.at::<I, u16>())
+    }
+
+    /// An IPv4 address at byte `I`, widened to an [`Addr`].
+    #[inline(always)]
+    fn v4_addr<const I: usize>(self) -> Addr {
+        let word = self.at::<I, u32>() as u64;
+        // The address bytes must land in bytes 0..4 of the first word.
+        [
+            if cfg!(target_endian = "little") {
+                word
+            } else {
+                word << 32
+            },
+            0,
+        ]
+    }
+
+    /// An IPv6 address at byte `I`.
+    #[inline(always)]
+    fn v6_addr<const I: usize>(self) -> Addr {
+        self.at::<I, Addr>()
     }
 }
 
@@ -158,7 +208,10 @@ impl Bounds {
 
 #[inline(always)]
 pub fn parse(frame: &Frame) -> Parsed {
-    let pkt = Bounds { data: frame.data, end: frame.end };
+    let pkt = Bounds {
+        data: frame.data,
+        end: frame.end,
+    };
     match l2(pkt) {
         None => Parsed::Malformed(None),
         Some((ETH_P_IP, off)) => ipv4(pkt, off),
@@ -185,14 +238,6 @@ fn l2(pkt: Bounds) -> Option<(u16, usize)> {
     Some((ethertype, off))
 }
 
-/// An IPv4 address in the first 4 bytes of a 16-byte address. Built as one
-/// integer: zero-filling an array emits a `memset` call (a BPF-to-BPF call
-/// with a loop) instead of plain stores.
-#[inline(always)]
-fn v4_addr(a: [u8; 4]) -> [u8; 16] {
-    (u32::from_le_bytes(a) as u128).to_le_bytes()
-}
-
 #[inline(always)]
 fn ipv4(pkt: Bounds, off: usize) -> Parsed {
     let Some(ip) = pkt.hdr::<IPV4_HLEN>(off) else {
@@ -205,8 +250,8 @@ fn ipv4(pkt: Bounds, off: usize) -> Parsed {
     let mut p = Packet::new(
         FAMILY_V4,
         ip.u8::<9>(),
-        v4_addr(ip.bytes::<12, 4>()),
-        v4_addr(ip.bytes::<16, 4>()),
+        ip.v4_addr::<12>(),
+        ip.v4_addr::<16>(),
     );
     let hlen = ((vihl & 0x0f) as usize) * 4;
     if hlen < IPV4_HLEN || !pkt.contains(off, hlen) {
@@ -221,7 +266,10 @@ fn ipv4(pkt: Bounds, off: usize) -> Parsed {
 
 #[inline(always)]
 fn is_ipv6_ext(nexthdr: u8) -> bool {
-    matches!(nexthdr, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT)
+    matches!(
+        nexthdr,
+        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT
+    )
 }
 
 #[inline(always)]
@@ -232,7 +280,12 @@ fn ipv6(pkt: Bounds, off: usize) -> Parsed {
     if ip.u8::<0>() >> 4 != 6 {
         return Parsed::Malformed(None);
     }
-    let mut p = Packet::new(FAMILY_V6, ip.u8::<6>(), ip.bytes::<8, 16>(), ip.bytes::<24, 16>());
+    let mut p = Packet::new(
+        FAMILY_V6,
+        ip.u8::<6>(),
+        ip.v6_addr::<8>(),
+        ip.v6_addr::<24>(),
+    );
     let mut off = off + IPV6_HLEN;
     // At most MAX_IPV6_EXT_HDRS headers: a constant bound keeps the walk
     // verifiable (and `off` bounded: each step adds at most 2 KiB).

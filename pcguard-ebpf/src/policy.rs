@@ -24,7 +24,12 @@ pub struct Decision {
 
 impl Decision {
     /// No rule covers the packet (protocols without a port table).
-    pub const NO_RULE: Self = Self { reason: REASON_NO_RULE, rule: 0, port_idx: 0, slot: 0 };
+    pub const NO_RULE: Self = Self {
+        reason: REASON_NO_RULE,
+        rule: 0,
+        port_idx: 0,
+        slot: 0,
+    };
 
     #[inline(always)]
     pub fn allowed(&self) -> bool {
@@ -45,29 +50,17 @@ pub fn peer_mask(key: &FlowKey) -> u32 {
 }
 
 /// Index of the lowest set bit of a non-zero mask, by binary search on the
-/// halves: no loop for the verifier to walk and no `cttz` lowering (which
-/// BPF lacks and LLVM would turn into a table in `.rodata`).
+/// halves: five constant steps (unrolled by LLVM), no loop for the verifier
+/// to walk and no `cttz` (which BPF lacks: LLVM would lower it to a table
+/// lookup in `.rodata`).
 #[inline(always)]
 fn lowest_bit(mut m: u32) -> u32 {
     let mut n = 0;
-    if m & 0xffff == 0 {
-        n += 16;
-        m >>= 16;
-    }
-    if m & 0xff == 0 {
-        n += 8;
-        m >>= 8;
-    }
-    if m & 0xf == 0 {
-        n += 4;
-        m >>= 4;
-    }
-    if m & 0x3 == 0 {
-        n += 2;
-        m >>= 2;
-    }
-    if m & 0x1 == 0 {
-        n += 1;
+    for width in [16, 8, 4, 2, 1] {
+        if m & ((1 << width) - 1) == 0 {
+            n += width;
+            m >>= width;
+        }
     }
     n
 }
@@ -79,7 +72,12 @@ pub fn decide(flow_dir: u32, proto_idx: u32, service_port: u16, peer_mask: u32) 
         return Decision::NO_RULE;
     };
     let (slot_id, port_idx) = (entry.slot, entry.port_idx);
-    let not_allowed = |reason| Decision { reason, rule: 0, port_idx, slot: slot_id };
+    let not_allowed = |reason| Decision {
+        reason,
+        rule: 0,
+        port_idx,
+        slot: slot_id,
+    };
     if slot_id == 0 {
         return not_allowed(REASON_NO_RULE);
     }
@@ -93,5 +91,10 @@ pub fn decide(flow_dir: u32, proto_idx: u32, service_port: u16, peer_mask: u32) 
     }
     // The mask keeps the index provably inside `rule_by_class` (no panic path).
     let class = lowest_bit(m) as usize & (MAX_CLASSES - 1);
-    Decision { reason: 0, rule: slot.rule_by_class[class], port_idx, slot: slot_id }
+    Decision {
+        reason: 0,
+        rule: slot.rule_by_class[class],
+        port_idx,
+        slot: slot_id,
+    }
 }

@@ -21,6 +21,7 @@ use pcguard_common::{
     IPPROTO_TCP, MODE_ENFORCE, PROTO_IDX_TCP, PortEntry, PortSlot, REASON_NO_RULE,
     REASON_OUTBOUND_TO_WORKSTATION, REASON_PEER_NOT_ALLOWED, STAT_EVENTS_SENT,
     STAT_EVENTS_SUPPRESSED, Settings, VERDICT_ALLOW, names, port_counter_index, port_table_index,
+    rule_counter_index,
 };
 
 const XDP_DROP: u32 = 1;
@@ -61,8 +62,16 @@ pub fn run(obj_path: &Path, iterations: u32) -> anyhow::Result<()> {
     write_policy(&mut ebpf)?;
     // Owned handle so runs can delete entries between test runs (the loaded
     // programs keep their own reference to the map).
-    let ct = HashMap::try_from(ebpf.take_map(names::CONNTRACK).context("no CONNTRACK map")?)?;
-    let mut bench = Bench { ebpf, ct, iterations, rows: Vec::new() };
+    let ct = HashMap::try_from(
+        ebpf.take_map(names::CONNTRACK)
+            .context("no CONNTRACK map")?,
+    )?;
+    let mut bench = Bench {
+        ebpf,
+        ct,
+        iterations,
+        rows: Vec::new(),
+    };
     bench.ingress_cases()?;
     bench.egress_cases()?;
     bench.print();
@@ -78,29 +87,51 @@ fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::programs::Program> {
-    ebpf.program_mut(name).with_context(|| format!("program {name} not in the object"))
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} not in the object"))
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
-    ebpf.map_mut(name).with_context(|| format!("map {name} not in the object"))
+    ebpf.map_mut(name)
+        .with_context(|| format!("map {name} not in the object"))
 }
 
 /// Inbound TCP 9191 from workstations (rule 1), outbound TCP 636 to anyone
 /// (rule 2); workstations must never be initiated to; enforce both ways.
 fn write_policy(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     let mut slots: Array<_, PortSlot> = Array::try_from(map(ebpf, names::SLOTS)?)?;
-    let mut web = PortSlot { allowed_mask: WORKSTATIONS, ..Default::default() };
+    let mut web = PortSlot {
+        allowed_mask: WORKSTATIONS,
+        ..Default::default()
+    };
     web.rule_by_class[0] = WEB_RULE;
     slots.set(1, web, 0)?;
-    let mut ldaps = PortSlot { allowed_mask: CLASS_ANY, ..Default::default() };
+    let mut ldaps = PortSlot {
+        allowed_mask: CLASS_ANY,
+        ..Default::default()
+    };
     ldaps.rule_by_class[CLASS_ANY_BIT as usize] = LDAPS_RULE;
     slots.set(2, ldaps, 0)?;
 
     let mut ports: Array<_, PortEntry> = Array::try_from(map(ebpf, names::PORTS)?)?;
     let web_in = port_table_index(DIR_INGRESS, PROTO_IDX_TCP, WEB_PORT);
-    ports.set(web_in, PortEntry { slot: 1, port_idx: WEB_LABEL }, 0)?;
+    ports.set(
+        web_in,
+        PortEntry {
+            slot: 1,
+            port_idx: WEB_LABEL,
+        },
+        0,
+    )?;
     let ldaps_out = port_table_index(DIR_EGRESS, PROTO_IDX_TCP, LDAPS_PORT);
-    ports.set(ldaps_out, PortEntry { slot: 2, port_idx: 2 }, 0)?;
+    ports.set(
+        ldaps_out,
+        PortEntry {
+            slot: 2,
+            port_idx: 2,
+        },
+        0,
+    )?;
 
     let mut v4: LpmTrie<_, [u8; 4], u32> = LpmTrie::try_from(map(ebpf, names::PEERS_V4)?)?;
     v4.insert(&Key::new(8, [10, 0, 0, 0]), WORKSTATIONS | CLASS_ANY, 0)?;
@@ -189,7 +220,13 @@ fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8
 }
 
 fn v4_key(local: [u8; 4], remote: [u8; 4], local_port: u16, remote_port: u16) -> FlowKey {
-    let mut key = FlowKey { family: FAMILY_V4, proto: IPPROTO_TCP, local_port, remote_port, ..Default::default() };
+    let mut key = FlowKey {
+        family: FAMILY_V4,
+        proto: IPPROTO_TCP,
+        local_port,
+        remote_port,
+        ..Default::default()
+    };
     key.local_addr[..4].copy_from_slice(&local);
     key.remote_addr[..4].copy_from_slice(&remote);
     key
@@ -238,7 +275,11 @@ struct Bench {
 
 impl Bench {
     fn test_run(&self, hook: Hook, data: &[u8], repeat: u32) -> anyhow::Result<(u32, Duration)> {
-        let opts = TestRunOptions { data_in: Some(data), repeat, ..Default::default() };
+        let opts = TestRunOptions {
+            data_in: Some(data),
+            repeat,
+            ..Default::default()
+        };
         let name = match hook {
             Hook::Xdp => names::XDP_PROG,
             Hook::Tc => names::TC_PROG,
@@ -265,11 +306,25 @@ impl Bench {
     }
 
     /// Runs `data` `iterations` times in one test run (the kernel's average).
-    fn repeated(&mut self, case: &'static str, hook: Hook, data: &[u8], want: u32, note: &str) -> anyhow::Result<f64> {
+    fn repeated(
+        &mut self,
+        case: &'static str,
+        hook: Hook,
+        data: &[u8],
+        want: u32,
+        note: &str,
+    ) -> anyhow::Result<f64> {
         let (ret, avg) = self.test_run(hook, data, self.iterations)?;
         self.expect(case, hook, ret, want)?;
         let ns = avg.as_nanos() as f64;
-        let row = Row { case, hook, action: ret, runs: self.iterations, ns, note: note.to_owned() };
+        let row = Row {
+            case,
+            hook,
+            action: ret,
+            runs: self.iterations,
+            ns,
+            note: note.to_owned(),
+        };
         self.rows.push(row);
         Ok(ns)
     }
@@ -277,7 +332,14 @@ impl Bench {
     /// Runs `data` once per test run, deleting the conntrack entry of `key`
     /// before each so every run takes the new-flow path. Returns the average
     /// per run, which includes the test-run timer's own overhead.
-    fn fresh_loop(&mut self, case: &str, hook: Hook, data: &[u8], want: u32, key: Option<&FlowKey>) -> anyhow::Result<(u32, f64)> {
+    fn fresh_loop(
+        &mut self,
+        case: &str,
+        hook: Hook,
+        data: &[u8],
+        want: u32,
+        key: Option<&FlowKey>,
+    ) -> anyhow::Result<(u32, f64)> {
         let runs = self.iterations.min(MAX_FRESH_RUNS);
         let mut total = Duration::ZERO;
         for _ in 0..runs {
@@ -294,7 +356,11 @@ impl Bench {
     fn forget(&mut self, key: &FlowKey) -> anyhow::Result<()> {
         match self.ct.remove(key) {
             Ok(()) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(())
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -322,26 +388,55 @@ impl Bench {
             ns: fresh - overhead,
             note: format!("{fresh:.1} raw, minus {overhead:.1} timer overhead"),
         });
-        ensure!(self.ct.get(&key, 0).is_ok(), "allowed SYN left no conntrack entry");
+        ensure!(
+            self.ct.get(&key, 0).is_ok(),
+            "allowed SYN left no conntrack entry"
+        );
 
         let repeat_syn = "allowed SYN, retransmitted (ct hit)";
         self.repeated(repeat_syn, xdp, &syn, XDP_PASS, "")?;
 
         let to_9999 = tcp4(WORKSTATION, SERVER, CLIENT_PORT + 1, 9999, TCP_SYN);
-        self.repeated("dropped SYN, no rule (9999)", xdp, &to_9999, XDP_DROP, "1 event, rest suppressed")?;
+        self.repeated(
+            "dropped SYN, no rule (9999)",
+            xdp,
+            &to_9999,
+            XDP_DROP,
+            "1 event, rest suppressed",
+        )?;
 
         let stranger = tcp4(STRANGER, SERVER, CLIENT_PORT, WEB_PORT, TCP_SYN);
-        self.repeated("dropped SYN, peer not allowed", xdp, &stranger, XDP_DROP, "")?;
+        self.repeated(
+            "dropped SYN, peer not allowed",
+            xdp,
+            &stranger,
+            XDP_DROP,
+            "",
+        )?;
 
-        let vlan_syn = pkt::vlan(tcp4(WORKSTATION, SERVER, CLIENT_PORT + 2, WEB_PORT, TCP_SYN), 100);
-        self.repeated("allowed SYN in 802.1Q tag", xdp, &vlan_syn, XDP_PASS, "first run inserts, rest hit")?;
+        let vlan_syn = pkt::vlan(
+            tcp4(WORKSTATION, SERVER, CLIENT_PORT + 2, WEB_PORT, TCP_SYN),
+            100,
+        );
+        self.repeated(
+            "allowed SYN in 802.1Q tag",
+            xdp,
+            &vlan_syn,
+            XDP_PASS,
+            "first run inserts, rest hit",
+        )?;
 
         let mut v6_src = [0u8; 16];
         v6_src[..2].copy_from_slice(&[0xfd, 0]);
         v6_src[15] = 1;
         let mut v6_dst = v6_src;
         v6_dst[15] = 2;
-        let v6 = pkt::ipv6(v6_src, v6_dst, IPPROTO_TCP, &pkt::tcp(CLIENT_PORT, WEB_PORT, TCP_SYN));
+        let v6 = pkt::ipv6(
+            v6_src,
+            v6_dst,
+            IPPROTO_TCP,
+            &pkt::tcp(CLIENT_PORT, WEB_PORT, TCP_SYN),
+        );
         self.repeated("dropped IPv6 SYN, peer not allowed", xdp, &v6, XDP_DROP, "")?;
 
         let mut truncated = tcp4(WORKSTATION, SERVER, CLIENT_PORT, WEB_PORT, TCP_SYN);
@@ -357,32 +452,81 @@ impl Bench {
 
     fn egress_cases(&mut self) -> anyhow::Result<()> {
         let tc = Hook::Tc;
-        let reply = tcp4(SERVER, WORKSTATION, WEB_PORT, CLIENT_PORT, TCP_SYN | TCP_ACK);
-        self.repeated("reply to inbound flow (ct hit)", tc, &reply, TC_ACT_PIPE, "")?;
+        let reply = tcp4(
+            SERVER,
+            WORKSTATION,
+            WEB_PORT,
+            CLIENT_PORT,
+            TCP_SYN | TCP_ACK,
+        );
+        self.repeated(
+            "reply to inbound flow (ct hit)",
+            tc,
+            &reply,
+            TC_ACT_PIPE,
+            "",
+        )?;
 
         let ldaps = tcp4(SERVER, LDAP_SERVER, CLIENT_PORT + 3, LDAPS_PORT, TCP_SYN);
         let key = v4_key(SERVER, LDAP_SERVER, CLIENT_PORT + 3, LDAPS_PORT);
         let case = "allowed outbound SYN, first packet (ldaps)";
         let (runs, fresh) = self.fresh_loop(case, tc, &ldaps, TC_ACT_PIPE, Some(&key))?;
-        self.rows.push(Row { case, hook: tc, action: TC_ACT_PIPE, runs, ns: fresh, note: "raw, incl. timer".into() });
-        let back = tcp4(LDAP_SERVER, SERVER, LDAPS_PORT, CLIENT_PORT + 3, TCP_SYN | TCP_ACK);
-        self.repeated("ldaps reply at ingress (ct hit)", Hook::Xdp, &back, XDP_PASS, "")?;
+        self.rows.push(Row {
+            case,
+            hook: tc,
+            action: TC_ACT_PIPE,
+            runs,
+            ns: fresh,
+            note: "raw, incl. timer".into(),
+        });
+        let back = tcp4(
+            LDAP_SERVER,
+            SERVER,
+            LDAPS_PORT,
+            CLIENT_PORT + 3,
+            TCP_SYN | TCP_ACK,
+        );
+        self.repeated(
+            "ldaps reply at ingress (ct hit)",
+            Hook::Xdp,
+            &back,
+            XDP_PASS,
+            "",
+        )?;
 
         let to_ws = tcp4(SERVER, WORKSTATION, CLIENT_PORT + 4, 445, TCP_SYN);
-        self.repeated("dropped outbound SYN to workstation", tc, &to_ws, TC_ACT_SHOT, "headline alert")?;
+        self.repeated(
+            "dropped outbound SYN to workstation",
+            tc,
+            &to_ws,
+            TC_ACT_SHOT,
+            "headline alert",
+        )?;
 
         // A FIN on the inbound flow moves it to closing; it still passes.
-        let fin = tcp4(SERVER, WORKSTATION, WEB_PORT, CLIENT_PORT, TCP_FIN | TCP_ACK);
+        let fin = tcp4(
+            SERVER,
+            WORKSTATION,
+            WEB_PORT,
+            CLIENT_PORT,
+            TCP_FIN | TCP_ACK,
+        );
         let (ret, _) = self.test_run(tc, &fin, 1)?;
         self.expect("FIN on inbound flow", tc, ret, TC_ACT_PIPE)?;
         let key = v4_key(SERVER, WORKSTATION, WEB_PORT, CLIENT_PORT);
         let state = self.ct.get(&key, 0)?.state;
-        ensure!(state == pcguard_common::CT_STATE_CLOSING, "FIN did not mark the flow closing");
+        ensure!(
+            state == pcguard_common::CT_STATE_CLOSING,
+            "FIN did not mark the flow closing"
+        );
         Ok(())
     }
 
     fn print(&self) {
-        println!("{:<48} {:<4} {:<12} {:>9} {:>10}  note", "case", "hook", "action", "runs", "ns/pkt");
+        println!(
+            "{:<48} {:<4} {:<12} {:>9} {:>10}  note",
+            "case", "hook", "action", "runs", "ns/pkt"
+        );
         for r in &self.rows {
             println!(
                 "{:<48} {:<4} {:<12} {:>9} {:>10.1}  {}",
@@ -402,25 +546,67 @@ impl Bench {
         let stat = |i: u32| -> anyhow::Result<u64> { Ok(stats.get(&i, 0)?.iter().sum()) };
         let (sent, suppressed) = (stat(STAT_EVENTS_SENT)?, stat(STAT_EVENTS_SUPPRESSED)?);
         println!("events sent {sent}, suppressed {suppressed}");
-        ensure!(sent >= 4, "expected at least 4 events (no rule, peer, malformed, outbound), got {sent}");
+        ensure!(
+            sent >= 4,
+            "expected at least 4 events (no rule, peer, malformed, outbound), got {sent}"
+        );
 
         let counters: PerCpuArray<_, pcguard_common::Counters> =
             PerCpuArray::try_from(map(&mut self.ebpf, names::PORT_COUNTERS)?)?;
         let web = port_counter_index(DIR_INGRESS, PROTO_IDX_TCP, WEB_LABEL);
-        let allowed: u64 = counters.get(&web, 0)?.iter().map(|c| c.packets[VERDICT_ALLOW]).sum();
+        let allowed: u64 = counters
+            .get(&web, 0)?
+            .iter()
+            .map(|c| c.packets[VERDICT_ALLOW])
+            .sum();
         println!("ingress tcp/{WEB_PORT} allowed packets: {allowed}");
-        ensure!(allowed >= u64::from(self.iterations), "web port counter too low: {allowed}");
+        ensure!(
+            allowed >= u64::from(self.iterations),
+            "web port counter too low: {allowed}"
+        );
+
+        // Rule 1 is class bit 0 of its slot, rule 2 class bit 31: both ends
+        // of the lowest-set-bit search.
+        let rules: PerCpuArray<_, pcguard_common::Counters> =
+            PerCpuArray::try_from(map(&mut self.ebpf, names::RULE_COUNTERS)?)?;
+        for (dir, rule) in [
+            (DIR_INGRESS, WEB_RULE),
+            (DIR_EGRESS, LDAPS_RULE),
+            (DIR_INGRESS, LDAPS_RULE),
+        ] {
+            let idx = rule_counter_index(dir, rule);
+            let n: u64 = rules
+                .get(&idx, 0)?
+                .iter()
+                .map(|c| c.packets[VERDICT_ALLOW])
+                .sum();
+            ensure!(
+                n > 0,
+                "rule {rule} (direction {dir}) counted no allowed packet"
+            );
+        }
 
         let mut ring = RingBuf::try_from(map(&mut self.ebpf, names::EVENTS)?)?;
         let mut reasons = Vec::new();
         while let Some(item) = ring.next() {
-            ensure!(item.len() == size_of::<FlowEvent>(), "event of {} bytes", item.len());
+            ensure!(
+                item.len() == size_of::<FlowEvent>(),
+                "event of {} bytes",
+                item.len()
+            );
             // SAFETY: FlowEvent is plain data and the length was checked.
             let ev: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             reasons.push(ev.reason);
         }
-        for want in [REASON_NO_RULE, REASON_PEER_NOT_ALLOWED, REASON_OUTBOUND_TO_WORKSTATION] {
-            ensure!(reasons.contains(&want), "no event with reason {want} (got {reasons:?})");
+        for want in [
+            REASON_NO_RULE,
+            REASON_PEER_NOT_ALLOWED,
+            REASON_OUTBOUND_TO_WORKSTATION,
+        ] {
+            ensure!(
+                reasons.contains(&want),
+                "no event with reason {want} (got {reasons:?})"
+            );
         }
         println!("event reasons: {reasons:?}");
         Ok(())
