@@ -74,7 +74,11 @@ fn action(verdict: usize) -> Action {
 pub fn run(frame: &Frame, dir: u32, parsed: Parsed) -> Action {
     match parsed {
         Parsed::NonIp => {
-            stat(STAT_NON_IP);
+            // `STAT_NON_IP` counts non-IP frames seen at ingress (the
+            // contract); at egress they pass uncounted.
+            if dir == DIR_INGRESS {
+                stat(STAT_NON_IP);
+            }
             Action::Pass
         }
         Parsed::Malformed(pkt) => {

@@ -17,6 +17,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
 
 #[derive(Parser)]
@@ -217,6 +218,21 @@ fn lab(action: &str, prefix: &str) -> Result<()> {
 }
 
 fn bench(iterations: u32) -> Result<()> {
-    let _ = iterations;
-    bail!("bench: not wired yet")
+    bench::run(&ebpf_object("release")?, iterations)
+}
+
+/// The eBPF object pcguard's build.rs built for `profile` (the newest
+/// `<target>/<profile>/build/pcguard-*/out/pcguard`).
+fn ebpf_object(profile: &str) -> Result<PathBuf> {
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    let build_dir = target.join(profile).join("build");
+    std::fs::read_dir(&build_dir)
+        .with_context(|| format!("reading {}", build_dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("pcguard-"))
+        .map(|e| e.path().join("out").join("pcguard"))
+        .filter(|p| p.is_file())
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+        .with_context(|| format!("no eBPF object under {}", build_dir.display()))
 }
