@@ -165,7 +165,10 @@ impl SiteConfig {
 
     /// Catalog services enabled by the features, in catalog order.
     pub fn enabled_services(&self) -> impl Iterator<Item = &'static Service> + '_ {
-        catalog::builtin().services.iter().filter(|s| s.features.iter().any(|f| self.features.contains(f)))
+        catalog::builtin()
+            .services
+            .iter()
+            .filter(|s| s.features.iter().any(|f| self.features.contains(f)))
     }
 
     /// The classes of `service` this site can use (see [`service_peers`]).
@@ -175,7 +178,10 @@ impl SiteConfig {
 
     /// The ports of an enabled service, after overrides.
     pub fn service_ports(&self, service: &Service) -> Vec<PortRange> {
-        self.port_overrides.get(&service.id).cloned().unwrap_or_else(|| service.ports.clone())
+        self.port_overrides
+            .get(&service.id)
+            .cloned()
+            .unwrap_or_else(|| service.ports.clone())
     }
 }
 
@@ -183,7 +189,12 @@ impl SiteConfig {
 /// `peers`, or, for a service with documented endpoints (cloud FQDNs /
 /// IPs), its own class.
 pub fn service_peers(peers: &BTreeMap<String, Vec<Cidr>>, service: &Service) -> Vec<String> {
-    service.peers.iter().filter(|c| peers.contains_key(*c) || service.has_endpoints()).cloned().collect()
+    service
+        .peers
+        .iter()
+        .filter(|c| peers.contains_key(*c) || service.has_endpoints())
+        .cloned()
+        .collect()
 }
 
 /// A config problem: `file:line: key: message`.
@@ -230,7 +241,13 @@ pub fn parse(text: &str, origin: &str) -> Result<SiteConfig, ConfigError> {
     let peers = parse_peers(&ctx, &raw)?;
     let mut names = HashSet::new();
     let rules = rules::validate(&ctx, &raw.rules, "rule", &peers, &mut names)?;
-    let always_allow = rules::validate(&ctx, &raw.always_allow.rules, "always_allow.rule", &peers, &mut names)?;
+    let always_allow = rules::validate(
+        &ctx,
+        &raw.always_allow.rules,
+        "always_allow.rule",
+        &peers,
+        &mut names,
+    )?;
     check_custom_classes(&ctx, &raw, &rules, &always_allow)?;
     let resolved = features::resolve(&ctx, &raw, &peers)?;
     let mode = *raw.mode.get_ref();
@@ -250,16 +267,28 @@ pub fn parse(text: &str, origin: &str) -> Result<SiteConfig, ConfigError> {
         rules,
         always_allow,
         conntrack: ConntrackTimeouts {
-            tcp: ctx.duration(&raw.conntrack.tcp_timeout, "conntrack.tcp_timeout", DEFAULT_TCP_TIMEOUT)?,
+            tcp: ctx.duration(
+                &raw.conntrack.tcp_timeout,
+                "conntrack.tcp_timeout",
+                DEFAULT_TCP_TIMEOUT,
+            )?,
             tcp_closing: ctx.duration(
                 &raw.conntrack.tcp_closing_timeout,
                 "conntrack.tcp_closing_timeout",
                 DEFAULT_TCP_CLOSING_TIMEOUT,
             )?,
-            udp: ctx.duration(&raw.conntrack.udp_timeout, "conntrack.udp_timeout", DEFAULT_UDP_TIMEOUT)?,
+            udp: ctx.duration(
+                &raw.conntrack.udp_timeout,
+                "conntrack.udp_timeout",
+                DEFAULT_UDP_TIMEOUT,
+            )?,
         },
         audit: AuditConfig {
-            path: raw.audit.path.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_AUDIT_PATH)),
+            path: raw
+                .audit
+                .path
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_AUDIT_PATH)),
             report_interval: ctx.duration(
                 &raw.audit.report_interval,
                 "audit.report_interval",
@@ -267,7 +296,10 @@ pub fn parse(text: &str, origin: &str) -> Result<SiteConfig, ConfigError> {
             )?,
         },
         metrics: MetricsConfig {
-            listen: raw.metrics.listen.unwrap_or_else(|| DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
+            listen: raw
+                .metrics
+                .listen
+                .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
         },
         notes,
     })
@@ -280,7 +312,12 @@ pub(crate) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn error(&self, span: Option<Range<usize>>, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    fn error(
+        &self,
+        span: Option<Range<usize>>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
         ConfigError {
             origin: self.origin.to_string(),
             line: span::line_of_span(self.text, span),
@@ -294,14 +331,25 @@ impl Ctx<'_> {
         let (table, key) = span::key_at(self.text, start);
         let message = e.message().trim().to_string();
         // A missing field is reported on its table, not on the last key.
-        let key = if message.starts_with("missing field") { table } else { span::join_key(&table, &key) };
+        let key = if message.starts_with("missing field") {
+            table
+        } else {
+            span::join_key(&table, &key)
+        };
         self.error(e.span(), key, message)
     }
 
-    fn duration(&self, value: &Option<Spanned<Seconds>>, key: &str, default: Duration) -> Result<Duration, ConfigError> {
+    fn duration(
+        &self,
+        value: &Option<Spanned<Seconds>>,
+        key: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
         match value {
             None => Ok(default),
-            Some(v) if v.get_ref().0.is_zero() => Err(self.error(Some(v.span()), key, "must be greater than 0")),
+            Some(v) if v.get_ref().0.is_zero() => {
+                Err(self.error(Some(v.span()), key, "must be greater than 0"))
+            }
             Some(v) => Ok(v.get_ref().0),
         }
     }
@@ -309,7 +357,11 @@ impl Ctx<'_> {
 
 fn parse_interfaces(ctx: &Ctx, list: &SpannedList) -> Result<Vec<String>, ConfigError> {
     if list.get_ref().is_empty() {
-        return Err(ctx.error(Some(list.span()), "interfaces", "at least one interface is required"));
+        return Err(ctx.error(
+            Some(list.span()),
+            "interfaces",
+            "at least one interface is required",
+        ));
     }
     let mut seen = HashSet::new();
     for name in list.get_ref() {
@@ -338,7 +390,10 @@ fn parse_peers(ctx: &Ctx, raw: &RawConfig) -> Result<BTreeMap<String, Vec<Cidr>>
         check_class_name(ctx, name, &key)?;
         let mut parsed = BTreeSet::new();
         for c in cidrs {
-            let cidr = c.get_ref().parse::<Cidr>().map_err(|e| ctx.error(Some(c.span()), key.as_str(), e))?;
+            let cidr = c
+                .get_ref()
+                .parse::<Cidr>()
+                .map_err(|e| ctx.error(Some(c.span()), key.as_str(), e))?;
             parsed.insert(cidr);
         }
         if !parsed.is_empty() {
@@ -351,11 +406,20 @@ fn parse_peers(ctx: &Ctx, raw: &RawConfig) -> Result<BTreeMap<String, Vec<Cidr>>
 fn check_class_name(ctx: &Ctx, name: &Spanned<String>, key: &str) -> Result<(), ConfigError> {
     let n = name.get_ref();
     let well_formed = n.starts_with(|c: char| c.is_ascii_lowercase())
-        && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        && n.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if n == CLASS_ANY_NAME {
-        Err(ctx.error(Some(name.span()), key, "\"any\" is built in (every address) and takes no CIDRs"))
+        Err(ctx.error(
+            Some(name.span()),
+            key,
+            "\"any\" is built in (every address) and takes no CIDRs",
+        ))
     } else if !well_formed {
-        Err(ctx.error(Some(name.span()), key, "class names are lowercase letters, digits and '_'"))
+        Err(ctx.error(
+            Some(name.span()),
+            key,
+            "class names are lowercase letters, digits and '_'",
+        ))
     } else {
         Ok(())
     }
@@ -370,7 +434,11 @@ fn check_custom_classes(
     always: &[SiteRule],
 ) -> Result<(), ConfigError> {
     let builtin = catalog::builtin().class_names();
-    let used: HashSet<&str> = rules.iter().chain(always).flat_map(|r| r.peers.iter().map(String::as_str)).collect();
+    let used: HashSet<&str> = rules
+        .iter()
+        .chain(always)
+        .flat_map(|r| r.peers.iter().map(String::as_str))
+        .collect();
     for name in raw.peers.keys() {
         let n = name.get_ref().as_str();
         if !builtin.contains(&n) && !used.contains(n) {

@@ -34,20 +34,41 @@ pub struct PolicyClass {
 
 /// Builds the typed policy of a validated config.
 pub fn build(cfg: &SiteConfig) -> Policy {
-    let services: Vec<&Service> = cfg.enabled_services().filter(|s| !cfg.service_peers(s).is_empty()).collect();
-    let (always, regular): (Vec<&Service>, Vec<&Service>) = services.iter().partition(|s| s.always_allow);
+    let services: Vec<&Service> = cfg
+        .enabled_services()
+        .filter(|s| !cfg.service_peers(s).is_empty())
+        .collect();
+    let (always, regular): (Vec<&Service>, Vec<&Service>) =
+        services.iter().partition(|s| s.always_allow);
     let rules = always
         .iter()
         .map(|s| service_rule(cfg, s, RuleOrigin::AlwaysAllow))
-        .chain(cfg.always_allow.iter().map(|r| site_rule(r, RuleOrigin::AlwaysAllow)))
+        .chain(
+            cfg.always_allow
+                .iter()
+                .map(|r| site_rule(r, RuleOrigin::AlwaysAllow)),
+        )
         .chain(cfg.rules.iter().map(|r| site_rule(r, RuleOrigin::Site)))
-        .chain(regular.iter().map(|s| service_rule(cfg, s, catalog_origin(s))))
+        .chain(
+            regular
+                .iter()
+                .map(|s| service_rule(cfg, s, catalog_origin(s))),
+        )
         .collect();
-    Policy { rules, classes: classes(cfg, &services), settings: settings(cfg), notes: cfg.notes.clone() }
+    Policy {
+        rules,
+        classes: classes(cfg, &services),
+        settings: settings(cfg),
+        notes: cfg.notes.clone(),
+    }
 }
 
 fn catalog_origin(s: &Service) -> RuleOrigin {
-    if s.from_document { RuleOrigin::Catalog } else { RuleOrigin::CatalogExtra }
+    if s.from_document {
+        RuleOrigin::Catalog
+    } else {
+        RuleOrigin::CatalogExtra
+    }
 }
 
 fn service_rule(cfg: &SiteConfig, s: &Service, origin: RuleOrigin) -> RuleInfo {
@@ -80,7 +101,11 @@ fn site_rule(r: &SiteRule, origin: RuleOrigin) -> RuleInfo {
 /// enabled service.
 fn classes(cfg: &SiteConfig, services: &[&Service]) -> Vec<PolicyClass> {
     let builtin = catalog::builtin().class_names();
-    let custom = cfg.peers.keys().map(String::as_str).filter(|n| !builtin.contains(n));
+    let custom = cfg
+        .peers
+        .keys()
+        .map(String::as_str)
+        .filter(|n| !builtin.contains(n));
     builtin
         .iter()
         .copied()
@@ -91,11 +116,18 @@ fn classes(cfg: &SiteConfig, services: &[&Service]) -> Vec<PolicyClass> {
 }
 
 fn class_of(cfg: &SiteConfig, services: &[&Service], name: &str) -> PolicyClass {
-    let serving: Vec<&&Service> = services.iter().filter(|s| s.peers.iter().any(|p| p == name)).collect();
+    let serving: Vec<&&Service> = services
+        .iter()
+        .filter(|s| s.peers.iter().any(|p| p == name))
+        .collect();
     let mut cidrs: BTreeSet<Cidr> = cfg.peers.get(name).into_iter().flatten().copied().collect();
     cidrs.extend(serving.iter().flat_map(|s| s.ip_prefixes()));
     let fqdns = unique(serving.iter().flat_map(|s| &s.fqdns));
-    PolicyClass { name: name.to_string(), cidrs: cidrs.into_iter().collect(), fqdns }
+    PolicyClass {
+        name: name.to_string(),
+        cidrs: cidrs.into_iter().collect(),
+        fqdns,
+    }
 }
 
 fn nanos(d: Duration) -> u64 {

@@ -12,32 +12,61 @@ use std::fmt;
 /// The policy does not fit the kernel tables.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PolicyError {
-    TooManyRules { count: usize, max: usize },
-    TooManyClasses { count: usize, max: usize },
-    TooManySlots { max: usize },
-    TooManyPortLabels { protocol: &'static str, count: usize, max: usize },
-    TooManyPrefixes { family: &'static str, count: usize, max: usize },
+    TooManyRules {
+        count: usize,
+        max: usize,
+    },
+    TooManyClasses {
+        count: usize,
+        max: usize,
+    },
+    TooManySlots {
+        max: usize,
+    },
+    TooManyPortLabels {
+        protocol: &'static str,
+        count: usize,
+        max: usize,
+    },
+    TooManyPrefixes {
+        family: &'static str,
+        count: usize,
+        max: usize,
+    },
 }
 
 impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PolicyError::TooManyRules { count, max } => {
-                write!(f, "too many rules: {count} (at most {max}); disable features or merge site rules")
+                write!(
+                    f,
+                    "too many rules: {count} (at most {max}); disable features or merge site rules"
+                )
             }
             PolicyError::TooManyClasses { count, max } => {
-                write!(f, "too many peer classes with addresses: {count} (at most {max} besides `any`)")
+                write!(
+                    f,
+                    "too many peer classes with addresses: {count} (at most {max} besides `any`)"
+                )
             }
             PolicyError::TooManySlots { max } => write!(
                 f,
                 "too many distinct port/peer combinations (at most {max} slots); merge site rules or ports"
             ),
-            PolicyError::TooManyPortLabels { protocol, count, max } => write!(
+            PolicyError::TooManyPortLabels {
+                protocol,
+                count,
+                max,
+            } => write!(
                 f,
                 "too many distinct {protocol} ports and ranges: {count} (at most {max}); use ranges in site rules"
             ),
             PolicyError::TooManyPrefixes { family, count, max } => {
-                write!(f, "too many {family} prefixes in [peers]: {count} (at most {max})")
+                write!(
+                    f,
+                    "too many {family} prefixes in [peers]: {count} (at most {max})"
+                )
             }
         }
     }
@@ -47,20 +76,33 @@ impl std::error::Error for PolicyError {}
 
 /// Compiles a typed policy.
 pub fn compile_policy(p: &Policy) -> Result<CompiledPolicy, PolicyError> {
-    check_limit(p.rules.len(), MAX_RULES as usize - 1, |count, max| PolicyError::TooManyRules { count, max })?;
-    check_limit(p.classes.len(), CLASS_ANY_BIT as usize, |count, max| PolicyError::TooManyClasses { count, max })?;
+    check_limit(p.rules.len(), MAX_RULES as usize - 1, |count, max| {
+        PolicyError::TooManyRules { count, max }
+    })?;
+    check_limit(p.classes.len(), CLASS_ANY_BIT as usize, |count, max| {
+        PolicyError::TooManyClasses { count, max }
+    })?;
     let masks: Vec<u32> = p.rules.iter().map(|r| rule_mask(p, r)).collect();
-    let (peers_v4, peers_v6) = lpm::prefixes(p.classes.iter().zip(0..).map(|(c, bit)| (c.cidrs.as_slice(), bit)));
+    let (peers_v4, peers_v6) = lpm::prefixes(
+        p.classes
+            .iter()
+            .zip(0..)
+            .map(|(c, bit)| (c.cidrs.as_slice(), bit)),
+    );
     for (family, count) in [("IPv4", peers_v4.len()), ("IPv6", peers_v6.len())] {
-        check_limit(count, PEER_ENTRIES as usize, |count, max| PolicyError::TooManyPrefixes { family, count, max })?;
+        check_limit(count, PEER_ENTRIES as usize, |count, max| {
+            PolicyError::TooManyPrefixes { family, count, max }
+        })?;
     }
     let labels = ports::PROTOCOLS.map(|proto| Labels::of(&p.rules, proto));
     for (proto, l) in ports::PROTOCOLS.iter().zip(&labels) {
         let protocol = proto.as_str();
-        check_limit(l.len(), MAX_PORT_LABELS as usize, |count, max| PolicyError::TooManyPortLabels {
-            protocol,
-            count,
-            max,
+        check_limit(l.len(), MAX_PORT_LABELS as usize, |count, max| {
+            PolicyError::TooManyPortLabels {
+                protocol,
+                count,
+                max,
+            }
         })?;
     }
     let t = tables(&p.rules, &masks, &labels)?;
@@ -73,14 +115,28 @@ pub fn compile_policy(p: &Policy) -> Result<CompiledPolicy, PolicyError> {
         slots: t.slots,
         peers_v4,
         peers_v6,
-        rules: std::iter::once(placeholder_rule()).chain(p.rules.iter().cloned()).collect(),
-        port_labels: [labels[0].names(), labels[1].names(), vec!["other".to_string()]],
+        rules: std::iter::once(placeholder_rule())
+            .chain(p.rules.iter().cloned())
+            .collect(),
+        port_labels: [
+            labels[0].names(),
+            labels[1].names(),
+            vec!["other".to_string()],
+        ],
         classes: class_names(&p.classes),
     })
 }
 
-fn check_limit(count: usize, max: usize, err: impl Fn(usize, usize) -> PolicyError) -> Result<(), PolicyError> {
-    if count > max { Err(err(count, max)) } else { Ok(()) }
+fn check_limit(
+    count: usize,
+    max: usize,
+    err: impl Fn(usize, usize) -> PolicyError,
+) -> Result<(), PolicyError> {
+    if count > max {
+        Err(err(count, max))
+    } else {
+        Ok(())
+    }
 }
 
 /// Bit of a class name in `p` (`any` = bit 31).
@@ -88,11 +144,17 @@ fn class_bit(p: &Policy, name: &str) -> Option<u32> {
     if name == CLASS_ANY_NAME {
         return Some(CLASS_ANY_BIT);
     }
-    p.classes.iter().position(|c| c.name == name).map(|i| i as u32)
+    p.classes
+        .iter()
+        .position(|c| c.name == name)
+        .map(|i| i as u32)
 }
 
 fn class_mask(p: &Policy, names: &[impl AsRef<str>]) -> u32 {
-    names.iter().filter_map(|n| class_bit(p, n.as_ref())).fold(0, |m, bit| m | (1 << bit))
+    names
+        .iter()
+        .filter_map(|n| class_bit(p, n.as_ref()))
+        .fold(0, |m, bit| m | (1 << bit))
 }
 
 fn rule_mask(p: &Policy, r: &RuleInfo) -> u32 {

@@ -21,8 +21,11 @@ pub struct Labels(Vec<PortRange>);
 impl Labels {
     /// One label per distinct port range of the rules of `proto`.
     pub fn of(rules: &[RuleInfo], proto: Protocol) -> Labels {
-        let set: BTreeSet<PortRange> =
-            rules.iter().filter(|r| r.protocol == proto).flat_map(|r| r.ports.iter().copied()).collect();
+        let set: BTreeSet<PortRange> = rules
+            .iter()
+            .filter(|r| r.protocol == proto)
+            .flat_map(|r| r.ports.iter().copied())
+            .collect();
         Labels(set.into_iter().collect())
     }
 
@@ -31,12 +34,19 @@ impl Labels {
     }
 
     pub fn names(&self) -> Vec<String> {
-        std::iter::once("other".to_string()).chain(self.0.iter().map(PortRange::to_string)).collect()
+        std::iter::once("other".to_string())
+            .chain(self.0.iter().map(PortRange::to_string))
+            .collect()
     }
 
     /// The narrowest label containing `port` (lowest start on ties), or 0.
     pub fn index(&self, port: u16) -> u16 {
-        let best = self.0.iter().enumerate().filter(|(_, r)| r.contains(port)).min_by_key(|(_, r)| r.len());
+        let best = self
+            .0
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.contains(port))
+            .min_by_key(|(_, r)| r.port_count());
         best.map_or(0, |(i, _)| (i + 1) as u16)
     }
 }
@@ -49,8 +59,15 @@ pub struct Tables {
 
 /// Builds the tables. `rules[i]` has rule id `i + 1` and class mask
 /// `masks[i]`; `labels` is indexed by protocol index.
-pub fn tables(rules: &[RuleInfo], masks: &[u32], labels: &[Labels; 2]) -> Result<Tables, PolicyError> {
-    let mut t = Tables { ports: Vec::new(), slots: vec![PortSlot::default()] };
+pub fn tables(
+    rules: &[RuleInfo],
+    masks: &[u32],
+    labels: &[Labels; 2],
+) -> Result<Tables, PolicyError> {
+    let mut t = Tables {
+        ports: Vec::new(),
+        slots: vec![PortSlot::default()],
+    };
     let mut dedup: HashMap<(u32, [u16; MAX_CLASSES]), u16> = HashMap::new();
     for dir in DIRECTIONS {
         for proto in PROTOCOLS {
@@ -68,9 +85,13 @@ pub fn tables(rules: &[RuleInfo], masks: &[u32], labels: &[Labels; 2]) -> Result
                     continue;
                 }
                 let slot_id = intern(&mut t.slots, &mut dedup, slot)?;
-                let entry = PortEntry { slot: slot_id, port_idx: labels.index(seg.start) };
+                let entry = PortEntry {
+                    slot: slot_id,
+                    port_idx: labels.index(seg.start),
+                };
                 let base = port_table_index(dir.dir_index(), proto.proto_index(), 0);
-                t.ports.extend((seg.start..=seg.end).map(|p| (base + u32::from(p), entry)));
+                t.ports
+                    .extend((seg.start..=seg.end).map(|p| (base + u32::from(p), entry)));
             }
         }
     }
@@ -79,10 +100,20 @@ pub fn tables(rules: &[RuleInfo], masks: &[u32], labels: &[Labels; 2]) -> Result
 
 /// Maximal port ranges with no rule or label boundary inside.
 fn segments(members: &[(u16, &RuleInfo, u32)], labels: &Labels) -> Vec<PortRange> {
-    let ranges = members.iter().flat_map(|(_, r, _)| r.ports.iter()).chain(labels.0.iter());
-    let cuts: BTreeSet<u32> = ranges.flat_map(|r| [u32::from(r.start), u32::from(r.end) + 1]).collect();
+    let ranges = members
+        .iter()
+        .flat_map(|(_, r, _)| r.ports.iter())
+        .chain(labels.0.iter());
+    let cuts: BTreeSet<u32> = ranges
+        .flat_map(|r| [u32::from(r.start), u32::from(r.end) + 1])
+        .collect();
     let cuts: Vec<u32> = cuts.into_iter().collect();
-    cuts.windows(2).map(|w| PortRange { start: w[0] as u16, end: (w[1] - 1) as u16 }).collect()
+    cuts.windows(2)
+        .map(|w| PortRange {
+            start: w[0] as u16,
+            end: (w[1] - 1) as u16,
+        })
+        .collect()
 }
 
 /// The slot of `port`: for each class, the first rule allowing it.
@@ -114,7 +145,9 @@ fn intern(
         return Ok(*id);
     }
     if slots.len() >= MAX_SLOTS as usize {
-        return Err(PolicyError::TooManySlots { max: MAX_SLOTS as usize - 1 });
+        return Err(PolicyError::TooManySlots {
+            max: MAX_SLOTS as usize - 1,
+        });
     }
     let id = slots.len() as u16;
     slots.push(slot);
@@ -145,13 +178,33 @@ mod tests {
         // Rule a_i covers block i, rule b_j every port j of each block: each
         // port has its own (a_i, b_j) pair, so every slot is distinct.
         let blocks = 40u16;
-        let a = (0..blocks).map(|i| rule(vec![PortRange { start: 1 + i * blocks, end: (i + 1) * blocks }]));
-        let b = (0..blocks).map(|j| rule((0..blocks).map(|i| PortRange::single(1 + i * blocks + j)).collect()));
+        let a = (0..blocks).map(|i| {
+            rule(vec![PortRange {
+                start: 1 + i * blocks,
+                end: (i + 1) * blocks,
+            }])
+        });
+        let b = (0..blocks).map(|j| {
+            rule(
+                (0..blocks)
+                    .map(|i| PortRange::single(1 + i * blocks + j))
+                    .collect(),
+            )
+        });
         let rules: Vec<RuleInfo> = a.chain(b).collect();
-        let masks: Vec<u32> = (0..rules.len()).map(|i| if i < usize::from(blocks) { 1 } else { 2 }).collect();
+        let masks: Vec<u32> = (0..rules.len())
+            .map(|i| if i < usize::from(blocks) { 1 } else { 2 })
+            .collect();
         let labels = [Labels(Vec::new()), Labels(Vec::new())];
-        let Err(e) = tables(&rules, &masks, &labels) else { panic!("1600 slots fit in {MAX_SLOTS}") };
-        assert_eq!(e, PolicyError::TooManySlots { max: MAX_SLOTS as usize - 1 });
+        let Err(e) = tables(&rules, &masks, &labels) else {
+            panic!("1600 slots fit in {MAX_SLOTS}")
+        };
+        assert_eq!(
+            e,
+            PolicyError::TooManySlots {
+                max: MAX_SLOTS as usize - 1
+            }
+        );
         let fits = tables(&rules[..usize::from(blocks) + 20], &masks, &labels).unwrap();
         // 40 blocks x (20 ports with a b rule + the rest sharing one slot).
         assert_eq!(fits.slots.len(), 1 + 40 * 20 + 40);

@@ -18,7 +18,9 @@ impl FromStr for PortRange {
             }
         };
         if start > end {
-            return Err(format!("invalid port range \"{s}\": start is greater than end"));
+            return Err(format!(
+                "invalid port range \"{s}\": start is greater than end"
+            ));
         }
         Ok(PortRange { start, end })
     }
@@ -75,7 +77,7 @@ impl PortRange {
     }
 
     /// Number of ports in the range.
-    pub fn len(&self) -> u32 {
+    pub fn port_count(&self) -> u32 {
         u32::from(self.end) - u32::from(self.start) + 1
     }
 }
@@ -83,13 +85,20 @@ impl PortRange {
 /// The first pair of overlapping ranges in `ranges`, if any.
 pub fn first_overlap(ranges: &[PortRange]) -> Option<(PortRange, PortRange)> {
     ranges.iter().enumerate().find_map(|(i, a)| {
-        ranges[i + 1..].iter().find(|b| a.overlaps(b)).map(|b| (*a, *b))
+        ranges[i + 1..]
+            .iter()
+            .find(|b| a.overlaps(b))
+            .map(|b| (*a, *b))
     })
 }
 
 /// Comma-separated display of port ranges (`9191, 9192, 49152-65535`).
 pub fn format_ports(ranges: &[PortRange]) -> String {
-    ranges.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
+    ranges
+        .iter()
+        .map(|r| r.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -99,10 +108,21 @@ mod tests {
     #[test]
     fn parses_single_ports_and_ranges() {
         assert_eq!("9191".parse::<PortRange>(), Ok(PortRange::single(9191)));
-        assert_eq!("49152-65535".parse::<PortRange>(), Ok(PortRange { start: 49152, end: 65535 }));
+        assert_eq!(
+            "49152-65535".parse::<PortRange>(),
+            Ok(PortRange {
+                start: 49152,
+                end: 65535
+            })
+        );
         assert!("0".parse::<PortRange>().is_err());
         assert!("65536".parse::<PortRange>().is_err());
-        assert!("10-5".parse::<PortRange>().unwrap_err().contains("start is greater"));
+        assert!(
+            "10-5"
+                .parse::<PortRange>()
+                .unwrap_err()
+                .contains("start is greater")
+        );
         assert!("http".parse::<PortRange>().is_err());
     }
 
@@ -113,7 +133,17 @@ mod tests {
             p: Vec<PortRange>,
         }
         let t: T = toml::from_str(r#"p = [22, "80", "1000-2000"]"#).unwrap();
-        assert_eq!(t.p, vec![PortRange::single(22), PortRange::single(80), PortRange { start: 1000, end: 2000 }]);
+        assert_eq!(
+            t.p,
+            vec![
+                PortRange::single(22),
+                PortRange::single(80),
+                PortRange {
+                    start: 1000,
+                    end: 2000
+                }
+            ]
+        );
         assert!(toml::from_str::<T>("p = [70000]").is_err());
         assert!(toml::from_str::<T>("p = [-1]").is_err());
     }
@@ -122,8 +152,11 @@ mod tests {
     fn finds_overlaps() {
         let r = |a, b| PortRange { start: a, end: b };
         assert_eq!(first_overlap(&[r(1, 5), r(6, 9)]), None);
-        assert_eq!(first_overlap(&[r(1, 5), r(6, 9), r(9, 9)]), Some((r(6, 9), r(9, 9))));
-        assert_eq!(r(49152, 65535).len(), 16384);
+        assert_eq!(
+            first_overlap(&[r(1, 5), r(6, 9), r(9, 9)]),
+            Some((r(6, 9), r(9, 9)))
+        );
+        assert_eq!(r(49152, 65535).port_count(), 16384);
         assert_eq!(format_ports(&[r(22, 22), r(1, 3)]), "22, 1-3");
     }
 }

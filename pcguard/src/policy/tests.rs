@@ -27,21 +27,47 @@ fn peer_mask(p: &CompiledPolicy, addr: IpAddr) -> u32 {
             4 => IpAddr::from(<[u8; 4]>::try_from(octets).unwrap()),
             _ => IpAddr::from(<[u8; 16]>::try_from(octets).unwrap()),
         };
-        Cidr::containing(addr, len as u8) == Cidr::containing(ip, len as u8) && ip.is_ipv4() == addr.is_ipv4()
+        Cidr::containing(addr, len as u8) == Cidr::containing(ip, len as u8)
+            && ip.is_ipv4() == addr.is_ipv4()
     };
-    let v4 = p.peers_v4.iter().filter(|e| matches(&e.addr, e.prefix_len)).map(|e| (e.prefix_len, e.mask));
-    let v6 = p.peers_v6.iter().filter(|e| matches(&e.addr, e.prefix_len)).map(|e| (e.prefix_len, e.mask));
-    v4.chain(v6).max_by_key(|(len, _)| *len).map_or(0, |(_, m)| m)
+    let v4 = p
+        .peers_v4
+        .iter()
+        .filter(|e| matches(&e.addr, e.prefix_len))
+        .map(|e| (e.prefix_len, e.mask));
+    let v6 = p
+        .peers_v6
+        .iter()
+        .filter(|e| matches(&e.addr, e.prefix_len))
+        .map(|e| (e.prefix_len, e.mask));
+    v4.chain(v6)
+        .max_by_key(|(len, _)| *len)
+        .map_or(0, |(_, m)| m)
 }
 
 /// The kernel's `decide`: the id of the allowing rule, or None.
-fn decide(p: &CompiledPolicy, dir: Direction, proto: Protocol, port: u16, peer: &str) -> Option<String> {
+fn decide(
+    p: &CompiledPolicy,
+    dir: Direction,
+    proto: Protocol,
+    port: u16,
+    peer: &str,
+) -> Option<String> {
     let mask = peer_mask(p, peer.parse().unwrap());
     let idx = port_table_index(dir.dir_index(), proto.proto_index(), port);
-    let entry = p.ports.iter().find(|(i, _)| *i == idx).map(|(_, e)| *e).unwrap_or_default();
+    let entry = p
+        .ports
+        .iter()
+        .find(|(i, _)| *i == idx)
+        .map(|(_, e)| *e)
+        .unwrap_or_default();
     let slot = &p.slots[usize::from(entry.slot)];
     let m = mask & slot.allowed_mask;
-    (m != 0).then(|| p.rules[usize::from(slot.rule_by_class[m.trailing_zeros() as usize])].id.clone())
+    (m != 0).then(|| {
+        p.rules[usize::from(slot.rule_by_class[m.trailing_zeros() as usize])]
+            .id
+            .clone()
+    })
 }
 
 fn inbound(p: &CompiledPolicy, port: u16, peer: &str) -> Option<String> {
@@ -54,7 +80,12 @@ fn outbound(p: &CompiledPolicy, port: u16, peer: &str) -> Option<String> {
 
 fn label(p: &CompiledPolicy, dir: Direction, proto: Protocol, port: u16) -> &str {
     let idx = port_table_index(dir.dir_index(), proto.proto_index(), port);
-    let entry = p.ports.iter().find(|(i, _)| *i == idx).map(|(_, e)| *e).unwrap_or_default();
+    let entry = p
+        .ports
+        .iter()
+        .find(|(i, _)| *i == idx)
+        .map(|(_, e)| *e)
+        .unwrap_or_default();
     &p.port_labels[proto.proto_index() as usize][usize::from(entry.port_idx)]
 }
 
@@ -78,19 +109,36 @@ fn lab_verdicts() {
     assert_eq!(outbound(&p, 443, "10.77.0.3"), id("hp-outbound"));
     assert_eq!(outbound(&p, 5432, "10.77.0.2"), None);
     assert_eq!(outbound(&p, 443, "192.0.2.1"), None);
-    assert_eq!(decide(&p, Direction::Inbound, Protocol::Udp, 9191, "10.77.0.2"), None);
+    assert_eq!(
+        decide(&p, Direction::Inbound, Protocol::Udp, 9191, "10.77.0.2"),
+        None
+    );
 }
 
 #[test]
 fn lab_settings_classes_and_limits_of_tables() {
     let p = lab();
     let s = p.settings;
-    assert_eq!((s.ingress_mode, s.egress_mode, s.allow_icmp, s.ready), (MODE_ENFORCE, MODE_ENFORCE, 1, 1));
+    assert_eq!(
+        (s.ingress_mode, s.egress_mode, s.allow_icmp, s.ready),
+        (MODE_ENFORCE, MODE_ENFORCE, 1, 1)
+    );
     assert_eq!(s.tcp_timeout_ns, 600_000_000_000);
     assert_eq!(s.udp_timeout_ns, 30_000_000_000);
     assert_eq!(s.report_interval_ns, 5_000_000_000);
     let names: Vec<&str> = p.classes.iter().flatten().map(String::as_str).collect();
-    assert_eq!(names, ["workstations", "secondary_servers", "devices", "admin", "ldap", "database", "any"]);
+    assert_eq!(
+        names,
+        [
+            "workstations",
+            "secondary_servers",
+            "devices",
+            "admin",
+            "ldap",
+            "database",
+            "any"
+        ]
+    );
     assert_eq!(p.classes.len(), MAX_CLASSES);
     assert_eq!(p.class_bit("any"), Some(CLASS_ANY_BIT));
     assert_eq!(s.no_initiate_mask, 0b11);
@@ -101,9 +149,19 @@ fn lab_settings_classes_and_limits_of_tables() {
     assert_eq!(p.port_labels[PROTO_IDX_TCP as usize][0], "other");
     assert_eq!(label(&p, Direction::Inbound, Protocol::Tcp, 9191), "9191");
     assert_eq!(label(&p, Direction::Inbound, Protocol::Tcp, 1), "other");
-    assert_eq!(p.peers_v4.iter().find(|e| e.prefix_len == 0).unwrap().mask, CLASS_ANY);
-    assert_eq!(p.peers_v6.iter().find(|e| e.prefix_len == 0).unwrap().mask, CLASS_ANY);
-    let ws = p.peers_v4.iter().find(|e| e.addr == [10, 77, 0, 2]).unwrap();
+    assert_eq!(
+        p.peers_v4.iter().find(|e| e.prefix_len == 0).unwrap().mask,
+        CLASS_ANY
+    );
+    assert_eq!(
+        p.peers_v6.iter().find(|e| e.prefix_len == 0).unwrap().mask,
+        CLASS_ANY
+    );
+    let ws = p
+        .peers_v4
+        .iter()
+        .find(|e| e.addr == [10, 77, 0, 2])
+        .unwrap();
     assert_eq!((ws.prefix_len, ws.mask), (32, CLASS_ANY | 1));
 }
 
@@ -114,22 +172,46 @@ fn priority_always_allow_then_site_then_catalog_order() {
         [[rule]]\nname = \"site-web\"\ndirection = \"inbound\"\nprotocol = \"tcp\"\nports = [9191]\npeers = [\"workstations\", \"admin\"]\n\
         [[always_allow.rule]]\nname = \"admin-web\"\ndirection = \"inbound\"\nprotocol = \"tcp\"\nports = [9191]\npeers = [\"admin\"]\n";
     let p = compiled(body);
-    let ids: Vec<&str> = p.rules.iter().skip(1).take(3).map(|r| r.id.as_str()).collect();
+    let ids: Vec<&str> = p
+        .rules
+        .iter()
+        .skip(1)
+        .take(3)
+        .map(|r| r.id.as_str())
+        .collect();
     assert_eq!(ids, ["admin-ssh", "admin-web", "site-web"]);
-    assert_eq!(inbound(&p, 9191, "198.51.100.7").as_deref(), Some("admin-web"));
+    assert_eq!(
+        inbound(&p, 9191, "198.51.100.7").as_deref(),
+        Some("admin-web")
+    );
     assert_eq!(inbound(&p, 9191, "192.0.2.5").as_deref(), Some("site-web"));
     assert_eq!(inbound(&p, 9192, "192.0.2.5").as_deref(), Some("web-https"));
     // canon-inbound precedes hp-inbound in the catalog.
-    assert_eq!(inbound(&p, 9191, "203.0.113.9").as_deref(), Some("canon-inbound"));
-    assert_eq!(p.rules.iter().find(|r| r.id == "site-web").unwrap().origin, RuleOrigin::Site);
-    assert_eq!(p.rules.iter().find(|r| r.id == "admin-web").unwrap().origin, RuleOrigin::AlwaysAllow);
+    assert_eq!(
+        inbound(&p, 9191, "203.0.113.9").as_deref(),
+        Some("canon-inbound")
+    );
+    assert_eq!(
+        p.rules.iter().find(|r| r.id == "site-web").unwrap().origin,
+        RuleOrigin::Site
+    );
+    assert_eq!(
+        p.rules.iter().find(|r| r.id == "admin-web").unwrap().origin,
+        RuleOrigin::AlwaysAllow
+    );
     let table = rule_table(&p);
     let web_http = table.lines().find(|l| l.starts_with("web-http ")).unwrap();
     assert!(web_http.ends_with("catalog (shadowed)"), "{web_http}");
     // canon-inbound and device-rpc come first on all of hp-inbound's ports.
-    let hp = table.lines().find(|l| l.starts_with("hp-inbound ")).unwrap();
+    let hp = table
+        .lines()
+        .find(|l| l.starts_with("hp-inbound "))
+        .unwrap();
     assert!(hp.ends_with("(shadowed)"), "{hp}");
-    let canon = table.lines().find(|l| l.starts_with("canon-inbound ")).unwrap();
+    let canon = table
+        .lines()
+        .find(|l| l.starts_with("canon-inbound "))
+        .unwrap();
     assert!(canon.ends_with("catalog"), "{canon}");
 }
 
@@ -150,10 +232,18 @@ fn overlapping_cidrs_carry_every_containing_class() {
 
 #[test]
 fn ipv6_peers() {
-    let p = compiled("[peers]\nworkstations = [\"2001:db8:10::/48\"]\nadmin = [\"2001:db8:10::10\", \"192.0.2.10\"]\n");
+    let p = compiled(
+        "[peers]\nworkstations = [\"2001:db8:10::/48\"]\nadmin = [\"2001:db8:10::10\", \"192.0.2.10\"]\n",
+    );
     assert_eq!(p.peers_v6.len(), 3);
-    assert_eq!(inbound(&p, 9192, "2001:db8:10::99").as_deref(), Some("web-https"));
-    assert_eq!(inbound(&p, 22, "2001:db8:10::10").as_deref(), Some("admin-ssh"));
+    assert_eq!(
+        inbound(&p, 9192, "2001:db8:10::99").as_deref(),
+        Some("web-https")
+    );
+    assert_eq!(
+        inbound(&p, 22, "2001:db8:10::10").as_deref(),
+        Some("admin-ssh")
+    );
     assert_eq!(inbound(&p, 22, "2001:db8:10::11"), None);
     assert_eq!(inbound(&p, 9192, "2001:db8:11::1"), None);
     assert_eq!(inbound(&p, 22, "192.0.2.10").as_deref(), Some("admin-ssh"));
@@ -165,17 +255,29 @@ fn ranges_and_narrowest_labels() {
         [[rule]]\nname = \"agent\"\ndirection = \"outbound\"\nprotocol = \"tcp\"\nports = [50000]\npeers = [\"admin\"]\n";
     let p = compiled(body);
     let dir = Direction::Outbound;
-    assert_eq!(outbound(&p, 49152, "192.0.2.1").as_deref(), Some("ad-rpc-dynamic"));
-    assert_eq!(outbound(&p, 65535, "192.0.2.1").as_deref(), Some("ad-rpc-dynamic"));
+    assert_eq!(
+        outbound(&p, 49152, "192.0.2.1").as_deref(),
+        Some("ad-rpc-dynamic")
+    );
+    assert_eq!(
+        outbound(&p, 65535, "192.0.2.1").as_deref(),
+        Some("ad-rpc-dynamic")
+    );
     assert_eq!(outbound(&p, 49151, "192.0.2.1"), None);
     assert_eq!(outbound(&p, 50000, "192.0.2.7").as_deref(), Some("agent"));
-    assert_eq!(outbound(&p, 50000, "192.0.2.1").as_deref(), Some("ad-rpc-dynamic"));
+    assert_eq!(
+        outbound(&p, 50000, "192.0.2.1").as_deref(),
+        Some("ad-rpc-dynamic")
+    );
     assert_eq!(outbound(&p, 50001, "192.0.2.7"), None);
     assert_eq!(label(&p, dir, Protocol::Tcp, 49152), "49152-65535");
     assert_eq!(label(&p, dir, Protocol::Tcp, 50000), "50000");
     assert_eq!(label(&p, dir, Protocol::Tcp, 50001), "49152-65535");
     assert_eq!(label(&p, dir, Protocol::Udp, 88), "88");
-    assert_eq!(decide(&p, dir, Protocol::Udp, 389, "192.0.2.1").as_deref(), Some("ad-ldap-udp"));
+    assert_eq!(
+        decide(&p, dir, Protocol::Udp, 389, "192.0.2.1").as_deref(),
+        Some("ad-ldap-udp")
+    );
     let range_entries = p.ports.iter().filter(|(i, _)| {
         let base = port_table_index(DIR_EGRESS, PROTO_IDX_TCP, 0);
         (base + 49152..=base + 65535).contains(i)
@@ -186,7 +288,11 @@ fn ranges_and_narrowest_labels() {
 #[test]
 fn identical_slots_are_shared() {
     let p = lab();
-    let distinct: HashSet<(u32, [u16; MAX_CLASSES])> = p.slots.iter().map(|s| (s.allowed_mask, s.rule_by_class)).collect();
+    let distinct: HashSet<(u32, [u16; MAX_CLASSES])> = p
+        .slots
+        .iter()
+        .map(|s| (s.allowed_mask, s.rule_by_class))
+        .collect();
     assert_eq!(distinct.len(), p.slots.len());
     let slot_of = |port: u16| {
         let idx = port_table_index(DIR_EGRESS, PROTO_IDX_TCP, port);
@@ -195,14 +301,27 @@ fn identical_slots_are_shared() {
     assert_eq!(slot_of(80), slot_of(443));
     assert_ne!(slot_of(80), slot_of(7627));
     let indexes: HashSet<u32> = p.ports.iter().map(|(i, _)| *i).collect();
-    assert_eq!(indexes.len(), p.ports.len(), "a port table index listed twice");
+    assert_eq!(
+        indexes.len(),
+        p.ports.len(),
+        "a port table index listed twice"
+    );
 }
 
 #[test]
 fn cloud_endpoints_get_a_class_with_fqdns_and_ips() {
-    let p = compiled("[peers]\nworkstations = [\"192.0.2.0/24\"]\n[features]\nges = true\ncloud_services = true\n");
-    let cloud = p.class_info().into_iter().find(|c| c.name == "cloud").unwrap();
-    assert_eq!(cloud.cidrs, vec!["168.245.53.86/32".parse::<Cidr>().unwrap()]);
+    let p = compiled(
+        "[peers]\nworkstations = [\"192.0.2.0/24\"]\n[features]\nges = true\ncloud_services = true\n",
+    );
+    let cloud = p
+        .class_info()
+        .into_iter()
+        .find(|c| c.name == "cloud")
+        .unwrap();
+    assert_eq!(
+        cloud.cidrs,
+        vec!["168.245.53.86/32".parse::<Cidr>().unwrap()]
+    );
     assert!(cloud.fqdns.contains(&"mf.cloud.papercut.com".to_string()));
     assert!(cloud.fqdns.contains(&"*.papercut.com".to_string()));
     assert_eq!(outbound(&p, 443, "168.245.53.86").as_deref(), Some("ges"));
@@ -214,16 +333,24 @@ fn database_port_override_and_monitor_modes() {
     let text = HEAD.replace("enforce", "monitor")
         + "egress_mode = \"enforce\"\nallow_icmp = false\n[peers]\ndatabase = [\"192.0.2.6\"]\n[features]\ndatabase = \"postgresql\"\ndatabase_port = 6432\n";
     let p = compile(&config::parse(&text, "m.toml").unwrap()).unwrap();
-    assert_eq!(outbound(&p, 6432, "192.0.2.6").as_deref(), Some("db-postgresql"));
+    assert_eq!(
+        outbound(&p, 6432, "192.0.2.6").as_deref(),
+        Some("db-postgresql")
+    );
     assert_eq!(outbound(&p, 5432, "192.0.2.6"), None);
     let s = p.settings;
-    assert_eq!((s.ingress_mode, s.egress_mode, s.allow_icmp), (MODE_MONITOR, MODE_ENFORCE, 0));
+    assert_eq!(
+        (s.ingress_mode, s.egress_mode, s.allow_icmp),
+        (MODE_MONITOR, MODE_ENFORCE, 0)
+    );
 }
 
 fn many_rules(n: usize, ports_per_rule: usize) -> String {
     let mut body = String::from("[peers]\nadmin = [\"192.0.2.7\"]\n");
     for i in 0..n {
-        let ports: Vec<String> = (0..ports_per_rule).map(|k| (1000 + i * ports_per_rule + k).to_string()).collect();
+        let ports: Vec<String> = (0..ports_per_rule)
+            .map(|k| (1000 + i * ports_per_rule + k).to_string())
+            .collect();
         body.push_str(&format!(
             "[[rule]]\nname = \"r{i}\"\ndirection = \"inbound\"\nprotocol = \"udp\"\nports = [{}]\npeers = [\"admin\"]\n",
             ports.join(", ")
@@ -236,11 +363,27 @@ fn many_rules(n: usize, ports_per_rule: usize) -> String {
 fn limits() {
     // 509 site rules + admin-ssh, web-http and web-https (role defaults).
     let e = compile(&cfg(&many_rules(MAX_RULES as usize - 3, 1))).unwrap_err();
-    assert_eq!(e, PolicyError::TooManyRules { count: MAX_RULES as usize, max: MAX_RULES as usize - 1 });
-    assert!(e.to_string().starts_with("too many rules: 512 (at most 511)"));
+    assert_eq!(
+        e,
+        PolicyError::TooManyRules {
+            count: MAX_RULES as usize,
+            max: MAX_RULES as usize - 1
+        }
+    );
+    assert!(
+        e.to_string()
+            .starts_with("too many rules: 512 (at most 511)")
+    );
     compile(&cfg(&many_rules(MAX_RULES as usize - 4, 1))).unwrap();
     let e = compile(&cfg(&many_rules(2, 300))).unwrap_err();
-    assert_eq!(e, PolicyError::TooManyPortLabels { protocol: "udp", count: 601, max: MAX_PORT_LABELS as usize });
+    assert_eq!(
+        e,
+        PolicyError::TooManyPortLabels {
+            protocol: "udp",
+            count: 601,
+            max: MAX_PORT_LABELS as usize
+        }
+    );
     let mut body = String::from("[peers]\n");
     let mut peers = Vec::new();
     for i in 0..32 {
@@ -260,14 +403,30 @@ fn rule_table_lists_rules_peers_and_classes() {
     let cfg = config::parse(LAB, "lab.toml").unwrap();
     let p = compile(&cfg).unwrap();
     let t = check_report(&cfg, &p);
-    assert!(t.starts_with("lab.toml: role primary, interfaces pcg0\ningress enforce, egress enforce, ICMP allowed"));
+    assert!(t.starts_with(
+        "lab.toml: role primary, interfaces pcg0\ningress enforce, egress enforce, ICMP allowed"
+    ));
     let row = t.lines().find(|l| l.starts_with("web-http ")).unwrap();
-    for part in ["inbound", "tcp", "9191", "workstations[10.77.0.2/32]", "secondary_servers[10.77.0.4/32]", "enforce", "catalog"] {
+    for part in [
+        "inbound",
+        "tcp",
+        "9191",
+        "workstations[10.77.0.2/32]",
+        "secondary_servers[10.77.0.4/32]",
+        "enforce",
+        "catalog",
+    ] {
         assert!(row.contains(part), "{part} missing in {row}");
     }
     let ssh = t.lines().find(|l| l.starts_with("admin-ssh ")).unwrap();
-    assert!(ssh.contains("always") && ssh.contains("always-allow"), "{ssh}");
+    assert!(
+        ssh.contains("always") && ssh.contains("always-allow"),
+        "{ssh}"
+    );
     assert!(t.contains("peer classes:"));
-    assert!(t.lines().any(|l| l.starts_with("31 ") && l.contains("any") && l.contains("0.0.0.0/0, ::/0")));
+    assert!(
+        t.lines()
+            .any(|l| l.starts_with("31 ") && l.contains("any") && l.contains("0.0.0.0/0, ::/0"))
+    );
     assert!(t.contains("notes:\n- features.dns (default) not enabled"));
 }
