@@ -301,6 +301,14 @@ mod tests {
     }
 
     #[test]
+    fn docs_list_every_service() {
+        let doc = include_str!("../../docs/catalog.md");
+        for s in &builtin().services {
+            assert!(doc.contains(&format!("| `{}`", s.id)), "docs/catalog.md lacks {}", s.id);
+        }
+    }
+
+    #[test]
     fn document_copy_matches_shared_original() {
         let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/papercut-ports.txt");
         match std::fs::read_to_string(&shared) {

@@ -7,6 +7,9 @@ use crate::catalog;
 use crate::policy::portspec::first_overlap;
 use std::collections::{BTreeMap, HashSet};
 
+/// Names used by the compiled policy itself (rule 0, the `other` label).
+const RESERVED_NAMES: [&str; 3] = ["none", "other", "any"];
+
 /// Validates the rules of one table (`rule` or `always_allow.rule`).
 /// `names` collects rule names across tables (they must be unique).
 pub fn validate(
@@ -55,6 +58,8 @@ fn check_name(
         "rule names are lowercase letters, digits, '-' and '_'".to_string()
     } else if catalog::builtin().service(name).is_some() {
         format!("\"{name}\" is a catalog service id; choose another name")
+    } else if RESERVED_NAMES.contains(&name.as_str()) {
+        format!("\"{name}\" is reserved; choose another name")
     } else if !names.insert(name.clone()) {
         format!("duplicate rule name \"{name}\"")
     } else {
