@@ -85,13 +85,6 @@ pub struct Catalog {
     pub services: Vec<Service>,
 }
 
-/// The built-in catalog (parsed and validated once; the data is checked by
-/// unit tests, so a failure here is a build defect).
-pub fn builtin() -> &'static Catalog {
-    static CATALOG: OnceLock<Catalog> = OnceLock::new();
-    CATALOG.get_or_init(|| parse(CATALOG_TOML).unwrap_or_else(|e| panic!("built-in catalog: {e}")))
-}
-
 /// Parses and validates catalog data.
 pub fn parse(text: &str) -> Result<Catalog, String> {
     let catalog: Catalog = toml::from_str(text).map_err(|e| e.to_string())?;
@@ -100,6 +93,37 @@ pub fn parse(text: &str) -> Result<Catalog, String> {
 }
 
 impl Catalog {
+    /// The built-in catalog (parsed and validated once; the data is checked
+    /// by unit tests, so a failure here is a build defect).
+    pub fn builtin() -> &'static Catalog {
+        static CATALOG: OnceLock<Catalog> = OnceLock::new();
+        CATALOG
+            .get_or_init(|| parse(CATALOG_TOML).unwrap_or_else(|e| panic!("built-in catalog: {e}")))
+    }
+
+    /// The catalog as an aligned text table (`pcguard catalog`).
+    pub fn render_table(&self) -> String {
+        let rows: Vec<Vec<String>> = self.services.iter().map(table_row).collect();
+        let headers = [
+            "ID",
+            "DIR",
+            "PROTO",
+            "PORTS",
+            "PEERS",
+            "FEATURES",
+            "DOC",
+            "ENDPOINTS",
+        ];
+        table::aligned(&headers, &rows)
+    }
+
+    /// The catalog as JSON (`pcguard catalog --format json`): `{"classes":
+    /// [...], "services": [...]}`, ports as `"9191"` / `"49152-65535"`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let services: Vec<serde_json::Value> = self.services.iter().map(service_json).collect();
+        serde_json::json!({ "classes": self.classes, "services": services })
+    }
+
     pub fn service(&self, id: &str) -> Option<&Service> {
         self.services.iter().find(|s| s.id == id)
     }
@@ -185,24 +209,6 @@ fn is_kebab_case(id: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
-/// The catalog as an aligned text table (`pcguard catalog`).
-pub fn render_table(catalog: &Catalog) -> String {
-    let rows: Vec<Vec<String>> = catalog.services.iter().map(table_row).collect();
-    table::aligned(
-        &[
-            "ID",
-            "DIR",
-            "PROTO",
-            "PORTS",
-            "PEERS",
-            "FEATURES",
-            "DOC",
-            "ENDPOINTS",
-        ],
-        &rows,
-    )
-}
-
 fn table_row(s: &Service) -> Vec<String> {
     let endpoints: Vec<&str> = s.fqdns.iter().chain(&s.ips).map(String::as_str).collect();
     vec![
@@ -215,13 +221,6 @@ fn table_row(s: &Service) -> Vec<String> {
         if s.from_document { "yes" } else { "no" }.to_string(),
         endpoints.join(","),
     ]
-}
-
-/// The catalog as JSON (`pcguard catalog --json`): `{"classes": [...],
-/// "services": [...]}`, ports as `"9191"` / `"49152-65535"` strings.
-pub fn to_json(catalog: &Catalog) -> serde_json::Value {
-    let services: Vec<serde_json::Value> = catalog.services.iter().map(service_json).collect();
-    serde_json::json!({ "classes": catalog.classes, "services": services })
 }
 
 fn service_json(s: &Service) -> serde_json::Value {
@@ -250,7 +249,7 @@ mod tests {
     }
 
     fn covered(port: u32, proto: Option<Protocol>) -> bool {
-        builtin().services.iter().any(|s| {
+        Catalog::builtin().services.iter().any(|s| {
             s.from_document
                 && proto.is_none_or(|p| p == s.protocol)
                 && s.ports
@@ -261,7 +260,7 @@ mod tests {
 
     #[test]
     fn builtin_catalog_is_valid() {
-        let c = builtin();
+        let c = Catalog::builtin();
         assert!(c.services.len() > 90);
         assert_eq!(c.classes.len(), 14);
     }
@@ -290,7 +289,7 @@ mod tests {
 
     #[test]
     fn every_source_is_verbatim() {
-        for s in &builtin().services {
+        for s in &Catalog::builtin().services {
             if let Some(src) = &s.source {
                 assert!(DOCUMENT.contains(src.as_str()), "{}: {src:?}", s.id);
             }
@@ -303,8 +302,12 @@ mod tests {
     #[test]
     fn docs_list_every_service() {
         let doc = include_str!("../../docs/catalog.md");
-        for s in &builtin().services {
-            assert!(doc.contains(&format!("| `{}`", s.id)), "docs/catalog.md lacks {}", s.id);
+        for s in &Catalog::builtin().services {
+            assert!(
+                doc.contains(&format!("| `{}`", s.id)),
+                "docs/catalog.md lacks {}",
+                s.id
+            );
         }
     }
 
@@ -322,7 +325,7 @@ mod tests {
 
     #[test]
     fn documented_entries_have_expected_shape() {
-        let c = builtin();
+        let c = Catalog::builtin();
         let check = |id: &str, dir, proto, ports: &str, peer: &str| {
             let s = c.service(id).unwrap_or_else(|| panic!("{id} missing"));
             assert_eq!(
@@ -362,7 +365,7 @@ mod tests {
 
     #[test]
     fn feature_values_list_vendors() {
-        let vendors = builtin().feature_values("mfd");
+        let vendors = Catalog::builtin().feature_values("mfd");
         for v in [
             "brother",
             "hp",
@@ -373,7 +376,11 @@ mod tests {
         ] {
             assert!(vendors.contains(&v), "{v}");
         }
-        assert!(builtin().feature_values("database").contains(&"postgresql"));
+        assert!(
+            Catalog::builtin()
+                .feature_values("database")
+                .contains(&"postgresql")
+        );
     }
 
     #[test]
@@ -416,8 +423,8 @@ features = ["f"]
 
     #[test]
     fn table_and_json() {
-        let c = builtin();
-        let t = render_table(c);
+        let c = Catalog::builtin();
+        let t = c.render_table();
         assert!(t.starts_with("ID"));
         let line = t
             .lines()
@@ -427,7 +434,7 @@ features = ["f"]
             line.contains("outbound") && line.contains("49152-65535") && line.contains("directory")
         );
         assert_eq!(t.lines().count(), c.services.len() + 1);
-        let j = to_json(c);
+        let j = c.to_json();
         let svc = j["services"].as_array().unwrap();
         assert_eq!(svc.len(), c.services.len());
         let ges = svc.iter().find(|s| s["id"] == "ges").unwrap();

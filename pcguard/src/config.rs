@@ -9,7 +9,7 @@ mod raw;
 mod rules;
 mod span;
 
-use crate::catalog::{self, Service};
+use crate::catalog::{Catalog, Service};
 use crate::policy::{Direction, PortRange, Protocol};
 use raw::{RawConfig, Seconds, SpannedList};
 use serde::{Deserialize, Serialize};
@@ -165,7 +165,7 @@ impl SiteConfig {
 
     /// Catalog services enabled by the features, in catalog order.
     pub fn enabled_services(&self) -> impl Iterator<Item = &'static Service> + '_ {
-        catalog::builtin()
+        Catalog::builtin()
             .services
             .iter()
             .filter(|s| s.features.iter().any(|f| self.features.contains(f)))
@@ -433,7 +433,7 @@ fn check_custom_classes(
     rules: &[SiteRule],
     always: &[SiteRule],
 ) -> Result<(), ConfigError> {
-    let builtin = catalog::builtin().class_names();
+    let builtin = Catalog::builtin().class_names();
     let used: HashSet<&str> = rules
         .iter()
         .chain(always)

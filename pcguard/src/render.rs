@@ -14,14 +14,21 @@ use std::fmt::Write as _;
 /// Name of the nftables table (family `inet`).
 pub const TABLE: &str = "pcguard";
 
-/// Compiles `cfg` and renders it for its interfaces.
+/// Compiles `cfg` and renders it for its interfaces (the kernel's scope:
+/// the oracle for end-to-end tests).
 pub fn nftables_for_config(cfg: &SiteConfig) -> Result<String, PolicyError> {
-    Ok(nftables(&policy::compile(cfg)?, &cfg.interfaces))
+    Ok(nftables_on(&policy::compile(cfg)?, &cfg.interfaces))
 }
 
-/// Renders `p` as an nftables ruleset filtering `interfaces`. Loading it
-/// (`nft -f`) replaces any previous `inet pcguard` table.
-pub fn nftables(p: &CompiledPolicy, interfaces: &[String]) -> String {
+/// Renders `p` for every interface but loopback (a host firewall).
+pub fn nftables(p: &CompiledPolicy) -> String {
+    nftables_on(p, &[])
+}
+
+/// Renders `p` as an nftables ruleset filtering only `interfaces` (every
+/// interface but loopback when empty). Loading it (`nft -f`) replaces any
+/// previous `inet pcguard` table.
+pub fn nftables_on(p: &CompiledPolicy, interfaces: &[String]) -> String {
     let classes = p.class_info();
     let mut out = String::new();
     let _ = writeln!(out, "#!/usr/sbin/nft -f");
@@ -128,7 +135,10 @@ fn chain(
             "type filter hook {hook} priority filter; policy {};",
             tail.policy()
         ),
-        format!("{iface} != {{ {} }} accept", ifaces.join(", ")),
+        match ifaces.is_empty() {
+            true => format!("{iface} \"lo\" accept"),
+            false => format!("{iface} != {{ {} }} accept", ifaces.join(", ")),
+        },
         format!("meta l4proto {{ icmp, ipv6-icmp }} {icmp}"),
         "ct state established,related accept".to_string(),
     ];
@@ -346,6 +356,16 @@ mod tests {
     }
 
     #[test]
+    fn without_interfaces_every_interface_but_loopback_is_filtered() {
+        let p = policy::compile(&config::parse(LAB, "lab.toml").unwrap()).unwrap();
+        let rs = nftables(&p);
+        assert!(chain_body(&rs, "input").contains("        iifname \"lo\" accept\n"));
+        assert!(chain_body(&rs, "output").contains("        oifname \"lo\" accept\n"));
+        assert!(!rs.contains("pcg0"));
+        assert_eq!(nftables_on(&p, &["pcg0".to_string()]), lab_ruleset());
+    }
+
+    #[test]
     fn to_ranges_merges_consecutive_ports() {
         let r = |a, b| PortRange { start: a, end: b };
         assert_eq!(
@@ -367,23 +387,27 @@ mod tests {
         let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
         for name in ["lab.toml", "primary.toml", "secondary.toml", "monitor.toml"] {
             let cfg = config::load(&examples.join(name)).unwrap();
-            let file = dir.join(format!("{name}.nft"));
-            std::fs::write(&file, nftables_for_config(&cfg).unwrap()).unwrap();
-            let out = Command::new("nft")
-                .arg("-c")
-                .arg("-f")
-                .arg(&file)
-                .output()
-                .unwrap();
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            if !out.status.success() && stderr.contains("Operation not permitted") {
-                eprintln!("skipped: nft -c needs CAP_NET_ADMIN");
-                return;
+            let scoped = nftables_for_config(&cfg).unwrap();
+            let host = nftables(&policy::compile(&cfg).unwrap());
+            for (kind, ruleset) in [("interfaces", scoped), ("host", host)] {
+                let file = dir.join(format!("{name}.{kind}.nft"));
+                std::fs::write(&file, ruleset).unwrap();
+                let out = Command::new("nft")
+                    .arg("-c")
+                    .arg("-f")
+                    .arg(&file)
+                    .output()
+                    .unwrap();
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                if !out.status.success() && stderr.contains("Operation not permitted") {
+                    eprintln!("skipped: nft -c needs CAP_NET_ADMIN");
+                    return;
+                }
+                assert!(
+                    out.status.success(),
+                    "nft -c rejected {name} ({kind}):\n{stderr}"
+                );
             }
-            assert!(
-                out.status.success(),
-                "nft -c rejected the ruleset of {name}:\n{stderr}"
-            );
         }
         let _ = std::fs::remove_dir_all(dir);
     }

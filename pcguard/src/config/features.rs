@@ -4,7 +4,7 @@
 
 use super::raw::RawConfig;
 use super::{Cidr, ConfigError, Ctx, Role, service_peers};
-use crate::catalog::{self, Catalog};
+use crate::catalog::Catalog;
 use crate::policy::PortRange;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
@@ -100,7 +100,7 @@ pub fn resolve(
     raw: &RawConfig,
     peers: &BTreeMap<String, Vec<Cidr>>,
 ) -> Result<Resolved, ConfigError> {
-    let catalog = catalog::builtin();
+    let catalog = Catalog::builtin();
     check_keys(ctx, raw)?;
     let defaults = default_table(*raw.role.get_ref());
     let setting = |key: &str| -> Option<Setting> {

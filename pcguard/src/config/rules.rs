@@ -3,7 +3,7 @@
 
 use super::raw::RawRule;
 use super::{CLASS_ANY_NAME, Cidr, ConfigError, Ctx, SiteRule};
-use crate::catalog;
+use crate::catalog::Catalog;
 use crate::policy::portspec::first_overlap;
 use std::collections::{BTreeMap, HashSet};
 
@@ -56,7 +56,7 @@ fn check_name(
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
     {
         "rule names are lowercase letters, digits, '-' and '_'".to_string()
-    } else if catalog::builtin().service(name).is_some() {
+    } else if Catalog::builtin().service(name).is_some() {
         format!("\"{name}\" is a catalog service id; choose another name")
     } else if RESERVED_NAMES.contains(&name.as_str()) {
         format!("\"{name}\" is reserved; choose another name")
@@ -92,7 +92,7 @@ fn check_peers(
             "at least one peer class is required",
         ));
     }
-    let builtin = catalog::builtin().class_names();
+    let builtin = Catalog::builtin().class_names();
     for p in list {
         let name = p.get_ref().as_str();
         if name == CLASS_ANY_NAME || peers.contains_key(name) {

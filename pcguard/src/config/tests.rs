@@ -352,7 +352,10 @@ fn site_rules_are_validated() {
         .contains("is a catalog service id")
     );
     let reserved = error(&format!("{peers}{}", rule("none", "[1]", "[\"admin\"]")));
-    assert!(reserved.contains("rule[0].name: \"none\" is reserved"), "{reserved}");
+    assert!(
+        reserved.contains("rule[0].name: \"none\" is reserved"),
+        "{reserved}"
+    );
     assert!(
         error(&format!("{peers}{}", rule("a", "[]", "[\"admin\"]"))).contains("at least one port")
     );

@@ -4,7 +4,7 @@
 use super::cidr::Cidr;
 use super::classes::unique;
 use super::compiled::{RuleInfo, RuleOrigin};
-use crate::catalog::{self, Service};
+use crate::catalog::{Catalog, Service};
 use crate::config::{SiteConfig, SiteRule};
 use pcguard_common::Settings;
 use std::collections::BTreeSet;
@@ -100,7 +100,7 @@ fn site_rule(r: &SiteRule, origin: RuleOrigin) -> RuleInfo {
 /// Every class that has configured CIDRs, or documented IPs / FQDNs of an
 /// enabled service.
 fn classes(cfg: &SiteConfig, services: &[&Service]) -> Vec<PolicyClass> {
-    let builtin = catalog::builtin().class_names();
+    let builtin = Catalog::builtin().class_names();
     let custom = cfg
         .peers
         .keys()

@@ -17,7 +17,7 @@ pub use build::{Policy, PolicyClass, build};
 pub use classes::ClassInfo;
 pub use compile::{PolicyError, compile_policy};
 pub use compiled::*;
-pub use report::{check_report, origin_name, rule_table};
+pub use report::{check_report, origin_name, rule_table, rules_json};
 
 use crate::config::SiteConfig;
 

@@ -88,11 +88,6 @@ fn rule_row(
     r: &RuleInfo,
     effective: bool,
 ) -> Vec<String> {
-    let mode = match (r.origin, r.direction) {
-        (RuleOrigin::AlwaysAllow, _) => "always",
-        (_, Direction::Inbound) => mode_name(p.settings.ingress_mode),
-        (_, Direction::Outbound) => mode_name(p.settings.egress_mode),
-    };
     let origin = origin_name(r.origin);
     vec![
         r.id.clone(),
@@ -104,13 +99,58 @@ fn rule_row(
             .map(|c| peer_cell(classes, c))
             .collect::<Vec<_>>()
             .join(", "),
-        mode.to_string(),
+        rule_mode(p, r).to_string(),
         if effective {
             origin.to_string()
         } else {
             format!("{origin} (shadowed)")
         },
     ]
+}
+
+/// `always` for always-allowed rules, else the mode of the direction.
+fn rule_mode(p: &CompiledPolicy, r: &RuleInfo) -> &'static str {
+    match (r.origin, r.direction) {
+        (RuleOrigin::AlwaysAllow, _) => "always",
+        (_, Direction::Inbound) => mode_name(p.settings.ingress_mode),
+        (_, Direction::Outbound) => mode_name(p.settings.egress_mode),
+    }
+}
+
+/// `pcguard check --format json`: modes, the rules (as [`RuleInfo`] plus
+/// `rule_id`, `mode`, `shadowed`; ports as strings) and the peer classes.
+pub fn rules_json(p: &CompiledPolicy) -> serde_json::Value {
+    let effective = effective_rules(p);
+    let rules: Vec<serde_json::Value> = p
+        .rules
+        .iter()
+        .enumerate()
+        .skip(1)
+        .map(|(id, r)| {
+            let mut v = serde_json::to_value(r).expect("a rule serializes");
+            let ports: Vec<String> = r.ports.iter().map(|x| x.to_string()).collect();
+            v["rule_id"] = id.into();
+            v["ports"] = ports.into();
+            v["mode"] = rule_mode(p, r).into();
+            v["shadowed"] = (!effective.contains(&id)).into();
+            v
+        })
+        .collect();
+    let no_initiate: Vec<&str> = p
+        .classes
+        .iter()
+        .zip(0..)
+        .filter(|(_, bit)| p.settings.no_initiate_mask & (1u32 << bit) != 0)
+        .filter_map(|(name, _)| name.as_deref())
+        .collect();
+    serde_json::json!({
+        "ingress_mode": mode_name(p.settings.ingress_mode),
+        "egress_mode": mode_name(p.settings.egress_mode),
+        "allow_icmp": p.settings.allow_icmp == 1,
+        "no_initiate": no_initiate,
+        "rules": rules,
+        "classes": p.class_info(),
+    })
 }
 
 pub fn origin_name(o: RuleOrigin) -> &'static str {

@@ -430,3 +430,35 @@ fn rule_table_lists_rules_peers_and_classes() {
     );
     assert!(t.contains("notes:\n- features.dns (default) not enabled"));
 }
+
+#[test]
+fn rules_json_has_rules_modes_and_classes() {
+    let p = lab();
+    let j = rules_json(&p);
+    assert_eq!(j["ingress_mode"], "enforce");
+    assert_eq!(
+        j["no_initiate"],
+        serde_json::json!(["workstations", "secondary_servers"])
+    );
+    let rules = j["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), p.rules.len() - 1);
+    let ssh = &rules[0];
+    assert_eq!(
+        (ssh["id"].as_str(), ssh["rule_id"].as_u64()),
+        (Some("admin-ssh"), Some(1))
+    );
+    assert_eq!(
+        (ssh["mode"].as_str(), ssh["origin"].as_str()),
+        (Some("always"), Some("always_allow"))
+    );
+    let hp = rules.iter().find(|r| r["id"] == "hp-inbound").unwrap();
+    assert_eq!(hp["ports"], serde_json::json!(["9191", "9192", "9193"]));
+    assert_eq!(hp["shadowed"], false);
+    let ws = j["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "workstations")
+        .unwrap();
+    assert_eq!(ws["cidrs"], serde_json::json!(["10.77.0.2/32"]));
+}
