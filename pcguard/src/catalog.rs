@@ -217,10 +217,27 @@ fn table_row(s: &Service) -> Vec<String> {
         s.protocol.as_str().to_string(),
         format_ports(&s.ports),
         s.peers.join(","),
-        s.features.join(","),
+        compact_features(&s.features),
         if s.from_document { "yes" } else { "no" }.to_string(),
         endpoints.join(","),
     ]
+}
+
+/// `mfd:toshiba,mfd:toshiba-sdk1` -> `mfd:toshiba|toshiba-sdk1`.
+fn compact_features(features: &[String]) -> String {
+    let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
+    for f in features {
+        let (ns, value) = f.split_once(':').unwrap_or(("", f));
+        match groups.iter_mut().find(|(n, _)| *n == ns && !ns.is_empty()) {
+            Some((_, values)) => values.push(value),
+            None => groups.push((ns, vec![value])),
+        }
+    }
+    let group = |(ns, values): &(&str, Vec<&str>)| match ns.is_empty() {
+        true => values.join(","),
+        false => format!("{ns}:{}", values.join("|")),
+    };
+    groups.iter().map(group).collect::<Vec<_>>().join(",")
 }
 
 fn service_json(s: &Service) -> serde_json::Value {

@@ -462,3 +462,23 @@ fn rules_json_has_rules_modes_and_classes() {
         .unwrap();
     assert_eq!(ws["cidrs"], serde_json::json!(["10.77.0.2/32"]));
 }
+
+#[test]
+fn too_many_prefixes() {
+    let mut policy = build(&cfg("[peers]\nworkstations = [\"10.0.0.0/8\"]\n"));
+    let hosts = (0..PEER_ENTRIES)
+        .map(|i| Cidr::containing(IpAddr::from([10, 0, (i >> 8) as u8, i as u8]), 32));
+    policy.classes[0].cidrs.extend(hosts);
+    let e = compile_policy(&policy).unwrap_err();
+    let max = PEER_ENTRIES as usize;
+    assert_eq!(
+        e,
+        PolicyError::TooManyPrefixes {
+            family: "IPv4",
+            count: max + 2,
+            max
+        }
+    );
+    policy.classes[0].cidrs.truncate(max - 1);
+    assert_eq!(compile_policy(&policy).unwrap().peers_v4.len(), max);
+}
