@@ -306,7 +306,7 @@ pub fn parse(text: &str, origin: &str) -> Result<SiteConfig, ConfigError> {
 }
 
 /// Where errors point: the config text and its name.
-pub(crate) struct Ctx<'a> {
+struct Ctx<'a> {
     text: &'a str,
     origin: &'a str,
 }
