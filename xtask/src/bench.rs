@@ -17,11 +17,11 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use pcguard_common::{
-    CLASS_ANY, CLASS_ANY_BIT, CtEntry, DIR_EGRESS, DIR_INGRESS, FAMILY_V4, FlowEvent, FlowKey,
-    IPPROTO_TCP, MODE_ENFORCE, PROTO_IDX_TCP, PortEntry, PortSlot, REASON_NO_RULE,
-    REASON_OUTBOUND_TO_WORKSTATION, REASON_PEER_NOT_ALLOWED, STAT_EVENTS_SENT,
-    STAT_EVENTS_SUPPRESSED, Settings, VERDICT_ALLOW, names, port_counter_index, port_table_index,
-    rule_counter_index,
+    CLASS_ANY, CLASS_ANY_BIT, CT_FLAG_MONITORED, CT_STATE_CLOSING, CtEntry, DIR_EGRESS,
+    DIR_INGRESS, FAMILY_V4, FlowEvent, FlowKey, IPPROTO_TCP, MODE_ENFORCE, MODE_MONITOR,
+    PROTO_IDX_TCP, PortEntry, PortSlot, REASON_NO_RULE, REASON_OUTBOUND_TO_WORKSTATION,
+    REASON_PEER_NOT_ALLOWED, STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, Settings, VERDICT_ALLOW,
+    names, port_counter_index, port_table_index, rule_counter_index,
 };
 
 const XDP_DROP: u32 = 1;
@@ -45,6 +45,7 @@ const WEB_LABEL: u16 = 1;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 /// Cap on the runs of cases that need a map reset between runs (two
@@ -74,6 +75,7 @@ pub fn run(obj_path: &Path, iterations: u32) -> anyhow::Result<()> {
     };
     bench.ingress_cases()?;
     bench.egress_cases()?;
+    bench.smoke_cases()?;
     bench.print();
     bench.check_side_effects()
 }
@@ -503,7 +505,29 @@ impl Bench {
             "headline alert",
         )?;
 
-        // A FIN on the inbound flow moves it to closing; it still passes.
+        Ok(())
+    }
+
+    /// Runs `data` once and checks the verdict.
+    fn once(&self, case: &str, hook: Hook, data: &[u8], want: u32) -> anyhow::Result<()> {
+        let (ret, _) = self.test_run(hook, data, 1)?;
+        self.expect(case, hook, ret, want)
+    }
+
+    fn update_settings(&mut self, f: impl FnOnce(&mut Settings)) -> anyhow::Result<()> {
+        let mut settings: Array<_, Settings> =
+            Array::try_from(map(&mut self.ebpf, names::SETTINGS)?)?;
+        let mut s = settings.get(&0, 0)?;
+        f(&mut s);
+        settings.set(0, s, 0)?;
+        Ok(())
+    }
+
+    /// Single runs through the paths the timed cases leave out: FIN/RST,
+    /// monitor mode, a policy not yet ready.
+    fn smoke_cases(&mut self) -> anyhow::Result<()> {
+        let (xdp, tc) = (Hook::Xdp, Hook::Tc);
+        let key = v4_key(SERVER, WORKSTATION, WEB_PORT, CLIENT_PORT);
         let fin = tcp4(
             SERVER,
             WORKSTATION,
@@ -511,15 +535,45 @@ impl Bench {
             CLIENT_PORT,
             TCP_FIN | TCP_ACK,
         );
-        let (ret, _) = self.test_run(tc, &fin, 1)?;
-        self.expect("FIN on inbound flow", tc, ret, TC_ACT_PIPE)?;
-        let key = v4_key(SERVER, WORKSTATION, WEB_PORT, CLIENT_PORT);
+        self.once("FIN on inbound flow", tc, &fin, TC_ACT_PIPE)?;
         let state = self.ct.get(&key, 0)?.state;
         ensure!(
-            state == pcguard_common::CT_STATE_CLOSING,
+            state == CT_STATE_CLOSING,
             "FIN did not mark the flow closing"
         );
-        Ok(())
+        let rst = tcp4(
+            WORKSTATION,
+            SERVER,
+            CLIENT_PORT,
+            WEB_PORT,
+            TCP_RST | TCP_ACK,
+        );
+        self.once("RST on inbound flow", xdp, &rst, XDP_PASS)?;
+        ensure!(
+            self.ct.get(&key, 0).is_err(),
+            "RST left the conntrack entry"
+        );
+
+        self.update_settings(|s| s.ingress_mode = MODE_MONITOR)?;
+        let port = CLIENT_PORT + 5;
+        let syn = tcp4(WORKSTATION, SERVER, port, 9999, TCP_SYN);
+        self.once("SYN to 9999 in monitor mode", xdp, &syn, XDP_PASS)?;
+        let entry = self.ct.get(&v4_key(SERVER, WORKSTATION, 9999, port), 0)?;
+        ensure!(
+            entry.flags & CT_FLAG_MONITORED != 0,
+            "monitored flow not flagged"
+        );
+        let reply = tcp4(SERVER, WORKSTATION, 9999, port, TCP_SYN | TCP_ACK);
+        self.once("reply of a monitored flow", tc, &reply, TC_ACT_PIPE)?;
+
+        self.update_settings(|s| {
+            s.ingress_mode = MODE_ENFORCE;
+            s.ready = 0;
+        })?;
+        let stranger = tcp4(STRANGER, SERVER, CLIENT_PORT, 9999, TCP_SYN);
+        self.once("SYN to 9999, policy not ready", xdp, &stranger, XDP_PASS)?;
+        self.update_settings(|s| s.ready = 1)?;
+        self.once("SYN to 9999, policy ready", xdp, &stranger, XDP_DROP)
     }
 
     fn print(&self) {
