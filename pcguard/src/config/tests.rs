@@ -34,7 +34,10 @@ fn lab_config_has_what_the_daemon_needs() {
     assert_eq!(cfg.conntrack.tcp_closing, DEFAULT_TCP_CLOSING_TIMEOUT);
     assert_eq!(
         cfg.peers["workstations"],
-        vec!["10.77.0.2/32".parse::<Cidr>().unwrap()]
+        vec![
+            "10.77.0.2/32".parse::<Cidr>().unwrap(),
+            "fd77::2/128".parse().unwrap()
+        ]
     );
     let features: Vec<&str> = cfg.features.iter().map(String::as_str).collect();
     assert_eq!(

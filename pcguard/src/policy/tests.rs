@@ -94,6 +94,12 @@ fn lab_verdicts() {
     let p = lab();
     let id = |s: &str| Some(s.to_string());
     assert_eq!(inbound(&p, 9191, "10.77.0.2"), id("web-http"));
+    assert_eq!(inbound(&p, 9191, "fd77::2"), id("web-http"));
+    assert_eq!(inbound(&p, 9193, "fd77::3"), id("device-rpc"));
+    assert_eq!(inbound(&p, 22, "fd77::7"), id("admin-ssh"));
+    assert_eq!(inbound(&p, 9191, "fd77::99"), None);
+    assert_eq!(outbound(&p, 389, "fd77::5"), id("ldap"));
+    assert_eq!(outbound(&p, 445, "fd77::2"), None);
     assert_eq!(inbound(&p, 9192, "10.77.0.4"), id("web-https"));
     assert_eq!(inbound(&p, 9193, "10.77.0.3"), id("device-rpc"));
     assert_eq!(inbound(&p, 9191, "10.77.0.3"), id("hp-inbound"));
@@ -411,8 +417,8 @@ fn rule_table_lists_rules_peers_and_classes() {
         "inbound",
         "tcp",
         "9191",
-        "workstations[10.77.0.2/32]",
-        "secondary_servers[10.77.0.4/32]",
+        "workstations[10.77.0.2/32 fd77::2/128]",
+        "secondary_servers[10.77.0.4/32 fd77::4/128]",
         "enforce",
         "catalog",
     ] {
@@ -460,7 +466,10 @@ fn rules_json_has_rules_modes_and_classes() {
         .iter()
         .find(|c| c["name"] == "workstations")
         .unwrap();
-    assert_eq!(ws["cidrs"], serde_json::json!(["10.77.0.2/32"]));
+    assert_eq!(
+        ws["cidrs"],
+        serde_json::json!(["10.77.0.2/32", "fd77::2/128"])
+    );
 }
 
 #[test]
