@@ -45,23 +45,24 @@ pub fn report(frame: &Frame, key: &FlowKey, r: &Report, now: u64, interval: u64)
         stat(STAT_EVENTS_DROPPED);
         return;
     };
-    // Zero the record first (an 8-aligned fill LLVM emits as plain stores)
-    // and then set the fields: a struct literal's zero bytes at odd offsets
-    // (`_pad`) became a `memset` call, i.e. a BPF-to-BPF call with a loop.
-    let ev = slot.write(FlowEvent::default());
-    // The record's timestamp is precise (the contract: `bpf_ktime_get_ns`);
-    // `now` is the coarse per-packet clock.
-    // SAFETY: helper without preconditions.
-    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
-    ev.key = *key;
-    ev.peer_mask = r.peer_mask;
-    ev.ifindex = frame.ifindex;
-    ev.pkt_len = frame.len;
-    ev.direction = r.direction as u8;
-    ev.reason = r.reason;
-    ev.verdict = r.verdict as u8;
-    ev.tcp_flags = r.tcp_flags;
-    ev.slot = r.slot;
+    // LLVM turns the runs of zero bytes (`_pad`, constant-zero fields) into
+    // a small `memset` call, which aya links as a static BPF subprogram: fine
+    // on this rate-limited path.
+    slot.write(FlowEvent {
+        // Precise, as the contract says (`now` is the coarse clock).
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        key: *key,
+        peer_mask: r.peer_mask,
+        ifindex: frame.ifindex,
+        pkt_len: frame.len,
+        direction: r.direction as u8,
+        reason: r.reason,
+        verdict: r.verdict as u8,
+        tcp_flags: r.tcp_flags,
+        slot: r.slot,
+        _pad: [0; 6],
+    });
     slot.submit(0);
     // Failure only means the flow may be reported again: nothing to do.
     let _ = REPORTED.insert(key, now, 0);
