@@ -121,7 +121,7 @@ pub fn insert(key: &FlowKey, flow_dir: u32, rule: u16, port_idx: u16, flags: u8,
         flags,
         _pad: 0,
     };
-    match CONNTRACK.insert(key, &entry, BPF_NOEXIST as u64) {
+    match CONNTRACK.insert(key, entry, BPF_NOEXIST as u64) {
         Ok(()) => stat(STAT_CT_CREATED),
         Err(e) if e == -EEXIST => {}
         Err(_) => stat(STAT_CT_INSERT_FAILED),

@@ -121,32 +121,54 @@ fn malformed(frame: &Frame, dir: u32, s: &Settings, pkt: Option<Packet>) -> Acti
     action(verdict)
 }
 
-#[inline(always)]
-fn ip(frame: &Frame, dir: u32, s: &Settings, pkt: &Packet) -> Action {
-    let pidx = proto_idx(pkt.proto);
-    match pkt.l4 {
-        L4::Fragment => return bypass(frame, dir, pidx),
-        L4::Icmp if s.allow_icmp == 1 => return bypass(frame, dir, PROTO_IDX_OTHER),
-        _ => {}
-    }
-    let key = &conntrack::flow_key(pkt, dir).0;
-    let now = now();
-    match conntrack::lookup(key, dir, pkt.tcp_flags, now, s) {
-        Some(entry) => tracked(frame, dir, pidx, key, entry, pkt.tcp_flags, now),
-        None => untracked(frame, dir, pidx, s, pkt, key, now),
+/// A tracked or trackable packet: what the stages after parsing share.
+struct Flow<'a> {
+    frame: &'a Frame,
+    /// Direction the packet travels.
+    dir: u32,
+    proto_idx: u32,
+    key: &'a FlowKey,
+    now: u64,
+}
+
+impl Flow<'_> {
+    #[inline(always)]
+    fn count(&self, port_idx: u16, rule: u16, verdict: usize) {
+        count(
+            self.dir,
+            self.proto_idx,
+            port_idx,
+            rule,
+            verdict,
+            self.frame.len,
+        );
     }
 }
 
 #[inline(always)]
-fn tracked(
-    frame: &Frame,
-    dir: u32,
-    pidx: u32,
-    key: &FlowKey,
-    entry: *mut CtEntry,
-    tcp_flags: u8,
-    now: u64,
-) -> Action {
+fn ip(frame: &Frame, dir: u32, s: &Settings, pkt: &Packet) -> Action {
+    let proto_idx = proto_idx(pkt.proto);
+    match pkt.l4 {
+        L4::Fragment => return bypass(frame, dir, proto_idx),
+        L4::Icmp if s.allow_icmp == 1 => return bypass(frame, dir, PROTO_IDX_OTHER),
+        _ => {}
+    }
+    let key = &conntrack::flow_key(pkt, dir).0;
+    let flow = Flow {
+        frame,
+        dir,
+        proto_idx,
+        key,
+        now: now(),
+    };
+    match conntrack::lookup(key, dir, pkt.tcp_flags, flow.now, s) {
+        Some(entry) => tracked(&flow, entry, pkt.tcp_flags),
+        None => untracked(&flow, s, pkt),
+    }
+}
+
+#[inline(always)]
+fn tracked(flow: &Flow, entry: *mut CtEntry, tcp_flags: u8) -> Action {
     // SAFETY: map value pointer, valid for the duration of the program.
     let (port_idx, rule, flags) = unsafe { ((*entry).port_idx, (*entry).rule, (*entry).flags) };
     let verdict = if flags & CT_FLAG_MONITORED != 0 {
@@ -154,63 +176,46 @@ fn tracked(
     } else {
         VERDICT_ALLOW
     };
-    count(dir, pidx, port_idx, rule, verdict, frame.len);
-    conntrack::touch(key, entry, tcp_flags, now);
+    flow.count(port_idx, rule, verdict);
+    conntrack::touch(flow.key, entry, tcp_flags, flow.now);
     Action::Pass
 }
 
 /// Tracks a flow initiated in `flow_dir` and passes the packet.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn track(
-    frame: &Frame,
-    dir: u32,
-    flow_dir: u32,
-    pidx: u32,
-    key: &FlowKey,
-    d: &Decision,
-    verdict: usize,
-    now: u64,
-) -> Action {
+fn track(flow: &Flow, flow_dir: u32, d: &Decision, verdict: usize) -> Action {
     let flags = if verdict == VERDICT_MONITOR {
         CT_FLAG_MONITORED
     } else {
         0
     };
-    conntrack::insert(key, flow_dir, d.rule, d.port_idx, flags, now);
-    count(dir, pidx, d.port_idx, d.rule, verdict, frame.len);
+    conntrack::insert(flow.key, flow_dir, d.rule, d.port_idx, flags, flow.now);
+    flow.count(d.port_idx, d.rule, verdict);
     Action::Pass
 }
 
 #[inline(always)]
-fn untracked(
-    frame: &Frame,
-    dir: u32,
-    pidx: u32,
-    s: &Settings,
-    pkt: &Packet,
-    key: &FlowKey,
-    now: u64,
-) -> Action {
-    let peer_mask = policy::peer_mask(key);
+fn untracked(flow: &Flow, s: &Settings, pkt: &Packet) -> Action {
+    let dir = flow.dir;
+    let peer_mask = policy::peer_mask(flow.key);
     let has_ports = pkt.l4 == L4::Tcp || pkt.l4 == L4::Udp;
     // 1. A new flow in the packet's direction, to its destination port.
     let first = if has_ports {
-        policy::decide(dir, pidx, pkt.dport, peer_mask)
+        policy::decide(dir, flow.proto_idx, pkt.dport, peer_mask)
     } else {
         Decision::NO_RULE
     };
     if first.allowed() {
-        return track(frame, dir, dir, pidx, key, &first, VERDICT_ALLOW, now);
+        return track(flow, dir, &first, VERDICT_ALLOW);
     }
     // 2. A TCP reply of a flow initiated the other way before we tracked it.
     //    Never for a bare SYN (that opens a flow) nor UDP (its initiator's
     //    first packet always creates the entry).
     if pkt.l4 == L4::Tcp && !is_bare_syn(pkt.tcp_flags) {
         let back = opposite(dir);
-        let second = policy::decide(back, pidx, pkt.sport, peer_mask);
+        let second = policy::decide(back, flow.proto_idx, pkt.sport, peer_mask);
         if second.allowed() {
-            return track(frame, dir, back, pidx, key, &second, VERDICT_ALLOW, now);
+            return track(flow, back, &second, VERDICT_ALLOW);
         }
     }
     // 3. Unexpected.
@@ -228,12 +233,12 @@ fn untracked(
         slot: first.slot,
         tcp_flags: pkt.tcp_flags,
     };
-    events::report(frame, key, &r, now, s.report_interval_ns);
+    events::report(flow.frame, flow.key, &r, flow.now, s.report_interval_ns);
     if verdict == VERDICT_DROP {
-        count(dir, pidx, first.port_idx, 0, VERDICT_DROP, frame.len);
+        flow.count(first.port_idx, 0, VERDICT_DROP);
         return Action::Drop;
     }
     // Monitor: the entry (rule 0: `first` allowed nothing) makes the rest of
     // the flow and its replies known.
-    track(frame, dir, dir, pidx, key, &first, VERDICT_MONITOR, now)
+    track(flow, dir, &first, VERDICT_MONITOR)
 }

@@ -367,33 +367,46 @@ impl Bench {
         }
     }
 
+    /// The first packet of an allowed flow (conntrack miss, policy lookup,
+    /// conntrack insert) and, as `hit`, a packet of an established flow.
+    ///
+    /// Each first-packet run needs the entry of `key` gone, hence one run per
+    /// test run; the timer overhead of single runs, estimated as the `hit`
+    /// packet's single-run time minus its repeated time, is subtracted.
+    fn first_packet(
+        &mut self,
+        case: &'static str,
+        hook: Hook,
+        data: &[u8],
+        want: u32,
+        key: &FlowKey,
+        (hit_case, hit): (&'static str, &[u8]),
+    ) -> anyhow::Result<()> {
+        let (runs, fresh) = self.fresh_loop(case, hook, data, want, Some(key))?;
+        ensure!(self.ct.get(key, 0).is_ok(), "{case}: no conntrack entry");
+        let (_, hit_single) = self.fresh_loop(hit_case, hook, hit, want, None)?;
+        let hit_repeated = self.repeated(hit_case, hook, hit, want, "")?;
+        let overhead = (hit_single - hit_repeated).max(0.0);
+        self.rows.push(Row {
+            case,
+            hook,
+            action: want,
+            runs,
+            ns: fresh - overhead,
+            note: format!("{fresh:.1} raw, minus {overhead:.1} timer overhead"),
+        });
+        Ok(())
+    }
+
     fn ingress_cases(&mut self) -> anyhow::Result<()> {
         let xdp = Hook::Xdp;
         let syn = tcp4(WORKSTATION, SERVER, CLIENT_PORT, WEB_PORT, TCP_SYN);
         let key = v4_key(SERVER, WORKSTATION, WEB_PORT, CLIENT_PORT);
 
-        // Allowed first packet: conntrack miss, PORTS + SLOTS + LPM, conntrack
-        // insert. Each run needs the entry gone, hence one run per syscall;
-        // the timer overhead of such runs is estimated with a conntrack hit
-        // measured both ways and subtracted.
-        let case = "allowed SYN, first packet (policy + ct insert)";
-        let (runs, fresh) = self.fresh_loop(case, xdp, &syn, XDP_PASS, Some(&key))?;
         let ack = tcp4(WORKSTATION, SERVER, CLIENT_PORT, WEB_PORT, TCP_ACK);
-        let (_, hit_single) = self.fresh_loop("ct hit, single runs", xdp, &ack, XDP_PASS, None)?;
-        let hit = self.repeated("conntrack hit (ACK, established)", xdp, &ack, XDP_PASS, "")?;
-        let overhead = (hit_single - hit).max(0.0);
-        self.rows.push(Row {
-            case,
-            hook: xdp,
-            action: XDP_PASS,
-            runs,
-            ns: fresh - overhead,
-            note: format!("{fresh:.1} raw, minus {overhead:.1} timer overhead"),
-        });
-        ensure!(
-            self.ct.get(&key, 0).is_ok(),
-            "allowed SYN left no conntrack entry"
-        );
+        let hit = ("conntrack hit (ACK, established)", &ack[..]);
+        let first = "allowed SYN, first packet (policy + ct insert)";
+        self.first_packet(first, xdp, &syn, XDP_PASS, &key, hit)?;
 
         let repeat_syn = "allowed SYN, retransmitted (ct hit)";
         self.repeated(repeat_syn, xdp, &syn, XDP_PASS, "")?;
@@ -448,7 +461,7 @@ impl Bench {
         let icmp = pkt::ipv4(STRANGER, SERVER, 1, &[8, 0, 0, 0, 0, 0, 0, 0]);
         self.repeated("ICMP echo (allow_icmp)", xdp, &icmp, XDP_PASS, "bypass")?;
 
-        self.repeated("ARP (non-IP)", xdp, &pkt::arp(), XDP_PASS, "")?;
+        self.repeated("ARP (non-IP)", xdp, &pkt::arp(), XDP_PASS, "test-run floor")?;
         Ok(())
     }
 
@@ -461,26 +474,12 @@ impl Bench {
             CLIENT_PORT,
             TCP_SYN | TCP_ACK,
         );
-        self.repeated(
-            "reply to inbound flow (ct hit)",
-            tc,
-            &reply,
-            TC_ACT_PIPE,
-            "",
-        )?;
-
+        let hit = ("reply to inbound flow (ct hit)", &reply[..]);
         let ldaps = tcp4(SERVER, LDAP_SERVER, CLIENT_PORT + 3, LDAPS_PORT, TCP_SYN);
         let key = v4_key(SERVER, LDAP_SERVER, CLIENT_PORT + 3, LDAPS_PORT);
-        let case = "allowed outbound SYN, first packet (ldaps)";
-        let (runs, fresh) = self.fresh_loop(case, tc, &ldaps, TC_ACT_PIPE, Some(&key))?;
-        self.rows.push(Row {
-            case,
-            hook: tc,
-            action: TC_ACT_PIPE,
-            runs,
-            ns: fresh,
-            note: "raw, incl. timer".into(),
-        });
+        let first = "allowed outbound SYN, first packet (ldaps)";
+        self.first_packet(first, tc, &ldaps, TC_ACT_PIPE, &key, hit)?;
+
         let back = tcp4(
             LDAP_SERVER,
             SERVER,
@@ -592,6 +591,10 @@ impl Bench {
                 r.note
             );
         }
+        println!(
+            "ns/pkt is the kernel's average per run. The ARP row (Ethernet parse, one counter) \
+             approximates BPF_PROG_TEST_RUN's own per-run cost."
+        );
     }
 
     /// Counters and events the cases above must have produced.
