@@ -184,6 +184,11 @@ impl Daemon {
                         return;
                     }
                 };
+                // Clear readiness before draining: a record written after the
+                // drain then marks the fd ready again. (Clearing after the
+                // drain can lose that wakeup, and with the kernel's adaptive
+                // notifications no further wakeup would come.)
+                guard.clear_ready();
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
                     let Some(ev) = crate::flows::decode(&item) else { continue };
@@ -204,7 +209,6 @@ impl Daemon {
                         error!("{e:#}");
                     }
                 }
-                guard.clear_ready();
             }
         });
         Ok(())

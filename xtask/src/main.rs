@@ -184,7 +184,9 @@ fn is_bpffs(path: &str) -> bool {
 
 fn build(release: bool) -> Result<()> {
     let mut c = cargo();
-    c.args(["build", "--workspace"]);
+    // Default members: pcguard-ebpf is built for the BPF target by
+    // pcguard's build script, never for the host.
+    c.arg("build");
     if release {
         c.arg("--release");
     }
@@ -193,7 +195,7 @@ fn build(release: bool) -> Result<()> {
 
 fn test(unit_only: bool) -> Result<()> {
     build(false)?;
-    run(cargo().args(["test", "--workspace", "--exclude", "pcguard-tests"]))?;
+    run(cargo().args(["test", "-p", "pcguard-common", "-p", "pcguard", "-p", "xtask"]))?;
     if unit_only {
         return Ok(());
     }
