@@ -27,7 +27,7 @@ fn lab_config_has_what_the_daemon_needs() {
     assert_eq!((cfg.mode, cfg.egress_mode), (Mode::Enforce, Mode::Enforce));
     assert!(cfg.allow_icmp);
     assert_eq!(cfg.audit_path(), Path::new("/tmp/pcguard-lab/flows.jsonl"));
-    assert_eq!(cfg.report_interval(), Duration::from_secs(5));
+    assert_eq!(cfg.report_interval(), Duration::from_secs(60));
     assert_eq!(cfg.metrics_listen(), "127.0.0.1:9750".parse().unwrap());
     assert_eq!(cfg.conntrack.tcp, Duration::from_secs(600));
     assert_eq!(cfg.conntrack.udp, Duration::from_secs(30));

@@ -131,7 +131,7 @@ fn lab_settings_classes_and_limits_of_tables() {
     );
     assert_eq!(s.tcp_timeout_ns, 600_000_000_000);
     assert_eq!(s.udp_timeout_ns, 30_000_000_000);
-    assert_eq!(s.report_interval_ns, 5_000_000_000);
+    assert_eq!(s.report_interval_ns, 60_000_000_000);
     let names: Vec<&str> = p.classes.iter().flatten().map(String::as_str).collect();
     assert_eq!(
         names,
