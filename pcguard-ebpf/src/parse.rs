@@ -238,22 +238,21 @@ fn l2(pkt: Bounds) -> Option<(u16, usize)> {
     Some((ethertype, off))
 }
 
+/// The fixed IP header at `off` if it is inside the packet and of `version`.
+#[inline(always)]
+fn ip_header<const N: usize>(pkt: Bounds, off: usize, version: u8) -> Option<Hdr<N>> {
+    let ip = pkt.hdr::<N>(off)?;
+    (ip.u8::<0>() >> 4 == version).then_some(ip)
+}
+
 #[inline(always)]
 fn ipv4(pkt: Bounds, off: usize) -> Parsed {
-    let Some(ip) = pkt.hdr::<IPV4_HLEN>(off) else {
+    let Some(ip) = ip_header::<IPV4_HLEN>(pkt, off, 4) else {
         return Parsed::Malformed(None);
     };
-    let vihl = ip.u8::<0>();
-    if vihl >> 4 != 4 {
-        return Parsed::Malformed(None);
-    }
-    let mut p = Packet::new(
-        FAMILY_V4,
-        ip.u8::<9>(),
-        ip.v4_addr::<12>(),
-        ip.v4_addr::<16>(),
-    );
-    let hlen = ((vihl & 0x0f) as usize) * 4;
+    let (src, dst) = (ip.v4_addr::<12>(), ip.v4_addr::<16>());
+    let mut p = Packet::new(FAMILY_V4, ip.u8::<9>(), src, dst);
+    let hlen = ((ip.u8::<0>() & 0x0f) as usize) * 4;
     if hlen < IPV4_HLEN || !pkt.contains(off, hlen) {
         return Parsed::Malformed(Some(p));
     }
@@ -274,18 +273,11 @@ fn is_ipv6_ext(nexthdr: u8) -> bool {
 
 #[inline(always)]
 fn ipv6(pkt: Bounds, off: usize) -> Parsed {
-    let Some(ip) = pkt.hdr::<IPV6_HLEN>(off) else {
+    let Some(ip) = ip_header::<IPV6_HLEN>(pkt, off, 6) else {
         return Parsed::Malformed(None);
     };
-    if ip.u8::<0>() >> 4 != 6 {
-        return Parsed::Malformed(None);
-    }
-    let mut p = Packet::new(
-        FAMILY_V6,
-        ip.u8::<6>(),
-        ip.v6_addr::<8>(),
-        ip.v6_addr::<24>(),
-    );
+    let (src, dst) = (ip.v6_addr::<8>(), ip.v6_addr::<24>());
+    let mut p = Packet::new(FAMILY_V6, ip.u8::<6>(), src, dst);
     let mut off = off + IPV6_HLEN;
     // At most MAX_IPV6_EXT_HDRS headers: a constant bound keeps the walk
     // verifiable (and `off` bounded: each step adds at most 2 KiB).
