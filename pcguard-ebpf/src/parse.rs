@@ -141,11 +141,19 @@ impl<const N: usize> Hdr<N> {
     /// verifier checks packet loads against NET_IP_ALIGN, which these
     /// offsets satisfy. An unaligned read instead makes LLVM split every
     /// load into byte loads (the BPF backend assumes no misaligned access).
+    /// Host builds (unit tests) keep Rust's rules: an unaligned read.
     #[inline(always)]
     fn at<const I: usize, T: Copy>(self) -> T {
         const { assert!(I + size_of::<T>() <= N) };
         // SAFETY: `Bounds::hdr` checked that N bytes are inside the packet.
-        unsafe { self.0.add(I).cast::<T>().read() }
+        unsafe {
+            let p = self.0.add(I).cast::<T>();
+            if cfg!(target_arch = "bpf") {
+                p.read()
+            } else {
+                p.read_unaligned()
+            }
+        }
     }
 
     #[inline(always)]
@@ -341,4 +349,197 @@ fn transport(pkt: Bounds, off: usize, mut p: Packet, icmp: u8) -> Parsed {
         _ => {}
     }
     Parsed::Ip(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SRC4: [u8; 4] = [10, 1, 2, 3];
+    const DST4: [u8; 4] = [192, 168, 1, 10];
+
+    fn parsed(frame: &[u8]) -> Parsed {
+        let data = frame.as_ptr() as usize;
+        let f = Frame {
+            data,
+            end: data + frame.len(),
+            len: frame.len() as u32,
+            ifindex: 0,
+        };
+        parse(&f)
+    }
+
+    fn ip(frame: &[u8]) -> Packet {
+        match parsed(frame) {
+            Parsed::Ip(p) => p,
+            Parsed::Malformed(_) => panic!("malformed"),
+            Parsed::NonIp => panic!("non-IP"),
+        }
+    }
+
+    fn malformed_key(frame: &[u8]) -> Option<Packet> {
+        match parsed(frame) {
+            Parsed::Malformed(p) => p,
+            _ => panic!("not malformed"),
+        }
+    }
+
+    fn eth(tags: &[u16], ethertype: u16) -> Vec<u8> {
+        let mut f = vec![0u8; 12];
+        for tpid in tags {
+            f.extend_from_slice(&tpid.to_be_bytes());
+            f.extend_from_slice(&[0, 100]);
+        }
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f
+    }
+
+    fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+        let mut t = vec![0u8; 20];
+        t[..2].copy_from_slice(&sport.to_be_bytes());
+        t[2..4].copy_from_slice(&dport.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = flags;
+        t
+    }
+
+    /// IPv4 with `options` 4-byte words of options and `frag` as frag_off.
+    fn ipv4(options: u8, frag: u16, proto: u8, l4: &[u8]) -> Vec<u8> {
+        let mut f = eth(&[], ETH_P_IP);
+        f.extend_from_slice(&[0x45 + options, 0, 0, 0, 0, 0]);
+        f.extend_from_slice(&frag.to_be_bytes());
+        f.extend_from_slice(&[64, proto, 0, 0]);
+        f.extend_from_slice(&SRC4);
+        f.extend_from_slice(&DST4);
+        f.extend(std::iter::repeat_n(1u8, options as usize * 4));
+        f.extend_from_slice(l4);
+        f
+    }
+
+    /// IPv6 whose next-header chain is `chain` (each an extension header
+    /// type, the last the transport protocol), with `l4` after it.
+    fn ipv6(chain: &[u8], frag_off: u16, l4: &[u8]) -> Vec<u8> {
+        let mut f = eth(&[], ETH_P_IPV6);
+        f.extend_from_slice(&[0x60, 0, 0, 0, 0, 0, chain[0], 64]);
+        f.extend((1..=16).map(|i| i as u8));
+        f.extend((1..=16).map(|i| 0xe0 + i as u8));
+        for w in chain.windows(2) {
+            match w[0] {
+                NEXTHDR_FRAGMENT => {
+                    f.extend_from_slice(&[w[1], 0]);
+                    f.extend_from_slice(&frag_off.to_be_bytes());
+                    f.extend_from_slice(&[0; 4]);
+                }
+                // hdrlen 1: 16 bytes.
+                _ => f.extend([w[1], 1].into_iter().chain(std::iter::repeat_n(0, 14))),
+            }
+        }
+        f.extend_from_slice(l4);
+        f
+    }
+
+    #[test]
+    fn ipv4_tcp_fields() {
+        let p = ip(&ipv4(0, 0, IPPROTO_TCP, &tcp(40000, 9191, TCP_SYN)));
+        assert!(p.l4 == L4::Tcp && p.family == FAMILY_V4 && p.proto == IPPROTO_TCP);
+        assert_eq!((p.sport, p.dport, p.tcp_flags), (40000, 9191, TCP_SYN));
+        assert_eq!(&addr_bytes(p.src)[..4], &SRC4);
+        assert_eq!(&addr_bytes(p.dst)[..4], &DST4);
+        assert_eq!(&addr_bytes(p.src)[4..], &[0; 12]);
+    }
+
+    #[test]
+    fn ipv4_options_are_skipped() {
+        let p = ip(&ipv4(
+            2,
+            0,
+            IPPROTO_UDP,
+            &[0x1f, 0x90, 0x23, 0xe7, 0, 8, 0, 0],
+        ));
+        assert!(p.l4 == L4::Udp);
+        assert_eq!((p.sport, p.dport), (8080, 9191));
+    }
+
+    #[test]
+    fn bad_ipv4_headers_are_malformed_with_a_key() {
+        let mut short_ihl = ipv4(0, 0, IPPROTO_TCP, &tcp(1, 2, 0));
+        short_ihl[14] = 0x44;
+        assert!(malformed_key(&short_ihl).is_some());
+        let mut cut_options = ipv4(2, 0, IPPROTO_TCP, &[]);
+        cut_options.truncate(14 + 24);
+        assert!(malformed_key(&cut_options).is_some());
+        let mut version = ipv4(0, 0, IPPROTO_TCP, &tcp(1, 2, 0));
+        version[14] = 0x65;
+        assert!(malformed_key(&version).is_none());
+    }
+
+    #[test]
+    fn ipv4_fragments() {
+        let later = ip(&ipv4(0, 185, IPPROTO_TCP, &[0; 8]));
+        assert!(later.l4 == L4::Fragment && later.proto == IPPROTO_TCP);
+        // More-fragments set, offset 0: the first fragment is parsed.
+        let first = ip(&ipv4(0, 0x2000, IPPROTO_TCP, &tcp(1, 9191, TCP_SYN)));
+        assert!(first.l4 == L4::Tcp && first.dport == 9191);
+    }
+
+    #[test]
+    fn transport_headers() {
+        let mut doff = tcp(1, 2, 0);
+        doff[12] = 4 << 4;
+        let bad = malformed_key(&ipv4(0, 0, IPPROTO_TCP, &doff)).expect("key");
+        assert!(bad.proto == IPPROTO_TCP && bad.dport == 0);
+        assert!(malformed_key(&ipv4(0, 0, IPPROTO_TCP, &tcp(1, 2, 0)[..19])).is_some());
+        assert!(malformed_key(&ipv4(0, 0, IPPROTO_UDP, &[0; 7])).is_some());
+        assert!(ip(&ipv4(0, 0, IPPROTO_ICMP, &[8, 0, 0, 0])).l4 == L4::Icmp);
+        assert!(ip(&ipv4(0, 0, IPPROTO_ICMPV6, &[128, 0, 0, 0])).l4 == L4::Other);
+        assert!(ip(&ipv4(0, 0, 47, &[0; 4])).l4 == L4::Other);
+    }
+
+    #[test]
+    fn vlan_tags() {
+        let mut qinq = eth(&[ETH_P_8021AD, ETH_P_8021Q], ETH_P_IP);
+        qinq.extend_from_slice(&ipv4(0, 0, IPPROTO_TCP, &tcp(1, 9191, 0))[14..]);
+        assert_eq!(ip(&qinq).dport, 9191);
+        let mut three = eth(&[ETH_P_8021AD, ETH_P_8021Q, ETH_P_8021Q], ETH_P_IP);
+        three.extend_from_slice(&ipv4(0, 0, IPPROTO_TCP, &tcp(1, 9191, 0))[14..]);
+        assert!(matches!(parsed(&three), Parsed::NonIp));
+        assert!(malformed_key(&eth(&[ETH_P_8021Q], ETH_P_IP)[..16]).is_none());
+    }
+
+    #[test]
+    fn layer_2() {
+        assert!(matches!(parsed(&eth(&[], 0x0806)), Parsed::NonIp));
+        assert!(malformed_key(&[0u8; 13]).is_none());
+        assert!(malformed_key(&eth(&[], ETH_P_IP)).is_none());
+    }
+
+    #[test]
+    fn ipv6_extension_headers() {
+        let chain = [NEXTHDR_HOP, NEXTHDR_DEST, NEXTHDR_ROUTING, IPPROTO_TCP];
+        let p = ip(&ipv6(&chain, 0, &tcp(40000, 9191, TCP_SYN)));
+        assert!(p.l4 == L4::Tcp && p.family == FAMILY_V6);
+        assert_eq!((p.sport, p.dport), (40000, 9191));
+        assert_eq!(addr_bytes(p.src)[0], 1);
+        assert_eq!(addr_bytes(p.dst)[15], 0xf0);
+        let icmp = ip(&ipv6(&[IPPROTO_ICMPV6], 0, &[128, 0, 0, 0]));
+        assert!(icmp.l4 == L4::Icmp);
+        let esp = ip(&ipv6(&[50], 0, &[0; 8]));
+        assert!(esp.l4 == L4::Other && esp.proto == 50);
+    }
+
+    #[test]
+    fn ipv6_fragments_and_limits() {
+        let frag = [NEXTHDR_FRAGMENT, IPPROTO_UDP];
+        let later = ip(&ipv6(&frag, 8 << 3, &[0; 8]));
+        assert!(later.l4 == L4::Fragment && later.proto == IPPROTO_UDP);
+        let first = ip(&ipv6(&frag, 1, &[0, 53, 0x23, 0xe7, 0, 8, 0, 0]));
+        assert!(first.l4 == L4::Udp && first.dport == 9191);
+        let eight = [[NEXTHDR_DEST; 8].as_slice(), &[IPPROTO_TCP]].concat();
+        assert!(ip(&ipv6(&eight, 0, &tcp(1, 2, 0))).l4 == L4::Tcp);
+        let nine = [[NEXTHDR_DEST; 9].as_slice(), &[IPPROTO_TCP]].concat();
+        assert!(malformed_key(&ipv6(&nine, 0, &tcp(1, 2, 0))).is_some());
+        let mut cut = ipv6(&[NEXTHDR_HOP, IPPROTO_TCP], 0, &[]);
+        cut.truncate(14 + 40 + 1);
+        assert!(malformed_key(&cut).is_some());
+    }
 }

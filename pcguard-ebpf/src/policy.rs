@@ -98,3 +98,17 @@ pub fn decide(flow_dir: u32, proto_idx: u32, service_port: u16, peer_mask: u32) 
         slot: slot_id,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::lowest_bit;
+
+    #[test]
+    fn lowest_bit_of_every_mask_shape() {
+        for bit in 0..32 {
+            assert_eq!(lowest_bit(1 << bit), bit);
+            assert_eq!(lowest_bit(u32::MAX << bit), bit);
+            assert_eq!(lowest_bit((1 << bit) | (1 << 31)), bit);
+        }
+    }
+}
