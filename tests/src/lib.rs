@@ -102,9 +102,10 @@ impl Lab {
         let ns = self.ns(name);
         let lan = self.ns("lan");
         sh("ip", &["netns", "add", &ns])?;
-        // Temporary names in the root namespace must be unique and short.
-        let a = format!("{}{}a", short(&self.prefix), last);
-        let b = format!("{}{}b", short(&self.prefix), last);
+        // Temporary names in the root namespace must be unique and at most
+        // 15 bytes: a hash of the prefix and the host byte.
+        let a = format!("v{:06x}h{last}a", short_hash(&self.prefix));
+        let b = format!("v{:06x}h{last}b", short_hash(&self.prefix));
         sh("ip", &["link", "add", &a, "type", "veth", "peer", "name", &b])?;
         sh("ip", &["link", "set", &a, "netns", &ns])?;
         sh("ip", &["link", "set", &b, "netns", &lan])?;
@@ -171,8 +172,15 @@ impl Drop for Lab {
     }
 }
 
-fn short(prefix: &str) -> String {
-    prefix.chars().filter(|c| c.is_ascii_alphanumeric()).take(6).collect()
+fn short_hash(prefix: &str) -> u32 {
+    // FNV-1a, 24 bits.
+    prefix.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193)) & 0xff_ffff
+}
+
+/// A lab prefix unique to this process, so that concurrent test runs (two
+/// checkouts, two developers) never share or delete each other's namespaces.
+pub fn unique_prefix(name: &str) -> String {
+    format!("{name}-{}", std::process::id())
 }
 
 pub fn is_root() -> bool {
@@ -442,7 +450,10 @@ impl Daemon {
 
     /// The audit records written so far.
     pub fn audit(&self) -> Result<Vec<serde_json::Value>> {
-        let text = std::fs::read_to_string(&self.audit_log).unwrap_or_default();
+        let text = match std::fs::read_to_string(&self.audit_log) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            r => r.with_context(|| format!("reading {}", self.audit_log.display()))?,
+        };
         text.lines().map(|l| serde_json::from_str(l).with_context(|| format!("audit line {l:?}"))).collect()
     }
 

@@ -32,6 +32,7 @@ fn lab_config(mode: &str, extra: &str) -> String {
 }
 
 fn setup(prefix: &str, config: &str) -> Result<Env> {
+    let prefix = &unique_prefix(prefix);
     let lab = Lab::up(prefix)?;
     for (host, _) in PEERS {
         lab.wait_reachable(host)?;

@@ -31,6 +31,7 @@ struct Env {
 }
 
 fn setup(prefix: &str, config: &str) -> Result<Env> {
+    let prefix = &unique_prefix(prefix);
     let lab = Lab::up(prefix)?;
     for (host, _) in PEERS {
         lab.wait_reachable(host)?;

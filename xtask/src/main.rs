@@ -85,8 +85,8 @@ fn main() -> Result<()> {
         }
         Task::Lab { action, prefix } => lab(&action, &prefix),
         Task::Bench { iterations } => {
-            build(true)?;
-            bench(iterations)
+            build(false)?;
+            bench::run(&ebpf_object("debug")?, iterations)
         }
     }
 }
@@ -199,6 +199,9 @@ fn test(unit_only: bool) -> Result<()> {
     if unit_only {
         return Ok(());
     }
+    // The data path on crafted packets (BPF_PROG_TEST_RUN): verdicts,
+    // counters and events of every path, asserted.
+    bench::run(&ebpf_object("debug")?, 1000)?;
     // End-to-end tests: one lab at a time (2-core machines, shared CPU time).
     run(cargo().args(["test", "-p", "pcguard-tests", "--", "--test-threads=1"]))
 }
@@ -219,11 +222,8 @@ fn lab(action: &str, prefix: &str) -> Result<()> {
     }
 }
 
-fn bench(iterations: u32) -> Result<()> {
-    bench::run(&ebpf_object("release")?, iterations)
-}
-
-/// The eBPF object pcguard's build.rs built for `profile` (the newest
+/// The eBPF object pcguard's build.rs built for `profile` (aya-build always
+/// optimizes it; the newest
 /// `<target>/<profile>/build/pcguard-*/out/pcguard`).
 fn ebpf_object(profile: &str) -> Result<PathBuf> {
     let target =
