@@ -150,9 +150,9 @@ fn real_main(cli: Cli) -> Result<()> {
             rt.block_on(daemon::run(opts))
         }
         Command::Check { config, format } => {
-            let (_, policy) = daemon::load_policy(&config)?;
+            let (cfg, policy) = daemon::load_policy(&config)?;
             match format {
-                Format::Table => print!("{}", pcguard::policy::rule_table(&policy)),
+                Format::Table => print!("{}", pcguard::policy::check_report(&cfg, &policy)),
                 Format::Json => println!("{}", serde_json::to_string_pretty(&pcguard::policy::rules_json(&policy))?),
             }
             Ok(())
@@ -182,8 +182,8 @@ fn real_main(cli: Cli) -> Result<()> {
             flows::follow(&path, &filter, lines, !no_follow, json, std::io::stdout().lock())
         }
         Command::Render { target: RenderTarget::Nftables { config } } => {
-            let (_, policy) = daemon::load_policy(&config)?;
-            print!("{}", pcguard::render::nftables(&policy));
+            let (cfg, policy) = daemon::load_policy(&config)?;
+            print!("{}", pcguard::render::nftables_on(&policy, &cfg.interfaces));
             Ok(())
         }
         Command::Confirm { run_dir } => signal_daemon(&run_dir, libc::SIGUSR1, "confirm"),
