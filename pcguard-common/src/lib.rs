@@ -43,6 +43,8 @@ pub const NUM_COUNTER_PROTOS: u32 = 3;
 
 /// IP protocol numbers.
 pub const IPPROTO_ICMP: u8 = 1;
+/// IGMP (IPv4 multicast group management): handled like ICMP.
+pub const IPPROTO_IGMP: u8 = 2;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
@@ -174,7 +176,7 @@ pub struct Settings {
     pub ingress_mode: u8,
     /// Mode for new outbound flows.
     pub egress_mode: u8,
-    /// 1: ICMP/ICMPv6 passes (counted as `VERDICT_BYPASS`); 0: dropped in
+    /// 1: ICMP/ICMPv6 and IGMP pass (counted as `VERDICT_BYPASS`); 0: dropped in
     /// enforce mode like any packet without a rule.
     pub allow_icmp: u8,
     /// 1 once the daemon has written a complete policy. Until then every

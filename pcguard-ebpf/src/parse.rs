@@ -7,7 +7,7 @@
 //! touch packet memory.
 
 use pcguard_common::{
-    FAMILY_V4, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    FAMILY_V4, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IGMP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 const ETH_HLEN: usize = 14;
@@ -346,6 +346,10 @@ fn transport(pkt: Bounds, off: usize, mut p: Packet, icmp: u8) -> Parsed {
             p.dport = udp.be16::<2>();
         }
         proto if proto == icmp => p.l4 = L4::Icmp,
+        // IPv4 multicast group management (router queries, reports) is
+        // network control traffic like ICMP: dropping it makes switches and
+        // routers prune the multicast that discovery protocols rely on.
+        IPPROTO_IGMP if icmp == IPPROTO_ICMP => p.l4 = L4::Icmp,
         _ => {}
     }
     Parsed::Ip(p)
@@ -492,6 +496,7 @@ mod tests {
         assert!(malformed_key(&ipv4(0, 0, IPPROTO_UDP, &[0; 7])).is_some());
         assert!(ip(&ipv4(0, 0, IPPROTO_ICMP, &[8, 0, 0, 0])).l4 == L4::Icmp);
         assert!(ip(&ipv4(0, 0, IPPROTO_ICMPV6, &[128, 0, 0, 0])).l4 == L4::Other);
+        assert!(ip(&ipv4(0, 0, IPPROTO_IGMP, &[0x16, 0, 0, 0])).l4 == L4::Icmp);
         assert!(ip(&ipv4(0, 0, 47, &[0; 4])).l4 == L4::Other);
     }
 

@@ -269,6 +269,13 @@ impl Daemon {
                 cfg.interfaces
             );
         }
+        if self.opts.metrics_listen.is_none() && cfg.metrics_listen() != self.cfg.metrics_listen() {
+            warn!(
+                "metrics.listen changed to {}; still serving on {} until restart",
+                cfg.metrics_listen(),
+                self.cfg.metrics_listen()
+            );
+        }
         let previous = (self.cfg.clone(), self.policy.read().unwrap().clone());
         self.install(cfg, compiled)?;
         self.reloads += 1;

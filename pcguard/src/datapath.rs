@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::policy::{CompiledPolicy, PeerPrefix};
 
 /// The eBPF object built by `build.rs` (pcguard-ebpf, bpfel-unknown-none).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pcguard"));
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pcguard-ebpf"));
 
 /// Default directory for pinned maps (on bpffs).
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/pcguard";

@@ -625,3 +625,90 @@ pub fn run_probe(lab: &Lab, p: &Probe, v6: bool, timeout: Duration) -> Result<bo
         Proto::Udp => udp_request(lab, p.from, to, &msg, timeout)?,
     })
 }
+
+/// How long a probe that should be blocked waits for an answer.
+pub const BLOCKED_TIMEOUT: Duration = Duration::from_millis(1200);
+
+/// The workspace root (the tests crate's parent directory).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// `examples/lab.toml` with `mode` set, plus `extra` (TOML) appended.
+pub fn lab_config(mode: &str, extra: &str) -> String {
+    let text = std::fs::read_to_string(workspace_root().join("examples/lab.toml")).expect("examples/lab.toml");
+    assert!(text.contains("mode = \"enforce\""), "examples/lab.toml must set mode = \"enforce\"");
+    format!("{}\n{extra}\n", text.replace("mode = \"enforce\"", &format!("mode = \"{mode}\"")))
+}
+
+/// A site rule that opens TCP 9999 to the workstations (for reload tests).
+pub const ALLOW_9999: &str = r#"
+[[rule]]
+name = "legacy-9999"
+description = "test service"
+direction = "inbound"
+protocol = "tcp"
+ports = [9999]
+peers = ["workstations"]
+"#;
+
+/// A lab with every peer reachable, and a work dir holding the config.
+pub struct TestLab {
+    pub lab: Lab,
+    pub work: PathBuf,
+    pub config: PathBuf,
+}
+
+impl TestLab {
+    /// A lab named `name` (made unique to this process) whose files live
+    /// under `tmp/<prefix>`, with `config` as the pcguard config.
+    pub fn up(name: &str, tmp: &Path, config: &str) -> Result<Self> {
+        let prefix = unique_prefix(name);
+        let lab = Lab::up(&prefix)?;
+        for (host, _) in PEERS {
+            lab.wait_reachable(host)?;
+        }
+        let work = tmp.join(&prefix);
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work)?;
+        let path = work.join("pcguard.toml");
+        std::fs::write(&path, config)?;
+        Ok(Self { lab, work, config: path })
+    }
+
+    /// Starts `pcguard run` on the lab with this config.
+    pub fn start(&self, extra: &[&str]) -> Result<Daemon> {
+        Daemon::start(&self.lab, &self.config, &self.work.join("daemon"), extra)
+    }
+
+    /// Replaces the config file (then signal the daemon to reload).
+    pub fn write_config(&self, text: &str) -> Result<()> {
+        Ok(std::fs::write(&self.config, text)?)
+    }
+}
+
+/// From the workstation, a TCP request to the server's `port` over IPv4.
+pub fn ws_reaches(lab: &Lab, port: u16) -> Result<bool> {
+    let p = Probe { what: "workstation probe", from: "ws", to: SERVER, proto: Proto::Tcp, port, allowed: true };
+    run_probe(lab, &p, false, BLOCKED_TIMEOUT)
+}
+
+/// Runs every sample probe over IPv4 and IPv6; returns (probe, v4, v6).
+pub fn run_sample_probes(lab: &Lab) -> Result<Vec<(Probe, bool, bool)>> {
+    let probes = sample_probes();
+    let _servers = start_probe_servers(lab, &probes)?;
+    probes
+        .into_iter()
+        .map(|p| Ok((p.clone(), run_probe(lab, &p, false, BLOCKED_TIMEOUT)?, run_probe(lab, &p, true, BLOCKED_TIMEOUT)?)))
+        .collect()
+}
+
+/// Polls `f` every 100 ms until it holds or `timeout` passes.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !f()? {
+        ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}

@@ -2,61 +2,14 @@
 //! clients, `pcguard run` attached to the server's interface. They need root;
 //! run them with `cargo xtask test` (one at a time).
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::time::Duration;
 
 use anyhow::Result;
 use pcguard_tests::*;
 use serde_json::Value;
 
-const BLOCKED_TIMEOUT: Duration = Duration::from_millis(1200);
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-/// A lab with every peer reachable, and a work dir holding the config.
-struct Env {
-    lab: Lab,
-    work: PathBuf,
-    config: PathBuf,
-}
-
-/// `examples/lab.toml` with `mode` set, plus `extra` appended.
-fn lab_config(mode: &str, extra: &str) -> String {
-    let text = std::fs::read_to_string(root().join("examples/lab.toml")).expect("examples/lab.toml");
-    assert!(text.contains("mode = \"enforce\""), "examples/lab.toml must set mode = \"enforce\"");
-    format!("{}\n{extra}\n", text.replace("mode = \"enforce\"", &format!("mode = \"{mode}\"")))
-}
-
-fn setup(prefix: &str, config: &str) -> Result<Env> {
-    let prefix = &unique_prefix(prefix);
-    let lab = Lab::up(prefix)?;
-    for (host, _) in PEERS {
-        lab.wait_reachable(host)?;
-    }
-    let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join(prefix);
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
-    let path = work.join("pcguard.toml");
-    std::fs::write(&path, config)?;
-    Ok(Env { lab, work, config: path })
-}
-
-fn start(env: &Env, extra: &[&str]) -> Result<Daemon> {
-    Daemon::start(&env.lab, &env.config, &env.work.join("daemon"), extra)
-}
-
-/// Runs every sample probe over IPv4 and IPv6; returns (probe, v4, v6).
-fn run_probes(lab: &Lab) -> Result<Vec<(Probe, bool, bool)>> {
-    let probes = sample_probes();
-    let _servers = start_probe_servers(lab, &probes)?;
-    probes
-        .into_iter()
-        .map(|p| Ok((p.clone(), run_probe(lab, &p, false, BLOCKED_TIMEOUT)?, run_probe(lab, &p, true, BLOCKED_TIMEOUT)?)))
-        .collect()
+fn tmp() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
 }
 
 fn s(v: &Value, key: &str) -> String {
@@ -73,9 +26,9 @@ fn m(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 
 #[test]
 fn enforce_mode_verdicts_counters_and_audit() -> Result<()> {
-    let env = setup("pe1", &lab_config("enforce", ""))?;
-    let daemon = start(&env, &[])?;
-    for (p, v4, v6) in run_probes(&env.lab)? {
+    let env = TestLab::up("pe1", tmp(), &lab_config("enforce", ""))?;
+    let daemon = env.start(&[])?;
+    for (p, v4, v6) in run_sample_probes(&env.lab)? {
         assert_eq!((v4, v6), (p.allowed, p.allowed), "{} (v4, v6), daemon log:\n{}", p.what, daemon.log_text());
     }
 
@@ -128,9 +81,9 @@ fn enforce_mode_verdicts_counters_and_audit() -> Result<()> {
 
 #[test]
 fn monitor_mode_passes_everything_and_reports_what_enforce_would_drop() -> Result<()> {
-    let env = setup("pe2", &lab_config("monitor", ""))?;
-    let daemon = start(&env, &[])?;
-    for (p, v4, v6) in run_probes(&env.lab)? {
+    let env = TestLab::up("pe2", tmp(), &lab_config("monitor", ""))?;
+    let daemon = env.start(&[])?;
+    for (p, v4, v6) in run_sample_probes(&env.lab)? {
         assert!(v4 && v6, "{} must pass in monitor mode", p.what);
     }
     let recs = daemon.wait_audit("the alert", |r| r.iter().any(|x| s(x, "reason") == "outbound_to_workstation"))?;
@@ -147,8 +100,8 @@ fn monitor_mode_passes_everything_and_reports_what_enforce_would_drop() -> Resul
 
 #[test]
 fn counters_match_the_udp_traffic_sent_exactly() -> Result<()> {
-    let env = setup("pe3", &lab_config("enforce", ""))?;
-    let daemon = start(&env, &[])?;
+    let env = TestLab::up("pe3", tmp(), &lab_config("enforce", ""))?;
+    let daemon = env.start(&[])?;
     let before = daemon.scrape()?;
     let labels = [("direction", "ingress"), ("protocol", "udp"), ("port", "other"), ("verdict", "dropped")];
     const N: usize = 40;
@@ -181,80 +134,57 @@ fn counters_match_the_udp_traffic_sent_exactly() -> Result<()> {
     Ok(())
 }
 
-fn probe_9999(lab: &Lab) -> Result<bool> {
-    let p = Probe { what: "ws -> 9999", from: "ws", to: SERVER, proto: Proto::Tcp, port: 9999, allowed: true };
-    run_probe(lab, &p, false, BLOCKED_TIMEOUT)
-}
-
-const ALLOW_9999: &str = r#"
-[[rule]]
-name = "legacy-9999"
-description = "test service"
-direction = "inbound"
-protocol = "tcp"
-ports = [9999]
-peers = ["workstations"]
-"#;
-
 #[test]
 fn sighup_reloads_and_a_bad_config_keeps_the_running_policy() -> Result<()> {
-    let env = setup("pe4", &lab_config("enforce", ""))?;
+    let env = TestLab::up("pe4", tmp(), &lab_config("enforce", ""))?;
     let _srv = TcpServer::start(&env.lab, SERVER, sa(std::net::Ipv6Addr::UNSPECIFIED, 9999))?;
-    let daemon = start(&env, &[])?;
-    assert!(!probe_9999(&env.lab)?);
+    let daemon = env.start(&[])?;
+    assert!(!ws_reaches(&env.lab, 9999)?);
 
-    std::fs::write(&env.config, lab_config("enforce", ALLOW_9999))?;
+    env.write_config(&lab_config("enforce", ALLOW_9999))?;
     daemon.signal(libc::SIGHUP)?;
     wait_metric(&daemon, "pcguard_reloads_total", &[("result", "success")], 1.0)?;
-    assert!(probe_9999(&env.lab)?, "allowed after reload");
+    assert!(ws_reaches(&env.lab, 9999)?, "allowed after reload");
     let text = daemon.scrape()?;
     assert!(m(&text, "pcguard_rule_packets_total", &[("rule", "legacy-9999"), ("verdict", "allowed")]) >= 1.0, "{text}");
 
-    std::fs::write(&env.config, "role = \"primary\"\nthis is not toml\n")?;
+    env.write_config(&"role = \"primary\"\nthis is not toml\n")?;
     daemon.signal(libc::SIGHUP)?;
     wait_metric(&daemon, "pcguard_reloads_total", &[("result", "failure")], 1.0)?;
-    assert!(probe_9999(&env.lab)?, "the running policy is kept");
+    assert!(ws_reaches(&env.lab, 9999)?, "the running policy is kept");
     assert!(daemon.log_text().contains("reload failed"), "{}", daemon.log_text());
     assert!(daemon.stop()?.success());
     Ok(())
 }
 
 fn wait_metric(d: &Daemon, name: &str, labels: &[(&str, &str)], want: f64) -> Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = d.scrape()?;
-        if m(&text, name, labels) == want {
-            return Ok(());
-        }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "{name}{labels:?} never reached {want}:\n{text}\n{}", d.log_text());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(&format!("{name}{labels:?} = {want}"), Duration::from_secs(10), || Ok(m(&d.scrape()?, name, labels) == want))
 }
 
 #[test]
 fn sigterm_detaches_and_removes_pins() -> Result<()> {
-    let env = setup("pe5", &lab_config("enforce", ""))?;
+    let env = TestLab::up("pe5", tmp(), &lab_config("enforce", ""))?;
     let _srv = TcpServer::start(&env.lab, SERVER, sa(std::net::Ipv6Addr::UNSPECIFIED, 9999))?;
-    let daemon = start(&env, &[])?;
+    let daemon = env.start(&[])?;
     let link = sh("ip", &["-n", &env.lab.ns(SERVER), "-d", "link", "show", SERVER_IF])?;
     assert!(link.contains("xdp"), "XDP attached: {link}");
     assert!(daemon.bpffs_dir.join("PORT_COUNTERS").exists());
-    assert!(!probe_9999(&env.lab)?);
+    assert!(!ws_reaches(&env.lab, 9999)?);
     let (bpffs, run_dir) = (daemon.bpffs_dir.clone(), daemon.run_dir.clone());
     assert!(daemon.stop()?.success());
     let link = sh("ip", &["-n", &env.lab.ns(SERVER), "-d", "link", "show", SERVER_IF])?;
     assert!(!link.contains("xdp"), "XDP detached: {link}");
     assert!(!bpffs.exists(), "pins removed");
     assert!(!run_dir.join("state.json").exists(), "state removed");
-    assert!(probe_9999(&env.lab)?, "nothing filters after detach");
+    assert!(ws_reaches(&env.lab, 9999)?, "nothing filters after detach");
     Ok(())
 }
 
 #[test]
 fn status_and_flows_commands_show_the_running_daemon() -> Result<()> {
-    let env = setup("pe6", &lab_config("enforce", ""))?;
-    let daemon = start(&env, &[])?;
-    run_probes(&env.lab)?;
+    let env = TestLab::up("pe6", tmp(), &lab_config("enforce", ""))?;
+    let daemon = env.start(&[])?;
+    run_sample_probes(&env.lab)?;
     daemon.wait_audit("alerts", |r| r.iter().any(|x| s(x, "reason") == "outbound_to_workstation"))?;
     let status = daemon.cli(&["status"])?;
     for want in [SERVER_IF, "web-http", "9191", "conntrack entries", "enforce"] {

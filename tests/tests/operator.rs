@@ -4,88 +4,38 @@
 //! and the systemd unit. Root needed (except the unit check).
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, ensure};
 use pcguard_tests::*;
 use serde_json::Value;
 
-const BLOCKED_TIMEOUT: Duration = Duration::from_millis(1200);
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn lab_config(extra: &str) -> String {
-    let text = std::fs::read_to_string(root().join("examples/lab.toml")).expect("examples/lab.toml");
-    format!("{text}\n{extra}\n")
-}
-
-struct Env {
-    lab: Lab,
-    work: PathBuf,
-    config: PathBuf,
-}
-
-fn setup(prefix: &str, config: &str) -> Result<Env> {
-    let prefix = &unique_prefix(prefix);
-    let lab = Lab::up(prefix)?;
-    for (host, _) in PEERS {
-        lab.wait_reachable(host)?;
-    }
-    let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join(prefix);
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
-    let config_path = work.join("pcguard.toml");
-    std::fs::write(&config_path, config)?;
-    Ok(Env { lab, work, config: config_path })
-}
-
-fn probe_9999(lab: &Lab) -> Result<bool> {
-    let p = Probe { what: "ws -> 9999", from: "ws", to: SERVER, proto: Proto::Tcp, port: 9999, allowed: true };
-    run_probe(lab, &p, false, BLOCKED_TIMEOUT)
-}
-
-const ALLOW_9999: &str = r#"
-[[rule]]
-name = "legacy-9999"
-direction = "inbound"
-protocol = "tcp"
-ports = [9999]
-peers = ["workstations"]
-"#;
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !f()? {
-        ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
+fn tmp() -> &'static Path {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
 }
 
 #[test]
 fn unconfirmed_reload_is_reverted_and_confirmed_one_kept() -> Result<()> {
-    let env = setup("po1", &lab_config(""))?;
+    let env = TestLab::up("po1", tmp(), &lab_config("enforce", ""))?;
     let _srv = TcpServer::start(&env.lab, SERVER, sa(std::net::Ipv6Addr::UNSPECIFIED, 9999))?;
-    let mut daemon = Daemon::start(&env.lab, &env.config, &env.work.join("d"), &["--confirm-within", "3s"])?;
+    let mut daemon = env.start(&["--confirm-within", "3s"])?;
     assert!(daemon.cli(&["status"])?.contains("PENDING CONFIRMATION"));
     assert!(daemon.cli(&["confirm"])?.contains("confirm sent"));
     std::thread::sleep(Duration::from_secs(4));
     assert!(daemon.try_wait()?.is_none(), "a confirmed policy stays:\n{}", daemon.log_text());
     assert!(!daemon.cli(&["status"])?.contains("PENDING"));
-    assert!(!probe_9999(&env.lab)?);
+    assert!(!ws_reaches(&env.lab, 9999)?);
 
     // A reload that is never confirmed goes back to the previous policy.
-    std::fs::write(&env.config, lab_config(ALLOW_9999))?;
+    env.write_config(&lab_config("enforce", ALLOW_9999))?;
     daemon.signal(libc::SIGHUP)?;
     wait_until("the reload", Duration::from_secs(5), || Ok(daemon.log_text().contains("reload applied")))?;
-    assert!(probe_9999(&env.lab)?, "allowed while pending");
+    assert!(ws_reaches(&env.lab, 9999)?, "allowed while pending");
     wait_until("the revert", Duration::from_secs(8), || Ok(daemon.log_text().contains("reverting")))?;
-    assert!(!probe_9999(&env.lab)?, "reverted to the confirmed policy");
+    assert!(!ws_reaches(&env.lab, 9999)?, "reverted to the confirmed policy");
     assert!(daemon.try_wait()?.is_none());
 
     // Confirmed in time: kept.
@@ -95,17 +45,17 @@ fn unconfirmed_reload_is_reverted_and_confirmed_one_kept() -> Result<()> {
     })?;
     daemon.cli(&["confirm"])?;
     std::thread::sleep(Duration::from_secs(4));
-    assert!(probe_9999(&env.lab)?, "confirmed policy kept");
+    assert!(ws_reaches(&env.lab, 9999)?, "confirmed policy kept");
     assert!(daemon.stop()?.success());
     Ok(())
 }
 
 #[test]
 fn unconfirmed_start_detaches_and_exits() -> Result<()> {
-    let env = setup("po2", &lab_config(""))?;
+    let env = TestLab::up("po2", tmp(), &lab_config("enforce", ""))?;
     let _srv = TcpServer::start(&env.lab, SERVER, sa(std::net::Ipv6Addr::UNSPECIFIED, 9999))?;
-    let mut daemon = Daemon::start(&env.lab, &env.config, &env.work.join("d"), &["--confirm-within", "2s"])?;
-    assert!(!probe_9999(&env.lab)?);
+    let mut daemon = env.start(&["--confirm-within", "2s"])?;
+    assert!(!ws_reaches(&env.lab, 9999)?);
     let mut status = None;
     wait_until("the daemon to exit", Duration::from_secs(8), || {
         status = daemon.try_wait()?;
@@ -114,7 +64,7 @@ fn unconfirmed_start_detaches_and_exits() -> Result<()> {
     assert!(status.unwrap().success(), "{}", daemon.log_text());
     let link = sh("ip", &["-n", &env.lab.ns(SERVER), "-d", "link", "show", SERVER_IF])?;
     assert!(!link.contains("xdp"), "detached: {link}");
-    assert!(probe_9999(&env.lab)?);
+    assert!(ws_reaches(&env.lab, 9999)?);
     Ok(())
 }
 
@@ -122,8 +72,8 @@ fn unconfirmed_start_detaches_and_exits() -> Result<()> {
 fn always_allowed_admin_ssh_passes_in_enforce_mode() -> Result<()> {
     // The admin class reaches SSH even though no PaperCut feature needs it;
     // other classes do not.
-    let env = setup("po3", &lab_config(""))?;
-    let _daemon = Daemon::start(&env.lab, &env.config, &env.work.join("d"), &[])?;
+    let env = TestLab::up("po3", tmp(), &lab_config("enforce", ""))?;
+    let _daemon = env.start(&[])?;
     let probes: Vec<Probe> = sample_probes().into_iter().filter(|p| p.port == 22).collect();
     let _servers = start_probe_servers(&env.lab, &probes)?;
     for p in &probes {
@@ -137,7 +87,7 @@ fn always_allowed_admin_ssh_passes_in_enforce_mode() -> Result<()> {
 /// pcguard (no nftables): identical verdicts.
 #[test]
 fn nftables_rendering_gives_the_same_verdicts_as_the_kernel_programs() -> Result<()> {
-    let env = setup("po4", &lab_config(""))?;
+    let env = TestLab::up("po4", tmp(), &lab_config("enforce", ""))?;
     let out = Command::new(pcguard_bin()?).args(["render", "nftables"]).arg(&env.config).output()?;
     ensure!(out.status.success(), "render: {}", String::from_utf8_lossy(&out.stderr));
     let ruleset = env.work.join("pcguard.nft");
@@ -152,7 +102,7 @@ fn nftables_rendering_gives_the_same_verdicts_as_the_kernel_programs() -> Result
     let nft = run_all(&env.lab)?;
     sh("ip", &["netns", "exec", &ns, "nft", "flush", "ruleset"])?;
 
-    let daemon = Daemon::start(&env.lab, &env.config, &env.work.join("d"), &[])?;
+    let daemon = env.start(&[])?;
     let kernel = run_all(&env.lab)?;
     drop(daemon);
     for ((p, n), k) in probes.iter().zip(&nft).zip(&kernel) {
@@ -197,7 +147,7 @@ fn addr_lo() -> std::net::Ipv4Addr {
 /// Every expression of the shipped dashboard, with Grafana's variables
 /// replaced the way Grafana would for a 5-minute view of all servers.
 fn dashboard_queries() -> Result<Vec<(String, String)>> {
-    let dash: Value = serde_json::from_str(&std::fs::read_to_string(root().join("deploy/grafana/pcguard.json"))?)?;
+    let dash: Value = serde_json::from_str(&std::fs::read_to_string(workspace_root().join("deploy/grafana/pcguard.json"))?)?;
     let mut out = Vec::new();
     for panel in dash["panels"].as_array().context("panels")? {
         for t in panel["targets"].as_array().context("targets")? {
@@ -212,8 +162,8 @@ fn dashboard_queries() -> Result<Vec<(String, String)>> {
 
 #[test]
 fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() -> Result<()> {
-    let env = setup("po5", &lab_config(""))?;
-    let daemon = Daemon::start(&env.lab, &env.config, &env.work.join("d"), &[])?;
+    let env = TestLab::up("po5", tmp(), &lab_config("enforce", ""))?;
+    let daemon = env.start(&[])?;
     let prom_dir = env.work.join("prometheus");
     std::fs::create_dir_all(&prom_dir)?;
     let prom_cfg = prom_dir.join("prometheus.yml");
@@ -242,12 +192,12 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() -> Result<
     })?;
     // Enforce, then monitor (a reload): every panel's queries, the
     // dropped and the would-drop ones alike, then have data.
-    run_all_probes(&env.lab)?;
+    run_sample_probes(&env.lab)?;
     let monitor = std::fs::read_to_string(&env.config)?.replace("mode = \"enforce\"", "mode = \"monitor\"");
-    std::fs::write(&env.config, monitor)?;
+    env.write_config(&monitor)?;
     daemon.signal(libc::SIGHUP)?;
     wait_until("the reload to monitor mode", Duration::from_secs(10), || Ok(daemon.log_text().contains("reload applied")))?;
-    run_all_probes(&env.lab)?;
+    run_sample_probes(&env.lab)?;
     // Enough scrapes after the traffic for rate() and increase() to have two samples.
     std::thread::sleep(Duration::from_secs(4));
     for (title, expr) in dashboard_queries()? {
@@ -260,19 +210,9 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() -> Result<
     Ok(())
 }
 
-fn run_all_probes(lab: &Lab) -> Result<()> {
-    let probes = sample_probes();
-    let _servers = start_probe_servers(lab, &probes)?;
-    for p in &probes {
-        run_probe(lab, p, false, BLOCKED_TIMEOUT)?;
-        run_probe(lab, p, true, BLOCKED_TIMEOUT)?;
-    }
-    Ok(())
-}
-
 #[test]
 fn systemd_unit_is_valid_and_least_privileged() -> Result<()> {
-    let unit = std::fs::read_to_string(root().join("deploy/systemd/pcguard.service"))?;
+    let unit = std::fs::read_to_string(workspace_root().join("deploy/systemd/pcguard.service"))?;
     for want in ["CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN", "NoNewPrivileges=yes", "ProtectSystem=strict", "ExecReload=/bin/kill -HUP $MAINPID"] {
         assert!(unit.contains(want), "unit lacks {want}");
     }

@@ -195,7 +195,7 @@ fn build(release: bool) -> Result<()> {
 
 fn test(unit_only: bool) -> Result<()> {
     build(false)?;
-    run(cargo().args(["test", "-p", "pcguard-common", "-p", "pcguard", "-p", "xtask"]))?;
+    run(cargo().args(["test", "-p", "pcguard-common", "-p", "pcguard-ebpf", "-p", "pcguard", "-p", "xtask"]))?;
     if unit_only {
         return Ok(());
     }
@@ -203,7 +203,7 @@ fn test(unit_only: bool) -> Result<()> {
     // counters and events of every path, asserted.
     bench::run(&ebpf_object("debug")?, 1000)?;
     // End-to-end tests: one lab at a time (2-core machines, shared CPU time).
-    run(cargo().args(["test", "-p", "pcguard-tests", "--", "--test-threads=1"]))
+    run(cargo().args(["test", "-p", "pcguard-tests", "--tests", "--", "--test-threads=1"]))
 }
 
 fn lab(action: &str, prefix: &str) -> Result<()> {
@@ -224,7 +224,7 @@ fn lab(action: &str, prefix: &str) -> Result<()> {
 
 /// The eBPF object pcguard's build.rs built for `profile` (aya-build always
 /// optimizes it; the newest
-/// `<target>/<profile>/build/pcguard-*/out/pcguard`).
+/// `<target>/<profile>/build/pcguard-*/out/pcguard-ebpf`).
 fn ebpf_object(profile: &str) -> Result<PathBuf> {
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
@@ -233,7 +233,7 @@ fn ebpf_object(profile: &str) -> Result<PathBuf> {
         .with_context(|| format!("reading {}", build_dir.display()))?
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().starts_with("pcguard-"))
-        .map(|e| e.path().join("out").join("pcguard"))
+        .map(|e| e.path().join("out").join("pcguard-ebpf"))
         .filter(|p| p.is_file())
         .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
         .with_context(|| format!("no eBPF object under {}", build_dir.display()))
