@@ -19,6 +19,7 @@
 //! | `RULE_COUNTERS` | PerCpuArray          | [`rule_counter_index`] | [`Counters`] |
 //! | `STATS`         | PerCpuArray          | `STAT_*`             | u64            |
 //! | `EVENTS`        | RingBuf              | -                    | [`FlowEvent`]  |
+//! | `DNS_ANSWERS`   | RingBuf              | -                    | [`DnsAnswer`]  |
 //!
 //! The per-packet cost is a fixed number of map lookups whatever the number
 //! of rules: one `PORTS` lookup, one `SLOTS` lookup, one LPM lookup and one
@@ -162,7 +163,11 @@ pub const STAT_CT_CREATED: u32 = 5;
 pub const STAT_CT_EXPIRED: u32 = 6;
 /// Conntrack insert failures.
 pub const STAT_CT_INSERT_FAILED: u32 = 7;
-pub const NUM_STATS: u32 = 8;
+/// DNS answers copied to `DNS_ANSWERS`.
+pub const STAT_DNS_ANSWERS: u32 = 8;
+/// DNS answers that could not be reserved in `DNS_ANSWERS`.
+pub const STAT_DNS_ANSWERS_DROPPED: u32 = 9;
+pub const NUM_STATS: u32 = 10;
 
 /// Modes in [`Settings`].
 pub const MODE_ENFORCE: u8 = 0;
@@ -187,6 +192,11 @@ pub struct Settings {
     /// secondary servers): such a flow is reported with
     /// `REASON_OUTBOUND_TO_WORKSTATION`.
     pub no_initiate_mask: u32,
+    /// Classes of the DNS resolvers this server uses (peers of outbound
+    /// rules on UDP port 53). Their answers to this server's queries are
+    /// copied to `DNS_ANSWERS` for DNS-aware egress (FQDN rules).
+    pub resolver_mask: u32,
+    pub _pad: u32,
     /// Idle timeout of an established TCP flow.
     pub tcp_timeout_ns: u64,
     /// Idle timeout of a TCP flow after FIN.
@@ -274,6 +284,35 @@ pub struct FlowEvent {
     pub _pad: [u8; 6],
 }
 
+/// Bytes of a DNS message copied into a [`DnsAnswer`] (longer messages
+/// are cut; the parser uses what it gets).
+pub const DNS_PAYLOAD_MAX: usize = 1024;
+
+/// A DNS answer from a resolver to this server, sent on `DNS_ANSWERS`:
+/// a UDP packet from port 53 of an address in `Settings.resolver_mask`
+/// that belongs to a tracked flow (a reply to this server's query), seen at
+/// ingress. The daemon matches the names against the policy's FQDNs and
+/// adds the answered addresses to the peer tries.
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct DnsAnswer {
+    pub ts_ns: u64,
+    /// Resolver address (IPv4 in the first 4 bytes).
+    pub resolver: [u8; 16],
+    pub family: u8,
+    pub _pad: u8,
+    /// Bytes of `payload` that hold the message (at most `DNS_PAYLOAD_MAX`).
+    pub len: u16,
+    /// Length of the whole UDP payload.
+    pub orig_len: u16,
+    pub _pad2: [u8; 2],
+    /// The DNS message (UDP payload).
+    pub payload: [u8; DNS_PAYLOAD_MAX],
+}
+
+/// Size of `DNS_ANSWERS` in bytes.
+pub const DNS_ANSWERS_BYTES: u32 = 1 << 18;
+
 /// Capacity of `CONNTRACK`.
 pub const CONNTRACK_ENTRIES: u32 = 262_144;
 /// Capacity of `REPORTED`.
@@ -298,6 +337,7 @@ pub mod names {
     pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
     pub const STATS: &str = "STATS";
     pub const EVENTS: &str = "EVENTS";
+    pub const DNS_ANSWERS: &str = "DNS_ANSWERS";
 }
 
 #[cfg(feature = "user")]
@@ -310,6 +350,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for DnsAnswer {}
 }
 
 #[cfg(test)]
@@ -323,7 +364,8 @@ mod tests {
         assert_eq!(size_of::<PortSlot>(), 4 + 2 * MAX_CLASSES);
         assert_eq!(size_of::<FlowKey>(), 8 + 32);
         assert_eq!(size_of::<CtEntry>(), 16);
-        assert_eq!(size_of::<Settings>(), 8 + 32);
+        assert_eq!(size_of::<Settings>(), 16 + 32);
+        assert_eq!(size_of::<DnsAnswer>(), 8 + 16 + 8 + DNS_PAYLOAD_MAX);
         assert_eq!(size_of::<FlowEvent>(), 8 + 40 + 12 + 4 + 2 + 6);
         assert_eq!(size_of::<Counters>(), 16 * NUM_VERDICTS);
     }

@@ -12,6 +12,7 @@
 
 mod conntrack;
 mod counters;
+mod dns;
 mod events;
 mod maps;
 mod parse;
@@ -46,6 +47,10 @@ pub fn pcguard_ingress(ctx: XdpContext) -> u32 {
     match run(&frame, DIR_INGRESS, parse(&frame)) {
         Action::Pass => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
+        Action::PassDnsAnswer(answer) => {
+            dns::copy(ctx.ctx, frame.len, &answer);
+            xdp_action::XDP_PASS
+        }
     }
 }
 
@@ -81,7 +86,8 @@ pub fn pcguard_egress(ctx: TcContext) -> i32 {
         }
     }
     match run(&frame, DIR_EGRESS, parsed) {
-        Action::Pass => TC_ACT_PIPE,
+        // `run` flags DNS answers at ingress only: the arm folds away.
+        Action::Pass | Action::PassDnsAnswer(_) => TC_ACT_PIPE,
         Action::Drop => TC_ACT_SHOT,
     }
 }

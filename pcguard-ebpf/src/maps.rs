@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use pcguard_common::{
-    CONNTRACK_ENTRIES, Counters, CtEntry, EVENTS_BYTES, FlowKey, MAX_SLOTS, NUM_STATS,
-    PEER_ENTRIES, PORT_COUNTER_ENTRIES, PORT_TABLE_ENTRIES, PortEntry, PortSlot, REPORTED_ENTRIES,
-    RULE_COUNTER_ENTRIES, Settings,
+    CONNTRACK_ENTRIES, Counters, CtEntry, DNS_ANSWERS_BYTES, EVENTS_BYTES, FlowKey, MAX_SLOTS,
+    NUM_STATS, PEER_ENTRIES, PORT_COUNTER_ENTRIES, PORT_TABLE_ENTRIES, PortEntry, PortSlot,
+    REPORTED_ENTRIES, RULE_COUNTER_ENTRIES, Settings,
 };
 
 /// (direction, protocol, port) -> slot and counter label.
@@ -59,3 +59,7 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_STATS, 0)
 /// Unexpected-flow records (`FlowEvent`).
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// DNS answers from resolvers (`DnsAnswer`), seen at ingress.
+#[map]
+pub static DNS_ANSWERS: RingBuf = RingBuf::with_byte_size(DNS_ANSWERS_BYTES, 0);

@@ -96,6 +96,13 @@ pub struct Packet {
     /// TCP flags (0 for other protocols).
     pub tcp_flags: u8,
     pub l4: L4,
+    /// UDP only (0 otherwise): offset of the UDP payload from the start of
+    /// the frame, and its length from the UDP header's length field (0 when
+    /// that field is below the header's own 8 bytes). The length is what
+    /// the sender says, not checked against the frame: a first fragment or
+    /// a truncated packet holds less.
+    pub payload_off: u16,
+    pub payload_len: u16,
 }
 
 impl Packet {
@@ -110,6 +117,8 @@ impl Packet {
             proto,
             tcp_flags: 0,
             l4: L4::Other,
+            payload_off: 0,
+            payload_len: 0,
         }
     }
 }
@@ -344,6 +353,9 @@ fn transport(pkt: Bounds, off: usize, mut p: Packet, icmp: u8) -> Parsed {
             p.l4 = L4::Udp;
             p.sport = udp.be16::<0>();
             p.dport = udp.be16::<2>();
+            // Lossless: `off` is at most a few KiB (see `Bounds`).
+            p.payload_off = (off + UDP_HLEN) as u16;
+            p.payload_len = udp.be16::<4>().saturating_sub(UDP_HLEN as u16);
         }
         proto if proto == icmp => p.l4 = L4::Icmp,
         // IPv4 multicast group management (router queries, reports) is
@@ -498,6 +510,43 @@ mod tests {
         assert!(ip(&ipv4(0, 0, IPPROTO_ICMPV6, &[128, 0, 0, 0])).l4 == L4::Other);
         assert!(ip(&ipv4(0, 0, IPPROTO_IGMP, &[0x16, 0, 0, 0])).l4 == L4::Icmp);
         assert!(ip(&ipv4(0, 0, 47, &[0; 4])).l4 == L4::Other);
+    }
+
+    /// A UDP header whose length field is `len`, then `payload`.
+    fn udp(sport: u16, dport: u16, len: u16, payload: &[u8]) -> Vec<u8> {
+        let mut u = [sport, dport, len, 0].map(u16::to_be_bytes).concat();
+        u.extend_from_slice(payload);
+        u
+    }
+
+    #[test]
+    fn udp_payload_offset_and_length() {
+        let dns = udp(53, 40000, 8 + 5, &[1, 2, 3, 4, 5]);
+        let p = ip(&ipv4(0, 0, IPPROTO_UDP, &dns));
+        assert_eq!(
+            (p.sport, p.payload_off, p.payload_len),
+            (53, 14 + 20 + 8, 5)
+        );
+        let p = ip(&ipv4(2, 0x2000, IPPROTO_UDP, &dns));
+        assert_eq!((p.payload_off, p.payload_len), (14 + 28 + 8, 5));
+        let mut tagged = eth(&[ETH_P_8021Q], ETH_P_IP);
+        tagged.extend_from_slice(&ipv4(0, 0, IPPROTO_UDP, &dns)[14..]);
+        assert_eq!(ip(&tagged).payload_off, 14 + 4 + 20 + 8);
+        let chain = [NEXTHDR_HOP, NEXTHDR_FRAGMENT, IPPROTO_UDP];
+        let p = ip(&ipv6(&chain, 1, &dns));
+        assert_eq!((p.payload_off, p.payload_len), (14 + 40 + 16 + 8 + 8, 5));
+        // The length field is reported as sent, even beyond the frame.
+        assert_eq!(
+            ip(&ipv4(0, 0, IPPROTO_UDP, &udp(53, 1, 1000, &[]))).payload_len,
+            992
+        );
+        let bad = ip(&ipv4(0, 0, IPPROTO_UDP, &udp(53, 1, 7, &[0; 4])));
+        assert_eq!((bad.payload_off, bad.payload_len), (14 + 20 + 8, 0));
+        // No payload for other protocols, nor for non-first fragments.
+        let t = ip(&ipv4(0, 0, IPPROTO_TCP, &tcp(53, 1, TCP_ACK)));
+        assert_eq!((t.payload_off, t.payload_len), (0, 0));
+        let later = ip(&ipv4(0, 185, IPPROTO_UDP, &dns));
+        assert_eq!((later.payload_off, later.payload_len), (0, 0));
     }
 
     #[test]

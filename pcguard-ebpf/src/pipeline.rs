@@ -1,7 +1,8 @@
 //! The per-packet pipeline shared by both hooks (docs/datapath.md): parse
 //! result -> readiness -> bypass -> conntrack -> policy decision -> verdict.
 //! `dir` is the direction the packet travels (`DIR_INGRESS` at XDP,
-//! `DIR_EGRESS` at TC).
+//! `DIR_EGRESS` at TC): a constant once inlined, so the ingress-only parts
+//! (DNS answers) are compiled out of the TC program.
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use pcguard_common::{
@@ -13,16 +14,20 @@ use pcguard_common::{
 use crate::{
     conntrack,
     counters::{count, proto_idx, stat},
+    dns::{self, Answer},
     events::{self, Report},
     maps::SETTINGS,
     parse::{Frame, L4, Packet, Parsed, is_bare_syn},
     policy::{self, Decision},
 };
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub enum Action {
     Pass,
     Drop,
+    /// Pass, and copy the DNS answer to `DNS_ANSWERS`: only at ingress, and
+    /// done by the XDP entry point, which holds the context the copy needs.
+    PassDnsAnswer(Answer),
 }
 
 /// CLOCK_MONOTONIC at the last tick, for conntrack ages and report
@@ -162,22 +167,31 @@ fn ip(frame: &Frame, dir: u32, s: &Settings, pkt: &Packet) -> Action {
         now: now(),
     };
     match conntrack::lookup(key, dir, pkt.tcp_flags, flow.now, s) {
-        Some(entry) => tracked(&flow, entry, pkt.tcp_flags),
+        Some(entry) => tracked(&flow, s, pkt, entry),
         None => untracked(&flow, s, pkt),
     }
 }
 
 #[inline(always)]
-fn tracked(flow: &Flow, entry: *mut CtEntry, tcp_flags: u8) -> Action {
+fn tracked(flow: &Flow, s: &Settings, pkt: &Packet, entry: *mut CtEntry) -> Action {
     // SAFETY: map value pointer, valid for the duration of the program.
-    let (port_idx, rule, flags) = unsafe { ((*entry).port_idx, (*entry).rule, (*entry).flags) };
+    // Read before `touch`, which may delete the entry.
+    let (port_idx, rule, flags, flow_dir) = unsafe {
+        let e = &*entry;
+        (e.port_idx, e.rule, e.flags, e.flow_dir as u32)
+    };
     let verdict = if flags & CT_FLAG_MONITORED != 0 {
         VERDICT_MONITOR
     } else {
         VERDICT_ALLOW
     };
     flow.count(port_idx, rule, verdict);
-    conntrack::touch(flow.key, entry, tcp_flags, flow.now);
+    conntrack::touch(flow.key, entry, pkt.tcp_flags, flow.now);
+    if flow.dir == DIR_INGRESS
+        && let Some(answer) = dns::answer(pkt, flow.key, flow_dir, s)
+    {
+        return Action::PassDnsAnswer(answer);
+    }
     Action::Pass
 }
 

@@ -7,6 +7,9 @@
 //!
 //! Timings are the kernel's own (`duration` of the test run: the average
 //! over `repeat` runs of the program, without syscall overhead).
+//!
+//! The DNS cases check the answers copied to `DNS_ANSWERS`: a resolver's
+//! reply to the server's query is copied, nothing else is.
 
 use std::{path::Path, time::Duration};
 
@@ -18,9 +21,10 @@ use aya::{
 };
 use pcguard_common::{
     CLASS_ANY, CLASS_ANY_BIT, CT_FLAG_MONITORED, CT_STATE_CLOSING, CtEntry, DIR_EGRESS,
-    DIR_INGRESS, FAMILY_V4, FlowEvent, FlowKey, IPPROTO_TCP, MODE_ENFORCE, MODE_MONITOR,
-    PROTO_IDX_TCP, PortEntry, PortSlot, REASON_NO_RULE, REASON_OUTBOUND_TO_WORKSTATION,
-    REASON_PEER_NOT_ALLOWED, STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, Settings, VERDICT_ALLOW,
+    DIR_INGRESS, DNS_PAYLOAD_MAX, DnsAnswer, FAMILY_V4, FlowEvent, FlowKey, IPPROTO_TCP,
+    IPPROTO_UDP, MODE_ENFORCE, MODE_MONITOR, PROTO_IDX_TCP, PROTO_IDX_UDP, PortEntry, PortSlot,
+    REASON_NO_RULE, REASON_OUTBOUND_TO_WORKSTATION, REASON_PEER_NOT_ALLOWED, STAT_DNS_ANSWERS,
+    STAT_DNS_ANSWERS_DROPPED, STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, Settings, VERDICT_ALLOW,
     names, port_counter_index, port_table_index, rule_counter_index,
 };
 
@@ -31,17 +35,28 @@ const TC_ACT_PIPE: u32 = 3;
 
 /// Peer class bit of "workstations" in the bench policy.
 const WORKSTATIONS: u32 = 1 << 0;
+/// Peer class bit of the DNS resolvers (`Settings.resolver_mask`).
+const RESOLVERS: u32 = 1 << 1;
 const SERVER: [u8; 4] = [192, 168, 1, 10];
 const WORKSTATION: [u8; 4] = [10, 1, 2, 3];
 const STRANGER: [u8; 4] = [172, 16, 0, 5];
 const LDAP_SERVER: [u8; 4] = [10, 9, 9, 9];
+const RESOLVER: [u8; 4] = [192, 168, 1, 53];
 
 const WEB_PORT: u16 = 9191;
 const LDAPS_PORT: u16 = 636;
+const DNS_PORT: u16 = 53;
 const CLIENT_PORT: u16 = 40000;
 const WEB_RULE: u16 = 1;
 const LDAPS_RULE: u16 = 2;
+const DNS_RULE: u16 = 3;
 const WEB_LABEL: u16 = 1;
+const DNS_LABEL: u16 = 3;
+
+/// Runs per test run of a copied DNS answer: the records of one test run
+/// must fit in `DNS_ANSWERS` (256 KiB, about 246 records), else the later
+/// runs time a failed reserve instead of a copy.
+const DNS_BATCH: u32 = 128;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -67,14 +82,21 @@ pub fn run(obj_path: &Path, iterations: u32) -> anyhow::Result<()> {
         ebpf.take_map(names::CONNTRACK)
             .context("no CONNTRACK map")?,
     )?;
+    let dns = RingBuf::try_from(
+        ebpf.take_map(names::DNS_ANSWERS)
+            .context("no DNS_ANSWERS map")?,
+    )?;
     let mut bench = Bench {
         ebpf,
         ct,
+        dns,
+        dns_copied: 0,
         iterations,
         rows: Vec::new(),
     };
     bench.ingress_cases()?;
     bench.egress_cases()?;
+    bench.dns_cases()?;
     bench.smoke_cases()?;
     bench.print();
     bench.check_side_effects()
@@ -99,7 +121,8 @@ fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::
 }
 
 /// Inbound TCP 9191 from workstations (rule 1), outbound TCP 636 to anyone
-/// (rule 2); workstations must never be initiated to; enforce both ways.
+/// (rule 2), outbound UDP 53 to the resolvers (rule 3), whose answers are
+/// copied; workstations must never be initiated to; enforce both ways.
 fn write_policy(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     let mut slots: Array<_, PortSlot> = Array::try_from(map(ebpf, names::SLOTS)?)?;
     let mut web = PortSlot {
@@ -114,6 +137,12 @@ fn write_policy(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     };
     ldaps.rule_by_class[CLASS_ANY_BIT as usize] = LDAPS_RULE;
     slots.set(2, ldaps, 0)?;
+    let mut dns = PortSlot {
+        allowed_mask: RESOLVERS,
+        ..Default::default()
+    };
+    dns.rule_by_class[RESOLVERS.trailing_zeros() as usize] = DNS_RULE;
+    slots.set(3, dns, 0)?;
 
     let mut ports: Array<_, PortEntry> = Array::try_from(map(ebpf, names::PORTS)?)?;
     let web_in = port_table_index(DIR_INGRESS, PROTO_IDX_TCP, WEB_PORT);
@@ -134,9 +163,19 @@ fn write_policy(ebpf: &mut Ebpf) -> anyhow::Result<()> {
         },
         0,
     )?;
+    let dns_out = port_table_index(DIR_EGRESS, PROTO_IDX_UDP, DNS_PORT);
+    ports.set(
+        dns_out,
+        PortEntry {
+            slot: 3,
+            port_idx: DNS_LABEL,
+        },
+        0,
+    )?;
 
     let mut v4: LpmTrie<_, [u8; 4], u32> = LpmTrie::try_from(map(ebpf, names::PEERS_V4)?)?;
     v4.insert(&Key::new(8, [10, 0, 0, 0]), WORKSTATIONS | CLASS_ANY, 0)?;
+    v4.insert(&Key::new(32, RESOLVER), RESOLVERS | CLASS_ANY, 0)?;
     v4.insert(&Key::new(0, [0; 4]), CLASS_ANY, 0)?;
     let mut v6: LpmTrie<_, [u8; 16], u32> = LpmTrie::try_from(map(ebpf, names::PEERS_V6)?)?;
     v6.insert(&Key::new(0, [0; 16]), CLASS_ANY, 0)?;
@@ -148,6 +187,8 @@ fn write_policy(ebpf: &mut Ebpf) -> anyhow::Result<()> {
         allow_icmp: 1,
         ready: 1,
         no_initiate_mask: WORKSTATIONS,
+        resolver_mask: RESOLVERS,
+        _pad: 0,
         tcp_timeout_ns: 7200 * SEC,
         tcp_closing_timeout_ns: 10 * SEC,
         udp_timeout_ns: 60 * SEC,
@@ -187,6 +228,14 @@ mod pkt {
         t
     }
 
+    /// A UDP header (length field included) and `payload`.
+    pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let len = (8 + payload.len()) as u16;
+        let mut u = [sport, dport, len, 0].map(u16::to_be_bytes).concat();
+        u.extend_from_slice(payload);
+        u
+    }
+
     pub fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> Vec<u8> {
         let mut p = eth(ETH_P_IP);
         let total = (20 + l4.len()) as u16;
@@ -219,6 +268,16 @@ mod pkt {
 
 fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     pkt::ipv4(src, dst, IPPROTO_TCP, &pkt::tcp(sport, dport, flags))
+}
+
+fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    pkt::ipv4(src, dst, IPPROTO_UDP, &pkt::udp(sport, dport, payload))
+}
+
+/// `len` bytes standing for a DNS message (the kernel does not parse it):
+/// a pattern that shows bytes out of place.
+fn dns_message(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 + 7) as u8).collect()
 }
 
 fn v4_key(local: [u8; 4], remote: [u8; 4], local_port: u16, remote_port: u16) -> FlowKey {
@@ -271,6 +330,9 @@ struct Row {
 struct Bench {
     ebpf: Ebpf,
     ct: HashMap<MapData, FlowKey, CtEntry>,
+    dns: RingBuf<MapData>,
+    /// DNS answers read from `dns` so far.
+    dns_copied: u64,
     iterations: u32,
     rows: Vec<Row>,
 }
@@ -507,6 +569,184 @@ impl Bench {
         Ok(())
     }
 
+    /// The records on `DNS_ANSWERS`, drained.
+    fn dns_answers(&mut self) -> anyhow::Result<Vec<DnsAnswer>> {
+        let mut answers = Vec::new();
+        while let Some(item) = self.dns.next() {
+            ensure!(
+                item.len() == size_of::<DnsAnswer>(),
+                "DNS answer of {} bytes",
+                item.len()
+            );
+            // SAFETY: DnsAnswer is plain data and the length was checked.
+            answers.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+        }
+        self.dns_copied += answers.len() as u64;
+        Ok(answers)
+    }
+
+    /// Runs `data` once at XDP: `want` verdict, and no DNS answer copied.
+    fn no_dns_answer(&mut self, case: &str, data: &[u8], want: u32) -> anyhow::Result<()> {
+        self.once(case, Hook::Xdp, data, want)?;
+        let n = self.dns_answers()?.len();
+        ensure!(n == 0, "{case}: {n} DNS answers copied, expected none");
+        Ok(())
+    }
+
+    /// Runs the answer `data` from `resolver` once at XDP: passed, and
+    /// exactly one record on `DNS_ANSWERS` holding the first `len` bytes of
+    /// `msg`, the UDP payload of `data`.
+    fn one_dns_answer(
+        &mut self,
+        case: &str,
+        data: &[u8],
+        resolver: [u8; 4],
+        msg: &[u8],
+        len: usize,
+    ) -> anyhow::Result<()> {
+        self.once(case, Hook::Xdp, data, XDP_PASS)?;
+        let answers = self.dns_answers()?;
+        ensure!(
+            answers.len() == 1,
+            "{case}: {} DNS answers copied, expected 1",
+            answers.len()
+        );
+        let a = &answers[0];
+        ensure!(
+            a.family == FAMILY_V4 && a.resolver[..4] == resolver && a.resolver[4..] == [0; 12],
+            "{case}: resolver {:?} (family {})",
+            a.resolver,
+            a.family
+        );
+        ensure!(
+            (usize::from(a.len), usize::from(a.orig_len)) == (len, msg.len()),
+            "{case}: len {} orig_len {}, expected {len} and {}",
+            a.len,
+            a.orig_len,
+            msg.len()
+        );
+        ensure!(a.payload[..len] == msg[..len], "{case}: payload differs");
+        ensure!(a.ts_ns != 0, "{case}: no timestamp");
+        Ok(())
+    }
+
+    /// Like [`Bench::repeated`] for a DNS answer that is copied, in test
+    /// runs of `DNS_BATCH` runs with the ring drained (and every record
+    /// counted) after each.
+    fn dns_repeated(&mut self, case: &'static str, data: &[u8], len: usize) -> anyhow::Result<()> {
+        let batches = self.iterations.div_ceil(DNS_BATCH);
+        let mut total = 0.0;
+        for _ in 0..batches {
+            let (ret, avg) = self.test_run(Hook::Xdp, data, DNS_BATCH)?;
+            self.expect(case, Hook::Xdp, ret, XDP_PASS)?;
+            let n = self.dns_answers()?.len();
+            ensure!(
+                n == DNS_BATCH as usize,
+                "{case}: {n} DNS answers in a batch"
+            );
+            total += avg.as_nanos() as f64;
+        }
+        self.rows.push(Row {
+            case,
+            hook: Hook::Xdp,
+            action: XDP_PASS,
+            runs: batches * DNS_BATCH,
+            ns: total / f64::from(batches),
+            note: format!("{len} B copied"),
+        });
+        Ok(())
+    }
+
+    /// DNS answers: copied for a resolver's reply to the server's query
+    /// (allowed or monitored flow), for nothing else.
+    fn dns_cases(&mut self) -> anyhow::Result<()> {
+        ensure!(
+            self.dns_answers()?.is_empty(),
+            "DNS answers before any query"
+        );
+        let query = udp4(SERVER, RESOLVER, CLIENT_PORT, DNS_PORT, &dns_message(30));
+        self.once("DNS query to the resolver", Hook::Tc, &query, TC_ACT_PIPE)?;
+        let key = FlowKey {
+            proto: IPPROTO_UDP,
+            ..v4_key(SERVER, RESOLVER, CLIENT_PORT, DNS_PORT)
+        };
+        let entry = self.ct.get(&key, 0).context("DNS query not tracked")?;
+        ensure!(
+            entry.flow_dir == DIR_EGRESS as u8,
+            "DNS query tracked as inbound"
+        );
+
+        // A short answer, and one longer than DNS_PAYLOAD_MAX (EDNS's 1232).
+        let answer = |msg: &[u8]| udp4(RESOLVER, SERVER, DNS_PORT, CLIENT_PORT, msg);
+        let short = dns_message(100);
+        self.one_dns_answer("DNS answer", &answer(&short), RESOLVER, &short, 100)?;
+        self.dns_repeated("DNS answer from resolver (copied)", &answer(&short), 100)?;
+        let long = dns_message(1232);
+        let cut = DNS_PAYLOAD_MAX;
+        self.one_dns_answer("long DNS answer", &answer(&long), RESOLVER, &long, cut)?;
+        self.dns_repeated("long DNS answer (copy cut at 1 KiB)", &answer(&long), cut)?;
+        // A first fragment: the UDP length counts bytes the frame lacks.
+        let mut first_frag = answer(&long);
+        first_frag[20] = 0x20; // More fragments, offset 0.
+        first_frag.truncate(14 + 20 + 8 + 600);
+        let case = "DNS answer, first fragment";
+        self.one_dns_answer(case, &first_frag, RESOLVER, &long, 600)?;
+
+        let mut later_frag = answer(&short);
+        later_frag[20..22].copy_from_slice(&[0x00, 0x10]);
+        self.no_dns_answer("DNS answer, later fragment", &later_frag, XDP_PASS)?;
+        let empty = answer(&[]);
+        self.no_dns_answer("empty DNS answer", &empty, XDP_PASS)?;
+        self.update_settings(|s| s.resolver_mask = 0)?;
+        self.no_dns_answer("DNS answer, no resolver_mask", &answer(&short), XDP_PASS)?;
+        self.update_settings(|s| s.resolver_mask = RESOLVERS)?;
+
+        // From port 53 on a flow the resolver initiated: not an answer.
+        let inbound = FlowKey {
+            local_port: CLIENT_PORT + 1,
+            ..key
+        };
+        let entry = CtEntry {
+            flow_dir: DIR_INGRESS as u8,
+            ..self.ct.get(&key, 0)?
+        };
+        self.ct.insert(inbound, entry, 0)?;
+        let to_inbound = udp4(RESOLVER, SERVER, DNS_PORT, CLIENT_PORT + 1, &short);
+        self.no_dns_answer("DNS answer on an inbound flow", &to_inbound, XDP_PASS)?;
+        self.forget(&inbound)?;
+
+        // A non-resolver on a monitored flow: not copied until its class is
+        // in resolver_mask (monitored flows count).
+        self.update_settings(|s| s.egress_mode = MODE_MONITOR)?;
+        let query = udp4(SERVER, STRANGER, CLIENT_PORT, DNS_PORT, &dns_message(30));
+        self.once(
+            "DNS query to a stranger, monitor",
+            Hook::Tc,
+            &query,
+            TC_ACT_PIPE,
+        )?;
+        self.update_settings(|s| s.egress_mode = MODE_ENFORCE)?;
+        let stranger = udp4(STRANGER, SERVER, DNS_PORT, CLIENT_PORT, &short);
+        self.no_dns_answer("DNS answer from a non-resolver", &stranger, XDP_PASS)?;
+        let case = "DNS answer from a non-resolver (timed)";
+        self.repeated(
+            case,
+            Hook::Xdp,
+            &stranger,
+            XDP_PASS,
+            "ct hit + LPM, no copy",
+        )?;
+        ensure!(self.dns_answers()?.is_empty(), "{case}: copied");
+        self.update_settings(|s| s.resolver_mask = RESOLVERS | CLASS_ANY)?;
+        let case = "DNS answer on a monitored flow";
+        self.one_dns_answer(case, &stranger, STRANGER, &short, 100)?;
+        self.update_settings(|s| s.resolver_mask = RESOLVERS)?;
+
+        self.forget(&key)?;
+        let case = "DNS answer without the query's flow";
+        self.no_dns_answer(case, &answer(&short), XDP_DROP)
+    }
+
     /// Runs `data` once and checks the verdict.
     fn once(&self, case: &str, hook: Hook, data: &[u8], want: u32) -> anyhow::Result<()> {
         let (ret, _) = self.test_run(hook, data, 1)?;
@@ -606,6 +846,13 @@ impl Bench {
         ensure!(
             sent >= 4,
             "expected at least 4 events (no rule, peer, malformed, outbound), got {sent}"
+        );
+        let (copied, dropped) = (stat(STAT_DNS_ANSWERS)?, stat(STAT_DNS_ANSWERS_DROPPED)?);
+        println!("DNS answers copied {copied}, dropped {dropped}");
+        ensure!(
+            copied == self.dns_copied && dropped == 0,
+            "DNS answer stats: {copied} copied, {dropped} dropped; {} read",
+            self.dns_copied
         );
 
         let counters: PerCpuArray<_, pcguard_common::Counters> =
