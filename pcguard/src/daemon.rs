@@ -10,15 +10,19 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use log::{error, info, warn};
+use aya::maps::{MapData, RingBuf};
+use pcguard_common::{DnsAnswer, names};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
+    sync::mpsc,
 };
 
 use crate::{
     config::{self, SiteConfig},
     counters::{Labels, PinnedCounters},
     datapath::Datapath,
+    dns::{FqdnClasses, Learner, Resolved, TrieUpdate},
     flows::{AuditLog, AuditRecord, Dedup},
     metrics::{Metrics, PolicyInfo},
     policy::{self, CompiledPolicy},
@@ -97,6 +101,9 @@ struct Daemon {
     reloads: u64,
     loaded_at: u64,
     pending: Option<Pending>,
+    /// FQDN patterns of the running policy's classes.
+    fqdns: FqdnClasses,
+    learner: Learner,
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
@@ -119,7 +126,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // The policy is complete in the maps before the programs see a packet.
     dp.apply(&compiled).context("writing the policy into the maps")?;
     dp.attach(&settings.interfaces, opts.xdp_skb)?;
-    let events = dp.take_events()?;
+    let events = dp.take_ring(names::EVENTS)?;
+    let dns_answers = dp.take_ring(names::DNS_ANSWERS)?;
 
     let counters = match dp.bpffs_dir() {
         Some(dir) => Some(PinnedCounters::open(dir)?),
@@ -147,9 +155,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         reloads: 0,
         loaded_at,
         pending,
+        fqdns: FqdnClasses::default(),
+        learner: Learner::default(),
         opts,
     };
+    daemon.fqdns = FqdnClasses::of(&daemon.policy.read().unwrap());
     daemon.spawn_events(events)?;
+    let dns_rx = spawn_dns_answers(dns_answers)?;
     daemon.write_state()?;
     info!(
         "pcguard running: {} rules, mode {}, egress {}, audit log {}",
@@ -158,7 +170,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         settings.info.egress_mode,
         settings.audit_log.display()
     );
-    let result = daemon.signal_loop().await;
+    let result = daemon.signal_loop(dns_rx).await;
     let run_dir = daemon.opts.run_dir.clone();
     daemon.dp.shutdown();
     State::remove(&run_dir);
@@ -166,55 +178,82 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     result
 }
 
+/// Runs `handle` on every record of `ring` as it arrives (tokio task).
+fn consume_ring(ring: RingBuf<MapData>, mut handle: impl FnMut(&[u8]) + Send + 'static) -> Result<()> {
+    // SAFETY: the ring buffer owns its fd, and the AsyncFd owns the ring
+    // buffer, so the fd stays open as long as it is registered.
+    let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE)? };
+    tokio::spawn(async move {
+        loop {
+            let mut guard = match fd.readable_mut().await {
+                Ok(g) => g,
+                Err(e) => {
+                    error!("ring buffer: {e}");
+                    return;
+                }
+            };
+            // Clear readiness before draining: a record written after the
+            // drain then marks the fd ready again. (Clearing after the
+            // drain can lose that wakeup, and with the kernel's adaptive
+            // notifications no further wakeup would come.)
+            guard.clear_ready();
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                handle(&item);
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Parses the DNS answers the kernel copies and hands the resolved
+/// addresses to the main loop (which owns the maps).
+fn spawn_dns_answers(ring: RingBuf<MapData>) -> Result<mpsc::Receiver<Vec<Resolved>>> {
+    let (tx, rx) = mpsc::channel(1024);
+    consume_ring(ring, move |bytes| {
+        if bytes.len() < std::mem::size_of::<DnsAnswer>() {
+            return;
+        }
+        // SAFETY: DnsAnswer is repr(C) plain data; read_unaligned copes
+        // with any alignment of the ring-buffer slice.
+        let ans = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DnsAnswer>()) };
+        let len = usize::from(ans.len).min(ans.payload.len());
+        let resolved = crate::dns::parse_response(&ans.payload[..len]);
+        if !resolved.is_empty() && tx.try_send(resolved).is_err() {
+            warn!("DNS answers arrive faster than they are applied; one was skipped");
+        }
+    })?;
+    Ok(rx)
+}
+
 impl Daemon {
-    fn spawn_events(&self, ring: aya::maps::RingBuf<aya::maps::MapData>) -> Result<()> {
-        // SAFETY: the ring buffer owns its fd, and the AsyncFd owns the ring
-        // buffer, so the fd stays open as long as it is registered.
-        let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE)? };
+    fn spawn_events(&self, ring: RingBuf<MapData>) -> Result<()> {
         let policy = self.policy.clone();
         let metrics = self.metrics.clone();
         let audit = self.audit.clone();
         let dedup = self.dedup.clone();
-        tokio::spawn(async move {
-            loop {
-                let mut guard = match fd.readable_mut().await {
-                    Ok(g) => g,
-                    Err(e) => {
-                        error!("event ring buffer: {e}");
-                        return;
-                    }
-                };
-                // Clear readiness before draining: a record written after the
-                // drain then marks the fd ready again. (Clearing after the
-                // drain can lose that wakeup, and with the kernel's adaptive
-                // notifications no further wakeup would come.)
-                guard.clear_ready();
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    let Some(ev) = crate::flows::decode(&item) else { continue };
-                    drop(item);
-                    if !dedup.lock().unwrap().admit(&ev, Instant::now()) {
-                        continue;
-                    }
-                    let rec = {
-                        let p = policy.read().unwrap();
-                        AuditRecord::from_event(&ev, &p, crate::flows::ktime_to_system(ev.ts_ns))
-                    };
-                    metrics.daemon.flow(&rec.reason, &rec.direction);
-                    if rec.severity == "alert" {
-                        warn!("ALERT {}", rec.human());
-                    }
-                    if let Err(e) = audit.lock().unwrap().write(&rec) {
-                        metrics.daemon.audit_write_errors.inc();
-                        error!("{e:#}");
-                    }
-                }
+        consume_ring(ring, move |bytes| {
+            let Some(ev) = crate::flows::decode(bytes) else { return };
+            if !dedup.lock().unwrap().admit(&ev, Instant::now()) {
+                return;
             }
-        });
-        Ok(())
+            let rec = {
+                let p = policy.read().unwrap();
+                AuditRecord::from_event(&ev, &p, crate::flows::ktime_to_system(ev.ts_ns))
+            };
+            metrics.daemon.flow(&rec.reason, &rec.direction);
+            if rec.severity == "alert" {
+                warn!("ALERT {}", rec.human());
+            }
+            if let Err(e) = audit.lock().unwrap().write(&rec) {
+                metrics.daemon.audit_write_errors.inc();
+                error!("{e:#}");
+            }
+        })
     }
 
-    async fn signal_loop(&mut self) -> Result<()> {
+    async fn signal_loop(&mut self, mut dns_rx: mpsc::Receiver<Vec<Resolved>>) -> Result<()> {
+        let mut expiry = tokio::time::interval(Duration::from_secs(5));
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -230,6 +269,8 @@ impl Daemon {
             tokio::select! {
                 _ = hup.recv() => self.reload(),
                 _ = usr1.recv() => self.confirm(),
+                Some(answers) = dns_rx.recv() => self.learn(&answers),
+                _ = expiry.tick() => self.expire_learned(),
                 _ = term.recv() => return Ok(()),
                 _ = int.recv() => return Ok(()),
                 _ = sleep => {
@@ -294,7 +335,18 @@ impl Daemon {
     /// Applies a compiled policy and makes it the running one.
     fn install(&mut self, cfg: SiteConfig, compiled: CompiledPolicy) -> Result<()> {
         let settings = daemon_settings(&cfg, &compiled, &self.opts);
-        let stats = self.dp.apply(&compiled)?;
+        let applied = self.dp.apply(&compiled);
+        // Whatever happened, the static prefixes may have been rewritten:
+        // put the learned ones back on top of the policy now in the maps.
+        let fqdns = match &applied {
+            Ok(_) => FqdnClasses::of(&compiled),
+            Err(_) => self.fqdns.clone(),
+        };
+        let in_maps = if applied.is_ok() { compiled.clone() } else { self.policy.read().unwrap().clone() };
+        let updates = self.learner.rebase(&fqdns, &in_maps);
+        self.write_learned(&updates);
+        let stats = applied?;
+        self.fqdns = fqdns;
         info!("policy written: {} port entries, {} slots, {} prefixes changed", stats.ports, stats.slots, stats.peers);
         {
             let audit_path = settings.audit_log.clone();
@@ -340,6 +392,35 @@ impl Daemon {
                 Ok(true)
             }
         }
+    }
+
+    /// Addresses of a DNS answer whose names match the policy's FQDNs
+    /// become peers of those classes until their TTL runs out.
+    fn learn(&mut self, answers: &[Resolved]) {
+        if self.fqdns.is_empty() {
+            return;
+        }
+        let policy = self.policy.read().unwrap().clone();
+        let (updates, new) = self.learner.learn(answers, &self.fqdns, &policy, Instant::now());
+        self.write_learned(&updates);
+        for (addr, names, bits) in new {
+            let classes = crate::flows::class_names(&policy, bits).join(",");
+            let names: Vec<String> = names.into_iter().collect();
+            info!("DNS: {addr} is {} ({classes})", names.join(" -> "));
+        }
+    }
+
+    fn expire_learned(&mut self) {
+        let policy = self.policy.read().unwrap().clone();
+        let updates = self.learner.expire(&policy, Instant::now());
+        self.write_learned(&updates);
+    }
+
+    fn write_learned(&mut self, updates: &[TrieUpdate]) {
+        if let Err(e) = self.dp.write_learned(updates) {
+            error!("updating DNS-learned peers: {e:#}");
+        }
+        self.metrics.daemon.dns_learned.set(self.learner.len() as i64);
     }
 
     fn write_state(&self) -> Result<()> {

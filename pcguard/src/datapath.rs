@@ -7,6 +7,7 @@
 use std::{
     collections::{HashMap, HashSet},
     ffi::CString,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -20,7 +21,10 @@ use log::{debug, info, warn};
 use pcguard_common::{PortEntry, PortSlot, Settings, names};
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{CompiledPolicy, PeerPrefix};
+use crate::{
+    dns::TrieUpdate,
+    policy::{CompiledPolicy, PeerPrefix},
+};
 
 /// The eBPF object built by `build.rs` (pcguard-ebpf, bpfel-unknown-none).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pcguard-ebpf"));
@@ -230,10 +234,38 @@ impl Datapath {
         self.ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from object"))
     }
 
-    /// Takes the ring buffer of unexpected-flow events (once).
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self.ebpf.take_map(names::EVENTS).ok_or_else(|| anyhow!("EVENTS map already taken"))?;
+    /// Takes a ring buffer (`EVENTS`, `DNS_ANSWERS`) to consume it (once).
+    pub fn take_ring(&mut self, name: &str) -> Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map(name).ok_or_else(|| anyhow!("{name} map missing or already taken"))?;
         Ok(RingBuf::try_from(map)?)
+    }
+
+    /// Writes the host prefixes of addresses learned from DNS answers.
+    pub fn write_learned(&mut self, updates: &[TrieUpdate]) -> Result<()> {
+        for u in updates {
+            match *u {
+                TrieUpdate::Set { addr: IpAddr::V4(a), mask } => self.host_entry(names::PEERS_V4, 32, a.octets(), Some(mask))?,
+                TrieUpdate::Set { addr: IpAddr::V6(a), mask } => self.host_entry(names::PEERS_V6, 128, a.octets(), Some(mask))?,
+                TrieUpdate::Remove { addr: IpAddr::V4(a) } => self.host_entry(names::PEERS_V4, 32, a.octets(), None)?,
+                TrieUpdate::Remove { addr: IpAddr::V6(a) } => self.host_entry(names::PEERS_V6, 128, a.octets(), None)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn host_entry<const N: usize>(&mut self, map: &str, len: u32, addr: [u8; N], mask: Option<u32>) -> Result<()>
+    where
+        [u8; N]: aya::Pod,
+    {
+        let mut trie: LpmTrie<&mut MapData, [u8; N], u32> = LpmTrie::try_from(self.map_mut(map)?)?;
+        let key = Key::new(len, addr);
+        match mask {
+            Some(m) => trie.insert(&key, m, 0).with_context(|| format!("writing learned prefix in {map}")),
+            None => match trie.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(e).with_context(|| format!("removing learned prefix from {map}")),
+            },
+        }
     }
 
     /// Detaches the programs and removes the pinned maps.
@@ -280,7 +312,7 @@ fn pin_maps(ebpf: &Ebpf, dir: &Path) -> Result<PathBuf> {
     remove_pins(dir);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     for (name, map) in ebpf.maps() {
-        if name == names::EVENTS {
+        if name == names::EVENTS || name == names::DNS_ANSWERS {
             continue; // consumed by this process only
         }
         map.pin(dir.join(name)).with_context(|| format!("pinning {name} under {}", dir.display()))?;

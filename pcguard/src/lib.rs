@@ -11,6 +11,7 @@ pub mod render;
 pub mod counters;
 pub mod daemon;
 pub mod datapath;
+pub mod dns;
 pub mod flows;
 pub mod metrics;
 pub mod state;

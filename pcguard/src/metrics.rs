@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use anyhow::Result;
 use log::{debug, warn};
 use pcguard_common::{
-    Counters, NUM_VERDICTS, STAT_CT_CREATED, STAT_CT_EXPIRED, STAT_CT_INSERT_FAILED, STAT_EVENTS_DROPPED,
+    Counters, NUM_VERDICTS, STAT_CT_CREATED, STAT_CT_EXPIRED, STAT_CT_INSERT_FAILED, STAT_DNS_ANSWERS, STAT_DNS_ANSWERS_DROPPED, STAT_EVENTS_DROPPED,
     STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, STAT_MALFORMED, STAT_NON_IP,
 };
 use prometheus_client::{
@@ -34,6 +34,7 @@ pub struct DaemonMetrics {
     pub reloads: Family<LabelPairs, Counter>,
     pub audit_write_errors: Counter,
     pub policy_loaded_time: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub dns_learned: Gauge,
 }
 
 impl DaemonMetrics {
@@ -86,6 +87,7 @@ impl Metrics {
             reloads: Family::default(),
             audit_write_errors: Counter::default(),
             policy_loaded_time: Gauge::default(),
+            dns_learned: Gauge::default(),
         };
         registry.register(
             "pcguard_unexpected_flows",
@@ -106,6 +108,11 @@ impl Metrics {
             "pcguard_policy_loaded_timestamp_seconds",
             "Unix time the running policy was applied",
             daemon.policy_loaded_time.clone(),
+        );
+        registry.register(
+            "pcguard_dns_learned_addresses",
+            "Addresses learned from DNS answers for the policy's FQDNs (cloud endpoints), until their TTL runs out",
+            daemon.dns_learned.clone(),
         );
         let policy = Arc::new(RwLock::new(policy));
         registry.register_collector(Box::new(KernelCollector { maps: Arc::new(Mutex::new(maps)), labels: policy.clone() }));
@@ -169,6 +176,8 @@ impl Collector for KernelCollector {
             ("pcguard_conntrack_created", "Conntrack entries created", STAT_CT_CREATED),
             ("pcguard_conntrack_expired", "Conntrack entries removed on close or idle timeout", STAT_CT_EXPIRED),
             ("pcguard_conntrack_insert_failures", "Conntrack inserts that failed", STAT_CT_INSERT_FAILED),
+            ("pcguard_dns_answers", "DNS answers of the configured resolvers copied for DNS-aware egress", STAT_DNS_ANSWERS),
+            ("pcguard_dns_answers_dropped", "DNS answers lost because their ring buffer was full", STAT_DNS_ANSWERS_DROPPED),
         ];
         for (name, help, idx) in stats {
             let c = prometheus_client::metrics::counter::ConstCounter::new(snap.stats[idx as usize]);

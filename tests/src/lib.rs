@@ -712,3 +712,136 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<b
     }
     Ok(())
 }
+
+/// A small authoritative-style DNS server on UDP port 53 of a lab host:
+/// answers A/AAAA queries for the names it was given, NXDOMAIN otherwise.
+pub struct DnsServer {
+    _server: UdpResponder,
+}
+
+struct UdpResponder {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for UdpResponder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// (name, address, ttl) records of a [`DnsServer`].
+pub type DnsRecords = Vec<(String, IpAddr, u32)>;
+
+impl DnsServer {
+    pub fn start(lab: &Lab, host: &str, records: DnsRecords) -> Result<Self> {
+        let sock = lab.run_in(host, || UdpSocket::bind(sa(Ipv6Addr::UNSPECIFIED, 53)))??;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !stop2.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    if let Some(answer) = dns_answer(&buf[..n], &records) {
+                        let _ = sock.send_to(&answer, from);
+                    }
+                }
+            }
+        });
+        Ok(Self { _server: UdpResponder { stop, thread: Some(thread) } })
+    }
+}
+
+fn dns_name(name: &str) -> Vec<u8> {
+    let mut v = Vec::new();
+    for l in name.split('.') {
+        v.push(l.len() as u8);
+        v.extend(l.as_bytes());
+    }
+    v.push(0);
+    v
+}
+
+/// A query for `name` (type 1 = A, 28 = AAAA).
+pub fn dns_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend([0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    q.extend(dns_name(name));
+    q.extend(qtype.to_be_bytes());
+    q.extend(1u16.to_be_bytes());
+    q
+}
+
+fn dns_answer(query: &[u8], records: &DnsRecords) -> Option<Vec<u8>> {
+    // Question: one name of plain labels after the 12-byte header.
+    let mut pos = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = *query.get(pos)? as usize;
+        pos += 1;
+        if len == 0 {
+            break;
+        }
+        labels.push(String::from_utf8_lossy(query.get(pos..pos + len)?).to_ascii_lowercase());
+        pos += len;
+    }
+    let qtype = u16::from_be_bytes([*query.get(pos)?, *query.get(pos + 1)?]);
+    let question = query.get(12..pos + 4)?;
+    let name = labels.join(".");
+    let matching: Vec<&(String, IpAddr, u32)> = records
+        .iter()
+        .filter(|(n, a, _)| *n == name && (qtype == 1) == a.is_ipv4() && (qtype == 1 || qtype == 28))
+        .collect();
+    let known = records.iter().any(|(n, _, _)| *n == name);
+    let rcode = if known { 0 } else { 3 };
+    let mut r = query.get(..2)?.to_vec();
+    r.extend([0x81, 0x80 | rcode, 0, 1, 0, matching.len() as u8, 0, 0, 0, 0]);
+    r.extend(question);
+    for (_, addr, ttl) in matching {
+        r.extend([0xc0, 12]);
+        r.extend(qtype.to_be_bytes());
+        r.extend(1u16.to_be_bytes());
+        r.extend(ttl.to_be_bytes());
+        let data = match addr {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        };
+        r.extend((data.len() as u16).to_be_bytes());
+        r.extend(data);
+    }
+    Some(r)
+}
+
+/// From `host`, resolves `name` (A or AAAA) with the resolver at `server`;
+/// the answered addresses.
+pub fn resolve(lab: &Lab, host: &str, server: IpAddr, name: &str, v6: bool) -> Result<Vec<IpAddr>> {
+    let query = dns_query(0x4242, name, if v6 { 28 } else { 1 });
+    let bind: SocketAddr = if server.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
+    let answer = lab.run_in(host, move || -> Result<Vec<u8>> {
+        let s = UdpSocket::bind(bind)?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.send_to(&query, sa(server, 53))?;
+        let mut buf = [0u8; 512];
+        let (n, _) = s.recv_from(&mut buf).context("no DNS answer")?;
+        Ok(buf[..n].to_vec())
+    })??;
+    let an = u16::from_be_bytes([answer[6], answer[7]]) as usize;
+    let len = if v6 { 16 } else { 4 };
+    // Each answer ends with its address; they are the last `an` records.
+    let mut addrs = Vec::new();
+    let mut end = answer.len();
+    for _ in 0..an {
+        let data = &answer[end - len..end];
+        addrs.push(if v6 {
+            IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(data)?))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(data[0], data[1], data[2], data[3]))
+        });
+        end -= 12 + len;
+    }
+    Ok(addrs)
+}

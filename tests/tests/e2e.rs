@@ -212,3 +212,53 @@ fn status_and_flows_commands_show_the_running_daemon() -> Result<()> {
     assert!(daemon.stop()?.success());
     Ok(())
 }
+
+/// DNS-aware egress: the Global Entitlements Service is a name. Its
+/// address becomes reachable on 443 only once the configured resolver
+/// (here the LDAP host, as an AD domain controller would be) answered this
+/// server's query for `mf.cloud.papercut.com`; an answer for another name
+/// with the same address opens nothing.
+#[test]
+fn dns_answers_for_documented_names_open_the_cloud_rules() -> Result<()> {
+    let config = lab_config("enforce", "")
+        .replace("[peers]\n", "[peers]\ndns = [\"10.77.0.5\", \"fd77::5\"]\n")
+        .replace("[features]\n", "[features]\nges = true\n");
+    let env = TestLab::up("pe7", tmp(), &config)?;
+    let cloud4 = std::net::IpAddr::V4(addr("out"));
+    let cloud6 = std::net::IpAddr::V6(addr6("out"));
+    let records = vec![
+        ("mf.cloud.papercut.com".to_string(), cloud4, 300),
+        ("mf.cloud.papercut.com".to_string(), cloud6, 300),
+        ("evil.example.com".to_string(), cloud4, 300),
+    ];
+    let _dns = DnsServer::start(&env.lab, "ldap", records)?;
+    let _https = TcpServer::start(&env.lab, "out", sa(std::net::Ipv6Addr::UNSPECIFIED, 443))?;
+    let daemon = env.start(&[])?;
+    let https = |ip: std::net::IpAddr| -> Result<bool> {
+        Ok(tcp_request(&env.lab, SERVER, sa(ip, 443), "GET /", BLOCKED_TIMEOUT)? == Outcome::Answered)
+    };
+    assert!(!https(cloud4)?, "blocked before any DNS answer");
+
+    let resolver = std::net::IpAddr::V4(addr("ldap"));
+    assert_eq!(resolve(&env.lab, SERVER, resolver, "evil.example.com", false)?, vec![cloud4]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!https(cloud4)?, "a name outside the policy opens nothing");
+    assert_eq!(m(&daemon.scrape()?, "pcguard_dns_learned_addresses", &[]), 0.0);
+
+    assert_eq!(resolve(&env.lab, SERVER, resolver, "mf.cloud.papercut.com", false)?, vec![cloud4]);
+    wait_metric(&daemon, "pcguard_dns_learned_addresses", &[], 1.0)?;
+    assert!(https(cloud4)?, "GES reachable once resolved:\n{}", daemon.log_text());
+    assert_eq!(resolve(&env.lab, SERVER, std::net::IpAddr::V6(addr6("ldap")), "mf.cloud.papercut.com", true)?, vec![cloud6]);
+    wait_metric(&daemon, "pcguard_dns_learned_addresses", &[], 2.0)?;
+    assert!(https(cloud6)?, "over IPv6 too");
+
+    let text = daemon.scrape()?;
+    assert!(m(&text, "pcguard_dns_answers_total", &[]) >= 3.0, "{text}");
+    assert!(m(&text, "pcguard_rule_packets_total", &[("rule", "ges"), ("direction", "egress"), ("verdict", "allowed")]) >= 2.0, "{text}");
+    assert!(daemon.log_text().contains("is mf.cloud.papercut.com"), "{}", daemon.log_text());
+    // The attempts before the answer were blocked and reported.
+    let recs = daemon.audit()?;
+    assert!(recs.iter().any(|r| port(r, "remote") == 443 && s(r, "reason") == "peer_not_allowed"), "{recs:#?}");
+    assert!(daemon.stop()?.success());
+    Ok(())
+}

@@ -141,6 +141,8 @@ fn settings(cfg: &SiteConfig) -> Settings {
         allow_icmp: u8::from(cfg.allow_icmp),
         ready: 0,
         no_initiate_mask: 0,
+        resolver_mask: 0,
+        _pad: 0,
         tcp_timeout_ns: nanos(cfg.conntrack.tcp),
         tcp_closing_timeout_ns: nanos(cfg.conntrack.tcp_closing),
         udp_timeout_ns: nanos(cfg.conntrack.udp),

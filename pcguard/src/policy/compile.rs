@@ -6,7 +6,7 @@ use super::compiled::{CompiledPolicy, RuleInfo, RuleOrigin};
 use super::ports::{Labels, tables};
 use super::{lpm, ports};
 use crate::config::CLASS_ANY_NAME;
-use pcguard_common::{CLASS_ANY_BIT, MAX_CLASSES, MAX_PORT_LABELS, MAX_RULES, PEER_ENTRIES};
+use pcguard_common::{CLASS_ANY, CLASS_ANY_BIT, MAX_CLASSES, MAX_PORT_LABELS, MAX_RULES, PEER_ENTRIES};
 use std::fmt;
 
 /// The policy does not fit the kernel tables.
@@ -108,6 +108,7 @@ pub fn compile_policy(p: &Policy) -> Result<CompiledPolicy, PolicyError> {
     let t = tables(&p.rules, &masks, &labels)?;
     let mut settings = p.settings;
     settings.no_initiate_mask = class_mask(p, &["workstations", "secondary_servers"]);
+    settings.resolver_mask = resolver_mask(p);
     settings.ready = 1;
     Ok(CompiledPolicy {
         settings,
@@ -155,6 +156,18 @@ fn class_mask(p: &Policy, names: &[impl AsRef<str>]) -> u32 {
         .iter()
         .filter_map(|n| class_bit(p, n.as_ref()))
         .fold(0, |m, bit| m | (1 << bit))
+}
+
+/// Classes this server sends DNS queries to: the peers of outbound rules on
+/// UDP port 53. Their answers feed DNS-aware egress. `any` is left out:
+/// answers are only trusted from configured resolvers.
+fn resolver_mask(p: &Policy) -> u32 {
+    p.rules
+        .iter()
+        .filter(|r| r.direction == super::Direction::Outbound && r.protocol == super::Protocol::Udp)
+        .filter(|r| r.ports.iter().any(|range| range.contains(53)))
+        .fold(0, |m, r| m | rule_mask(p, r))
+        & !CLASS_ANY
 }
 
 fn rule_mask(p: &Policy, r: &RuleInfo) -> u32 {

@@ -146,3 +146,38 @@ pub struct CompiledPolicy {
     /// Peer class names by bit index (`None` = unused bit); bit 31 is `any`.
     pub classes: Vec<Option<String>>,
 }
+
+impl CompiledPolicy {
+    /// The class mask the kernel finds for `addr` in the static peer tries:
+    /// the mask of the longest configured prefix containing it.
+    pub fn peer_mask(&self, addr: std::net::IpAddr) -> u32 {
+        match addr {
+            std::net::IpAddr::V4(a) => longest_match(&self.peers_v4, &a.octets()).map_or(0, |p| p.mask),
+            std::net::IpAddr::V6(a) => longest_match(&self.peers_v6, &a.octets()).map_or(0, |p| p.mask),
+        }
+    }
+
+    /// True when `addr` is itself a configured host prefix (/32, /128).
+    pub fn has_host_prefix(&self, addr: std::net::IpAddr) -> bool {
+        match addr {
+            std::net::IpAddr::V4(a) => self.peers_v4.iter().any(|p| p.prefix_len == 32 && p.addr == a.octets()),
+            std::net::IpAddr::V6(a) => self.peers_v6.iter().any(|p| p.prefix_len == 128 && p.addr == a.octets()),
+        }
+    }
+}
+
+fn longest_match<'a, const N: usize>(prefixes: &'a [PeerPrefix<N>], addr: &[u8; N]) -> Option<&'a PeerPrefix<N>> {
+    prefixes.iter().filter(|p| prefix_contains(&p.addr, p.prefix_len, addr)).max_by_key(|p| p.prefix_len)
+}
+
+fn prefix_contains<const N: usize>(net: &[u8; N], len: u32, addr: &[u8; N]) -> bool {
+    let full = (len / 8) as usize;
+    let rest = len % 8;
+    if net[..full] != addr[..full] {
+        return false;
+    }
+    rest == 0 || {
+        let m = 0xffu8 << (8 - rest);
+        net[full] & m == addr[full] & m
+    }
+}

@@ -491,3 +491,27 @@ fn too_many_prefixes() {
     policy.classes[0].cidrs.truncate(max - 1);
     assert_eq!(compile_policy(&policy).unwrap().peers_v4.len(), max);
 }
+
+#[test]
+fn resolvers_are_the_peers_of_outbound_dns_rules() {
+    let p = compiled(
+        "[peers]\nworkstations = [\"10.1.0.0/16\"]\ndns = [\"10.0.0.53\"]\ndirectory = [\"10.0.0.10\"]\n\
+         [features]\ndirectory = [\"active-directory\"]\n",
+    );
+    let bits = |names: &[&str]| names.iter().map(|n| 1u32 << p.class_bit(n).unwrap()).fold(0, |a, b| a | b);
+    assert_eq!(p.settings.resolver_mask, bits(&["dns", "directory"]));
+    // No resolver configured: no DNS answers are trusted.
+    assert_eq!(lab().settings.resolver_mask, 0);
+}
+
+#[test]
+fn peer_mask_is_the_longest_prefix_match_like_the_kernel() {
+    let p = compiled("[peers]\nworkstations = [\"10.1.0.0/16\", \"2001:db8::/32\"]\nadmin = [\"10.1.2.3\"]\n");
+    for addr in ["10.1.2.3", "10.1.9.9", "10.2.0.1", "2001:db8::1", "2001:db9::1"] {
+        let a: IpAddr = addr.parse().unwrap();
+        assert_eq!(p.peer_mask(a), peer_mask(&p, a), "{addr}");
+    }
+    assert!(p.has_host_prefix("10.1.2.3".parse().unwrap()));
+    assert!(!p.has_host_prefix("10.1.9.9".parse().unwrap()));
+    assert_eq!(p.peer_mask("10.2.0.1".parse().unwrap()), CLASS_ANY);
+}
