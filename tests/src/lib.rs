@@ -198,12 +198,40 @@ pub fn enter_netns(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A thread running `step` in a loop until dropped (the servers below).
+/// `step` must return within a short time (its sockets have timeouts).
+struct Background {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Background {
+    fn spawn(mut step: impl FnMut() + Send + 'static) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                step();
+            }
+        });
+        Self { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A TCP server that accepts connections, reads a line and answers
 /// `ok <line>`; runs until dropped.
 pub struct TcpServer {
     pub addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _thread: Background,
 }
 
 impl TcpServer {
@@ -211,19 +239,13 @@ impl TcpServer {
         let listener = lab.run_in(host, move || TcpListener::bind(bind))??;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !stop2.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((s, _)) => {
-                        std::thread::spawn(move || echo(s));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
+        let thread = Background::spawn(move || match listener.accept() {
+            Ok((s, _)) => {
+                std::thread::spawn(move || echo(s));
             }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
         });
-        Ok(Self { addr, stop, thread: Some(thread) })
+        Ok(Self { addr, _thread: thread })
     }
 }
 
@@ -236,15 +258,6 @@ fn echo(mut s: TcpStream) {
         let _ = s.write_all(&buf[..n]);
     }
     let _ = s.shutdown(Shutdown::Both);
-}
-
-impl Drop for TcpServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// Outcome of one client attempt.
@@ -288,38 +301,33 @@ pub fn tcp_request(lab: &Lab, host: &str, to: SocketAddr, msg: &str, timeout: Du
 /// A UDP server answering each datagram with `ok <datagram>`.
 pub struct UdpServer {
     pub addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _thread: Background,
 }
 
 impl UdpServer {
     pub fn start(lab: &Lab, host: &str, bind: SocketAddr) -> Result<Self> {
         let sock = lab.run_in(host, move || UdpSocket::bind(bind))??;
-        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
         let addr = sock.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !stop2.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                    let mut answer = b"ok ".to_vec();
-                    answer.extend_from_slice(&buf[..n]);
-                    let _ = sock.send_to(&answer, from);
-                }
-            }
-        });
-        Ok(Self { addr, stop, thread: Some(thread) })
+        let thread = udp_responder(sock, |datagram| {
+            let mut answer = b"ok ".to_vec();
+            answer.extend_from_slice(datagram);
+            Some(answer)
+        })?;
+        Ok(Self { addr, _thread: thread })
     }
 }
 
-impl Drop for UdpServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+/// Answers each datagram on `sock` with `answer(datagram)`, if any.
+fn udp_responder(sock: UdpSocket, answer: impl Fn(&[u8]) -> Option<Vec<u8>> + Send + 'static) -> Result<Background> {
+    sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let mut buf = [0u8; 2048];
+    Ok(Background::spawn(move || {
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            if let Some(a) = answer(&buf[..n]) {
+                let _ = sock.send_to(&a, from);
+            }
         }
-    }
+    }))
 }
 
 /// From `host`, sends `msg` to `to` over UDP; true when `ok <msg>` came back.
@@ -716,21 +724,7 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<b
 /// A small authoritative-style DNS server on UDP port 53 of a lab host:
 /// answers A/AAAA queries for the names it was given, NXDOMAIN otherwise.
 pub struct DnsServer {
-    _server: UdpResponder,
-}
-
-struct UdpResponder {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Drop for UdpResponder {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+    _thread: Background,
 }
 
 /// (name, address, ttl) records of a [`DnsServer`].
@@ -739,20 +733,7 @@ pub type DnsRecords = Vec<(String, IpAddr, u32)>;
 impl DnsServer {
     pub fn start(lab: &Lab, host: &str, records: DnsRecords) -> Result<Self> {
         let sock = lab.run_in(host, || UdpSocket::bind(sa(Ipv6Addr::UNSPECIFIED, 53)))??;
-        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 512];
-            while !stop2.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                    if let Some(answer) = dns_answer(&buf[..n], &records) {
-                        let _ = sock.send_to(&answer, from);
-                    }
-                }
-            }
-        });
-        Ok(Self { _server: UdpResponder { stop, thread: Some(thread) } })
+        Ok(Self { _thread: udp_responder(sock, move |query| dns_answer(query, &records))? })
     }
 }
 
