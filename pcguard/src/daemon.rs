@@ -107,10 +107,11 @@ struct Daemon {
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
-    if let Ok(other) = State::read(&opts.run_dir) {
-        if other.is_live() && other.pid != std::process::id() {
-            bail!("pcguard is already running (pid {}, state in {})", other.pid, opts.run_dir.display());
-        }
+    if let Ok(other) = State::read(&opts.run_dir)
+        && other.is_live()
+        && other.pid != std::process::id()
+    {
+        bail!("pcguard is already running (pid {}, state in {})", other.pid, opts.run_dir.display());
     }
     let (cfg, compiled) = load_policy(&opts.config)?;
     let settings = daemon_settings(&cfg, &compiled, &opts);

@@ -239,6 +239,10 @@ pub enum TrieUpdate {
     Remove { addr: IpAddr },
 }
 
+/// An address learned by one answer: the names that led to it and the
+/// class bits it gained (for the log).
+pub type NewlyLearned = (IpAddr, BTreeSet<String>, u32);
+
 /// The learned addresses and their expiry.
 #[derive(Debug, Default)]
 pub struct Learner {
@@ -266,7 +270,7 @@ impl Learner {
         classes: &FqdnClasses,
         policy: &CompiledPolicy,
         now: Instant,
-    ) -> (Vec<TrieUpdate>, Vec<(IpAddr, BTreeSet<String>, u32)>) {
+    ) -> (Vec<TrieUpdate>, Vec<NewlyLearned>) {
         let mut updates = Vec::new();
         let mut new = Vec::new();
         for a in answers {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use anyhow::Result;
 use log::{debug, warn};
 use pcguard_common::{
-    Counters, NUM_VERDICTS, STAT_CT_CREATED, STAT_CT_EXPIRED, STAT_CT_INSERT_FAILED, STAT_DNS_ANSWERS, STAT_DNS_ANSWERS_DROPPED, STAT_EVENTS_DROPPED,
+    Counters, STAT_CT_CREATED, STAT_CT_EXPIRED, STAT_CT_INSERT_FAILED, STAT_DNS_ANSWERS, STAT_DNS_ANSWERS_DROPPED, STAT_EVENTS_DROPPED,
     STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, STAT_MALFORMED, STAT_NON_IP,
 };
 use prometheus_client::{
@@ -202,13 +202,13 @@ fn encode_counters(
 ) -> Result<(), std::fmt::Error> {
     let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
     for (labels, counters) in series {
-        for v in 0..NUM_VERDICTS {
+        for (v, verdict) in VERDICT_NAMES.iter().enumerate() {
             let n = value(counters, v);
             if n == 0 && v != pcguard_common::VERDICT_ALLOW {
                 continue;
             }
             let mut l = labels.clone();
-            l.push(("verdict", VERDICT_NAMES[v].to_string()));
+            l.push(("verdict", verdict.to_string()));
             family.encode_family(&l)?.encode_counter::<NoLabelSet, _, u64>(&n, None)?;
         }
     }

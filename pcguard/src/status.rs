@@ -30,8 +30,8 @@ pub fn collect(run_dir: &Path) -> Result<(State, Option<Snapshot>)> {
 pub fn to_json(state: &State, snap: Option<&Snapshot>) -> serde_json::Value {
     let counters = |c: &Counters| {
         let mut m = serde_json::Map::new();
-        for v in 0..NUM_VERDICTS {
-            m.insert(VERDICT_NAMES[v].into(), json!({"packets": c.packets[v], "bytes": c.bytes[v]}));
+        for (v, verdict) in VERDICT_NAMES.iter().enumerate() {
+            m.insert(verdict.to_string(), json!({"packets": c.packets[v], "bytes": c.bytes[v]}));
         }
         serde_json::Value::Object(m)
     };

@@ -322,10 +322,10 @@ fn udp_responder(sock: UdpSocket, answer: impl Fn(&[u8]) -> Option<Vec<u8>> + Se
     sock.set_read_timeout(Some(Duration::from_millis(50)))?;
     let mut buf = [0u8; 2048];
     Ok(Background::spawn(move || {
-        if let Ok((n, from)) = sock.recv_from(&mut buf) {
-            if let Some(a) = answer(&buf[..n]) {
-                let _ = sock.send_to(&a, from);
-            }
+        if let Ok((n, from)) = sock.recv_from(&mut buf)
+            && let Some(a) = answer(&buf[..n])
+        {
+            let _ = sock.send_to(&a, from);
         }
     }))
 }

@@ -148,7 +148,7 @@ fn sighup_reloads_and_a_bad_config_keeps_the_running_policy() -> Result<()> {
     let text = daemon.scrape()?;
     assert!(m(&text, "pcguard_rule_packets_total", &[("rule", "legacy-9999"), ("verdict", "allowed")]) >= 1.0, "{text}");
 
-    env.write_config(&"role = \"primary\"\nthis is not toml\n")?;
+    env.write_config("role = \"primary\"\nthis is not toml\n")?;
     daemon.signal(libc::SIGHUP)?;
     wait_metric(&daemon, "pcguard_reloads_total", &[("result", "failure")], 1.0)?;
     assert!(ws_reaches(&env.lab, 9999)?, "the running policy is kept");
