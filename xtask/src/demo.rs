@@ -23,13 +23,13 @@ pub fn run(root: &Path, keep: bool) -> Result<()> {
     let probes = sample_probes();
     let _servers = start_probe_servers(&lab, &probes)?;
     println!("\n== sample traffic (enforce mode)");
-    println!("{:<52} {:>4} {:>9} {:>9} {:>9}", "FLOW", "", "EXPECTED", "IPv4", "IPv6");
+    println!("{:<52} {:>5} {:>9} {:>9} {:>9}", "FLOW", "PROTO", "EXPECTED", "IPv4", "IPv6");
     for p in &probes {
         let got4 = run_probe(&lab, p, false, Duration::from_secs(1))?;
         let got6 = run_probe(&lab, p, true, Duration::from_secs(1))?;
         let word = |ok: bool| if ok { "passed" } else { "blocked" };
         let flag = if got4 == p.allowed && got6 == p.allowed { "" } else { "  <-- UNEXPECTED" };
-        println!("{:<52} {:>4} {:>9} {:>9} {:>9}{flag}", p.what, format!("{:?}", p.proto).to_lowercase(), word(p.allowed), word(got4), word(got6));
+        println!("{:<52} {:>5} {:>9} {:>9} {:>9}{flag}", p.what, format!("{:?}", p.proto).to_lowercase(), word(p.allowed), word(got4), word(got6));
     }
     std::thread::sleep(Duration::from_millis(300));
     println!("\n== pcguard status");
