@@ -104,6 +104,8 @@ struct Daemon {
     /// FQDN patterns of the running policy's classes.
     fqdns: FqdnClasses,
     learner: Learner,
+    /// Where metrics are served (fixed at start).
+    metrics_addr: SocketAddr,
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
@@ -146,6 +148,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     });
 
     let pending = opts.confirm_within.map(|d| Pending { deadline: Instant::now() + d, previous: None });
+    let fqdns = FqdnClasses::of(&compiled);
     let mut daemon = Daemon {
         dp,
         cfg,
@@ -156,11 +159,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         reloads: 0,
         loaded_at,
         pending,
-        fqdns: FqdnClasses::default(),
+        fqdns,
         learner: Learner::default(),
+        metrics_addr: addr,
         opts,
     };
-    daemon.fqdns = FqdnClasses::of(&daemon.policy.read().unwrap());
     daemon.spawn_events(events)?;
     let dns_rx = spawn_dns_answers(dns_answers)?;
     daemon.write_state()?;
@@ -311,11 +314,11 @@ impl Daemon {
                 cfg.interfaces
             );
         }
-        if self.opts.metrics_listen.is_none() && cfg.metrics_listen() != self.cfg.metrics_listen() {
+        if self.opts.metrics_listen.is_none() && cfg.metrics_listen() != self.metrics_addr {
             warn!(
                 "metrics.listen changed to {}; still serving on {} until restart",
                 cfg.metrics_listen(),
-                self.cfg.metrics_listen()
+                self.metrics_addr
             );
         }
         let previous = (self.cfg.clone(), self.policy.read().unwrap().clone());
@@ -438,7 +441,7 @@ impl Daemon {
             rules: policy.rules.len().saturating_sub(1),
             policy_loaded_at: self.loaded_at,
             reloads: self.reloads,
-            metrics_listen: Some(self.opts.metrics_listen.unwrap_or_else(|| self.cfg.metrics_listen()).to_string()),
+            metrics_listen: Some(self.metrics_addr.to_string()),
             audit_log: Some(self.audit.lock().unwrap().path().to_path_buf()),
             pending_confirm_until: self.pending.as_ref().map(|p| {
                 unix_now() + p.deadline.saturating_duration_since(Instant::now()).as_secs()
