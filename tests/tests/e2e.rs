@@ -209,6 +209,28 @@ fn status_and_flows_commands_show_the_running_daemon() -> Result<()> {
     let human = String::from_utf8(human.stdout)?;
     assert_eq!(human.lines().count(), 2, "{human}");
     assert!(human.contains(":9999") && human.contains("no_rule"), "{human}");
+
+    // Following: only new records that match, as they are written.
+    let mut follow = std::process::Command::new(pcguard_bin()?)
+        .args(["flows", "--json", "-n", "0", "--port", "9998", "--log"])
+        .arg(&daemon.audit_log)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!ws_reaches(&env.lab, 9998)?);
+    let line = rx.recv_timeout(Duration::from_secs(5)).map_err(|_| anyhow::anyhow!("pcguard flows printed nothing"))?;
+    let rec: Value = serde_json::from_str(&line)?;
+    assert_eq!(port(&rec, "local"), 9998, "{rec}");
+    assert!(rx.recv_timeout(Duration::from_millis(500)).is_err(), "one flow, one line");
+    follow.kill()?;
+    follow.wait()?;
     assert!(daemon.stop()?.success());
     Ok(())
 }
