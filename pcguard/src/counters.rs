@@ -109,12 +109,15 @@ impl PinnedCounters {
                 // Index 0 ("other") exists even for a policy without labels.
                 let n = ports.len().max(1);
                 for idx in 0..n {
-                    let counters = sum_cpus(&self.ports, port_counter_index(dir, proto as u32, idx as u16))?;
                     let port = ports.get(idx).cloned().unwrap_or_else(|| "other".to_string());
+                    if port.is_empty() {
+                        continue; // a label of an earlier policy (see `ids`)
+                    }
+                    let counters = sum_cpus(&self.ports, port_counter_index(dir, proto as u32, idx as u16))?;
                     snap.ports.push(PortCount { direction: dir as usize, protocol: proto, port, counters });
                 }
             }
-            for (rule, id) in labels.rules.iter().enumerate().skip(1) {
+            for (rule, id) in labels.rules.iter().enumerate().skip(1).filter(|(_, id)| !id.is_empty()) {
                 let counters = sum_cpus(&self.rules, rule_counter_index(dir, rule as u16))?;
                 snap.rules.push(RuleCount { direction: dir as usize, rule: id.clone(), counters });
             }

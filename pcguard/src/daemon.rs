@@ -24,6 +24,7 @@ use crate::{
     datapath::Datapath,
     dns::{FqdnClasses, Learner, Resolved, TrieUpdate},
     flows::{AuditLog, AuditRecord, Dedup},
+    ids::StableIds,
     metrics::{Metrics, PolicyInfo},
     policy::{self, CompiledPolicy},
     state::{State, unix_now},
@@ -67,7 +68,7 @@ fn daemon_settings(cfg: &SiteConfig, policy: &CompiledPolicy, opts: &RunOptions)
             mode: mode_name(policy.settings.ingress_mode).into(),
             egress_mode: mode_name(policy.settings.egress_mode).into(),
             role: cfg.role.as_str().into(),
-            rules: policy.rules.len().saturating_sub(1),
+            rules: policy.rule_count(),
         },
     }
 }
@@ -106,6 +107,8 @@ struct Daemon {
     learner: Learner,
     /// Where metrics are served (fixed at start).
     metrics_addr: SocketAddr,
+    /// Rule ids and port labels stay the same across reloads.
+    ids: StableIds,
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
@@ -116,6 +119,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         bail!("pcguard is already running (pid {}, state in {})", other.pid, opts.run_dir.display());
     }
     let (cfg, compiled) = load_policy(&opts.config)?;
+    let mut ids = StableIds::default();
+    let compiled = ids.stabilize(&compiled);
     let settings = daemon_settings(&cfg, &compiled, &opts);
     if settings.interfaces.is_empty() {
         bail!("{}: no interfaces configured", opts.config.display());
@@ -162,6 +167,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         fqdns,
         learner: Learner::default(),
         metrics_addr: addr,
+        ids,
         opts,
     };
     daemon.spawn_events(events)?;
@@ -307,6 +313,7 @@ impl Daemon {
 
     fn try_reload(&mut self) -> Result<()> {
         let (cfg, compiled) = load_policy(&self.opts.config)?;
+        let compiled = self.ids.stabilize(&compiled);
         if cfg.interfaces != self.cfg.interfaces {
             bail!(
                 "interfaces changed ({:?} -> {:?}); restart pcguard to attach to a different set",
@@ -438,7 +445,7 @@ impl Daemon {
             interfaces: self.dp.interfaces().to_vec(),
             mode: mode_name(s.ingress_mode).into(),
             egress_mode: mode_name(s.egress_mode).into(),
-            rules: policy.rules.len().saturating_sub(1),
+            rules: policy.rule_count(),
             policy_loaded_at: self.loaded_at,
             reloads: self.reloads,
             metrics_listen: Some(self.metrics_addr.to_string()),

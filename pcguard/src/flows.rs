@@ -163,6 +163,7 @@ fn slot_rules(policy: &CompiledPolicy, slot: u16) -> Vec<String> {
         .iter()
         .filter(|&&r| r != 0)
         .filter_map(|&r| policy.rules.get(r as usize).map(|r| r.id.clone()))
+        .filter(|id| !id.is_empty())
         .collect();
     ids.sort();
     ids.dedup();

@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod dns;
 pub mod flows;
+pub mod ids;
 pub mod metrics;
 pub mod state;
 pub mod status;

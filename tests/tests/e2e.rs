@@ -138,12 +138,29 @@ fn counters_match_the_udp_traffic_sent_exactly() -> Result<()> {
 fn sighup_reloads_and_a_bad_config_keeps_the_running_policy() -> Result<()> {
     let env = TestLab::up("pe4", tmp(), &lab_config("enforce", ""))?;
     let _srv = TcpServer::start(&env.lab, SERVER, sa(std::net::Ipv6Addr::UNSPECIFIED, 9999))?;
+    let _web = TcpServer::start(&env.lab, SERVER, sa(std::net::Ipv6Addr::UNSPECIFIED, 9191))?;
     let daemon = env.start(&[])?;
     assert!(!ws_reaches(&env.lab, 9999)?);
+    // A connection established before the reload...
+    let to = sa(addr(SERVER), 9191);
+    let mut web = env.lab.run_in("ws", move || std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)))??;
 
+    // The site rule comes before the catalog rules: every rule id shifts.
     env.write_config(&lab_config("enforce", ALLOW_9999))?;
     daemon.signal(libc::SIGHUP)?;
     wait_metric(&daemon, "pcguard_reloads_total", &[("result", "success")], 1.0)?;
+    let rule = |text: &str, id| m(text, "pcguard_rule_packets_total", &[("rule", id), ("direction", "ingress")]);
+    let before = daemon.scrape()?;
+    // ...keeps passing and is still counted under its own rule.
+    std::io::Write::write_all(&mut web, b"after reload")?;
+    web.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut web, &mut answer)?;
+    assert_eq!(answer, "ok after reload");
+    std::thread::sleep(Duration::from_millis(200));
+    let after = daemon.scrape()?;
+    assert!(rule(&after, "web-http") - rule(&before, "web-http") >= 2.0, "{after}");
+    assert_eq!(rule(&after, "legacy-9999"), 0.0, "no other rule credited: {after}");
     assert!(ws_reaches(&env.lab, 9999)?, "allowed after reload");
     let text = daemon.scrape()?;
     assert!(m(&text, "pcguard_rule_packets_total", &[("rule", "legacy-9999"), ("verdict", "allowed")]) >= 1.0, "{text}");

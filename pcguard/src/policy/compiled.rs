@@ -148,6 +148,12 @@ pub struct CompiledPolicy {
 }
 
 impl CompiledPolicy {
+    /// Number of rules (without the "no rule" placeholder and the holes a
+    /// daemon keeps for rules of earlier policies).
+    pub fn rule_count(&self) -> usize {
+        self.rules.iter().skip(1).filter(|r| !r.id.is_empty()).count()
+    }
+
     /// The class mask the kernel finds for `addr` in the static peer tries:
     /// the mask of the longest configured prefix containing it.
     pub fn peer_mask(&self, addr: std::net::IpAddr) -> u32 {
