@@ -8,11 +8,12 @@
 //!
 //! | map             | kind                 | key                  | value          |
 //! |-----------------|----------------------|----------------------|----------------|
-//! | `PORTS`         | Array                | [`port_table_index`] | [`PortEntry`]  |
-//! | `SLOTS`         | Array                | slot id (u32)        | [`PortSlot`]   |
-//! | `PEERS_V4`      | LpmTrie<[u8;4]>      | IPv4 prefix          | class mask u32 |
-//! | `PEERS_V6`      | LpmTrie<[u8;16]>     | IPv6 prefix          | class mask u32 |
-//! | `SETTINGS`      | Array (1 entry)      | 0                    | [`Settings`]   |
+//! | `ACTIVE`        | Array (1 entry)      | 0                    | generation u32 |
+//! | `PORTS`         | Array                | [`ports_index`]      | [`PortEntry`]  |
+//! | `SLOTS`         | Array                | [`slots_index`]      | [`PortSlot`]   |
+//! | `PEERS_V4`      | LpmTrie<[u8;5]>      | [`peer_key_v4`]      | class mask u32 |
+//! | `PEERS_V6`      | LpmTrie<[u8;17]>     | [`peer_key_v6`]      | class mask u32 |
+//! | `SETTINGS`      | Array (2 entries)    | generation           | [`Settings`]   |
 //! | `CONNTRACK`     | LruHash              | [`FlowKey`]          | [`CtEntry`]    |
 //! | `REPORTED`      | LruHash              | [`FlowKey`]          | u64 (ns)       |
 //! | `PORT_COUNTERS` | PerCpuArray          | [`port_counter_index`] | [`Counters`] |
@@ -22,8 +23,21 @@
 //! | `DNS_ANSWERS`   | RingBuf              | -                    | [`DnsAnswer`]  |
 //!
 //! The per-packet cost is a fixed number of map lookups whatever the number
-//! of rules: one `PORTS` lookup, one `SLOTS` lookup, one LPM lookup and one
-//! conntrack lookup.
+//! of rules: one `ACTIVE` lookup, one `SETTINGS` lookup, one `PORTS` lookup,
+//! one `SLOTS` lookup, one LPM lookup and one conntrack lookup.
+//!
+//! # Policy generations
+//!
+//! The policy tables (`PORTS`, `SLOTS`, `PEERS_V4`, `PEERS_V6`, `SETTINGS`)
+//! hold [`NUM_GENERATIONS`] complete policies side by side. `ACTIVE[0]` says
+//! which one packets use: a program reads it once per packet and does every
+//! policy lookup of that packet in that generation. The daemon writes a new
+//! policy into the other generation, then switches with one 4-byte write to
+//! `ACTIVE`, so a packet sees the old policy or the new one, never a mix.
+//! `PORTS` and `SLOTS` put generation `g` at `g * PORT_TABLE_ENTRIES` and
+//! `g * MAX_SLOTS`; the LPM keys start with a byte holding the generation
+//! (its 8 bits are part of every prefix, see [`GEN_PREFIX_BITS`]);
+//! `SETTINGS[g]` is generation `g`'s settings.
 #![no_std]
 
 /// Directions. For counters: the direction the packet travels. For rules and
@@ -54,15 +68,28 @@ pub const IPPROTO_ICMPV6: u8 = 58;
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 
-/// Number of entries in `PORTS`: one per (direction, port protocol, port).
-pub const PORT_TABLE_ENTRIES: u32 = NUM_DIRS * NUM_PORT_PROTOS * 65536;
+/// Number of policy generations in the policy tables (see the crate docs).
+pub const NUM_GENERATIONS: u32 = 2;
 
-/// Index into `PORTS` for the service port of a flow in direction `dir`
-/// (`DIR_INGRESS`: the local destination port of an inbound flow;
-/// `DIR_EGRESS`: the remote destination port of an outbound flow).
+/// Entries of one generation's port table: one per (direction, port
+/// protocol, port).
+pub const PORT_TABLE_ENTRIES: u32 = NUM_DIRS * NUM_PORT_PROTOS * 65536;
+/// Entries of `PORTS`: every generation's port table.
+pub const PORTS_ENTRIES: u32 = NUM_GENERATIONS * PORT_TABLE_ENTRIES;
+
+/// Index into one generation's port table for the service port of a flow in
+/// direction `dir` (`DIR_INGRESS`: the local destination port of an inbound
+/// flow; `DIR_EGRESS`: the remote destination port of an outbound flow).
 #[inline(always)]
 pub const fn port_table_index(dir: u32, proto_idx: u32, port: u16) -> u32 {
     (dir * NUM_PORT_PROTOS + proto_idx) * 65536 + port as u32
+}
+
+/// Index into `PORTS` of entry `idx` ([`port_table_index`]) of generation
+/// `generation`.
+#[inline(always)]
+pub const fn ports_index(generation: u32, idx: u32) -> u32 {
+    generation * PORT_TABLE_ENTRIES + idx
 }
 
 /// One entry of the `PORTS` table.
@@ -82,8 +109,16 @@ pub const MAX_CLASSES: usize = 32;
 pub const CLASS_ANY_BIT: u32 = 31;
 pub const CLASS_ANY: u32 = 1 << CLASS_ANY_BIT;
 
-/// Number of entries in `SLOTS` (slot 0 is reserved: "no rule").
+/// Slots per generation (slot 0 is reserved: "no rule").
 pub const MAX_SLOTS: u32 = 1024;
+/// Entries of `SLOTS`: every generation's slots.
+pub const SLOTS_ENTRIES: u32 = NUM_GENERATIONS * MAX_SLOTS;
+
+/// Index into `SLOTS` of slot `slot` of generation `generation`.
+#[inline(always)]
+pub const fn slots_index(generation: u32, slot: u32) -> u32 {
+    generation * MAX_SLOTS + slot
+}
 
 /// A port slot: which peer classes may use the ports pointing at it, and for
 /// each class which rule allowed it (for per-rule counters and audit).
@@ -173,7 +208,8 @@ pub const NUM_STATS: u32 = 10;
 pub const MODE_ENFORCE: u8 = 0;
 pub const MODE_MONITOR: u8 = 1;
 
-/// Global settings written by the daemon (`SETTINGS[0]`).
+/// Global settings written by the daemon, one per generation
+/// (`SETTINGS[generation]`).
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct Settings {
@@ -184,9 +220,10 @@ pub struct Settings {
     /// 1: ICMP/ICMPv6 and IGMP pass (counted as `VERDICT_BYPASS`); 0: dropped in
     /// enforce mode like any packet without a rule.
     pub allow_icmp: u8,
-    /// 1 once the daemon has written a complete policy. Until then every
-    /// packet passes (counted as `VERDICT_BYPASS`), so a half-written policy
-    /// never drops anything.
+    /// 1 once the daemon has written a complete policy into this
+    /// generation. `ACTIVE` starts at generation 0, whose `ready` stays 0
+    /// until the daemon writes it: until its first switch every packet
+    /// passes (counted as `VERDICT_BYPASS`).
     pub ready: u8,
     /// Classes the server must never initiate flows to (workstations,
     /// secondary servers): such a flow is reported with
@@ -317,8 +354,34 @@ pub const DNS_ANSWERS_BYTES: u32 = 1 << 18;
 pub const CONNTRACK_ENTRIES: u32 = 262_144;
 /// Capacity of `REPORTED`.
 pub const REPORTED_ENTRIES: u32 = 65_536;
-/// Capacity of the LPM tries.
+/// Prefixes per address family of one policy (one generation).
 pub const PEER_ENTRIES: u32 = 16_384;
+/// Capacity of each LPM trie: every generation's prefixes.
+pub const PEER_TRIE_ENTRIES: u32 = NUM_GENERATIONS * PEER_ENTRIES;
+
+/// Bits of an LPM key taken by the generation byte: a prefix of length `n`
+/// of generation `g` is stored as key `(GEN_PREFIX_BITS + n, [g, addr..])`,
+/// and a packet looks up `(GEN_PREFIX_BITS + 32 (or 128), [g, addr..])`.
+pub const GEN_PREFIX_BITS: u32 = 8;
+
+/// `PEERS_V4` key data: the generation byte, then the address.
+#[inline(always)]
+pub const fn peer_key_v4(generation: u32, a: [u8; 4]) -> [u8; 5] {
+    [generation as u8, a[0], a[1], a[2], a[3]]
+}
+
+/// `PEERS_V6` key data: the generation byte, then the address.
+#[inline(always)]
+pub const fn peer_key_v6(generation: u32, a: [u8; 16]) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = generation as u8;
+    let mut i = 0;
+    while i < 16 {
+        k[i + 1] = a[i];
+        i += 1;
+    }
+    k
+}
 /// Size of `EVENTS` in bytes (power of two, multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 20;
 
@@ -326,6 +389,7 @@ pub const EVENTS_BYTES: u32 = 1 << 20;
 pub mod names {
     pub const XDP_PROG: &str = "pcguard_ingress";
     pub const TC_PROG: &str = "pcguard_egress";
+    pub const ACTIVE: &str = "ACTIVE";
     pub const PORTS: &str = "PORTS";
     pub const SLOTS: &str = "SLOTS";
     pub const PEERS_V4: &str = "PEERS_V4";
@@ -379,5 +443,21 @@ mod tests {
         );
         assert_eq!(rule_counter_index(DIR_EGRESS, (MAX_RULES - 1) as u16), RULE_COUNTER_ENTRIES - 1);
         assert_eq!(port_table_index(DIR_INGRESS, PROTO_IDX_TCP, 9191), 9191);
+        let last_gen = NUM_GENERATIONS - 1;
+        assert_eq!(ports_index(last_gen, PORT_TABLE_ENTRIES - 1), PORTS_ENTRIES - 1);
+        assert_eq!(ports_index(1, 9191), PORT_TABLE_ENTRIES + 9191);
+        assert_eq!(slots_index(last_gen, MAX_SLOTS - 1), SLOTS_ENTRIES - 1);
+    }
+
+    #[test]
+    fn peer_keys_lead_with_the_generation() {
+        assert_eq!(peer_key_v4(1, [10, 1, 2, 3]), [1, 10, 1, 2, 3]);
+        let mut a = [0u8; 16];
+        a[0] = 0xfd;
+        a[15] = 7;
+        let k = peer_key_v6(1, a);
+        assert_eq!((k[0], &k[1..]), (1, &a[..]));
+        // The generation never reaches the address bits of the prefix.
+        const { assert!(NUM_GENERATIONS <= 1 << GEN_PREFIX_BITS) };
     }
 }

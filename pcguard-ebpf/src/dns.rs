@@ -22,7 +22,7 @@ use crate::{
     counters::stat,
     maps::DNS_ANSWERS,
     parse::{Addr, L4, Packet, addr_bytes},
-    policy,
+    policy::{self, Gen},
 };
 
 const DNS_PORT: u16 = 53;
@@ -42,19 +42,19 @@ pub struct Answer {
 /// The answer to copy if `pkt`, seen at ingress on a valid conntrack hit
 /// of a flow initiated in `flow_dir` (whose key is `key`), is a DNS answer
 /// from a resolver: UDP from port 53, a reply of a flow this server
-/// initiated, a payload, and a source whose peer classes intersect
-/// `resolver_mask`.
+/// initiated, a payload, and a source whose peer classes (in the packet's
+/// generation `g`, whose settings `s` are) intersect `resolver_mask`.
 ///
 /// The LPM lookup comes last: every other packet (the hot path of tracked
 /// flows) pays only the comparisons before it.
 #[inline(always)]
-pub fn answer(pkt: &Packet, key: &FlowKey, flow_dir: u32, s: &Settings) -> Option<Answer> {
+pub fn answer(pkt: &Packet, key: &FlowKey, flow_dir: u32, g: Gen, s: &Settings) -> Option<Answer> {
     let candidate = pkt.l4 == L4::Udp
         && pkt.sport == DNS_PORT
         && flow_dir == DIR_EGRESS
         && s.resolver_mask != 0
         && pkt.payload_len != 0;
-    if !candidate || policy::peer_mask(key) & s.resolver_mask == 0 {
+    if !candidate || policy::peer_mask(g, key) & s.resolver_mask == 0 {
         return None;
     }
     Some(Answer {

@@ -7,31 +7,36 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use pcguard_common::{
-    CONNTRACK_ENTRIES, Counters, CtEntry, DNS_ANSWERS_BYTES, EVENTS_BYTES, FlowKey, MAX_SLOTS,
-    NUM_STATS, PEER_ENTRIES, PORT_COUNTER_ENTRIES, PORT_TABLE_ENTRIES, PortEntry, PortSlot,
-    REPORTED_ENTRIES, RULE_COUNTER_ENTRIES, Settings,
+    CONNTRACK_ENTRIES, Counters, CtEntry, DNS_ANSWERS_BYTES, EVENTS_BYTES, FlowKey,
+    NUM_GENERATIONS, NUM_STATS, PEER_TRIE_ENTRIES, PORT_COUNTER_ENTRIES, PORTS_ENTRIES, PortEntry,
+    PortSlot, REPORTED_ENTRIES, RULE_COUNTER_ENTRIES, SLOTS_ENTRIES, Settings,
 };
 
-/// (direction, protocol, port) -> slot and counter label.
+/// The policy generation packets use (0 or 1), one entry: read once per
+/// packet, written by the daemon to switch policies.
 #[map]
-pub static PORTS: Array<PortEntry> = Array::with_max_entries(PORT_TABLE_ENTRIES, 0);
+pub static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 
-/// Slot -> allowed peer classes and the rule per class.
+/// (generation, direction, protocol, port) -> slot and counter label.
 #[map]
-pub static SLOTS: Array<PortSlot> = Array::with_max_entries(MAX_SLOTS, 0);
+pub static PORTS: Array<PortEntry> = Array::with_max_entries(PORTS_ENTRIES, 0);
 
-/// IPv4 prefix -> peer class mask. `LpmTrie` always adds `BPF_F_NO_PREALLOC`
-/// (the kernel requires it for LPM tries).
+/// (generation, slot) -> allowed peer classes and the rule per class.
 #[map]
-pub static PEERS_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(PEER_ENTRIES, 0);
+pub static SLOTS: Array<PortSlot> = Array::with_max_entries(SLOTS_ENTRIES, 0);
 
-/// IPv6 prefix -> peer class mask.
+/// (generation byte, IPv4 prefix) -> peer class mask. `LpmTrie` always adds
+/// `BPF_F_NO_PREALLOC` (the kernel requires it for LPM tries).
 #[map]
-pub static PEERS_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(PEER_ENTRIES, 0);
+pub static PEERS_V4: LpmTrie<[u8; 5], u32> = LpmTrie::with_max_entries(PEER_TRIE_ENTRIES, 0);
 
-/// Global settings, one entry.
+/// (generation byte, IPv6 prefix) -> peer class mask.
 #[map]
-pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+pub static PEERS_V6: LpmTrie<[u8; 17], u32> = LpmTrie::with_max_entries(PEER_TRIE_ENTRIES, 0);
+
+/// Global settings, one entry per generation.
+#[map]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(NUM_GENERATIONS, 0);
 
 /// Normalized flow key -> conntrack entry.
 #[map]

@@ -1,5 +1,6 @@
 //! The per-packet pipeline shared by both hooks (docs/datapath.md): parse
-//! result -> readiness -> bypass -> conntrack -> policy decision -> verdict.
+//! result -> policy generation and readiness -> bypass -> conntrack ->
+//! policy decision -> verdict.
 //! `dir` is the direction the packet travels (`DIR_INGRESS` at XDP,
 //! `DIR_EGRESS` at TC): a constant once inlined, so the ingress-only parts
 //! (DNS answers) are compiled out of the TC program.
@@ -16,9 +17,8 @@ use crate::{
     counters::{count, proto_idx, stat},
     dns::{self, Answer},
     events::{self, Report},
-    maps::SETTINGS,
     parse::{Frame, L4, Packet, Parsed, is_bare_syn},
-    policy::{self, Decision},
+    policy::{self, Decision, Gen},
 };
 
 #[derive(Clone, Copy)]
@@ -42,12 +42,6 @@ fn now() -> u64 {
 #[inline(always)]
 fn opposite(dir: u32) -> u32 {
     dir ^ 1
-}
-
-/// The settings, once the daemon has written a complete policy.
-#[inline(always)]
-fn ready_settings() -> Option<&'static Settings> {
-    SETTINGS.get(0).filter(|s| s.ready != 0)
 }
 
 /// Verdict for a packet policy does not allow: drop in enforce mode (any
@@ -88,15 +82,21 @@ pub fn run(frame: &Frame, dir: u32, parsed: Parsed) -> Action {
         }
         Parsed::Malformed(pkt) => {
             stat(STAT_MALFORMED);
-            match ready_settings() {
-                Some(s) => malformed(frame, dir, s, pkt),
+            let g = Gen::active();
+            match g.ready_settings() {
+                Some(s) => malformed(frame, dir, g, s, pkt),
                 None => bypass(frame, dir, PROTO_IDX_OTHER),
             }
         }
-        Parsed::Ip(pkt) => match ready_settings() {
-            Some(s) => ip(frame, dir, s, &pkt),
-            None => bypass(frame, dir, proto_idx(pkt.proto)),
-        },
+        Parsed::Ip(pkt) => {
+            // The one read of `ACTIVE` for this packet: every lookup below
+            // uses `g`.
+            let g = Gen::active();
+            match g.ready_settings() {
+                Some(s) => ip(frame, dir, g, s, &pkt),
+                None => bypass(frame, dir, proto_idx(pkt.proto)),
+            }
+        }
     }
 }
 
@@ -108,7 +108,7 @@ fn bypass(frame: &Frame, dir: u32, proto_idx: u32) -> Action {
 }
 
 #[inline(always)]
-fn malformed(frame: &Frame, dir: u32, s: &Settings, pkt: Option<Packet>) -> Action {
+fn malformed(frame: &Frame, dir: u32, g: Gen, s: &Settings, pkt: Option<Packet>) -> Action {
     let verdict = unexpected_verdict(s, dir);
     count(dir, PROTO_IDX_OTHER, 0, 0, verdict, frame.len);
     if let Some(pkt) = pkt {
@@ -117,7 +117,7 @@ fn malformed(frame: &Frame, dir: u32, s: &Settings, pkt: Option<Packet>) -> Acti
             direction: dir,
             reason: REASON_MALFORMED,
             verdict,
-            peer_mask: policy::peer_mask(key),
+            peer_mask: policy::peer_mask(g, key),
             slot: 0,
             tcp_flags: 0,
         };
@@ -131,6 +131,8 @@ struct Flow<'a> {
     frame: &'a Frame,
     /// Direction the packet travels.
     dir: u32,
+    /// The packet's policy generation.
+    g: Gen,
     proto_idx: u32,
     key: &'a FlowKey,
     now: u64,
@@ -151,7 +153,7 @@ impl Flow<'_> {
 }
 
 #[inline(always)]
-fn ip(frame: &Frame, dir: u32, s: &Settings, pkt: &Packet) -> Action {
+fn ip(frame: &Frame, dir: u32, g: Gen, s: &Settings, pkt: &Packet) -> Action {
     let proto_idx = proto_idx(pkt.proto);
     match pkt.l4 {
         L4::Fragment => return bypass(frame, dir, proto_idx),
@@ -162,6 +164,7 @@ fn ip(frame: &Frame, dir: u32, s: &Settings, pkt: &Packet) -> Action {
     let flow = Flow {
         frame,
         dir,
+        g,
         proto_idx,
         key,
         now: now(),
@@ -188,7 +191,7 @@ fn tracked(flow: &Flow, s: &Settings, pkt: &Packet, entry: *mut CtEntry) -> Acti
     flow.count(port_idx, rule, verdict);
     conntrack::touch(flow.key, entry, pkt.tcp_flags, flow.now);
     if flow.dir == DIR_INGRESS
-        && let Some(answer) = dns::answer(pkt, flow.key, flow_dir, s)
+        && let Some(answer) = dns::answer(pkt, flow.key, flow_dir, flow.g, s)
     {
         return Action::PassDnsAnswer(answer);
     }
@@ -211,11 +214,12 @@ fn track(flow: &Flow, flow_dir: u32, d: &Decision, verdict: usize) -> Action {
 #[inline(always)]
 fn untracked(flow: &Flow, s: &Settings, pkt: &Packet) -> Action {
     let dir = flow.dir;
-    let peer_mask = policy::peer_mask(flow.key);
+    let g = flow.g;
+    let peer_mask = policy::peer_mask(g, flow.key);
     let has_ports = pkt.l4 == L4::Tcp || pkt.l4 == L4::Udp;
     // 1. A new flow in the packet's direction, to its destination port.
     let first = if has_ports {
-        policy::decide(dir, flow.proto_idx, pkt.dport, peer_mask)
+        policy::decide(g, dir, flow.proto_idx, pkt.dport, peer_mask)
     } else {
         Decision::NO_RULE
     };
@@ -227,7 +231,7 @@ fn untracked(flow: &Flow, s: &Settings, pkt: &Packet) -> Action {
     //    first packet always creates the entry).
     if pkt.l4 == L4::Tcp && !is_bare_syn(pkt.tcp_flags) {
         let back = opposite(dir);
-        let second = policy::decide(back, flow.proto_idx, pkt.sport, peer_mask);
+        let second = policy::decide(g, back, flow.proto_idx, pkt.sport, peer_mask);
         if second.allowed() {
             return track(flow, back, &second, VERDICT_ALLOW);
         }

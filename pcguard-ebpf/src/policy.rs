@@ -1,13 +1,38 @@
 //! The policy decision for an untracked flow: one `PORTS` lookup, one `SLOTS`
 //! lookup and the peer class mask from one LPM lookup, whatever the number
-//! of rules.
+//! of rules, all in the packet's policy generation ([`Gen`]).
 
 use aya_ebpf::maps::lpm_trie::Key;
 use pcguard_common::{
-    FAMILY_V4, FlowKey, MAX_CLASSES, REASON_NO_RULE, REASON_PEER_NOT_ALLOWED, port_table_index,
+    FAMILY_V4, FlowKey, GEN_PREFIX_BITS, MAX_CLASSES, MAX_SLOTS, NUM_GENERATIONS, REASON_NO_RULE,
+    REASON_PEER_NOT_ALLOWED, Settings, peer_key_v4, peer_key_v6, port_table_index, ports_index,
+    slots_index,
 };
 
-use crate::maps::{PEERS_V4, PEERS_V6, PORTS, SLOTS};
+use crate::maps::{ACTIVE, PEERS_V4, PEERS_V6, PORTS, SETTINGS, SLOTS};
+
+/// The policy generation of one packet: `ACTIVE` read once when the packet
+/// arrives, then used for every policy lookup of the packet, so a switch
+/// while it is processed cannot give it a mix of two policies.
+#[derive(Clone, Copy)]
+pub struct Gen(u32);
+
+impl Gen {
+    /// The generation `ACTIVE` holds now (0 if unreadable, which the
+    /// 1-entry array rules out). The mask keeps every index computed from
+    /// it in bounds whatever the daemon wrote.
+    #[inline(always)]
+    pub fn active() -> Self {
+        Self(ACTIVE.get(0).copied().unwrap_or(0) & (NUM_GENERATIONS - 1))
+    }
+
+    /// This generation's settings, once the daemon has written a complete
+    /// policy into it.
+    #[inline(always)]
+    pub fn ready_settings(self) -> Option<&'static Settings> {
+        SETTINGS.get(self.0).filter(|s| s.ready != 0)
+    }
+}
 
 /// Outcome of [`decide`].
 #[derive(Clone, Copy)]
@@ -37,14 +62,16 @@ impl Decision {
     }
 }
 
-/// Peer class mask of the remote address (0 when no prefix matches).
+/// Peer class mask of the remote address in generation `g` (0 when no
+/// prefix matches).
 #[inline(always)]
-pub fn peer_mask(key: &FlowKey) -> u32 {
+pub fn peer_mask(g: Gen, key: &FlowKey) -> u32 {
     let a = &key.remote_addr;
     let mask = if key.family == FAMILY_V4 {
-        PEERS_V4.get(Key::new(32, [a[0], a[1], a[2], a[3]]))
+        let v4 = peer_key_v4(g.0, [a[0], a[1], a[2], a[3]]);
+        PEERS_V4.get(Key::new(GEN_PREFIX_BITS + 32, v4))
     } else {
-        PEERS_V6.get(Key::new(128, *a))
+        PEERS_V6.get(Key::new(GEN_PREFIX_BITS + 128, peer_key_v6(g.0, *a)))
     };
     mask.copied().unwrap_or(0)
 }
@@ -65,10 +92,18 @@ fn lowest_bit(mut m: u32) -> u32 {
     n
 }
 
-/// Decides a new flow initiated in `flow_dir` to `service_port`.
+/// Decides a new flow initiated in `flow_dir` to `service_port` with
+/// generation `g`'s tables.
 #[inline(always)]
-pub fn decide(flow_dir: u32, proto_idx: u32, service_port: u16, peer_mask: u32) -> Decision {
-    let Some(entry) = PORTS.get(port_table_index(flow_dir, proto_idx, service_port)) else {
+pub fn decide(
+    g: Gen,
+    flow_dir: u32,
+    proto_idx: u32,
+    service_port: u16,
+    peer_mask: u32,
+) -> Decision {
+    let idx = port_table_index(flow_dir, proto_idx, service_port);
+    let Some(entry) = PORTS.get(ports_index(g.0, idx)) else {
         return Decision::NO_RULE;
     };
     let (slot_id, port_idx) = (entry.slot, entry.port_idx);
@@ -81,8 +116,12 @@ pub fn decide(flow_dir: u32, proto_idx: u32, service_port: u16, peer_mask: u32) 
     if slot_id == 0 {
         return not_allowed(REASON_NO_RULE);
     }
-    // An out-of-range slot id is treated like slot 0: nothing allowed.
-    let Some(slot) = SLOTS.get(slot_id as u32) else {
+    // An out-of-range slot id is treated like slot 0: nothing allowed (one
+    // past the generation's last slot would be the next generation's).
+    if slot_id as u32 >= MAX_SLOTS {
+        return not_allowed(REASON_NO_RULE);
+    }
+    let Some(slot) = SLOTS.get(slots_index(g.0, slot_id as u32)) else {
         return not_allowed(REASON_NO_RULE);
     };
     let m = peer_mask & slot.allowed_mask;

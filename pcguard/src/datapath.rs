@@ -1,14 +1,16 @@
 //! Loads the eBPF object, attaches it to interfaces, pins the maps and writes
-//! a [`CompiledPolicy`] into them (only what changed since the last write).
+//! a [`CompiledPolicy`] into them: into the policy generation packets do not
+//! use (only what differs from what it held), then switches packets to it.
 //!
 //! Everything kernel-facing lives here; the rest of the daemon sees
 //! [`Datapath`] and the pinned maps (read by `counters`).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     ffi::CString,
     net::IpAddr,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -18,7 +20,9 @@ use aya::{
     programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
 };
 use log::{debug, info, warn};
-use pcguard_common::{PortEntry, PortSlot, Settings, names};
+use pcguard_common::{
+    GEN_PREFIX_BITS, NUM_GENERATIONS, PortEntry, PortSlot, Settings, names, peer_key_v4, peer_key_v6, ports_index, slots_index,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -53,7 +57,8 @@ pub struct AttachedInterface {
     pub tc_program_id: u32,
 }
 
-/// Counts of map entries written by one [`Datapath::apply`].
+/// Counts of map entries written by one [`Datapath::apply`] (into the
+/// generation it switched to).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ApplyStats {
     pub ports: usize,
@@ -61,19 +66,43 @@ pub struct ApplyStats {
     pub peers: usize,
 }
 
+/// How long after a switch the generation packets used before it may be
+/// rewritten. A packet keeps the generation it read from `ACTIVE` for the
+/// rest of its run, which lasts microseconds (XDP and TC programs run to
+/// completion in an RCU read-side section); two reloads are rarely closer
+/// than this, and when they are, the second waits.
+const SWITCH_GRACE: Duration = Duration::from_millis(10);
+
 /// The loaded and attached data path. Dropping it detaches the programs
 /// (aya links are owned here); [`Datapath::shutdown`] also removes the pins.
+///
+/// The policy tables hold two generations (see `pcguard_common`); packets
+/// use the one `ACTIVE` names. [`Datapath::apply`] writes the other one and
+/// then switches `ACTIVE` to it.
 pub struct Datapath {
     ebpf: Ebpf,
     bpffs_dir: Option<PathBuf>,
     interfaces: Vec<AttachedInterface>,
+    /// The policy of the active generation.
     applied: Option<CompiledPolicy>,
+    /// The generation `ACTIVE` holds.
+    active: u32,
+    /// When `ACTIVE` last changed.
+    switched_at: Option<Instant>,
+    /// Per generation, what its static entries (`PORTS`, `SLOTS`, the
+    /// prefixes of the policy) hold: one policy after a complete write;
+    /// after a failed write each entry holds its value in one of these.
+    held: [Vec<CompiledPolicy>; NUM_GENERATIONS as usize],
+    /// DNS-learned host prefixes and the mask written for them in every
+    /// generation, over whatever that generation's policy has there.
+    learned: HashMap<IpAddr, u32>,
 }
 
 impl Datapath {
     /// Loads the object and pins its maps under `bpffs_dir` (replacing stale
     /// pins of a previous run). Nothing is attached yet and, until
-    /// [`Datapath::apply`], `SETTINGS.ready == 0` so every packet passes.
+    /// [`Datapath::apply`] first switches `ACTIVE`, the active generation
+    /// (0) has `SETTINGS.ready == 0` so every packet passes.
     pub fn load(bpffs_dir: Option<&Path>) -> Result<Self> {
         bump_memlock_rlimit();
         let mut ebpf = EbpfLoader::new().load(OBJECT).context("loading the eBPF object")?;
@@ -90,7 +119,17 @@ impl Datapath {
             Some(dir) => Some(pin_maps(&ebpf, dir)?),
             None => None,
         };
-        Ok(Self { ebpf, bpffs_dir, interfaces: Vec::new(), applied: None })
+        Ok(Self {
+            ebpf,
+            bpffs_dir,
+            interfaces: Vec::new(),
+            applied: None,
+            active: 0,
+            switched_at: None,
+            // Zeroed maps: an empty policy (no rules, no prefixes).
+            held: std::array::from_fn(|_| vec![CompiledPolicy::default()]),
+            learned: HashMap::new(),
+        })
     }
 
     /// Attaches XDP (driver mode, falling back to skb mode) and the TC egress
@@ -154,80 +193,85 @@ impl Datapath {
         self.applied.as_ref()
     }
 
-    /// Writes `policy` into the maps, touching only entries that differ
-    /// from the policy written before.
+    /// Writes `policy` into the inactive generation, touching only entries
+    /// that differ from what that generation held, then switches `ACTIVE`
+    /// to it: a packet sees the old policy or the new one, never a mix.
     ///
-    /// Order: slots, peers, then ports, then settings. New slot contents are
-    /// written before any port points at them; ports that lose their rule
-    /// are cleared last among the tables so that an allowed service is never
-    /// transiently unknown. Flows already in conntrack are unaffected.
+    /// If writing the inactive generation fails nothing is switched: the
+    /// running policy was never touched. Flows already in conntrack are
+    /// unaffected either way. DNS-learned host prefixes written with
+    /// [`Datapath::write_learned`] are left in place in the new generation
+    /// (the caller re-derives them for the new policy right after).
     pub fn apply(&mut self, policy: &CompiledPolicy) -> Result<ApplyStats> {
-        let old = self.applied.take().unwrap_or_default();
-        let mut stats = ApplyStats::default();
-        match self.write_policy(&old, policy, &mut stats) {
-            Ok(()) => {
-                self.applied = Some(policy.clone());
-                Ok(stats)
-            }
-            Err(e) => {
-                // Every entry that differs between the two policies may have
-                // been written: writing the diff back restores the old policy.
-                let mut ignored = ApplyStats::default();
-                match self.write_policy(policy, &old, &mut ignored) {
-                    Ok(()) => {
-                        self.applied = Some(old);
-                        Err(e.context("writing the policy failed; the previous policy was restored"))
-                    }
-                    Err(e2) => Err(e.context(format!(
-                        "writing the policy failed and restoring the previous one failed too ({e2:#}); the maps are inconsistent"
-                    ))),
-                }
-            }
+        let generation = self.active ^ 1;
+        // Packets that read the old `ACTIVE` before the last switch may
+        // still be using this generation.
+        if let Some(wait) = self.switched_at.and_then(|t| SWITCH_GRACE.checked_sub(t.elapsed())) {
+            std::thread::sleep(wait);
         }
+        let mut stats = ApplyStats::default();
+        let g = generation as usize;
+        if let Err(e) = self.write_generation(generation, policy, &mut stats) {
+            // Some entries may hold the new policy's values now.
+            if !self.held[g].contains(policy) {
+                self.held[g].push(policy.clone());
+            }
+            return Err(e.context(format!(
+                "writing the policy into the inactive generation {generation} failed; nothing was switched, the running policy is unchanged"
+            )));
+        }
+        self.held[g] = vec![policy.clone()];
+        let mut active: Array<&mut MapData, u32> = Array::try_from(self.map_mut(names::ACTIVE)?)?;
+        active
+            .set(0, generation, 0)
+            .with_context(|| format!("switching ACTIVE to generation {generation}; the running policy is unchanged"))?;
+        self.active = generation;
+        self.switched_at = Some(Instant::now());
+        debug!("policy generation {generation} active");
+        self.applied = Some(policy.clone());
+        Ok(stats)
     }
 
-    fn write_policy(&mut self, old: &CompiledPolicy, new: &CompiledPolicy, stats: &mut ApplyStats) -> Result<()> {
-        stats.slots = self.write_slots(&old.slots, &new.slots)?;
-        stats.peers = write_lpm::<4>(self.map_mut(names::PEERS_V4)?, &old.peers_v4, &new.peers_v4)?;
-        stats.peers += write_lpm::<16>(self.map_mut(names::PEERS_V6)?, &old.peers_v6, &new.peers_v6)?;
-        stats.ports = self.write_ports(&old.ports, &new.ports)?;
+    /// Writes the whole of `new` into `generation` (not the active one):
+    /// slots, prefixes, ports, then its settings with `ready = 1`.
+    fn write_generation(&mut self, generation: u32, new: &CompiledPolicy, stats: &mut ApplyStats) -> Result<()> {
+        let g = generation as usize;
+        let held: Vec<&CompiledPolicy> = self.held[g].iter().collect();
+        let slots = slot_writes(&held.iter().map(|p| p.slots.as_slice()).collect::<Vec<_>>(), &new.slots);
+        let (v4_set, v4_del) =
+            prefix_writes(&held.iter().map(|p| p.peers_v4.as_slice()).collect::<Vec<_>>(), &new.peers_v4, |addr, len| {
+                len == 32 && self.learned.contains_key(&IpAddr::from(*addr))
+            });
+        let (v6_set, v6_del) =
+            prefix_writes(&held.iter().map(|p| p.peers_v6.as_slice()).collect::<Vec<_>>(), &new.peers_v6, |addr, len| {
+                len == 128 && self.learned.contains_key(&IpAddr::from(*addr))
+            });
+        let ports = port_writes(&held.iter().map(|p| p.ports.as_slice()).collect::<Vec<_>>(), &new.ports);
+
+        let mut array: Array<&mut MapData, PortSlot> = Array::try_from(self.map_mut(names::SLOTS)?)?;
+        for &(i, slot) in &slots {
+            array
+                .set(slots_index(generation, i), slot, 0)
+                .with_context(|| format!("writing SLOTS[{i}] of generation {generation}"))?;
+        }
+        stats.slots = slots.len();
+        let mut trie: LpmTrie<&mut MapData, [u8; 5], u32> = LpmTrie::try_from(self.map_mut(names::PEERS_V4)?)?;
+        write_prefixes(&mut trie, &v4_set, &v4_del, |a| peer_key_v4(generation, a))?;
+        let mut trie: LpmTrie<&mut MapData, [u8; 17], u32> = LpmTrie::try_from(self.map_mut(names::PEERS_V6)?)?;
+        write_prefixes(&mut trie, &v6_set, &v6_del, |a| peer_key_v6(generation, a))?;
+        stats.peers = v4_set.len() + v4_del.len() + v6_set.len() + v6_del.len();
+        let mut array: Array<&mut MapData, PortEntry> = Array::try_from(self.map_mut(names::PORTS)?)?;
+        for &(idx, entry) in &ports {
+            array
+                .set(ports_index(generation, idx), entry, 0)
+                .with_context(|| format!("writing PORTS[{idx}] of generation {generation}"))?;
+        }
+        stats.ports = ports.len();
         let mut settings: Settings = new.settings;
         settings.ready = 1;
         let mut array: Array<&mut MapData, Settings> = Array::try_from(self.map_mut(names::SETTINGS)?)?;
-        array.set(0, settings, 0).context("writing SETTINGS")?;
+        array.set(generation, settings, 0).with_context(|| format!("writing SETTINGS[{generation}]"))?;
         Ok(())
-    }
-
-    fn write_slots(&mut self, old: &[PortSlot], new: &[PortSlot]) -> Result<usize> {
-        let mut array: Array<&mut MapData, PortSlot> = Array::try_from(self.map_mut(names::SLOTS)?)?;
-        let len = old.len().max(new.len());
-        let mut written = 0;
-        for i in 0..len {
-            let want = new.get(i).copied().unwrap_or_default();
-            if old.get(i).copied().unwrap_or_default() != want {
-                array.set(i as u32, want, 0).with_context(|| format!("writing SLOTS[{i}]"))?;
-                written += 1;
-            }
-        }
-        Ok(written)
-    }
-
-    fn write_ports(&mut self, old: &[(u32, PortEntry)], new: &[(u32, PortEntry)]) -> Result<usize> {
-        let mut array: Array<&mut MapData, PortEntry> = Array::try_from(self.map_mut(names::PORTS)?)?;
-        let old_map: HashMap<u32, PortEntry> = old.iter().copied().collect();
-        let new_map: HashMap<u32, PortEntry> = new.iter().copied().collect();
-        let mut written = 0;
-        for (&idx, entry) in &new_map {
-            if old_map.get(&idx) != Some(entry) {
-                array.set(idx, entry, 0).with_context(|| format!("writing PORTS[{idx}]"))?;
-                written += 1;
-            }
-        }
-        for idx in old_map.keys().filter(|idx| !new_map.contains_key(idx)) {
-            array.set(*idx, PortEntry::default(), 0).with_context(|| format!("clearing PORTS[{idx}]"))?;
-            written += 1;
-        }
-        Ok(written)
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut Map> {
@@ -240,25 +284,42 @@ impl Datapath {
         Ok(RingBuf::try_from(map)?)
     }
 
-    /// Writes the host prefixes of addresses learned from DNS answers.
+    /// Writes the host prefixes of addresses learned from DNS answers, in
+    /// every generation: in the active one they take effect now, in the
+    /// other they are already there when a reload switches to it. Removing
+    /// one puts back what that generation's own policy has at that prefix.
     pub fn write_learned(&mut self, updates: &[TrieUpdate]) -> Result<()> {
         for u in updates {
-            match *u {
-                TrieUpdate::Set { addr: IpAddr::V4(a), mask } => self.host_entry(names::PEERS_V4, 32, a.octets(), Some(mask))?,
-                TrieUpdate::Set { addr: IpAddr::V6(a), mask } => self.host_entry(names::PEERS_V6, 128, a.octets(), Some(mask))?,
-                TrieUpdate::Remove { addr: IpAddr::V4(a) } => self.host_entry(names::PEERS_V4, 32, a.octets(), None)?,
-                TrieUpdate::Remove { addr: IpAddr::V6(a) } => self.host_entry(names::PEERS_V6, 128, a.octets(), None)?,
+            let (addr, mask) = match *u {
+                TrieUpdate::Set { addr, mask } => (addr, Some(mask)),
+                TrieUpdate::Remove { addr } => (addr, None),
+            };
+            match mask {
+                Some(m) => self.learned.insert(addr, m),
+                None => self.learned.remove(&addr),
+            };
+            for generation in 0..NUM_GENERATIONS {
+                // After a failed write any of the held policies is right
+                // for the static entries: take the last.
+                let policy = self.held[generation as usize].last();
+                let want = mask.or_else(|| policy.and_then(|p| static_host_mask(p, addr)));
+                match addr {
+                    IpAddr::V4(a) => self.host_entry(names::PEERS_V4, 32, peer_key_v4(generation, a.octets()), want)?,
+                    IpAddr::V6(a) => self.host_entry(names::PEERS_V6, 128, peer_key_v6(generation, a.octets()), want)?,
+                }
             }
         }
         Ok(())
     }
 
-    fn host_entry<const N: usize>(&mut self, map: &str, len: u32, addr: [u8; N], mask: Option<u32>) -> Result<()>
+    /// Writes (`Some`) or removes (`None`) the host prefix of `key` (a
+    /// generation byte and an address of `len` bits).
+    fn host_entry<const N: usize>(&mut self, map: &str, len: u32, key: [u8; N], mask: Option<u32>) -> Result<()>
     where
         [u8; N]: aya::Pod,
     {
         let mut trie: LpmTrie<&mut MapData, [u8; N], u32> = LpmTrie::try_from(self.map_mut(map)?)?;
-        let key = Key::new(len, addr);
+        let key = Key::new(GEN_PREFIX_BITS + len, key);
         match mask {
             Some(m) => trie.insert(&key, m, 0).with_context(|| format!("writing learned prefix in {map}")),
             None => match trie.remove(&key) {
@@ -278,31 +339,100 @@ impl Datapath {
     }
 }
 
-fn write_lpm<const N: usize>(map: &mut Map, old: &[PeerPrefix<N>], new: &[PeerPrefix<N>]) -> Result<usize>
+/// The static mask `policy` has at the host prefix of `addr` (/32, /128).
+fn static_host_mask(policy: &CompiledPolicy, addr: IpAddr) -> Option<u32> {
+    match addr {
+        IpAddr::V4(a) => policy.peers_v4.iter().find(|p| p.prefix_len == 32 && p.addr == a.octets()).map(|p| p.mask),
+        IpAddr::V6(a) => policy.peers_v6.iter().find(|p| p.prefix_len == 128 && p.addr == a.octets()).map(|p| p.mask),
+    }
+}
+
+/// The `SLOTS` writes (slot id, value) that make a generation whose every
+/// slot holds its value in one of `held` hold `new`.
+fn slot_writes(held: &[&[PortSlot]], new: &[PortSlot]) -> Vec<(u32, PortSlot)> {
+    let len = held.iter().map(|h| h.len()).chain([new.len()]).max().unwrap_or(0);
+    (0..len)
+        .filter_map(|i| {
+            let want = new.get(i).copied().unwrap_or_default();
+            let stale = held.iter().any(|h| h.get(i).copied().unwrap_or_default() != want);
+            stale.then_some((i as u32, want))
+        })
+        .collect()
+}
+
+/// The port-table writes (index within the generation, value) that make a
+/// generation whose every entry holds its value in one of `held` hold
+/// `new` (entries not listed are `PortEntry::default()`).
+fn port_writes(held: &[&[(u32, PortEntry)]], new: &[(u32, PortEntry)]) -> Vec<(u32, PortEntry)> {
+    let held: Vec<BTreeMap<u32, PortEntry>> = held.iter().map(|h| h.iter().copied().collect()).collect();
+    let new: BTreeMap<u32, PortEntry> = new.iter().copied().collect();
+    let indexes: BTreeSet<u32> = held.iter().flat_map(|h| h.keys().copied()).chain(new.keys().copied()).collect();
+    indexes
+        .into_iter()
+        .filter_map(|idx| {
+            let want = new.get(&idx).copied().unwrap_or_default();
+            let stale = held.iter().any(|h| h.get(&idx).copied().unwrap_or_default() != want);
+            stale.then_some((idx, want))
+        })
+        .collect()
+}
+
+/// Prefix writes that make a trie generation whose every prefix holds its
+/// value (a mask, or absent) in one of `held` hold `new`: prefixes to
+/// insert or update, then prefixes to remove. Prefixes for which `skip`
+/// holds (DNS-learned host prefixes, written over the policy's) are left
+/// as they are.
+#[allow(clippy::type_complexity)]
+fn prefix_writes<const N: usize>(
+    held: &[&[PeerPrefix<N>]],
+    new: &[PeerPrefix<N>],
+    skip: impl Fn(&[u8; N], u32) -> bool,
+) -> (Vec<PeerPrefix<N>>, Vec<([u8; N], u32)>) {
+    let by_key =
+        |ps: &[PeerPrefix<N>]| -> BTreeMap<([u8; N], u32), u32> { ps.iter().map(|p| ((p.addr, p.prefix_len), p.mask)).collect() };
+    let held: Vec<_> = held.iter().map(|h| by_key(h)).collect();
+    let new = by_key(new);
+    let keys: BTreeSet<([u8; N], u32)> = held.iter().flat_map(|h| h.keys().copied()).chain(new.keys().copied()).collect();
+    let (mut set, mut remove) = (Vec::new(), Vec::new());
+    for key @ (addr, prefix_len) in keys {
+        if skip(&addr, prefix_len) {
+            continue;
+        }
+        let want = new.get(&key).copied();
+        if held.iter().all(|h| h.get(&key).copied() == want) {
+            continue;
+        }
+        match want {
+            Some(mask) => set.push(PeerPrefix { addr, prefix_len, mask }),
+            None => remove.push(key),
+        }
+    }
+    (set, remove)
+}
+
+/// Applies [`prefix_writes`] to one generation of a trie; `key` makes the
+/// generation's key data of an address.
+fn write_prefixes<const N: usize, const K: usize>(
+    trie: &mut LpmTrie<&mut MapData, [u8; K], u32>,
+    set: &[PeerPrefix<N>],
+    remove: &[([u8; N], u32)],
+    key: impl Fn([u8; N]) -> [u8; K],
+) -> Result<()>
 where
-    [u8; N]: aya::Pod,
+    [u8; K]: aya::Pod,
 {
-    let mut trie: LpmTrie<&mut MapData, [u8; N], u32> = LpmTrie::try_from(map)?;
-    let new_keys: HashSet<([u8; N], u32)> = new.iter().map(|p| (p.addr, p.prefix_len)).collect();
-    let old_by_key: HashMap<([u8; N], u32), u32> = old.iter().map(|p| ((p.addr, p.prefix_len), p.mask)).collect();
-    let mut written = 0;
-    // Insert/update first (a more specific prefix never disappears before
-    // its replacement exists), then remove prefixes no longer configured.
-    for p in new {
-        if old_by_key.get(&(p.addr, p.prefix_len)) != Some(&p.mask) {
-            trie.insert(&Key::new(p.prefix_len, p.addr), p.mask, 0)
-                .with_context(|| format!("inserting peer prefix /{}", p.prefix_len))?;
-            written += 1;
+    for p in set {
+        trie.insert(&Key::new(GEN_PREFIX_BITS + p.prefix_len, key(p.addr)), p.mask, 0)
+            .with_context(|| format!("inserting peer prefix /{}", p.prefix_len))?;
+    }
+    for &(addr, prefix_len) in remove {
+        match trie.remove(&Key::new(GEN_PREFIX_BITS + prefix_len, key(addr))) {
+            // Absent already (never written by a failed write): nothing to do.
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).with_context(|| format!("removing peer prefix /{prefix_len}")),
         }
     }
-    for p in old.iter().filter(|p| !new_keys.contains(&(p.addr, p.prefix_len))) {
-        match trie.remove(&Key::new(p.prefix_len, p.addr)) {
-            // Absent already (a rollback of a partial write): nothing to do.
-            Ok(()) | Err(MapError::KeyNotFound) => written += 1,
-            Err(e) => return Err(e).with_context(|| format!("removing peer prefix /{}", p.prefix_len)),
-        }
-    }
-    Ok(written)
+    Ok(())
 }
 
 /// Makes sure `dir`'s parent is a bpffs mount (mounting one at /sys/fs/bpf
@@ -383,5 +513,71 @@ fn bump_memlock_rlimit() {
     // memory to the cgroup and ignore this limit.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
         debug!("raising RLIMIT_MEMLOCK failed: {}", std::io::Error::last_os_error());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(mask: u32) -> PortSlot {
+        PortSlot { allowed_mask: mask, ..Default::default() }
+    }
+
+    fn entry(slot: u16) -> PortEntry {
+        PortEntry { slot, port_idx: slot }
+    }
+
+    fn prefix(a: u8, prefix_len: u32, mask: u32) -> PeerPrefix<4> {
+        PeerPrefix { addr: [10, 0, 0, a], prefix_len, mask }
+    }
+
+    #[test]
+    fn a_generation_gets_the_difference_from_what_it_held() {
+        let old = [(1, entry(1)), (2, entry(2)), (3, entry(3))];
+        let new = [(2, entry(2)), (3, entry(1)), (4, entry(4))];
+        assert_eq!(port_writes(&[&old], &new), [(1, PortEntry::default()), (3, entry(1)), (4, entry(4))]);
+        assert_eq!(port_writes(&[&new], &new), []);
+        assert_eq!(slot_writes(&[&[slot(0), slot(1), slot(2)]], &[slot(0), slot(3)]), [(1, slot(3)), (2, slot(0))]);
+        let (set, remove) =
+            prefix_writes(&[&[prefix(1, 32, 1), prefix(2, 32, 2)]], &[prefix(2, 32, 3), prefix(0, 8, 4)], |_, _| false);
+        assert_eq!(set, [prefix(0, 8, 4), prefix(2, 32, 3)]);
+        assert_eq!(remove, [([10, 0, 0, 1], 32)]);
+    }
+
+    #[test]
+    fn after_a_failed_write_every_entry_either_policy_left_is_rewritten() {
+        // Each entry holds its value in `a` or in `b`: only entries where
+        // both agree with the new policy are skipped.
+        let a = [(1, entry(1)), (2, entry(2))];
+        let b = [(1, entry(1)), (2, entry(3)), (5, entry(5))];
+        let new = [(1, entry(1)), (2, entry(2))];
+        assert_eq!(port_writes(&[&a, &b], &new), [(2, entry(2)), (5, PortEntry::default())]);
+        assert_eq!(
+            slot_writes(&[&[slot(0), slot(1)], &[slot(0), slot(2), slot(3)]], &[slot(0), slot(1)]),
+            [(1, slot(1)), (2, slot(0))]
+        );
+        let (set, remove) =
+            prefix_writes(&[&[prefix(1, 32, 1)], &[prefix(1, 32, 2), prefix(2, 32, 2)]], &[prefix(1, 32, 1)], |_, _| false);
+        assert_eq!((set, remove), (vec![prefix(1, 32, 1)], vec![([10, 0, 0, 2], 32)]));
+    }
+
+    #[test]
+    fn learned_host_prefixes_are_left_to_the_learner() {
+        // 10.0.0.1/32 is learned: whatever the policies say there, the
+        // learned mask written over it stays.
+        let learned = |a: &[u8; 4], len: u32| len == 32 && *a == [10, 0, 0, 1];
+        let (set, remove) = prefix_writes(&[&[prefix(1, 32, 1), prefix(2, 32, 2)]], &[prefix(1, 32, 5)], learned);
+        assert_eq!((set, remove), (vec![], vec![([10, 0, 0, 2], 32)]));
+        let (set, remove) = prefix_writes(&[&[prefix(1, 32, 1)]], &[], learned);
+        assert_eq!((set, remove), (vec![], vec![]));
+    }
+
+    #[test]
+    fn removing_a_learned_address_restores_the_generation_s_own_host_prefix() {
+        let policy = CompiledPolicy { peers_v4: vec![prefix(0, 24, 1), prefix(7, 32, 3)], ..Default::default() };
+        assert_eq!(static_host_mask(&policy, "10.0.0.7".parse().unwrap()), Some(3));
+        assert_eq!(static_host_mask(&policy, "10.0.0.0".parse().unwrap()), None);
+        assert_eq!(static_host_mask(&policy, "::1".parse().unwrap()), None);
     }
 }

@@ -21,11 +21,12 @@ use aya::{
 };
 use pcguard_common::{
     CLASS_ANY, CLASS_ANY_BIT, CT_FLAG_MONITORED, CT_STATE_CLOSING, CtEntry, DIR_EGRESS,
-    DIR_INGRESS, DNS_PAYLOAD_MAX, DnsAnswer, FAMILY_V4, FlowEvent, FlowKey, IPPROTO_TCP,
-    IPPROTO_UDP, MODE_ENFORCE, MODE_MONITOR, PROTO_IDX_TCP, PROTO_IDX_UDP, PortEntry, PortSlot,
-    REASON_NO_RULE, REASON_OUTBOUND_TO_WORKSTATION, REASON_PEER_NOT_ALLOWED, STAT_DNS_ANSWERS,
-    STAT_DNS_ANSWERS_DROPPED, STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, Settings, VERDICT_ALLOW,
-    names, port_counter_index, port_table_index, rule_counter_index,
+    DIR_INGRESS, DNS_PAYLOAD_MAX, DnsAnswer, FAMILY_V4, FlowEvent, FlowKey, GEN_PREFIX_BITS,
+    IPPROTO_TCP, IPPROTO_UDP, MODE_ENFORCE, MODE_MONITOR, PROTO_IDX_TCP, PROTO_IDX_UDP, PortEntry,
+    PortSlot, REASON_NO_RULE, REASON_OUTBOUND_TO_WORKSTATION, REASON_PEER_NOT_ALLOWED,
+    STAT_DNS_ANSWERS, STAT_DNS_ANSWERS_DROPPED, STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, Settings,
+    VERDICT_ALLOW, names, peer_key_v4, peer_key_v6, port_counter_index, port_table_index,
+    ports_index, rule_counter_index, slots_index,
 };
 
 const XDP_DROP: u32 = 1;
@@ -52,6 +53,13 @@ const LDAPS_RULE: u16 = 2;
 const DNS_RULE: u16 = 3;
 const WEB_LABEL: u16 = 1;
 const DNS_LABEL: u16 = 3;
+/// The port and rule only `write_other_policy`'s generation has.
+const OTHER_PORT: u16 = 9999;
+const OTHER_RULE: u16 = 4;
+
+/// The generation the timed cases run with: 1, so that every table is
+/// read at a non-zero generation offset.
+const POLICY_GEN: u32 = 1;
 
 /// Runs per test run of a copied DNS answer: the records of one test run
 /// must fit in `DNS_ANSWERS` (256 KiB, about 246 records), else the later
@@ -98,6 +106,7 @@ pub fn run(obj_path: &Path, iterations: u32) -> anyhow::Result<()> {
     bench.egress_cases()?;
     bench.dns_cases()?;
     bench.smoke_cases()?;
+    bench.generation_cases()?;
     bench.print();
     bench.check_side_effects()
 }
@@ -120,68 +129,84 @@ fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::
         .with_context(|| format!("map {name} not in the object"))
 }
 
-/// Inbound TCP 9191 from workstations (rule 1), outbound TCP 636 to anyone
-/// (rule 2), outbound UDP 53 to the resolvers (rule 3), whose answers are
-/// copied; workstations must never be initiated to; enforce both ways.
-fn write_policy(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    let mut slots: Array<_, PortSlot> = Array::try_from(map(ebpf, names::SLOTS)?)?;
-    let mut web = PortSlot {
-        allowed_mask: WORKSTATIONS,
-        ..Default::default()
-    };
-    web.rule_by_class[0] = WEB_RULE;
-    slots.set(1, web, 0)?;
-    let mut ldaps = PortSlot {
-        allowed_mask: CLASS_ANY,
-        ..Default::default()
-    };
-    ldaps.rule_by_class[CLASS_ANY_BIT as usize] = LDAPS_RULE;
-    slots.set(2, ldaps, 0)?;
-    let mut dns = PortSlot {
-        allowed_mask: RESOLVERS,
-        ..Default::default()
-    };
-    dns.rule_by_class[RESOLVERS.trailing_zeros() as usize] = DNS_RULE;
-    slots.set(3, dns, 0)?;
+/// Writes one policy generation's tables by hand, as the daemon's datapath
+/// does: `PORTS` and `SLOTS` at the generation's offset, LPM keys led by the
+/// generation byte, `SETTINGS[generation]`.
+struct GenWriter<'a> {
+    ebpf: &'a mut Ebpf,
+    generation: u32,
+}
 
-    let mut ports: Array<_, PortEntry> = Array::try_from(map(ebpf, names::PORTS)?)?;
-    let web_in = port_table_index(DIR_INGRESS, PROTO_IDX_TCP, WEB_PORT);
-    ports.set(
-        web_in,
-        PortEntry {
-            slot: 1,
-            port_idx: WEB_LABEL,
-        },
-        0,
-    )?;
-    let ldaps_out = port_table_index(DIR_EGRESS, PROTO_IDX_TCP, LDAPS_PORT);
-    ports.set(
-        ldaps_out,
-        PortEntry {
-            slot: 2,
-            port_idx: 2,
-        },
-        0,
-    )?;
-    let dns_out = port_table_index(DIR_EGRESS, PROTO_IDX_UDP, DNS_PORT);
-    ports.set(
-        dns_out,
-        PortEntry {
-            slot: 3,
-            port_idx: DNS_LABEL,
-        },
-        0,
-    )?;
+impl GenWriter<'_> {
+    fn slot(
+        &mut self,
+        id: u32,
+        allowed_mask: u32,
+        class_bit: u32,
+        rule: u16,
+    ) -> anyhow::Result<()> {
+        let mut slot = PortSlot {
+            allowed_mask,
+            ..Default::default()
+        };
+        slot.rule_by_class[class_bit as usize] = rule;
+        let mut slots: Array<_, PortSlot> = Array::try_from(map(self.ebpf, names::SLOTS)?)?;
+        slots.set(slots_index(self.generation, id), slot, 0)?;
+        Ok(())
+    }
 
-    let mut v4: LpmTrie<_, [u8; 4], u32> = LpmTrie::try_from(map(ebpf, names::PEERS_V4)?)?;
-    v4.insert(&Key::new(8, [10, 0, 0, 0]), WORKSTATIONS | CLASS_ANY, 0)?;
-    v4.insert(&Key::new(32, RESOLVER), RESOLVERS | CLASS_ANY, 0)?;
-    v4.insert(&Key::new(0, [0; 4]), CLASS_ANY, 0)?;
-    let mut v6: LpmTrie<_, [u8; 16], u32> = LpmTrie::try_from(map(ebpf, names::PEERS_V6)?)?;
-    v6.insert(&Key::new(0, [0; 16]), CLASS_ANY, 0)?;
+    fn port(
+        &mut self,
+        dir: u32,
+        proto_idx: u32,
+        port: u16,
+        slot: u16,
+        port_idx: u16,
+    ) -> anyhow::Result<()> {
+        let mut ports: Array<_, PortEntry> = Array::try_from(map(self.ebpf, names::PORTS)?)?;
+        let idx = port_table_index(dir, proto_idx, port);
+        ports.set(
+            ports_index(self.generation, idx),
+            PortEntry { slot, port_idx },
+            0,
+        )?;
+        Ok(())
+    }
 
-    let mut settings: Array<_, Settings> = Array::try_from(map(ebpf, names::SETTINGS)?)?;
-    let s = Settings {
+    fn v4(&mut self, prefix_len: u32, addr: [u8; 4], mask: u32) -> anyhow::Result<()> {
+        let mut v4: LpmTrie<_, [u8; 5], u32> = LpmTrie::try_from(map(self.ebpf, names::PEERS_V4)?)?;
+        let key = Key::new(
+            GEN_PREFIX_BITS + prefix_len,
+            peer_key_v4(self.generation, addr),
+        );
+        v4.insert(&key, mask, 0)?;
+        Ok(())
+    }
+
+    fn v6_any(&mut self) -> anyhow::Result<()> {
+        let mut v6: LpmTrie<_, [u8; 17], u32> =
+            LpmTrie::try_from(map(self.ebpf, names::PEERS_V6)?)?;
+        let key = Key::new(GEN_PREFIX_BITS, peer_key_v6(self.generation, [0; 16]));
+        v6.insert(&key, CLASS_ANY, 0)?;
+        Ok(())
+    }
+
+    fn settings(&mut self, s: Settings) -> anyhow::Result<()> {
+        let mut settings: Array<_, Settings> = Array::try_from(map(self.ebpf, names::SETTINGS)?)?;
+        settings.set(self.generation, s, 0)?;
+        Ok(())
+    }
+}
+
+/// Points `ACTIVE` at `generation`: the daemon's switch.
+fn set_active(ebpf: &mut Ebpf, generation: u32) -> anyhow::Result<()> {
+    let mut active: Array<_, u32> = Array::try_from(map(ebpf, names::ACTIVE)?)?;
+    active.set(0, generation, 0)?;
+    Ok(())
+}
+
+fn bench_settings() -> Settings {
+    Settings {
         ingress_mode: MODE_ENFORCE,
         egress_mode: MODE_ENFORCE,
         allow_icmp: 1,
@@ -193,9 +218,55 @@ fn write_policy(ebpf: &mut Ebpf) -> anyhow::Result<()> {
         tcp_closing_timeout_ns: 10 * SEC,
         udp_timeout_ns: 60 * SEC,
         report_interval_ns: 60 * SEC,
+    }
+}
+
+/// Into generation `POLICY_GEN`, made active: inbound TCP 9191 from
+/// workstations (rule 1), outbound TCP 636 to anyone (rule 2), outbound UDP
+/// 53 to the resolvers (rule 3), whose answers are copied; workstations
+/// must never be initiated to; enforce both ways.
+fn write_policy(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let mut w = GenWriter {
+        ebpf,
+        generation: POLICY_GEN,
     };
-    settings.set(0, s, 0)?;
-    Ok(())
+    w.slot(1, WORKSTATIONS, 0, WEB_RULE)?;
+    w.slot(2, CLASS_ANY, CLASS_ANY_BIT, LDAPS_RULE)?;
+    w.slot(3, RESOLVERS, RESOLVERS.trailing_zeros(), DNS_RULE)?;
+    w.port(DIR_INGRESS, PROTO_IDX_TCP, WEB_PORT, 1, WEB_LABEL)?;
+    w.port(DIR_EGRESS, PROTO_IDX_TCP, LDAPS_PORT, 2, 2)?;
+    w.port(DIR_EGRESS, PROTO_IDX_UDP, DNS_PORT, 3, DNS_LABEL)?;
+    w.v4(8, [10, 0, 0, 0], WORKSTATIONS | CLASS_ANY)?;
+    w.v4(32, RESOLVER, RESOLVERS | CLASS_ANY)?;
+    w.v4(0, [0; 4], CLASS_ANY)?;
+    w.v6_any()?;
+    w.settings(bench_settings())?;
+    set_active(ebpf, POLICY_GEN)
+}
+
+/// Into the other generation, while `POLICY_GEN` stays active: a policy
+/// that differs from `write_policy`'s in every table. Port 9191 keeps slot
+/// 1, whose content now allows anyone (`SLOTS`); TCP 9999 gets slot 2,
+/// workstations only (`PORTS`); workstations are 172.16.0.0/12 and
+/// 10.1.0.0/16, not 10.0.0.0/8 (`PEERS_V4`); ICMP is not allowed
+/// (`SETTINGS`).
+fn write_other_policy(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let mut w = GenWriter {
+        ebpf,
+        generation: POLICY_GEN ^ 1,
+    };
+    w.slot(1, CLASS_ANY, CLASS_ANY_BIT, WEB_RULE)?;
+    w.slot(2, WORKSTATIONS, 0, OTHER_RULE)?;
+    w.port(DIR_INGRESS, PROTO_IDX_TCP, WEB_PORT, 1, WEB_LABEL)?;
+    w.port(DIR_INGRESS, PROTO_IDX_TCP, OTHER_PORT, 2, 4)?;
+    w.v4(12, [172, 16, 0, 0], WORKSTATIONS | CLASS_ANY)?;
+    w.v4(16, [10, 1, 0, 0], WORKSTATIONS | CLASS_ANY)?;
+    w.v4(0, [0; 4], CLASS_ANY)?;
+    w.v6_any()?;
+    w.settings(Settings {
+        allow_icmp: 0,
+        ..bench_settings()
+    })
 }
 
 /// Packet builders (checksums are left zero: neither hook checks them).
@@ -753,12 +824,13 @@ impl Bench {
         self.expect(case, hook, ret, want)
     }
 
+    /// Changes the settings of the active generation in place.
     fn update_settings(&mut self, f: impl FnOnce(&mut Settings)) -> anyhow::Result<()> {
         let mut settings: Array<_, Settings> =
             Array::try_from(map(&mut self.ebpf, names::SETTINGS)?)?;
-        let mut s = settings.get(&0, 0)?;
+        let mut s = settings.get(&POLICY_GEN, 0)?;
         f(&mut s);
-        settings.set(0, s, 0)?;
+        settings.set(POLICY_GEN, s, 0)?;
         Ok(())
     }
 
@@ -813,6 +885,83 @@ impl Bench {
         self.once("SYN to 9999, policy not ready", xdp, &stranger, XDP_PASS)?;
         self.update_settings(|s| s.ready = 1)?;
         self.once("SYN to 9999, policy ready", xdp, &stranger, XDP_DROP)
+    }
+
+    /// The switch between policy generations: a generation never written
+    /// lets everything pass; a policy written into the inactive generation
+    /// changes nothing until `ACTIVE` points at it, then every table
+    /// (`PORTS`, `SLOTS`, `PEERS_V4`, `SETTINGS`) answers from it, and
+    /// switching back restores the old verdicts.
+    fn generation_cases(&mut self) -> anyhow::Result<()> {
+        let xdp = Hook::Xdp;
+        let other = POLICY_GEN ^ 1;
+        let port = CLIENT_PORT + 10;
+        let ws_other = tcp4(WORKSTATION, SERVER, port, OTHER_PORT, TCP_SYN);
+        let stranger_web = tcp4(STRANGER, SERVER, port, WEB_PORT, TCP_SYN);
+        let stranger_other = tcp4(STRANGER, SERVER, port, OTHER_PORT, TCP_SYN);
+        let ldap_other = tcp4(LDAP_SERVER, SERVER, port, OTHER_PORT, TCP_SYN);
+        let icmp = pkt::ipv4(STRANGER, SERVER, 1, &[8, 0, 0, 0, 0, 0, 0, 0]);
+        let keys = [
+            v4_key(SERVER, WORKSTATION, OTHER_PORT, port),
+            v4_key(SERVER, STRANGER, WEB_PORT, port),
+            v4_key(SERVER, STRANGER, OTHER_PORT, port),
+            v4_key(SERVER, LDAP_SERVER, OTHER_PORT, port),
+        ];
+        // Each packet opens a new flow: forget what an earlier run tracked.
+        let check = |bench: &mut Self, gen_name: &str, want: [u32; 5]| -> anyhow::Result<()> {
+            for key in &keys {
+                bench.forget(key)?;
+            }
+            let cases = [
+                ("workstation SYN to 9999", &ws_other),
+                ("stranger SYN to 9191", &stranger_web),
+                ("stranger SYN to 9999", &stranger_other),
+                ("10.9.9.9 SYN to 9999", &ldap_other),
+                ("ICMP echo", &icmp),
+            ];
+            for ((case, data), want) in cases.into_iter().zip(want) {
+                bench.once(&format!("{case}, {gen_name}"), xdp, data, want)?;
+            }
+            Ok(())
+        };
+
+        // A generation never written (`ready == 0`), like generation 0
+        // before the daemon's first switch: everything passes (bypass).
+        set_active(&mut self.ebpf, other)?;
+        check(self, "generation not written", [XDP_PASS; 5])?;
+        set_active(&mut self.ebpf, POLICY_GEN)?;
+
+        let old = [XDP_DROP, XDP_DROP, XDP_DROP, XDP_DROP, XDP_PASS];
+        check(self, "old policy", old)?;
+        write_other_policy(&mut self.ebpf)?;
+        check(self, "new policy written, not active", old)?;
+        set_active(&mut self.ebpf, other)?;
+        // 9999: the new `PORTS`; stranger to 9191: the new slot 1; 10.9.9.9
+        // is no workstation in the new `PEERS_V4` (it is in the old); ICMP:
+        // the new `SETTINGS`.
+        check(
+            self,
+            "new policy active",
+            [XDP_PASS, XDP_PASS, XDP_PASS, XDP_DROP, XDP_DROP],
+        )?;
+        let rule = rule_counter_index(DIR_INGRESS, OTHER_RULE);
+        let rules: PerCpuArray<_, pcguard_common::Counters> =
+            PerCpuArray::try_from(map(&mut self.ebpf, names::RULE_COUNTERS)?)?;
+        let n: u64 = rules
+            .get(&rule, 0)?
+            .iter()
+            .map(|c| c.packets[VERDICT_ALLOW])
+            .sum();
+        ensure!(
+            n == 2,
+            "new policy's rule {OTHER_RULE} counted {n} allowed packets, expected 2"
+        );
+        set_active(&mut self.ebpf, POLICY_GEN)?;
+        check(self, "switched back", old)?;
+        for key in &keys {
+            self.forget(key)?;
+        }
+        Ok(())
     }
 
     fn print(&self) {
