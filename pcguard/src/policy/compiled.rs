@@ -129,7 +129,8 @@ pub struct PeerPrefix<const N: usize> {
 /// The compiled policy.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CompiledPolicy {
-    /// Written to `SETTINGS[0]` (with `ready = 1`).
+    /// Written to the `SETTINGS` entry of the generation it is applied to
+    /// (with `ready = 1`).
     pub settings: Settings,
     /// Sparse `PORTS` content: (index from `port_table_index`, entry). Every
     /// index not listed is `PortEntry::default()` (no rule).
