@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use log::{error, info, warn};
 use aya::maps::{MapData, RingBuf};
-use pcguard_common::{DnsAnswer, names};
+use pcguard_common::{DnsAnswer, FlowEvent, names};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -221,12 +221,7 @@ fn consume_ring(ring: RingBuf<MapData>, mut handle: impl FnMut(&[u8]) + Send + '
 fn spawn_dns_answers(ring: RingBuf<MapData>) -> Result<mpsc::Receiver<Vec<Resolved>>> {
     let (tx, rx) = mpsc::channel(1024);
     consume_ring(ring, move |bytes| {
-        if bytes.len() < std::mem::size_of::<DnsAnswer>() {
-            return;
-        }
-        // SAFETY: DnsAnswer is repr(C) plain data; read_unaligned copes
-        // with any alignment of the ring-buffer slice.
-        let ans = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DnsAnswer>()) };
+        let Some(ans) = crate::datapath::read_record::<DnsAnswer>(bytes) else { return };
         let len = usize::from(ans.len).min(ans.payload.len());
         let resolved = crate::dns::parse_response(&ans.payload[..len]);
         if !resolved.is_empty() && tx.try_send(resolved).is_err() {
@@ -243,7 +238,7 @@ impl Daemon {
         let audit = self.audit.clone();
         let dedup = self.dedup.clone();
         consume_ring(ring, move |bytes| {
-            let Some(ev) = crate::flows::decode(bytes) else { return };
+            let Some(ev) = crate::datapath::read_record::<FlowEvent>(bytes) else { return };
             if !dedup.lock().unwrap().admit(&ev, Instant::now()) {
                 return;
             }
@@ -349,15 +344,16 @@ impl Daemon {
         let applied = self.dp.apply(&compiled);
         // Whatever happened, the static prefixes may have been rewritten:
         // put the learned ones back on top of the policy now in the maps.
-        let fqdns = match &applied {
-            Ok(_) => FqdnClasses::of(&compiled),
-            Err(_) => self.fqdns.clone(),
-        };
-        let in_maps = if applied.is_ok() { compiled.clone() } else { self.policy.read().unwrap().clone() };
-        let updates = self.learner.rebase(&fqdns, &in_maps);
-        self.write_learned(&updates);
+        if applied.is_ok() {
+            self.fqdns = FqdnClasses::of(&compiled);
+            let updates = self.learner.rebase(&self.fqdns, &compiled);
+            self.write_learned(&updates);
+        } else {
+            let running = Arc::clone(&self.policy);
+            let updates = self.learner.rebase(&self.fqdns, &running.read().unwrap());
+            self.write_learned(&updates);
+        }
         let stats = applied?;
-        self.fqdns = fqdns;
         info!("policy written: {} port entries, {} slots, {} prefixes changed", stats.ports, stats.slots, stats.peers);
         {
             let audit_path = settings.audit_log.clone();
@@ -411,7 +407,8 @@ impl Daemon {
         if self.fqdns.is_empty() {
             return;
         }
-        let policy = self.policy.read().unwrap().clone();
+        let running = Arc::clone(&self.policy);
+        let policy = running.read().unwrap();
         let (updates, new) = self.learner.learn(answers, &self.fqdns, &policy, Instant::now());
         self.write_learned(&updates);
         for (addr, names, bits) in new {
@@ -422,8 +419,11 @@ impl Daemon {
     }
 
     fn expire_learned(&mut self) {
-        let policy = self.policy.read().unwrap().clone();
-        let updates = self.learner.expire(&policy, Instant::now());
+        if self.learner.is_empty() {
+            return;
+        }
+        let running = Arc::clone(&self.policy);
+        let updates = self.learner.expire(&running.read().unwrap(), Instant::now());
         self.write_learned(&updates);
     }
 

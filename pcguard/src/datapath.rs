@@ -459,6 +459,18 @@ fn remove_pins(dir: &Path) {
     let _ = std::fs::remove_dir(dir);
 }
 
+/// A whole `T` read from a ring-buffer record; `None` if the record is
+/// shorter than `T`.
+pub fn read_record<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < std::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: T is Pod (repr(C) plain data, any bit pattern valid) and the
+    // slice holds size_of::<T>() bytes; read_unaligned copes with any
+    // alignment of the ring-buffer slice.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
 /// True when `path` is on a bpffs mount.
 pub fn is_bpffs(path: &Path) -> bool {
     let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else { return false };

@@ -170,16 +170,6 @@ fn slot_rules(policy: &CompiledPolicy, slot: u16) -> Vec<String> {
     ids
 }
 
-/// Decodes a ring-buffer record; `None` if it is not a whole `FlowEvent`.
-pub fn decode(bytes: &[u8]) -> Option<FlowEvent> {
-    if bytes.len() < std::mem::size_of::<FlowEvent>() {
-        return None;
-    }
-    // SAFETY: FlowEvent is repr(C) plain data; read_unaligned copes with any
-    // alignment of the ring-buffer slice.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<FlowEvent>()) })
-}
-
 /// Converts a `bpf_ktime_get_ns()` timestamp to wall-clock time.
 pub fn ktime_to_system(ts_ns: u64) -> SystemTime {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };

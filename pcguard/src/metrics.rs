@@ -39,13 +39,20 @@ pub struct DaemonMetrics {
 
 impl DaemonMetrics {
     pub fn flow(&self, reason: &str, direction: &str) {
-        self.unexpected_flows.get_or_create(&vec![("reason", reason.to_string()), ("direction", direction.to_string())]).inc();
+        self.unexpected_flows.get_or_create(&flow_labels(reason, direction)).inc();
     }
 
     pub fn reload(&self, ok: bool) {
-        let result = if ok { "success" } else { "failure" };
-        self.reloads.get_or_create(&vec![("result", result.to_string())]).inc();
+        self.reloads.get_or_create(&reload_labels(ok)).inc();
     }
+}
+
+fn flow_labels(reason: &str, direction: &str) -> LabelPairs {
+    vec![("reason", reason.to_string()), ("direction", direction.to_string())]
+}
+
+fn reload_labels(ok: bool) -> LabelPairs {
+    vec![("result", if ok { "success" } else { "failure" }.to_string())]
 }
 
 /// What the kernel collector needs: the pinned maps and the current labels.
@@ -96,12 +103,12 @@ impl Metrics {
         );
         for reason in crate::flows::REASONS {
             for dir in ["inbound", "outbound"] {
-                let _ = daemon.unexpected_flows.get_or_create(&vec![("reason", reason.to_string()), ("direction", dir.to_string())]);
+                let _ = daemon.unexpected_flows.get_or_create(&flow_labels(reason, dir));
             }
         }
         registry.register("pcguard_reloads", "Policy reloads by result", daemon.reloads.clone());
         for ok in [true, false] {
-            let _ = daemon.reloads.get_or_create(&vec![("result", if ok { "success" } else { "failure" }.to_string())]);
+            let _ = daemon.reloads.get_or_create(&reload_labels(ok));
         }
         registry.register("pcguard_audit_write_errors", "Audit records that could not be written", daemon.audit_write_errors.clone());
         registry.register(
