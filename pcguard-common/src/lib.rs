@@ -19,8 +19,11 @@
 //! | `PORT_COUNTERS` | PerCpuArray          | [`port_counter_index`] | [`Counters`] |
 //! | `RULE_COUNTERS` | PerCpuArray          | [`rule_counter_index`] | [`Counters`] |
 //! | `STATS`         | PerCpuArray          | `STAT_*`             | u64            |
+//! | `LEARNED`       | Hash                 | [`LearnedKey`]       | class mask u32 |
+//! | `DNS_PENDING`   | LruHash              | [`DnsPendingKey`]    | u64 (ns)       |
 //! | `EVENTS`        | RingBuf              | -                    | [`FlowEvent`]  |
-//! | `DNS_ANSWERS`   | RingBuf              | -                    | [`DnsAnswer`]  |
+//! | `DNS_MESSAGES`  | RingBuf              | -                    | [`DnsMessage`] |
+//! | `TC_RERUN`      | ProgArray (1 entry)  | 0                    | the TC program |
 //!
 //! The per-packet cost is a fixed number of map lookups whatever the number
 //! of rules: one `ACTIVE` lookup, one `SETTINGS` lookup, one `PORTS` lookup,
@@ -198,11 +201,18 @@ pub const STAT_CT_CREATED: u32 = 5;
 pub const STAT_CT_EXPIRED: u32 = 6;
 /// Conntrack insert failures.
 pub const STAT_CT_INSERT_FAILED: u32 = 7;
-/// DNS answers copied to `DNS_ANSWERS`.
+/// DNS answers copied to `DNS_MESSAGES`.
 pub const STAT_DNS_ANSWERS: u32 = 8;
-/// DNS answers that could not be reserved in `DNS_ANSWERS`.
+/// DNS messages (queries or answers) that could not be reserved in
+/// `DNS_MESSAGES`.
 pub const STAT_DNS_ANSWERS_DROPPED: u32 = 9;
-pub const NUM_STATS: u32 = 10;
+/// DNS queries copied to `DNS_MESSAGES` (and recorded in `DNS_PENDING`).
+pub const STAT_DNS_QUERIES: u32 = 10;
+/// Packets from a resolver's port 53 to a tracked DNS flow that answer no
+/// pending query (wrong transaction id, a second answer, spoofed): not
+/// copied.
+pub const STAT_DNS_UNSOLICITED: u32 = 11;
+pub const NUM_STATS: u32 = 12;
 
 /// Modes in [`Settings`].
 pub const MODE_ENFORCE: u8 = 0;
@@ -233,7 +243,11 @@ pub struct Settings {
     /// rules on UDP port 53). Their answers to this server's queries are
     /// copied to `DNS_ANSWERS` for DNS-aware egress (FQDN rules).
     pub resolver_mask: u32,
-    pub _pad: u32,
+    /// Classes that DNS answers can give an address (classes with FQDNs).
+    /// The kernel looks an address up in `LEARNED` only when a rule for
+    /// the packet's port allows one of these classes and the static tries
+    /// did not already allow the flow.
+    pub learned_mask: u32,
     /// Idle timeout of an established TCP flow.
     pub tcp_timeout_ns: u64,
     /// Idle timeout of a TCP flow after FIN.
@@ -292,9 +306,112 @@ pub const REASON_NO_RULE: u8 = 1;
 pub const REASON_PEER_NOT_ALLOWED: u8 = 2;
 /// The server initiated a flow to a workstation or secondary server.
 pub const REASON_OUTBOUND_TO_WORKSTATION: u8 = 3;
-/// Headers truncated or invalid.
+/// Headers truncated or invalid ([`FlowEvent::detail`] says how).
 pub const REASON_MALFORMED: u8 = 4;
-pub const NUM_REASONS: u8 = 5;
+/// A TCP packet other than a bare SYN of a flow conntrack does not hold,
+/// which would be a reply of a flow a rule allows in the other direction.
+/// pcguard never adopts such a packet as a reply (it could open or inject
+/// into a flow the policy forbids): it is dropped, and reported with this
+/// reason rather than as a new flow.
+pub const REASON_UNTRACKED_REPLY: u8 = 5;
+pub const NUM_REASONS: u8 = 6;
+
+/// What made a packet malformed ([`FlowEvent::detail`] of a
+/// `REASON_MALFORMED` report). Values are never renumbered; retired ones
+/// stay reserved.
+#[repr(u8)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Malformed {
+    /// The Ethernet header or a VLAN tag is cut short.
+    L2Truncated = 1,
+    /// More VLAN tags than the parser walks ([`MAX_VLAN_TAGS`]).
+    TooManyVlanTags = 2,
+    /// The IP header is cut short, or its version does not match the
+    /// ethertype.
+    IpTruncated = 3,
+    /// IPv4 IHL below 5, or the header runs past the total length.
+    BadIpHeaderLength = 4,
+    /// The IPv4 total length or IPv6 payload length is beyond the frame,
+    /// or below the header (IPv6 payload length 0: a jumbogram).
+    BadIpLength = 5,
+    /// More IPv6 extension headers than the parser walks.
+    Ipv6ChainTooLong = 6,
+    /// An IPv6 extension header runs past the datagram (for a first
+    /// fragment: the header chain is not complete in it, RFC 7112).
+    Ipv6ChainTruncated = 7,
+    /// The TCP or UDP header is not complete inside the datagram (for a
+    /// first fragment: a tiny fragment, RFC 1858).
+    L4Truncated = 8,
+    /// TCP data offset below 5 words.
+    BadTcpOffset = 9,
+    /// A non-first fragment that would overlap the transport header of the
+    /// first one (TCP fragment offset 1 or 2, RFC 1858 / RFC 3128).
+    FragmentOverlap = 10,
+    /// A second IPv6 fragment header in one chain.
+    DuplicateFragmentHeader = 11,
+    /// UDP length field below 8, or (unfragmented) beyond the datagram.
+    BadUdpLength = 12,
+    /// An IPv6 hop-by-hop options header anywhere but directly after the
+    /// IPv6 header (RFC 8200 section 4.1).
+    Ipv6HopByHopNotFirst = 13,
+}
+
+impl Malformed {
+    pub const ALL: [Malformed; 13] = [
+        Malformed::L2Truncated,
+        Malformed::TooManyVlanTags,
+        Malformed::IpTruncated,
+        Malformed::BadIpHeaderLength,
+        Malformed::BadIpLength,
+        Malformed::Ipv6ChainTooLong,
+        Malformed::Ipv6ChainTruncated,
+        Malformed::L4Truncated,
+        Malformed::BadTcpOffset,
+        Malformed::FragmentOverlap,
+        Malformed::DuplicateFragmentHeader,
+        Malformed::BadUdpLength,
+        Malformed::Ipv6HopByHopNotFirst,
+    ];
+
+    /// Stable name, for audit records and metric labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Malformed::L2Truncated => "l2_truncated",
+            Malformed::TooManyVlanTags => "too_many_vlan_tags",
+            Malformed::IpTruncated => "ip_truncated",
+            Malformed::BadIpHeaderLength => "bad_ip_header_length",
+            Malformed::BadIpLength => "bad_ip_length",
+            Malformed::Ipv6ChainTooLong => "ipv6_chain_too_long",
+            Malformed::Ipv6ChainTruncated => "ipv6_chain_truncated",
+            Malformed::L4Truncated => "l4_truncated",
+            Malformed::BadTcpOffset => "bad_tcp_offset",
+            Malformed::FragmentOverlap => "fragment_overlap",
+            Malformed::DuplicateFragmentHeader => "duplicate_fragment_header",
+            Malformed::BadUdpLength => "bad_udp_length",
+            Malformed::Ipv6HopByHopNotFirst => "ipv6_hop_by_hop_not_first",
+        }
+    }
+}
+
+impl TryFrom<u8> for Malformed {
+    type Error = u8;
+    fn try_from(v: u8) -> Result<Self, u8> {
+        let mut i = 0;
+        while i < Self::ALL.len() {
+            if Self::ALL[i] as u8 == v {
+                return Ok(Self::ALL[i]);
+            }
+            i += 1;
+        }
+        Err(v)
+    }
+}
+
+/// VLAN tags (802.1Q / 802.1ad) the parser walks; a frame with more is
+/// malformed.
+pub const MAX_VLAN_TAGS: usize = 8;
+/// IPv6 extension headers the parser walks; a chain with more is malformed.
+pub const MAX_IPV6_EXT_HDRS: usize = 8;
 
 /// One record per new unexpected flow, sent on `EVENTS`.
 #[repr(C)]
@@ -318,37 +435,89 @@ pub struct FlowEvent {
     pub tcp_flags: u8,
     /// Slot the port mapped to (0: none), for the audit record.
     pub slot: u16,
-    pub _pad: [u8; 6],
+    /// For `REASON_MALFORMED`: what was wrong ([`Malformed`] as `u8`);
+    /// 0 otherwise.
+    pub detail: u8,
+    pub _pad: [u8; 5],
 }
 
 /// Bytes of a DNS message copied into a [`DnsAnswer`] (longer messages
 /// are cut; the parser uses what it gets).
 pub const DNS_PAYLOAD_MAX: usize = 1024;
 
-/// A DNS answer from a resolver to this server, sent on `DNS_ANSWERS`:
-/// a UDP packet from port 53 of an address in `Settings.resolver_mask`
-/// that belongs to a tracked flow (a reply to this server's query), seen at
-/// ingress. The daemon matches the names against the policy's FQDNs and
-/// adds the answered addresses to the peer tries.
+/// `DnsMessage::kind`: a query this server sent to a resolver (seen at
+/// egress) or an answer a resolver sent back (seen at ingress).
+pub const DNS_KIND_QUERY: u8 = 1;
+pub const DNS_KIND_ANSWER: u8 = 2;
+
+/// A DNS message between this server and one of its resolvers, sent on
+/// `DNS_MESSAGES` in the order the programs saw them (one ring buffer for
+/// both kinds, so a query always comes before its answer):
+///
+/// * a query: a UDP packet to port 53 of an address in
+///   `Settings.resolver_mask`, with a DNS header whose QR bit is 0, passed
+///   at egress. Its (flow, transaction id) is also recorded in
+///   `DNS_PENDING`.
+/// * an answer: a UDP packet from port 53 of such an address to a tracked
+///   flow this server initiated, whose (flow, transaction id) was pending
+///   in `DNS_PENDING` (the entry is deleted: one answer per query), seen
+///   at ingress.
+///
+/// The daemon matches each answer with its query (resolver, server port,
+/// transaction id, question) before it learns any address from it.
 #[repr(C)]
 #[derive(Copy, Clone, Debug)]
-pub struct DnsAnswer {
+pub struct DnsMessage {
     pub ts_ns: u64,
     /// Resolver address (IPv4 in the first 4 bytes).
     pub resolver: [u8; 16],
     pub family: u8,
-    pub _pad: u8,
+    /// `DNS_KIND_QUERY` / `DNS_KIND_ANSWER`.
+    pub kind: u8,
     /// Bytes of `payload` that hold the message (at most `DNS_PAYLOAD_MAX`).
     pub len: u16,
     /// Length of the whole UDP payload.
     pub orig_len: u16,
-    pub _pad2: [u8; 2],
+    /// This server's UDP port (source of the query, destination of the
+    /// answer).
+    pub server_port: u16,
     /// The DNS message (UDP payload).
     pub payload: [u8; DNS_PAYLOAD_MAX],
 }
 
-/// Size of `DNS_ANSWERS` in bytes.
-pub const DNS_ANSWERS_BYTES: u32 = 1 << 18;
+/// Key of `DNS_PENDING`: a query's flow and transaction id.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DnsPendingKey {
+    pub flow: FlowKey,
+    /// DNS transaction id, in network byte order as on the wire.
+    pub txid: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Capacity of `DNS_PENDING` (LRU: the oldest outstanding queries go first).
+pub const DNS_PENDING_ENTRIES: u32 = 8192;
+
+/// Key of `LEARNED`: an address a DNS answer gave one or more FQDN
+/// classes, in one policy generation.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LearnedKey {
+    pub generation: u8,
+    /// `FAMILY_V4` / `FAMILY_V6`.
+    pub family: u8,
+    pub _pad: [u8; 2],
+    /// IPv4 in the first 4 bytes, the rest 0.
+    pub addr: [u8; 16],
+}
+
+/// DNS-learned addresses per generation (the daemon's cap on the total,
+/// see `pcguard::dns`); `LEARNED` holds two generations.
+pub const LEARNED_PER_GENERATION: u32 = 8192;
+pub const LEARNED_ENTRIES: u32 = NUM_GENERATIONS * LEARNED_PER_GENERATION;
+
+/// Size of `DNS_MESSAGES` in bytes.
+pub const DNS_MESSAGES_BYTES: u32 = 1 << 18;
 
 /// Capacity of `CONNTRACK`.
 pub const CONNTRACK_ENTRIES: u32 = 262_144;
@@ -401,7 +570,11 @@ pub mod names {
     pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
     pub const STATS: &str = "STATS";
     pub const EVENTS: &str = "EVENTS";
-    pub const DNS_ANSWERS: &str = "DNS_ANSWERS";
+    pub const DNS_MESSAGES: &str = "DNS_MESSAGES";
+    pub const LEARNED: &str = "LEARNED";
+    pub const DNS_PENDING: &str = "DNS_PENDING";
+    pub const TC_RERUN: &str = "TC_RERUN";
+    pub const SCRATCH: &str = "SCRATCH";
 }
 
 #[cfg(feature = "user")]
@@ -414,7 +587,9 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for FlowEvent {}
-    unsafe impl aya::Pod for DnsAnswer {}
+    unsafe impl aya::Pod for DnsMessage {}
+    unsafe impl aya::Pod for DnsPendingKey {}
+    unsafe impl aya::Pod for LearnedKey {}
 }
 
 #[cfg(test)]
@@ -423,14 +598,25 @@ mod tests {
     use core::mem::size_of;
 
     #[test]
+    fn malformed_codes_round_trip() {
+        for m in Malformed::ALL {
+            assert_eq!(Malformed::try_from(m as u8), Ok(m));
+        }
+        assert_eq!(Malformed::try_from(0), Err(0));
+        assert_eq!(Malformed::try_from(200), Err(200));
+    }
+
+    #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<PortEntry>(), 4);
         assert_eq!(size_of::<PortSlot>(), 4 + 2 * MAX_CLASSES);
         assert_eq!(size_of::<FlowKey>(), 8 + 32);
         assert_eq!(size_of::<CtEntry>(), 16);
         assert_eq!(size_of::<Settings>(), 16 + 32);
-        assert_eq!(size_of::<DnsAnswer>(), 8 + 16 + 8 + DNS_PAYLOAD_MAX);
+        assert_eq!(size_of::<DnsMessage>(), 8 + 16 + 8 + DNS_PAYLOAD_MAX);
         assert_eq!(size_of::<FlowEvent>(), 8 + 40 + 12 + 4 + 2 + 6);
+        assert_eq!(size_of::<DnsPendingKey>(), 40 + 8);
+        assert_eq!(size_of::<LearnedKey>(), 20);
         assert_eq!(size_of::<Counters>(), 16 * NUM_VERDICTS);
     }
 

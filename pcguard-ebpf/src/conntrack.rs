@@ -3,14 +3,14 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use pcguard_common::{
-    CT_STATE_CLOSING, CT_STATE_OPEN, CtEntry, DIR_INGRESS, FlowKey, IPPROTO_TCP, STAT_CT_CREATED,
-    STAT_CT_EXPIRED, STAT_CT_INSERT_FAILED, Settings,
+    CT_STATE_CLOSING, CT_STATE_OPEN, CtEntry, DIR_EGRESS, DIR_INGRESS, FlowKey, IPPROTO_TCP,
+    IPPROTO_UDP, STAT_CT_CREATED, STAT_CT_EXPIRED, STAT_CT_INSERT_FAILED, Settings,
 };
 
 use crate::{
     counters::stat,
     maps::CONNTRACK,
-    parse::{Packet, TCP_FIN, TCP_RST, addr_bytes, is_bare_syn},
+    parse::{DNS_PORT, Packet, TCP_FIN, TCP_RST, addr_bytes, is_bare_syn},
 };
 
 const EEXIST: i32 = 17;
@@ -90,17 +90,33 @@ pub fn lookup(
     Some(entry)
 }
 
-/// Updates a valid hit after its packet has been counted: refreshes
-/// `last_seen_ns`, deletes the entry on RST, marks it closing on FIN.
+/// Whether a packet travelling in `dir` keeps a flow initiated in
+/// `flow_dir` alive. Not the answers of a DNS flow this server opened: a
+/// spoofed "answer" from the resolver's address and port (neither is
+/// authenticated on a LAN) must not hold the flow's window open; only the
+/// server's own queries do.
 #[inline(always)]
-pub fn touch(key: &FlowKey, entry: *mut CtEntry, tcp_flags: u8, now: u64) {
+pub fn refreshes(key: &FlowKey, dir: u32, flow_dir: u32) -> bool {
+    !(dir == DIR_INGRESS
+        && flow_dir == DIR_EGRESS
+        && key.proto == IPPROTO_UDP
+        && key.remote_port == DNS_PORT)
+}
+
+/// Updates a valid hit after its packet has been counted: refreshes
+/// `last_seen_ns` (when `refresh`), deletes the entry on RST, marks it
+/// closing on FIN.
+#[inline(always)]
+pub fn touch(key: &FlowKey, entry: *mut CtEntry, tcp_flags: u8, now: u64, refresh: bool) {
     if tcp_flags & TCP_RST != 0 {
         remove(key);
         return;
     }
     // SAFETY: map value pointer, valid for the duration of the program.
     let e = unsafe { &mut *entry };
-    e.last_seen_ns = now;
+    if refresh {
+        e.last_seen_ns = now;
+    }
     if tcp_flags & TCP_FIN != 0 {
         e.state = CT_STATE_CLOSING;
     }

@@ -21,6 +21,8 @@ pub struct Report {
     pub peer_mask: u32,
     pub slot: u16,
     pub tcp_flags: u8,
+    /// `Malformed` code for `REASON_MALFORMED`, else 0.
+    pub detail: u8,
 }
 
 /// Whether `key` was reported less than `interval` ago.
@@ -61,7 +63,8 @@ pub fn report(frame: &Frame, key: &FlowKey, r: &Report, now: u64, interval: u64)
         verdict: r.verdict as u8,
         tcp_flags: r.tcp_flags,
         slot: r.slot,
-        _pad: [0; 6],
+        detail: r.detail,
+        _pad: [0; 5],
     });
     slot.submit(0);
     // Failure only means the flow may be reported again: nothing to do.

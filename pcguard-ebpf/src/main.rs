@@ -21,19 +21,21 @@ mod policy;
 
 use aya_ebpf::{
     bindings::{TC_ACT_PIPE, TC_ACT_SHOT, xdp_action},
+    helpers::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use pcguard_common::{DIR_EGRESS, DIR_INGRESS};
 
 use crate::{
+    maps::TC_RERUN,
     parse::{Frame, Parsed, parse},
     pipeline::{Action, run},
 };
 
 /// Bytes pulled into the linear area of a non-linear skb whose headers
-/// straddle it: Ethernet + 2 VLAN tags + IPv6 + a few extension headers + TCP.
-const TC_PULL_LEN: u32 = 256;
+/// straddle it: Ethernet + VLAN tags + IPv6 + extension headers + TCP.
+const TC_PULL_LEN: u32 = 512;
 
 #[xdp]
 pub fn pcguard_ingress(ctx: XdpContext) -> u32 {
@@ -47,8 +49,12 @@ pub fn pcguard_ingress(ctx: XdpContext) -> u32 {
     match run(&frame, DIR_INGRESS, parse(&frame)) {
         Action::Pass => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
-        Action::PassDnsAnswer(answer) => {
-            dns::copy(ctx.ctx, frame.len, &answer);
+        Action::PassDns(answer) => {
+            // SAFETY: the XDP context of this run; `dns::handle` bounds
+            // the ranges by the frame.
+            dns::handle(frame.len, &answer, |off, dst, n| unsafe {
+                bpf_xdp_load_bytes(ctx.ctx, off, dst, n)
+            });
             xdp_action::XDP_PASS
         }
     }
@@ -68,26 +74,37 @@ fn tc_frame(ctx: &TcContext) -> Frame {
 
 #[classifier]
 pub fn pcguard_egress(ctx: TcContext) -> i32 {
-    let mut frame = tc_frame(&ctx);
-    let mut parsed = parse(&frame);
-    // Direct packet access sees only the skb's linear part. Pull and parse
-    // again only when the headers were cut short by it: pulling up front
-    // would copy payload out of the frags of every GSO skb.
-    if matches!(parsed, Parsed::Malformed(_)) && frame.data + (frame.len as usize) > frame.end {
-        let want = if frame.len < TC_PULL_LEN {
-            frame.len
-        } else {
-            TC_PULL_LEN
-        };
-        if ctx.pull_data(want).is_ok() {
-            // The helper invalidates every packet pointer: re-read them.
-            frame = tc_frame(&ctx);
-            parsed = parse(&frame);
-        }
+    let frame = tc_frame(&ctx);
+    let parsed = parse(&frame);
+    // Direct packet access sees only the skb's linear part. When headers
+    // were cut short by it, pull them in and run the program again from the
+    // start (a tail call into itself through `TC_RERUN`): after the pull the
+    // linear part holds `min(len, TC_PULL_LEN)` bytes, so the rerun does not
+    // come back here. Pulling up front would copy payload out of the frags
+    // of every GSO skb (and unclone every TCP skb). If the pull or the tail
+    // call fails, the packet is judged as parsed: malformed, which fails
+    // closed.
+    let linear = (frame.end - frame.data) as u32;
+    let want = if frame.len < TC_PULL_LEN {
+        frame.len
+    } else {
+        TC_PULL_LEN
+    };
+    if matches!(parsed, Parsed::Malformed(..)) && linear < want && ctx.pull_data(want).is_ok() {
+        // SAFETY: a tail call with the program's own context; on failure
+        // it returns and the program continues.
+        unsafe { TC_RERUN.tail_call(&ctx, 0) };
     }
     match run(&frame, DIR_EGRESS, parsed) {
-        // `run` flags DNS answers at ingress only: the arm folds away.
-        Action::Pass | Action::PassDnsAnswer(_) => TC_ACT_PIPE,
+        Action::Pass => TC_ACT_PIPE,
+        Action::PassDns(query) => {
+            // SAFETY: the skb of this run; `dns::handle` bounds the ranges
+            // by the skb's length.
+            dns::handle(frame.len, &query, |off, dst, n| unsafe {
+                bpf_skb_load_bytes(ctx.skb.skb as *const _, off, dst, n)
+            });
+            TC_ACT_PIPE
+        }
         Action::Drop => TC_ACT_SHOT,
     }
 }

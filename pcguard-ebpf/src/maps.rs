@@ -4,12 +4,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use pcguard_common::{
-    CONNTRACK_ENTRIES, Counters, CtEntry, DNS_ANSWERS_BYTES, EVENTS_BYTES, FlowKey,
-    NUM_GENERATIONS, NUM_STATS, PEER_TRIE_ENTRIES, PORT_COUNTER_ENTRIES, PORTS_ENTRIES, PortEntry,
-    PortSlot, REPORTED_ENTRIES, RULE_COUNTER_ENTRIES, SLOTS_ENTRIES, Settings,
+    CONNTRACK_ENTRIES, Counters, CtEntry, DNS_MESSAGES_BYTES, DNS_PENDING_ENTRIES, DnsPendingKey,
+    EVENTS_BYTES, FlowKey, LEARNED_ENTRIES, LearnedKey, NUM_GENERATIONS, NUM_STATS,
+    PEER_TRIE_ENTRIES, PORT_COUNTER_ENTRIES, PORTS_ENTRIES, PortEntry, PortSlot, REPORTED_ENTRIES,
+    RULE_COUNTER_ENTRIES, SLOTS_ENTRIES, Settings,
 };
 
 /// The policy generation packets use (0 or 1), one entry: read once per
@@ -65,6 +66,32 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_STATS, 0)
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
-/// DNS answers from resolvers (`DnsAnswer`), seen at ingress.
+/// (generation, address) -> FQDN class mask learned from DNS answers.
+/// Separate from the static peer tries, so that the policy always has its
+/// room whatever DNS brings; written by the daemon only.
 #[map]
-pub static DNS_ANSWERS: RingBuf = RingBuf::with_byte_size(DNS_ANSWERS_BYTES, 0);
+pub static LEARNED: HashMap<LearnedKey, u32> = HashMap::with_max_entries(LEARNED_ENTRIES, 0);
+
+/// (query flow, transaction id) -> time of the query: the DNS queries this
+/// server sent that have not been answered yet. An answer is copied only
+/// if it removes its query's entry (one answer per query).
+#[map]
+pub static DNS_PENDING: LruHashMap<DnsPendingKey, u64> =
+    LruHashMap::with_max_entries(DNS_PENDING_ENTRIES, 0);
+
+/// DNS queries to and answers from resolvers (`DnsMessage`), in order.
+#[map]
+pub static DNS_MESSAGES: RingBuf = RingBuf::with_byte_size(DNS_MESSAGES_BYTES, 0);
+
+/// Entry 0: the TC program itself. A TC run whose headers are not in the
+/// skb's linear part pulls them in and runs the program again from the
+/// start through this (a tail call), so the verifier sees one parse, not
+/// a parse after every failed one.
+#[map]
+pub static TC_RERUN: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// One per-CPU word the programs store a value into and read back, so the
+/// verifier sees it as an unknown (bounded) number rather than one of a
+/// few constants: see `parse::opaque`. Internal, not pinned.
+#[map]
+pub static SCRATCH: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);

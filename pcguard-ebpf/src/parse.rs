@@ -1,5 +1,15 @@
-//! Defensive header parsing: Ethernet, up to two VLAN tags, IPv4 (options,
-//! fragments), IPv6 (extension headers), TCP/UDP/ICMP.
+//! Defensive header parsing: Ethernet, up to `MAX_VLAN_TAGS` VLAN tags,
+//! IPv4 (options, fragments), IPv6 (extension headers, fragments),
+//! TCP/UDP/ICMP. docs/datapath.md, "Parsing", states the rules.
+//!
+//! Every header after the IP header is bounded by the end of the IP
+//! datagram (IPv4 total length, IPv6 payload length), never by the end of
+//! the frame: bytes after the datagram (Ethernet padding, or bytes an
+//! attacker appends) are trimmed by the kernel and must not be read as
+//! headers. A first fragment must hold its whole transport header (RFC
+//! 1858) and, for IPv6, the whole extension-header chain (RFC 7112, RFC
+//! 8200 section 4.5); anything the parser cannot classify with certainty is
+//! [`Parsed::Malformed`] and fails closed.
 //!
 //! Everything the rest of the program needs is copied out of the packet into
 //! a [`Packet`] on the stack, so no packet pointer outlives parsing (helper
@@ -8,6 +18,7 @@
 
 use pcguard_common::{
     FAMILY_V4, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IGMP, IPPROTO_TCP, IPPROTO_UDP,
+    MAX_IPV6_EXT_HDRS, MAX_VLAN_TAGS, Malformed,
 };
 
 const ETH_HLEN: usize = 14;
@@ -17,24 +28,29 @@ const IPV6_HLEN: usize = 40;
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 const IPV6_FRAG_HLEN: usize = 8;
+pub const DNS_PORT: u16 = 53;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 
-const MAX_VLAN_TAGS: usize = 2;
-const MAX_IPV6_EXT_HDRS: usize = 8;
-
 const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_ROUTING: u8 = 43;
 const NEXTHDR_FRAGMENT: u8 = 44;
 const NEXTHDR_DEST: u8 = 60;
 
-/// IPv4 fragment offset bits of `frag_off`.
+/// IPv4 fragment offset bits of `frag_off`, and the more-fragments bit.
 const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
-/// IPv6 fragment offset bits of the fragment header's second 16-bit word.
+const IPV4_MF: u16 = 0x2000;
+/// IPv6 fragment offset bits of the fragment header's second 16-bit word,
+/// and the M (more fragments) bit.
 const IPV6_FRAG_OFFSET_MASK: u16 = 0xfff8;
+const IPV6_MF: u16 = 0x0001;
+/// A non-first TCP fragment whose offset (in 8-byte units) is below this
+/// overlaps the 20-byte TCP header of the first fragment (RFC 1858 section
+/// 4, RFC 3128): offsets 1 and 2.
+const TCP_MIN_FRAG_OFFSET: u16 = 3;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -53,17 +69,18 @@ pub struct Frame {
     pub data: usize,
     /// End of the (linear) packet data.
     pub end: usize,
-    /// Frame length counted in byte counters and events.
+    /// Frame length: counted in byte counters and events, and the bound of
+    /// the IP lengths (at TC it includes the skb's non-linear part).
     pub len: u32,
     pub ifindex: u32,
 }
 
 /// What follows the IP header(s).
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum L4 {
     Tcp,
     Udp,
-    /// ICMP in IPv4, ICMPv6 in IPv6.
+    /// ICMP in IPv4, ICMPv6 in IPv6 (and IGMP in IPv4).
     Icmp,
     /// Any other IP protocol (GRE, ESP, AH, no next header, ...).
     Other,
@@ -91,18 +108,19 @@ pub struct Packet {
     pub sport: u16,
     pub dport: u16,
     pub family: u8,
-    /// IP protocol of the transport header (after IPv6 extension headers).
+    /// IP protocol of the transport header (after IPv6 extension headers;
+    /// for a non-first fragment, the next header of its fragment header).
     pub proto: u8,
     /// TCP flags (0 for other protocols).
     pub tcp_flags: u8,
     pub l4: L4,
     /// UDP only (0 otherwise): offset of the UDP payload from the start of
-    /// the frame, and its length from the UDP header's length field (0 when
-    /// that field is below the header's own 8 bytes). The length is what
-    /// the sender says, not checked against the frame: a first fragment or
-    /// a truncated packet holds less.
+    /// the frame, the bytes of it inside this datagram (a first fragment
+    /// holds less than the whole payload), and the payload length the UDP
+    /// header claims.
     pub payload_off: u16,
     pub payload_len: u16,
+    pub payload_claimed: u16,
 }
 
 impl Packet {
@@ -119,6 +137,7 @@ impl Packet {
             l4: L4::Other,
             payload_off: 0,
             payload_len: 0,
+            payload_claimed: 0,
         }
     }
 }
@@ -126,9 +145,10 @@ impl Packet {
 pub enum Parsed {
     /// Not IPv4/IPv6 (ARP, LLDP, ...).
     NonIp,
-    /// Truncated or invalid headers. `Some` when the IP addresses (and so a
-    /// flow key, with ports 0) could be read.
-    Malformed(Option<Packet>),
+    /// Truncated, inconsistent or unclassifiable headers. `Some` when the
+    /// IP addresses (and so a flow key, ports as far as they were read)
+    /// could be read.
+    Malformed(Malformed, Option<Packet>),
     Ip(Packet),
 }
 
@@ -197,29 +217,33 @@ impl<const N: usize> Hdr<N> {
     }
 }
 
-/// Packet bounds. Offsets stay small and bounded (every increment is at most
-/// 2 KiB and the number of steps is constant), which the verifier needs
-/// before it lets a variable offset be added to a packet pointer.
+/// Packet bounds: the linear data the program can read (`data..end`), and
+/// the end of the IP datagram as an offset from `data` (`ip_end`; before
+/// the IP header is read, the frame length). Offsets stay small and
+/// bounded (every increment is at most 2 KiB and the number of steps is
+/// constant), which the verifier needs before it lets a variable offset
+/// be added to a packet pointer.
 #[derive(Clone, Copy)]
 struct Bounds {
     data: usize,
     end: usize,
+    ip_end: usize,
 }
 
 impl Bounds {
+    /// `N` bytes at `off`, if they are inside the datagram and readable.
+    /// `None` means truncated: by the datagram, or (at TC) by the linear
+    /// part of the skb, which the TC program pulls and parses again.
     #[inline(always)]
     fn hdr<const N: usize>(self, off: usize) -> Option<Hdr<N>> {
+        if off + N > self.ip_end {
+            return None;
+        }
         let start = self.data + off;
         if start + N > self.end {
             return None;
         }
         Some(Hdr(start as *const u8))
-    }
-
-    /// Whether `len` bytes from `off` are inside the packet (no access).
-    #[inline(always)]
-    fn contains(self, off: usize, len: usize) -> bool {
-        self.data + off + len <= self.end
     }
 }
 
@@ -228,34 +252,76 @@ pub fn parse(frame: &Frame) -> Parsed {
     let pkt = Bounds {
         data: frame.data,
         end: frame.end,
+        ip_end: frame.len as usize,
     };
-    match l2(pkt) {
-        None => Parsed::Malformed(None),
-        Some((ETH_P_IP, off)) => ipv4(pkt, off),
-        Some((ETH_P_IPV6, off)) => ipv6(pkt, off),
-        Some(_) => Parsed::NonIp,
+    let (ethertype, off) = match l2(pkt) {
+        Ok((ethertype, ETH_HLEN)) => (ethertype, ETH_HLEN),
+        // Tagged: at most 14 + 4 * MAX_VLAN_TAGS = 46 < 64.
+        Ok((ethertype, off)) => match opaque(off, 63) {
+            Some(off) => (ethertype, off),
+            None => return Parsed::Malformed(Malformed::L2Truncated, None),
+        },
+        Err(m) => return Parsed::Malformed(m, None),
+    };
+    match ethertype {
+        ETH_P_IP => ipv4(pkt, off),
+        ETH_P_IPV6 => ipv6(pkt, off),
+        _ => Parsed::NonIp,
     }
 }
 
-/// Ethernet and up to two VLAN tags: the inner ethertype and the L3 offset.
 #[inline(always)]
-fn l2(pkt: Bounds) -> Option<(u16, usize)> {
-    let eth = pkt.hdr::<ETH_HLEN>(0)?;
+fn is_vlan(ethertype: u16) -> bool {
+    ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD
+}
+
+/// Ethernet and up to `MAX_VLAN_TAGS` VLAN tags: the inner ethertype and
+/// the L3 offset. Linux strips any number of priority (VID 0) tags and
+/// delivers what is inside, so a frame with more tags than are walked is
+/// not passed as non-IP: it is malformed.
+#[inline(always)]
+fn l2(pkt: Bounds) -> Result<(u16, usize), Malformed> {
+    let eth = pkt.hdr::<ETH_HLEN>(0).ok_or(Malformed::L2Truncated)?;
     let mut ethertype = eth.be16::<12>();
     let mut off = ETH_HLEN;
     // Constant trip count: LLVM unrolls it, the verifier sees straight code.
     for _ in 0..MAX_VLAN_TAGS {
-        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
-            break;
+        if !is_vlan(ethertype) {
+            return Ok((ethertype, off));
         }
-        let tag = pkt.hdr::<VLAN_HLEN>(off)?;
+        let tag = pkt.hdr::<VLAN_HLEN>(off).ok_or(Malformed::L2Truncated)?;
         ethertype = tag.be16::<2>();
         off += VLAN_HLEN;
     }
-    Some((ethertype, off))
+    if is_vlan(ethertype) {
+        return Err(Malformed::TooManyVlanTags);
+    }
+    Ok((ethertype, off))
 }
 
-/// The fixed IP header at `off` if it is inside the packet and of `version`.
+/// `off` as a number the verifier does not know, bounded by `mask`.
+///
+/// Each number of VLAN tags gives the L3 offset another constant, and the
+/// verifier walks everything after parsing once per constant: eight tags
+/// made the programs several times larger to verify. Routed through a map
+/// value (which the verifier does not track), every tagged frame shares
+/// one walk. Costs a per-CPU array access, on tagged frames only.
+#[inline(always)]
+fn opaque(off: usize, mask: usize) -> Option<usize> {
+    #[cfg(target_arch = "bpf")]
+    {
+        let p = crate::maps::SCRATCH.get_ptr_mut(0)?;
+        // SAFETY: per-CPU map value, valid for the duration of the program.
+        unsafe {
+            p.write_volatile(off as u32);
+            Some(p.read_volatile() as usize & mask)
+        }
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    Some(off & mask)
+}
+
+/// The fixed IP header at `off` if it is inside the frame and of `version`.
 #[inline(always)]
 fn ip_header<const N: usize>(pkt: Bounds, off: usize, version: u8) -> Option<Hdr<N>> {
     let ip = pkt.hdr::<N>(off)?;
@@ -265,19 +331,45 @@ fn ip_header<const N: usize>(pkt: Bounds, off: usize, version: u8) -> Option<Hdr
 #[inline(always)]
 fn ipv4(pkt: Bounds, off: usize) -> Parsed {
     let Some(ip) = ip_header::<IPV4_HLEN>(pkt, off, 4) else {
-        return Parsed::Malformed(None);
+        return Parsed::Malformed(Malformed::IpTruncated, None);
     };
     let (src, dst) = (ip.v4_addr::<12>(), ip.v4_addr::<16>());
-    let mut p = Packet::new(FAMILY_V4, ip.u8::<9>(), src, dst);
+    let p = Packet::new(FAMILY_V4, ip.u8::<9>(), src, dst);
     let hlen = ((ip.u8::<0>() & 0x0f) as usize) * 4;
-    if hlen < IPV4_HLEN || !pkt.contains(off, hlen) {
-        return Parsed::Malformed(Some(p));
+    let total = ip.be16::<2>() as usize;
+    // The kernel drops a datagram longer than the frame (ip_rcv) and trims
+    // the frame to the datagram: bytes after it are not part of it.
+    if off + total > pkt.ip_end {
+        return Parsed::Malformed(Malformed::BadIpLength, Some(p));
     }
-    if ip.be16::<6>() & IPV4_FRAG_OFFSET_MASK != 0 {
-        p.l4 = L4::Fragment;
-        return Parsed::Ip(p);
+    if hlen < IPV4_HLEN || hlen > total {
+        return Parsed::Malformed(Malformed::BadIpHeaderLength, Some(p));
     }
-    transport(pkt, off + hlen, p, IPPROTO_ICMP)
+    let pkt = Bounds {
+        ip_end: off + total,
+        ..pkt
+    };
+    let frag = ip.be16::<6>();
+    let frag_offset = frag & IPV4_FRAG_OFFSET_MASK;
+    if frag_offset != 0 {
+        return later_fragment(p, frag_offset);
+    }
+    let fragmented = frag & IPV4_MF != 0;
+    transport(pkt, off + hlen, p, IPPROTO_ICMP, fragmented)
+}
+
+/// A non-first fragment of protocol `p.proto` at `frag_offset` (8-byte
+/// units). It carries no transport header and passes without policy: the
+/// kernel delivers it only reassembled with a first fragment, which the
+/// policy saw whole. One that would overwrite the first fragment's TCP
+/// header is malformed.
+#[inline(always)]
+fn later_fragment(mut p: Packet, frag_offset: u16) -> Parsed {
+    if p.proto == IPPROTO_TCP && frag_offset < TCP_MIN_FRAG_OFFSET {
+        return Parsed::Malformed(Malformed::FragmentOverlap, Some(p));
+    }
+    p.l4 = L4::Fragment;
+    Parsed::Ip(p)
 }
 
 #[inline(always)]
@@ -291,32 +383,59 @@ fn is_ipv6_ext(nexthdr: u8) -> bool {
 #[inline(always)]
 fn ipv6(pkt: Bounds, off: usize) -> Parsed {
     let Some(ip) = ip_header::<IPV6_HLEN>(pkt, off, 6) else {
-        return Parsed::Malformed(None);
+        return Parsed::Malformed(Malformed::IpTruncated, None);
     };
     let (src, dst) = (ip.v6_addr::<8>(), ip.v6_addr::<24>());
     let mut p = Packet::new(FAMILY_V6, ip.u8::<6>(), src, dst);
+    let payload = ip.be16::<4>() as usize;
+    // Payload length 0 is a jumbogram (RFC 2675), which needs a hop-by-hop
+    // option this parser does not read: fail closed.
+    if payload == 0 || off + IPV6_HLEN + payload > pkt.ip_end {
+        return Parsed::Malformed(Malformed::BadIpLength, Some(p));
+    }
+    let pkt = Bounds {
+        ip_end: off + IPV6_HLEN + payload,
+        ..pkt
+    };
     let mut off = off + IPV6_HLEN;
+    let mut fragmented = false;
     // At most MAX_IPV6_EXT_HDRS headers: a constant bound keeps the walk
-    // verifiable (and `off` bounded: each step adds at most 2 KiB).
-    for _ in 0..MAX_IPV6_EXT_HDRS {
+    // verifiable (and `off` bounded: each step adds at most 2 KiB). Every
+    // header must be inside the datagram; in a first fragment that means
+    // the whole chain is in it (RFC 7112).
+    for i in 0..MAX_IPV6_EXT_HDRS {
         match p.proto {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                // Hop-by-hop options only directly after the IPv6 header
+                // (RFC 8200 section 4.1); Linux drops it anywhere else.
+                if p.proto == NEXTHDR_HOP && i != 0 {
+                    return Parsed::Malformed(Malformed::Ipv6HopByHopNotFirst, Some(p));
+                }
                 let Some(ext) = pkt.hdr::<2>(off) else {
-                    return Parsed::Malformed(Some(p));
+                    return Parsed::Malformed(Malformed::Ipv6ChainTruncated, Some(p));
                 };
+                let len = (ext.u8::<1>() as usize + 1) * 8;
+                if off + len > pkt.ip_end {
+                    return Parsed::Malformed(Malformed::Ipv6ChainTruncated, Some(p));
+                }
                 p.proto = ext.u8::<0>();
-                off += (ext.u8::<1>() as usize + 1) * 8;
+                off += len;
             }
             NEXTHDR_FRAGMENT => {
+                if fragmented {
+                    return Parsed::Malformed(Malformed::DuplicateFragmentHeader, Some(p));
+                }
                 let Some(frag) = pkt.hdr::<IPV6_FRAG_HLEN>(off) else {
-                    return Parsed::Malformed(Some(p));
+                    return Parsed::Malformed(Malformed::Ipv6ChainTruncated, Some(p));
                 };
                 p.proto = frag.u8::<0>();
                 off += IPV6_FRAG_HLEN;
-                if frag.be16::<2>() & IPV6_FRAG_OFFSET_MASK != 0 {
-                    p.l4 = L4::Fragment;
-                    return Parsed::Ip(p);
+                let word = frag.be16::<2>();
+                let frag_offset = (word & IPV6_FRAG_OFFSET_MASK) >> 3;
+                if frag_offset != 0 {
+                    return later_fragment(p, frag_offset);
                 }
+                fragmented = word & IPV6_MF != 0;
             }
             _ => break,
         }
@@ -324,38 +443,60 @@ fn ipv6(pkt: Bounds, off: usize) -> Parsed {
     if is_ipv6_ext(p.proto) {
         // More extension headers than we walk: treat as invalid rather
         // than guess at what follows.
-        return Parsed::Malformed(Some(p));
+        return Parsed::Malformed(Malformed::Ipv6ChainTooLong, Some(p));
     }
-    transport(pkt, off, p, IPPROTO_ICMPV6)
+    transport(pkt, off, p, IPPROTO_ICMPV6, fragmented)
 }
 
-/// The transport header at `off`. `icmp` is the ICMP protocol number of the
-/// address family.
+/// The transport header at `off`, inside the datagram. `icmp` is the ICMP
+/// protocol number of the address family; `fragmented`: this is the first
+/// fragment of a fragmented datagram (it holds part of the payload).
 #[inline(always)]
-fn transport(pkt: Bounds, off: usize, mut p: Packet, icmp: u8) -> Parsed {
+fn transport(pkt: Bounds, off: usize, mut p: Packet, icmp: u8, fragmented: bool) -> Parsed {
     match p.proto {
         IPPROTO_TCP => {
             let Some(tcp) = pkt.hdr::<TCP_HLEN>(off) else {
-                return Parsed::Malformed(Some(p));
+                return Parsed::Malformed(Malformed::L4Truncated, Some(p));
             };
-            if (tcp.u8::<12>() >> 4) < 5 {
-                return Parsed::Malformed(Some(p));
-            }
-            p.l4 = L4::Tcp;
             p.sport = tcp.be16::<0>();
             p.dport = tcp.be16::<2>();
             p.tcp_flags = tcp.u8::<13>();
+            let doff = (tcp.u8::<12>() >> 4) as usize * 4;
+            if doff < TCP_HLEN {
+                return Parsed::Malformed(Malformed::BadTcpOffset, Some(p));
+            }
+            // Options included: the whole header is in the datagram (a
+            // first fragment that cuts it is a tiny fragment, RFC 1858).
+            if off + doff > pkt.ip_end {
+                return Parsed::Malformed(Malformed::L4Truncated, Some(p));
+            }
+            p.l4 = L4::Tcp;
         }
         IPPROTO_UDP => {
             let Some(udp) = pkt.hdr::<UDP_HLEN>(off) else {
-                return Parsed::Malformed(Some(p));
+                return Parsed::Malformed(Malformed::L4Truncated, Some(p));
             };
-            p.l4 = L4::Udp;
             p.sport = udp.be16::<0>();
             p.dport = udp.be16::<2>();
-            // Lossless: `off` is at most a few KiB (see `Bounds`).
-            p.payload_off = (off + UDP_HLEN) as u16;
-            p.payload_len = udp.be16::<4>().saturating_sub(UDP_HLEN as u16);
+            let ulen = udp.be16::<4>() as usize;
+            let in_datagram = pkt.ip_end - off;
+            // Below its own header, or (unless a first fragment holds only
+            // part of it) longer than the datagram: the kernel drops both.
+            if ulen < UDP_HLEN || (!fragmented && ulen > in_datagram) {
+                return Parsed::Malformed(Malformed::BadUdpLength, Some(p));
+            }
+            p.l4 = L4::Udp;
+            let payload_off = off + UDP_HLEN;
+            // Lossless: `off` is at most a few KiB (see `Bounds`), lengths
+            // are 16-bit fields.
+            p.payload_off = payload_off as u16;
+            p.payload_claimed = (ulen - UDP_HLEN) as u16;
+            let held = in_datagram - UDP_HLEN;
+            p.payload_len = if held < ulen - UDP_HLEN {
+                held as u16
+            } else {
+                (ulen - UDP_HLEN) as u16
+            };
         }
         proto if proto == icmp => p.l4 = L4::Icmp,
         // IPv4 multicast group management (router queries, reports) is
@@ -388,15 +529,17 @@ mod tests {
     fn ip(frame: &[u8]) -> Packet {
         match parsed(frame) {
             Parsed::Ip(p) => p,
-            Parsed::Malformed(_) => panic!("malformed"),
+            Parsed::Malformed(m, _) => panic!("malformed: {}", m.as_str()),
             Parsed::NonIp => panic!("non-IP"),
         }
     }
 
-    fn malformed_key(frame: &[u8]) -> Option<Packet> {
+    /// The kind of a malformed frame, and whether a flow key was read.
+    fn malformed(frame: &[u8]) -> (Malformed, bool) {
         match parsed(frame) {
-            Parsed::Malformed(p) => p,
-            _ => panic!("not malformed"),
+            Parsed::Malformed(m, p) => (m, p.is_some()),
+            Parsed::Ip(p) => panic!("not malformed: {:?}", p.l4),
+            Parsed::NonIp => panic!("not malformed: non-IP"),
         }
     }
 
@@ -419,10 +562,13 @@ mod tests {
         t
     }
 
-    /// IPv4 with `options` 4-byte words of options and `frag` as frag_off.
-    fn ipv4(options: u8, frag: u16, proto: u8, l4: &[u8]) -> Vec<u8> {
-        let mut f = eth(&[], ETH_P_IP);
-        f.extend_from_slice(&[0x45 + options, 0, 0, 0, 0, 0]);
+    /// The IPv4 header and `l4`, total length = their length.
+    fn ipv4_packet(options: u8, frag: u16, proto: u8, l4: &[u8]) -> Vec<u8> {
+        let hlen = 20 + options as usize * 4;
+        let total = (hlen + l4.len()) as u16;
+        let mut f = vec![0x45 + options, 0];
+        f.extend_from_slice(&total.to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
         f.extend_from_slice(&frag.to_be_bytes());
         f.extend_from_slice(&[64, proto, 0, 0]);
         f.extend_from_slice(&SRC4);
@@ -432,8 +578,23 @@ mod tests {
         f
     }
 
+    /// IPv4 in Ethernet with `options` 4-byte words of options and `frag`
+    /// as frag_off.
+    fn ipv4(options: u8, frag: u16, proto: u8, l4: &[u8]) -> Vec<u8> {
+        let mut f = eth(&[], ETH_P_IP);
+        f.extend(ipv4_packet(options, frag, proto, l4));
+        f
+    }
+
+    /// Sets the IPv4 total length of an Ethernet frame built by `ipv4`.
+    fn set_total(mut f: Vec<u8>, total: u16) -> Vec<u8> {
+        f[16..18].copy_from_slice(&total.to_be_bytes());
+        f
+    }
+
     /// IPv6 whose next-header chain is `chain` (each an extension header
-    /// type, the last the transport protocol), with `l4` after it.
+    /// type, the last the transport protocol), with `l4` after it; the
+    /// payload length covers the chain and `l4`.
     fn ipv6(chain: &[u8], frag_off: u16, l4: &[u8]) -> Vec<u8> {
         let mut f = eth(&[], ETH_P_IPV6);
         f.extend_from_slice(&[0x60, 0, 0, 0, 0, 0, chain[0], 64]);
@@ -451,6 +612,13 @@ mod tests {
             }
         }
         f.extend_from_slice(l4);
+        let payload = (f.len() - 14 - 40) as u16;
+        f[18..20].copy_from_slice(&payload.to_be_bytes());
+        f
+    }
+
+    fn set_payload_len(mut f: Vec<u8>, len: u16) -> Vec<u8> {
+        f[18..20].copy_from_slice(&len.to_be_bytes());
         f
     }
 
@@ -480,13 +648,63 @@ mod tests {
     fn bad_ipv4_headers_are_malformed_with_a_key() {
         let mut short_ihl = ipv4(0, 0, IPPROTO_TCP, &tcp(1, 2, 0));
         short_ihl[14] = 0x44;
-        assert!(malformed_key(&short_ihl).is_some());
-        let mut cut_options = ipv4(2, 0, IPPROTO_TCP, &[]);
-        cut_options.truncate(14 + 24);
-        assert!(malformed_key(&cut_options).is_some());
+        assert_eq!(malformed(&short_ihl), (Malformed::BadIpHeaderLength, true));
+        // Options past the total length.
+        let options_past_total = set_total(ipv4(2, 0, IPPROTO_TCP, &[]), 24);
+        assert_eq!(
+            malformed(&options_past_total),
+            (Malformed::BadIpHeaderLength, true)
+        );
         let mut version = ipv4(0, 0, IPPROTO_TCP, &tcp(1, 2, 0));
         version[14] = 0x65;
-        assert!(malformed_key(&version).is_none());
+        assert_eq!(malformed(&version), (Malformed::IpTruncated, false));
+        assert_eq!(
+            malformed(&ipv4(0, 0, IPPROTO_TCP, &[])[..14 + 19]),
+            (Malformed::IpTruncated, false)
+        );
+    }
+
+    #[test]
+    fn the_ip_total_length_bounds_every_header() {
+        let frame = ipv4(0, 0, IPPROTO_TCP, &tcp(40000, 22, TCP_ACK));
+        // Longer than the frame: the kernel drops it.
+        let long = set_total(frame.clone(), 20 + 21);
+        assert_eq!(malformed(&long), (Malformed::BadIpLength, true));
+        // The TCP header after the datagram's end (padding, or appended
+        // bytes): never read.
+        let cut = set_total(frame.clone(), 20 + 8);
+        assert_eq!(malformed(&cut), (Malformed::L4Truncated, true));
+        // Ethernet padding after a complete datagram is ignored.
+        let mut padded = ipv4(0, 0, IPPROTO_UDP, &[0, 53, 0x23, 0xe7, 0, 8, 0, 0]);
+        padded.extend([0xff; 18]);
+        let p = ip(&padded);
+        assert_eq!((p.dport, p.payload_len, p.payload_claimed), (9191, 0, 0));
+    }
+
+    #[test]
+    fn first_fragments_hold_the_whole_transport_header() {
+        // RFC 1858: a first fragment with 8 bytes of TCP header, and a
+        // fake rest of the header after the datagram.
+        let mut tiny = ipv4(0, IPV4_MF, IPPROTO_TCP, &tcp(40000, 22, TCP_SYN)[..8]);
+        tiny.extend(&tcp(40000, 22, TCP_ACK)[8..]);
+        assert_eq!(malformed(&tiny), (Malformed::L4Truncated, true));
+        // TCP options cut by the fragment.
+        let mut t = tcp(40000, 9191, TCP_SYN);
+        t[12] = 8 << 4;
+        t.extend([1, 1, 1, 1]);
+        assert_eq!(
+            malformed(&ipv4(0, IPV4_MF, IPPROTO_TCP, &t)),
+            (Malformed::L4Truncated, true)
+        );
+        t.extend([1; 8]);
+        assert_eq!(ip(&ipv4(0, IPV4_MF, IPPROTO_TCP, &t)).dport, 9191);
+        // A UDP first fragment holds part of the payload its header claims.
+        let udp_first = ipv4(0, IPV4_MF, IPPROTO_UDP, &udp(1, 9191, 8 + 3000, &[7; 100]));
+        let p = ip(&udp_first);
+        assert_eq!((p.payload_len, p.payload_claimed), (100, 3000));
+        // ... which an unfragmented datagram may not.
+        let unfragmented = ipv4(0, 0, IPPROTO_UDP, &udp(1, 9191, 8 + 3000, &[7; 100]));
+        assert_eq!(malformed(&unfragmented), (Malformed::BadUdpLength, true));
     }
 
     #[test]
@@ -494,18 +712,37 @@ mod tests {
         let later = ip(&ipv4(0, 185, IPPROTO_TCP, &[0; 8]));
         assert!(later.l4 == L4::Fragment && later.proto == IPPROTO_TCP);
         // More-fragments set, offset 0: the first fragment is parsed.
-        let first = ip(&ipv4(0, 0x2000, IPPROTO_TCP, &tcp(1, 9191, TCP_SYN)));
+        let first = ip(&ipv4(0, IPV4_MF, IPPROTO_TCP, &tcp(1, 9191, TCP_SYN)));
         assert!(first.l4 == L4::Tcp && first.dport == 9191);
+        // Offsets 1 and 2 overlap the TCP header (RFC 1858, RFC 3128).
+        for off in [1, 2] {
+            let overlap = ipv4(0, off, IPPROTO_TCP, &[0; 16]);
+            assert_eq!(malformed(&overlap), (Malformed::FragmentOverlap, true));
+        }
+        assert!(ip(&ipv4(0, 3, IPPROTO_TCP, &[0; 8])).l4 == L4::Fragment);
+        assert!(ip(&ipv4(0, 1, IPPROTO_UDP, &[0; 8])).l4 == L4::Fragment);
     }
 
     #[test]
     fn transport_headers() {
         let mut doff = tcp(1, 2, 0);
         doff[12] = 4 << 4;
-        let bad = malformed_key(&ipv4(0, 0, IPPROTO_TCP, &doff)).expect("key");
-        assert!(bad.proto == IPPROTO_TCP && bad.dport == 0);
-        assert!(malformed_key(&ipv4(0, 0, IPPROTO_TCP, &tcp(1, 2, 0)[..19])).is_some());
-        assert!(malformed_key(&ipv4(0, 0, IPPROTO_UDP, &[0; 7])).is_some());
+        assert_eq!(
+            malformed(&ipv4(0, 0, IPPROTO_TCP, &doff)),
+            (Malformed::BadTcpOffset, true)
+        );
+        assert_eq!(
+            malformed(&ipv4(0, 0, IPPROTO_TCP, &tcp(1, 2, 0)[..19])),
+            (Malformed::L4Truncated, true)
+        );
+        assert_eq!(
+            malformed(&ipv4(0, 0, IPPROTO_UDP, &[0; 7])),
+            (Malformed::L4Truncated, true)
+        );
+        assert_eq!(
+            malformed(&ipv4(0, 0, IPPROTO_UDP, &udp(1, 2, 7, &[]))),
+            (Malformed::BadUdpLength, true)
+        );
         assert!(ip(&ipv4(0, 0, IPPROTO_ICMP, &[8, 0, 0, 0])).l4 == L4::Icmp);
         assert!(ip(&ipv4(0, 0, IPPROTO_ICMPV6, &[128, 0, 0, 0])).l4 == L4::Other);
         assert!(ip(&ipv4(0, 0, IPPROTO_IGMP, &[0x16, 0, 0, 0])).l4 == L4::Icmp);
@@ -527,7 +764,7 @@ mod tests {
             (p.sport, p.payload_off, p.payload_len),
             (53, 14 + 20 + 8, 5)
         );
-        let p = ip(&ipv4(2, 0x2000, IPPROTO_UDP, &dns));
+        let p = ip(&ipv4(2, IPV4_MF, IPPROTO_UDP, &dns));
         assert_eq!((p.payload_off, p.payload_len), (14 + 28 + 8, 5));
         let mut tagged = eth(&[ETH_P_8021Q], ETH_P_IP);
         tagged.extend_from_slice(&ipv4(0, 0, IPPROTO_UDP, &dns)[14..]);
@@ -535,13 +772,6 @@ mod tests {
         let chain = [NEXTHDR_HOP, NEXTHDR_FRAGMENT, IPPROTO_UDP];
         let p = ip(&ipv6(&chain, 1, &dns));
         assert_eq!((p.payload_off, p.payload_len), (14 + 40 + 16 + 8 + 8, 5));
-        // The length field is reported as sent, even beyond the frame.
-        assert_eq!(
-            ip(&ipv4(0, 0, IPPROTO_UDP, &udp(53, 1, 1000, &[]))).payload_len,
-            992
-        );
-        let bad = ip(&ipv4(0, 0, IPPROTO_UDP, &udp(53, 1, 7, &[0; 4])));
-        assert_eq!((bad.payload_off, bad.payload_len), (14 + 20 + 8, 0));
         // No payload for other protocols, nor for non-first fragments.
         let t = ip(&ipv4(0, 0, IPPROTO_TCP, &tcp(53, 1, TCP_ACK)));
         assert_eq!((t.payload_off, t.payload_len), (0, 0));
@@ -551,20 +781,33 @@ mod tests {
 
     #[test]
     fn vlan_tags() {
+        let inner = &ipv4(0, 0, IPPROTO_TCP, &tcp(1, 9191, 0))[14..];
         let mut qinq = eth(&[ETH_P_8021AD, ETH_P_8021Q], ETH_P_IP);
-        qinq.extend_from_slice(&ipv4(0, 0, IPPROTO_TCP, &tcp(1, 9191, 0))[14..]);
+        qinq.extend_from_slice(inner);
         assert_eq!(ip(&qinq).dport, 9191);
-        let mut three = eth(&[ETH_P_8021AD, ETH_P_8021Q, ETH_P_8021Q], ETH_P_IP);
-        three.extend_from_slice(&ipv4(0, 0, IPPROTO_TCP, &tcp(1, 9191, 0))[14..]);
-        assert!(matches!(parsed(&three), Parsed::NonIp));
-        assert!(malformed_key(&eth(&[ETH_P_8021Q], ETH_P_IP)[..16]).is_none());
+        for n in 0..=MAX_VLAN_TAGS {
+            let mut f = eth(&vec![ETH_P_8021Q; n], ETH_P_IP);
+            f.extend_from_slice(inner);
+            assert_eq!(ip(&f).dport, 9191, "{n} tags");
+        }
+        // One tag more than walked: not passed as non-IP.
+        let mut f = eth(&vec![ETH_P_8021Q; MAX_VLAN_TAGS + 1], ETH_P_IP);
+        f.extend_from_slice(inner);
+        assert_eq!(malformed(&f), (Malformed::TooManyVlanTags, false));
+        assert_eq!(
+            malformed(&eth(&[ETH_P_8021Q], ETH_P_IP)[..16]),
+            (Malformed::L2Truncated, false)
+        );
     }
 
     #[test]
     fn layer_2() {
         assert!(matches!(parsed(&eth(&[], 0x0806)), Parsed::NonIp));
-        assert!(malformed_key(&[0u8; 13]).is_none());
-        assert!(malformed_key(&eth(&[], ETH_P_IP)).is_none());
+        assert_eq!(malformed(&[0u8; 13]), (Malformed::L2Truncated, false));
+        assert_eq!(
+            malformed(&eth(&[], ETH_P_IP)),
+            (Malformed::IpTruncated, false)
+        );
     }
 
     #[test]
@@ -579,6 +822,34 @@ mod tests {
         assert!(icmp.l4 == L4::Icmp);
         let esp = ip(&ipv6(&[50], 0, &[0; 8]));
         assert!(esp.l4 == L4::Other && esp.proto == 50);
+        let hop_later = [NEXTHDR_DEST, NEXTHDR_HOP, IPPROTO_TCP];
+        assert_eq!(
+            malformed(&ipv6(&hop_later, 0, &tcp(1, 2, TCP_SYN))),
+            (Malformed::Ipv6HopByHopNotFirst, true)
+        );
+    }
+
+    #[test]
+    fn ipv6_lengths_bound_the_chain() {
+        let frame = ipv6(&[NEXTHDR_DEST, IPPROTO_TCP], 0, &tcp(1, 22, TCP_SYN));
+        assert_eq!(malformed(&set_payload_len(frame.clone(), 0)).0, Malformed::BadIpLength);
+        let payload = (frame.len() - 54) as u16;
+        assert_eq!(
+            malformed(&set_payload_len(frame.clone(), payload + 1)).0,
+            Malformed::BadIpLength
+        );
+        // The chain ends past the payload: its next header is padding.
+        assert_eq!(
+            malformed(&set_payload_len(frame.clone(), 8)).0,
+            Malformed::Ipv6ChainTruncated
+        );
+        assert_eq!(
+            malformed(&set_payload_len(frame.clone(), 16 + 8)).0,
+            Malformed::L4Truncated
+        );
+        let mut padded = frame.clone();
+        padded.extend([0xee; 20]);
+        assert_eq!(ip(&padded).dport, 22);
     }
 
     #[test]
@@ -586,14 +857,31 @@ mod tests {
         let frag = [NEXTHDR_FRAGMENT, IPPROTO_UDP];
         let later = ip(&ipv6(&frag, 8 << 3, &[0; 8]));
         assert!(later.l4 == L4::Fragment && later.proto == IPPROTO_UDP);
-        let first = ip(&ipv6(&frag, 1, &[0, 53, 0x23, 0xe7, 0, 8, 0, 0]));
+        let first = ip(&ipv6(&frag, 1, &[0, 53, 0x23, 0xe7, 0, 108, 0, 0]));
         assert!(first.l4 == L4::Udp && first.dport == 9191);
-        let eight = [[NEXTHDR_DEST; 8].as_slice(), &[IPPROTO_TCP]].concat();
+        assert_eq!(first.payload_claimed, 100);
+        // RFC 7112: the first fragment ends inside the chain.
+        let split = [NEXTHDR_FRAGMENT, NEXTHDR_DEST, IPPROTO_UDP];
+        let whole = ipv6(&split, 1, &udp(1, 7777, 8, &[]));
+        assert!(ip(&whole).l4 == L4::Udp);
+        let cut = set_payload_len(whole.clone(), 8 + 8);
+        assert_eq!(malformed(&cut).0, Malformed::Ipv6ChainTruncated);
+        let two = [NEXTHDR_FRAGMENT, NEXTHDR_FRAGMENT, IPPROTO_UDP];
+        assert_eq!(
+            malformed(&ipv6(&two, 1, &udp(1, 2, 8, &[]))).0,
+            Malformed::DuplicateFragmentHeader
+        );
+        let tcp_overlap = ipv6(&[NEXTHDR_FRAGMENT, IPPROTO_TCP], 2 << 3, &[0; 16]);
+        assert_eq!(malformed(&tcp_overlap).0, Malformed::FragmentOverlap);
+        let eight = [[NEXTHDR_DEST; MAX_IPV6_EXT_HDRS].as_slice(), &[IPPROTO_TCP]].concat();
         assert!(ip(&ipv6(&eight, 0, &tcp(1, 2, 0))).l4 == L4::Tcp);
-        let nine = [[NEXTHDR_DEST; 9].as_slice(), &[IPPROTO_TCP]].concat();
-        assert!(malformed_key(&ipv6(&nine, 0, &tcp(1, 2, 0))).is_some());
+        let nine = [[NEXTHDR_DEST; MAX_IPV6_EXT_HDRS + 1].as_slice(), &[IPPROTO_TCP]].concat();
+        assert_eq!(
+            malformed(&ipv6(&nine, 0, &tcp(1, 2, 0))),
+            (Malformed::Ipv6ChainTooLong, true)
+        );
         let mut cut = ipv6(&[NEXTHDR_HOP, IPPROTO_TCP], 0, &[]);
         cut.truncate(14 + 40 + 1);
-        assert!(malformed_key(&cut).is_some());
+        assert_eq!(malformed(&cut).0, Malformed::BadIpLength);
     }
 }

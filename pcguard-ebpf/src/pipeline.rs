@@ -2,20 +2,20 @@
 //! result -> policy generation and readiness -> bypass -> conntrack ->
 //! policy decision -> verdict.
 //! `dir` is the direction the packet travels (`DIR_INGRESS` at XDP,
-//! `DIR_EGRESS` at TC): a constant once inlined, so the ingress-only parts
-//! (DNS answers) are compiled out of the TC program.
+//! `DIR_EGRESS` at TC): a constant once inlined, so each hook's DNS half
+//! (answers at ingress, queries at egress) is compiled out of the other.
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use pcguard_common::{
-    CT_FLAG_MONITORED, CtEntry, DIR_EGRESS, DIR_INGRESS, FlowKey, MODE_MONITOR, PROTO_IDX_OTHER,
-    REASON_MALFORMED, REASON_OUTBOUND_TO_WORKSTATION, STAT_MALFORMED, STAT_NON_IP, Settings,
-    VERDICT_ALLOW, VERDICT_BYPASS, VERDICT_DROP, VERDICT_MONITOR,
+    CT_FLAG_MONITORED, CtEntry, DIR_INGRESS, FlowKey, MODE_MONITOR, Malformed, PROTO_IDX_OTHER,
+    REASON_MALFORMED, REASON_OUTBOUND_TO_WORKSTATION, REASON_UNTRACKED_REPLY, STAT_MALFORMED,
+    STAT_NON_IP, Settings, VERDICT_ALLOW, VERDICT_BYPASS, VERDICT_DROP, VERDICT_MONITOR,
 };
 
 use crate::{
     conntrack,
     counters::{count, proto_idx, stat},
-    dns::{self, Answer},
+    dns::{self, DnsCopy},
     events::{self, Report},
     parse::{Frame, L4, Packet, Parsed, is_bare_syn},
     policy::{self, Decision, Gen},
@@ -25,9 +25,10 @@ use crate::{
 pub enum Action {
     Pass,
     Drop,
-    /// Pass, and copy the DNS answer to `DNS_ANSWERS`: only at ingress, and
-    /// done by the XDP entry point, which holds the context the copy needs.
-    PassDnsAnswer(Answer),
+    /// Pass, and copy the DNS message (an answer at ingress, a query at
+    /// egress) to `DNS_MESSAGES`: done by the entry point, which holds the
+    /// context the copy needs.
+    PassDns(DnsCopy),
 }
 
 /// CLOCK_MONOTONIC at the last tick, for conntrack ages and report
@@ -80,11 +81,11 @@ pub fn run(frame: &Frame, dir: u32, parsed: Parsed) -> Action {
             }
             Action::Pass
         }
-        Parsed::Malformed(pkt) => {
+        Parsed::Malformed(kind, pkt) => {
             stat(STAT_MALFORMED);
             let g = Gen::active();
             match g.ready_settings() {
-                Some(s) => malformed(frame, dir, g, s, pkt),
+                Some(s) => malformed(frame, dir, g, s, kind, pkt),
                 None => bypass(frame, dir, PROTO_IDX_OTHER),
             }
         }
@@ -108,7 +109,14 @@ fn bypass(frame: &Frame, dir: u32, proto_idx: u32) -> Action {
 }
 
 #[inline(always)]
-fn malformed(frame: &Frame, dir: u32, g: Gen, s: &Settings, pkt: Option<Packet>) -> Action {
+fn malformed(
+    frame: &Frame,
+    dir: u32,
+    g: Gen,
+    s: &Settings,
+    kind: Malformed,
+    pkt: Option<Packet>,
+) -> Action {
     let verdict = unexpected_verdict(s, dir);
     count(dir, PROTO_IDX_OTHER, 0, 0, verdict, frame.len);
     if let Some(pkt) = pkt {
@@ -119,7 +127,8 @@ fn malformed(frame: &Frame, dir: u32, g: Gen, s: &Settings, pkt: Option<Packet>)
             verdict,
             peer_mask: policy::peer_mask(g, key),
             slot: 0,
-            tcp_flags: 0,
+            tcp_flags: pkt.tcp_flags,
+            detail: kind as u8,
         };
         events::report(frame, key, &r, now(), s.report_interval_ns);
     }
@@ -131,8 +140,10 @@ struct Flow<'a> {
     frame: &'a Frame,
     /// Direction the packet travels.
     dir: u32,
-    /// The packet's policy generation.
+    /// The packet's policy generation and its settings.
     g: Gen,
+    s: &'a Settings,
+    pkt: &'a Packet,
     proto_idx: u32,
     key: &'a FlowKey,
     now: u64,
@@ -150,6 +161,20 @@ impl Flow<'_> {
             self.frame.len,
         );
     }
+
+    /// A new flow initiated in `flow_dir` to `service_port`.
+    #[inline(always)]
+    fn decide(&self, flow_dir: u32, service_port: u16, peer_mask: u32) -> Decision {
+        policy::decide(
+            self.g,
+            self.s,
+            self.key,
+            flow_dir,
+            self.proto_idx,
+            service_port,
+            peer_mask,
+        )
+    }
 }
 
 #[inline(always)]
@@ -165,18 +190,29 @@ fn ip(frame: &Frame, dir: u32, g: Gen, s: &Settings, pkt: &Packet) -> Action {
         frame,
         dir,
         g,
+        s,
+        pkt,
         proto_idx,
         key,
         now: now(),
     };
-    match conntrack::lookup(key, dir, pkt.tcp_flags, flow.now, s) {
-        Some(entry) => tracked(&flow, s, pkt, entry),
-        None => untracked(&flow, s, pkt),
+    let action = match conntrack::lookup(key, dir, pkt.tcp_flags, flow.now, s) {
+        Some(entry) => tracked(&flow, entry),
+        None => untracked(&flow),
+    };
+    // At egress, a passed query to a resolver is also recorded and copied
+    // (one place for every way a packet passes: one walk for the verifier).
+    if dir != DIR_INGRESS
+        && matches!(action, Action::Pass)
+        && let Some(q) = dns::query(pkt, key, g, s, flow.now)
+    {
+        return Action::PassDns(q);
     }
+    action
 }
 
 #[inline(always)]
-fn tracked(flow: &Flow, s: &Settings, pkt: &Packet, entry: *mut CtEntry) -> Action {
+fn tracked(flow: &Flow, entry: *mut CtEntry) -> Action {
     // SAFETY: map value pointer, valid for the duration of the program.
     // Read before `touch`, which may delete the entry.
     let (port_idx, rule, flags, flow_dir) = unsafe {
@@ -189,16 +225,17 @@ fn tracked(flow: &Flow, s: &Settings, pkt: &Packet, entry: *mut CtEntry) -> Acti
         VERDICT_ALLOW
     };
     flow.count(port_idx, rule, verdict);
-    conntrack::touch(flow.key, entry, pkt.tcp_flags, flow.now);
+    let refresh = conntrack::refreshes(flow.key, flow.dir, flow_dir);
+    conntrack::touch(flow.key, entry, flow.pkt.tcp_flags, flow.now, refresh);
     if flow.dir == DIR_INGRESS
-        && let Some(answer) = dns::answer(pkt, flow.key, flow_dir, flow.g, s)
+        && let Some(answer) = dns::answer(flow.pkt, flow.key, flow_dir, flow.g, flow.s, flow.now)
     {
-        return Action::PassDnsAnswer(answer);
+        return Action::PassDns(answer);
     }
     Action::Pass
 }
 
-/// Tracks a flow initiated in `flow_dir` and passes the packet.
+/// Tracks a new flow initiated in `flow_dir` and passes the packet.
 #[inline(always)]
 fn track(flow: &Flow, flow_dir: u32, d: &Decision, verdict: usize) -> Action {
     let flags = if verdict == VERDICT_MONITOR {
@@ -211,33 +248,35 @@ fn track(flow: &Flow, flow_dir: u32, d: &Decision, verdict: usize) -> Action {
     Action::Pass
 }
 
+/// A packet of a flow conntrack does not hold passes only if a rule allows
+/// a flow opened in the packet's own direction to its destination port.
+/// Nothing is ever adopted as a reply of a flow the other way: a lost
+/// entry of an outbound flow is re-created by the server's next packet,
+/// which its rule allows (docs/datapath.md).
 #[inline(always)]
-fn untracked(flow: &Flow, s: &Settings, pkt: &Packet) -> Action {
+fn untracked(flow: &Flow) -> Action {
     let dir = flow.dir;
-    let g = flow.g;
-    let peer_mask = policy::peer_mask(g, flow.key);
+    let pkt = flow.pkt;
+    let s = flow.s;
+    let peer_mask = policy::peer_mask(flow.g, flow.key);
     let has_ports = pkt.l4 == L4::Tcp || pkt.l4 == L4::Udp;
-    // 1. A new flow in the packet's direction, to its destination port.
     let first = if has_ports {
-        policy::decide(g, dir, flow.proto_idx, pkt.dport, peer_mask)
+        flow.decide(dir, pkt.dport, peer_mask)
     } else {
         Decision::NO_RULE
     };
     if first.allowed() {
         return track(flow, dir, &first, VERDICT_ALLOW);
     }
-    // 2. A TCP reply of a flow initiated the other way before we tracked it.
-    //    Never for a bare SYN (that opens a flow) nor UDP (its initiator's
-    //    first packet always creates the entry).
-    if pkt.l4 == L4::Tcp && !is_bare_syn(pkt.tcp_flags) {
-        let back = opposite(dir);
-        let second = policy::decide(g, back, flow.proto_idx, pkt.sport, peer_mask);
-        if second.allowed() {
-            return track(flow, back, &second, VERDICT_ALLOW);
-        }
-    }
-    // 3. Unexpected.
-    let reason = if dir == DIR_EGRESS && peer_mask & s.no_initiate_mask != 0 {
+    // Unexpected. A TCP packet that is not an opening SYN and would be a
+    // reply of a flow allowed the other way is dropped like the rest, but
+    // reported as such rather than as a new flow (or an alert).
+    let reason = if pkt.l4 == L4::Tcp
+        && !is_bare_syn(pkt.tcp_flags)
+        && flow.decide(opposite(dir), pkt.sport, peer_mask).allowed()
+    {
+        REASON_UNTRACKED_REPLY
+    } else if dir != DIR_INGRESS && peer_mask & s.no_initiate_mask != 0 {
         REASON_OUTBOUND_TO_WORKSTATION
     } else {
         first.reason
@@ -250,6 +289,7 @@ fn untracked(flow: &Flow, s: &Settings, pkt: &Packet) -> Action {
         peer_mask,
         slot: first.slot,
         tcp_flags: pkt.tcp_flags,
+        detail: 0,
     };
     events::report(flow.frame, flow.key, &r, flow.now, s.report_interval_ns);
     if verdict == VERDICT_DROP {

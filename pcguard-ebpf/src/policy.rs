@@ -1,15 +1,17 @@
 //! The policy decision for an untracked flow: one `PORTS` lookup, one `SLOTS`
 //! lookup and the peer class mask from one LPM lookup, whatever the number
-//! of rules, all in the packet's policy generation ([`Gen`]).
+//! of rules, all in the packet's policy generation ([`Gen`]); plus one
+//! `LEARNED` lookup only when the static classes do not allow the flow and
+//! the port's rules allow a class DNS answers can give.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use pcguard_common::{
-    FAMILY_V4, FlowKey, GEN_PREFIX_BITS, MAX_CLASSES, MAX_SLOTS, NUM_GENERATIONS, REASON_NO_RULE,
-    REASON_PEER_NOT_ALLOWED, Settings, peer_key_v4, peer_key_v6, port_table_index, ports_index,
-    slots_index,
+    FAMILY_V4, FlowKey, GEN_PREFIX_BITS, LearnedKey, MAX_CLASSES, MAX_SLOTS, NUM_GENERATIONS,
+    REASON_NO_RULE, REASON_PEER_NOT_ALLOWED, Settings, peer_key_v4, peer_key_v6,
+    port_table_index, ports_index, slots_index,
 };
 
-use crate::maps::{ACTIVE, PEERS_V4, PEERS_V6, PORTS, SETTINGS, SLOTS};
+use crate::maps::{ACTIVE, LEARNED, PEERS_V4, PEERS_V6, PORTS, SETTINGS, SLOTS};
 
 /// The policy generation of one packet: `ACTIVE` read once when the packet
 /// arrives, then used for every policy lookup of the packet, so a switch
@@ -76,6 +78,20 @@ pub fn peer_mask(g: Gen, key: &FlowKey) -> u32 {
     mask.copied().unwrap_or(0)
 }
 
+/// Classes DNS answers gave the remote address in generation `g` (0 when
+/// none).
+#[inline(always)]
+fn learned_mask(g: Gen, key: &FlowKey) -> u32 {
+    let k = LearnedKey {
+        generation: g.0 as u8,
+        family: key.family,
+        _pad: [0; 2],
+        addr: key.remote_addr,
+    };
+    // SAFETY: plain u32 value.
+    unsafe { LEARNED.get(&k) }.copied().unwrap_or(0)
+}
+
 /// Index of the lowest set bit of a non-zero mask, by binary search on the
 /// halves: five constant steps (unrolled by LLVM), no loop for the verifier
 /// to walk and no `cttz` (which BPF lacks: LLVM would lower it to a table
@@ -93,10 +109,13 @@ fn lowest_bit(mut m: u32) -> u32 {
 }
 
 /// Decides a new flow initiated in `flow_dir` to `service_port` with
-/// generation `g`'s tables.
+/// generation `g`'s tables (`s` its settings), for a remote end (of `key`)
+/// whose static class mask is `peer_mask`.
 #[inline(always)]
 pub fn decide(
     g: Gen,
+    s: &Settings,
+    key: &FlowKey,
     flow_dir: u32,
     proto_idx: u32,
     service_port: u16,
@@ -124,7 +143,10 @@ pub fn decide(
     let Some(slot) = SLOTS.get(slots_index(g.0, slot_id as u32)) else {
         return not_allowed(REASON_NO_RULE);
     };
-    let m = peer_mask & slot.allowed_mask;
+    let mut m = peer_mask & slot.allowed_mask;
+    if m == 0 && slot.allowed_mask & s.learned_mask != 0 {
+        m = learned_mask(g, key) & slot.allowed_mask;
+    }
     if m == 0 {
         return not_allowed(REASON_PEER_NOT_ALLOWED);
     }

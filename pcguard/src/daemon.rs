@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use log::{error, info, warn};
 use aya::maps::{MapData, RingBuf};
-use pcguard_common::{DnsAnswer, FlowEvent, names};
+use pcguard_common::{DNS_KIND_ANSWER, DnsMessage, FlowEvent, names};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -135,7 +135,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     dp.apply(&compiled).context("writing the policy into the maps")?;
     dp.attach(&settings.interfaces, opts.xdp_skb)?;
     let events = dp.take_ring(names::EVENTS)?;
-    let dns_answers = dp.take_ring(names::DNS_ANSWERS)?;
+    let dns_answers = dp.take_ring(names::DNS_MESSAGES)?;
 
     let counters = match dp.bpffs_dir() {
         Some(dir) => Some(PinnedCounters::open(dir)?),
@@ -221,7 +221,10 @@ fn consume_ring(ring: RingBuf<MapData>, mut handle: impl FnMut(&[u8]) + Send + '
 fn spawn_dns_answers(ring: RingBuf<MapData>) -> Result<mpsc::Receiver<Vec<Resolved>>> {
     let (tx, rx) = mpsc::channel(1024);
     consume_ring(ring, move |bytes| {
-        let Some(ans) = crate::datapath::read_record::<DnsAnswer>(bytes) else { return };
+        let Some(ans) = crate::datapath::read_record::<DnsMessage>(bytes) else { return };
+        if ans.kind != DNS_KIND_ANSWER {
+            return;
+        }
         let len = usize::from(ans.len).min(ans.payload.len());
         let resolved = crate::dns::parse_response(&ans.payload[..len]);
         if !resolved.is_empty() && tx.try_send(resolved).is_err() {

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, LpmTrie, Map, MapData, MapError, RingBuf, lpm_trie::Key},
+    maps::{Array, LpmTrie, Map, MapData, MapError, ProgramArray, RingBuf, lpm_trie::Key},
     programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
 };
 use log::{debug, info, warn};
@@ -115,6 +115,7 @@ impl Datapath {
             }
             .with_context(|| format!("verifying program {name}"))?;
         }
+        set_tc_rerun(&mut ebpf)?;
         let bpffs_dir = match bpffs_dir {
             Some(dir) => Some(pin_maps(&ebpf, dir)?),
             None => None,
@@ -278,7 +279,7 @@ impl Datapath {
         self.ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from object"))
     }
 
-    /// Takes a ring buffer (`EVENTS`, `DNS_ANSWERS`) to consume it (once).
+    /// Takes a ring buffer (`EVENTS`, `DNS_MESSAGES`) to consume it (once).
     pub fn take_ring(&mut self, name: &str) -> Result<RingBuf<MapData>> {
         let map = self.ebpf.take_map(name).ok_or_else(|| anyhow!("{name} map missing or already taken"))?;
         Ok(RingBuf::try_from(map)?)
@@ -337,6 +338,19 @@ impl Datapath {
             remove_pins(&dir);
         }
     }
+}
+
+/// Points `TC_RERUN[0]` at the loaded TC program: a TC run that had to
+/// pull headers into the skb's linear part runs again through it. Without
+/// it such packets are judged malformed (fail closed).
+pub fn set_tc_rerun(ebpf: &mut Ebpf) -> Result<()> {
+    let prog: &SchedClassifier =
+        ebpf.program(names::TC_PROG).ok_or_else(|| anyhow!("program {} missing", names::TC_PROG))?.try_into()?;
+    let fd = prog.fd()?.try_clone()?;
+    let mut rerun: ProgramArray<&mut MapData> =
+        ProgramArray::try_from(ebpf.map_mut(names::TC_RERUN).ok_or_else(|| anyhow!("map TC_RERUN missing"))?)?;
+    rerun.set(0, &fd, 0).context("setting TC_RERUN")?;
+    Ok(())
 }
 
 /// The static mask `policy` has at the host prefix of `addr` (/32, /128).
@@ -442,7 +456,7 @@ fn pin_maps(ebpf: &Ebpf, dir: &Path) -> Result<PathBuf> {
     remove_pins(dir);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     for (name, map) in ebpf.maps() {
-        if name == names::EVENTS || name == names::DNS_ANSWERS {
+        if [names::EVENTS, names::DNS_MESSAGES, names::TC_RERUN, names::SCRATCH].contains(&name) {
             continue; // consumed by this process only
         }
         map.pin(dir.join(name)).with_context(|| format!("pinning {name} under {}", dir.display()))?;

@@ -13,7 +13,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use pcguard_common::{
     DIR_INGRESS, FAMILY_V4, FlowEvent, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-    REASON_MALFORMED, REASON_NO_RULE, REASON_OUTBOUND_TO_WORKSTATION, REASON_PEER_NOT_ALLOWED, VERDICT_DROP,
+    REASON_MALFORMED, REASON_NO_RULE, REASON_OUTBOUND_TO_WORKSTATION, REASON_PEER_NOT_ALLOWED, REASON_UNTRACKED_REPLY,
+    VERDICT_DROP,
 };
 use serde::{Deserialize, Serialize};
 
@@ -26,12 +27,13 @@ pub fn reason_name(reason: u8) -> &'static str {
         REASON_PEER_NOT_ALLOWED => "peer_not_allowed",
         REASON_OUTBOUND_TO_WORKSTATION => "outbound_to_workstation",
         REASON_MALFORMED => "malformed",
+        REASON_UNTRACKED_REPLY => "untracked_reply",
         _ => "unknown",
     }
 }
 
 /// Every reason label, for metrics initialisation.
-pub const REASONS: [&str; 4] = ["no_rule", "peer_not_allowed", "outbound_to_workstation", "malformed"];
+pub const REASONS: [&str; 5] = ["no_rule", "peer_not_allowed", "outbound_to_workstation", "malformed", "untracked_reply"];
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {

@@ -91,7 +91,7 @@ enum Command {
         /// Print the JSON records as they are.
         #[arg(long)]
         json: bool,
-        #[arg(long, value_parser = ["no_rule", "peer_not_allowed", "outbound_to_workstation", "malformed"])]
+        #[arg(long, value_parser = ["no_rule", "peer_not_allowed", "outbound_to_workstation", "malformed", "untracked_reply"])]
         reason: Option<String>,
         #[arg(long, value_parser = ["inbound", "outbound"])]
         direction: Option<String>,

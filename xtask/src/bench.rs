@@ -8,25 +8,28 @@
 //! Timings are the kernel's own (`duration` of the test run: the average
 //! over `repeat` runs of the program, without syscall overhead).
 //!
-//! The DNS cases check the answers copied to `DNS_ANSWERS`: a resolver's
-//! reply to the server's query is copied, nothing else is.
+//! The DNS cases check the messages copied to `DNS_MESSAGES`: the server's
+//! queries to its resolvers, and the one answer to each pending query;
+//! nothing else.
 
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context as _, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, ProgramArray, RingBuf, lpm_trie::Key},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use pcguard_common::{
     CLASS_ANY, CLASS_ANY_BIT, CT_FLAG_MONITORED, CT_STATE_CLOSING, CtEntry, DIR_EGRESS,
-    DIR_INGRESS, DNS_PAYLOAD_MAX, DnsAnswer, FAMILY_V4, FlowEvent, FlowKey, GEN_PREFIX_BITS,
-    IPPROTO_TCP, IPPROTO_UDP, MODE_ENFORCE, MODE_MONITOR, PROTO_IDX_TCP, PROTO_IDX_UDP, PortEntry,
-    PortSlot, REASON_NO_RULE, REASON_OUTBOUND_TO_WORKSTATION, REASON_PEER_NOT_ALLOWED,
-    STAT_DNS_ANSWERS, STAT_DNS_ANSWERS_DROPPED, STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, Settings,
-    VERDICT_ALLOW, names, peer_key_v4, peer_key_v6, port_counter_index, port_table_index,
-    ports_index, rule_counter_index, slots_index,
+    DIR_INGRESS, DNS_KIND_ANSWER, DNS_KIND_QUERY, DNS_PAYLOAD_MAX, DnsMessage, FAMILY_V4,
+    FlowEvent, FlowKey, GEN_PREFIX_BITS, IPPROTO_TCP, IPPROTO_UDP, LearnedKey, MODE_ENFORCE,
+    MODE_MONITOR, Malformed, PROTO_IDX_TCP, PROTO_IDX_UDP, PortEntry, PortSlot, REASON_MALFORMED,
+    REASON_NO_RULE, REASON_OUTBOUND_TO_WORKSTATION, REASON_PEER_NOT_ALLOWED,
+    REASON_UNTRACKED_REPLY, STAT_DNS_ANSWERS, STAT_DNS_ANSWERS_DROPPED, STAT_DNS_QUERIES,
+    STAT_DNS_UNSOLICITED, STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, Settings, VERDICT_ALLOW, names,
+    peer_key_v4, peer_key_v6, port_counter_index, port_table_index, ports_index,
+    rule_counter_index, slots_index,
 };
 
 const XDP_DROP: u32 = 1;
@@ -38,6 +41,12 @@ const TC_ACT_PIPE: u32 = 3;
 const WORKSTATIONS: u32 = 1 << 0;
 /// Peer class bit of the DNS resolvers (`Settings.resolver_mask`).
 const RESOLVERS: u32 = 1 << 1;
+/// Peer class bit of a cloud service learned from DNS answers
+/// (`Settings.learned_mask`).
+const CLOUD: u32 = 1 << 2;
+const CLOUD_HOST: [u8; 4] = [203, 0, 113, 7];
+const HTTPS_PORT: u16 = 443;
+const CLOUD_RULE: u16 = 5;
 const SERVER: [u8; 4] = [192, 168, 1, 10];
 const WORKSTATION: [u8; 4] = [10, 1, 2, 3];
 const STRANGER: [u8; 4] = [172, 16, 0, 5];
@@ -61,10 +70,6 @@ const OTHER_RULE: u16 = 4;
 /// read at a non-zero generation offset.
 const POLICY_GEN: u32 = 1;
 
-/// Runs per test run of a copied DNS answer: the records of one test run
-/// must fit in `DNS_ANSWERS` (256 KiB, about 246 records), else the later
-/// runs time a failed reserve instead of a copy.
-const DNS_BATCH: u32 = 128;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -91,8 +96,8 @@ pub fn run(obj_path: &Path, iterations: u32) -> anyhow::Result<()> {
             .context("no CONNTRACK map")?,
     )?;
     let dns = RingBuf::try_from(
-        ebpf.take_map(names::DNS_ANSWERS)
-            .context("no DNS_ANSWERS map")?,
+        ebpf.take_map(names::DNS_MESSAGES)
+            .context("no DNS_MESSAGES map")?,
     )?;
     let mut bench = Bench {
         ebpf,
@@ -106,9 +111,30 @@ pub fn run(obj_path: &Path, iterations: u32) -> anyhow::Result<()> {
     bench.egress_cases()?;
     bench.dns_cases()?;
     bench.smoke_cases()?;
+    bench.untracked_cases()?;
+    bench.parse_cases()?;
+    bench.learned_cases()?;
     bench.generation_cases()?;
     bench.print();
     bench.check_side_effects()
+}
+
+/// Loads both programs and prints how many instructions the verifier
+/// processed for each (the kernel's limit is 1,000,000).
+pub fn verifier_counts(obj_path: &Path) -> anyhow::Result<()> {
+    let mut ebpf = EbpfLoader::new()
+        .load_file(obj_path)
+        .with_context(|| format!("loading {}", obj_path.display()))?;
+    load_programs(&mut ebpf)?;
+    for name in [names::XDP_PROG, names::TC_PROG] {
+        let info = program(&mut ebpf, name)?.info()?;
+        println!(
+            "{name}: {} instructions verified, {} translated bytes",
+            info.verified_instruction_count().unwrap_or(0),
+            info.size_translated().unwrap_or(0)
+        );
+    }
+    Ok(())
 }
 
 fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
@@ -116,6 +142,9 @@ fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     xdp.load().context("verifier rejected pcguard_ingress")?;
     let tc: &mut SchedClassifier = program(ebpf, names::TC_PROG)?.try_into()?;
     tc.load().context("verifier rejected pcguard_egress")?;
+    let fd = tc.fd()?.try_clone()?;
+    let mut rerun: ProgramArray<_> = ProgramArray::try_from(map(ebpf, names::TC_RERUN)?)?;
+    rerun.set(0, &fd, 0)?;
     Ok(())
 }
 
@@ -213,7 +242,7 @@ fn bench_settings() -> Settings {
         ready: 1,
         no_initiate_mask: WORKSTATIONS,
         resolver_mask: RESOLVERS,
-        _pad: 0,
+        learned_mask: CLOUD,
         tcp_timeout_ns: 7200 * SEC,
         tcp_closing_timeout_ns: 10 * SEC,
         udp_timeout_ns: 60 * SEC,
@@ -223,8 +252,9 @@ fn bench_settings() -> Settings {
 
 /// Into generation `POLICY_GEN`, made active: inbound TCP 9191 from
 /// workstations (rule 1), outbound TCP 636 to anyone (rule 2), outbound UDP
-/// 53 to the resolvers (rule 3), whose answers are copied; workstations
-/// must never be initiated to; enforce both ways.
+/// 53 to the resolvers (rule 3), whose answers are copied, outbound TCP 443
+/// to the cloud class DNS answers give (rule 5); workstations must never be
+/// initiated to; enforce both ways.
 fn write_policy(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     let mut w = GenWriter {
         ebpf,
@@ -236,6 +266,8 @@ fn write_policy(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     w.port(DIR_INGRESS, PROTO_IDX_TCP, WEB_PORT, 1, WEB_LABEL)?;
     w.port(DIR_EGRESS, PROTO_IDX_TCP, LDAPS_PORT, 2, 2)?;
     w.port(DIR_EGRESS, PROTO_IDX_UDP, DNS_PORT, 3, DNS_LABEL)?;
+    w.slot(4, CLOUD, CLOUD.trailing_zeros(), CLOUD_RULE)?;
+    w.port(DIR_EGRESS, PROTO_IDX_TCP, HTTPS_PORT, 4, 5)?;
     w.v4(8, [10, 0, 0, 0], WORKSTATIONS | CLASS_ANY)?;
     w.v4(32, RESOLVER, RESOLVERS | CLASS_ANY)?;
     w.v4(0, [0; 4], CLASS_ANY)?;
@@ -345,10 +377,14 @@ fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> V
     pkt::ipv4(src, dst, IPPROTO_UDP, &pkt::udp(sport, dport, payload))
 }
 
-/// `len` bytes standing for a DNS message (the kernel does not parse it):
-/// a pattern that shows bytes out of place.
-fn dns_message(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i * 31 + 7) as u8).collect()
+/// `len` bytes standing for a DNS message (the kernel reads only the
+/// header's id and QR bit): a pattern that shows bytes out of place, with
+/// transaction id `txid` and QR set for a response.
+fn dns_message(len: usize, txid: u16, response: bool) -> Vec<u8> {
+    let mut m: Vec<u8> = (0..len).map(|i| (i * 31 + 7) as u8).collect();
+    m[..2].copy_from_slice(&txid.to_be_bytes());
+    m[2] = if response { m[2] | 0x80 } else { m[2] & 0x7f };
+    m
 }
 
 fn v4_key(local: [u8; 4], remote: [u8; 4], local_port: u16, remote_port: u16) -> FlowKey {
@@ -402,7 +438,7 @@ struct Bench {
     ebpf: Ebpf,
     ct: HashMap<MapData, FlowKey, CtEntry>,
     dns: RingBuf<MapData>,
-    /// DNS answers read from `dns` so far.
+    /// DNS messages read from `dns` so far.
     dns_copied: u64,
     iterations: u32,
     rows: Vec<Row>,
@@ -640,54 +676,66 @@ impl Bench {
         Ok(())
     }
 
-    /// The records on `DNS_ANSWERS`, drained.
-    fn dns_answers(&mut self) -> anyhow::Result<Vec<DnsAnswer>> {
-        let mut answers = Vec::new();
+    /// The records on `DNS_MESSAGES`, drained.
+    fn dns_messages(&mut self) -> anyhow::Result<Vec<DnsMessage>> {
+        let mut msgs = Vec::new();
         while let Some(item) = self.dns.next() {
             ensure!(
-                item.len() == size_of::<DnsAnswer>(),
-                "DNS answer of {} bytes",
+                item.len() == size_of::<DnsMessage>(),
+                "DNS message of {} bytes",
                 item.len()
             );
-            // SAFETY: DnsAnswer is plain data and the length was checked.
-            answers.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+            // SAFETY: DnsMessage is plain data and the length was checked.
+            msgs.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
         }
-        self.dns_copied += answers.len() as u64;
-        Ok(answers)
+        self.dns_copied += msgs.len() as u64;
+        Ok(msgs)
     }
 
-    /// Runs `data` once at XDP: `want` verdict, and no DNS answer copied.
-    fn no_dns_answer(&mut self, case: &str, data: &[u8], want: u32) -> anyhow::Result<()> {
-        self.once(case, Hook::Xdp, data, want)?;
-        let n = self.dns_answers()?.len();
-        ensure!(n == 0, "{case}: {n} DNS answers copied, expected none");
+    /// Runs `data` once at `hook`: `want` verdict, and no DNS message copied.
+    fn no_dns_copy(&mut self, case: &str, hook: Hook, data: &[u8], want: u32) -> anyhow::Result<()> {
+        self.once(case, hook, data, want)?;
+        let n = self.dns_messages()?.len();
+        ensure!(n == 0, "{case}: {n} DNS messages copied, expected none");
         Ok(())
     }
 
-    /// Runs the answer `data` from `resolver` once at XDP: passed, and
-    /// exactly one record on `DNS_ANSWERS` holding the first `len` bytes of
-    /// `msg`, the UDP payload of `data`.
-    fn one_dns_answer(
+    /// Runs `data` (holding the UDP payload `msg`) once at `hook`: passed,
+    /// and exactly one record of `kind` on `DNS_MESSAGES` from or to
+    /// `resolver` holding the first `len` bytes of `msg`.
+    fn one_dns_copy(
         &mut self,
         case: &str,
+        hook: Hook,
         data: &[u8],
-        resolver: [u8; 4],
+        kind: u8,
+        (resolver, server_port): ([u8; 4], u16),
         msg: &[u8],
         len: usize,
     ) -> anyhow::Result<()> {
-        self.once(case, Hook::Xdp, data, XDP_PASS)?;
-        let answers = self.dns_answers()?;
+        let want = match hook {
+            Hook::Xdp => XDP_PASS,
+            Hook::Tc => TC_ACT_PIPE,
+        };
+        self.once(case, hook, data, want)?;
+        let msgs = self.dns_messages()?;
         ensure!(
-            answers.len() == 1,
-            "{case}: {} DNS answers copied, expected 1",
-            answers.len()
+            msgs.len() == 1,
+            "{case}: {} DNS messages copied, expected 1",
+            msgs.len()
         );
-        let a = &answers[0];
+        let a = &msgs[0];
+        ensure!(a.kind == kind, "{case}: kind {}, expected {kind}", a.kind);
         ensure!(
             a.family == FAMILY_V4 && a.resolver[..4] == resolver && a.resolver[4..] == [0; 12],
             "{case}: resolver {:?} (family {})",
             a.resolver,
             a.family
+        );
+        ensure!(
+            a.server_port == server_port,
+            "{case}: server port {}",
+            a.server_port
         );
         ensure!(
             (usize::from(a.len), usize::from(a.orig_len)) == (len, msg.len()),
@@ -701,42 +749,60 @@ impl Bench {
         Ok(())
     }
 
-    /// Like [`Bench::repeated`] for a DNS answer that is copied, in test
-    /// runs of `DNS_BATCH` runs with the ring drained (and every record
-    /// counted) after each.
-    fn dns_repeated(&mut self, case: &'static str, data: &[u8], len: usize) -> anyhow::Result<()> {
-        let batches = self.iterations.div_ceil(DNS_BATCH);
-        let mut total = 0.0;
-        for _ in 0..batches {
-            let (ret, avg) = self.test_run(Hook::Xdp, data, DNS_BATCH)?;
+    /// A query to the resolver and its answer, `runs` times, one test run
+    /// each: the average of the answer's runs (copied), minus the timer
+    /// overhead of single runs (as in [`Bench::first_packet`]).
+    fn dns_timed(
+        &mut self,
+        case: &'static str,
+        query: &[u8],
+        answer: &[u8],
+        len: usize,
+    ) -> anyhow::Result<()> {
+        let runs = self.iterations.min(MAX_FRESH_RUNS);
+        let mut total = Duration::ZERO;
+        for i in 0..runs {
+            self.once(case, Hook::Tc, query, TC_ACT_PIPE)?;
+            let (ret, d) = self.test_run(Hook::Xdp, answer, 1)?;
             self.expect(case, Hook::Xdp, ret, XDP_PASS)?;
-            let n = self.dns_answers()?.len();
-            ensure!(
-                n == DNS_BATCH as usize,
-                "{case}: {n} DNS answers in a batch"
-            );
-            total += avg.as_nanos() as f64;
+            total += d;
+            if i % 64 == 63 {
+                self.dns_messages()?;
+            }
         }
+        let n = self.dns_messages()?.len();
+        ensure!(n % 2 == 0, "{case}: an odd number of DNS records");
+        let stranger = tcp4(STRANGER, SERVER, CLIENT_PORT, 9999, TCP_SYN);
+        let (_, single) = self.fresh_loop(case, Hook::Xdp, &stranger, XDP_DROP, None)?;
+        let repeated = self.test_run(Hook::Xdp, &stranger, self.iterations)?.1;
+        let overhead = (single - repeated.as_nanos() as f64).max(0.0);
+        let raw = total.as_nanos() as f64 / f64::from(runs);
         self.rows.push(Row {
             case,
             hook: Hook::Xdp,
             action: XDP_PASS,
-            runs: batches * DNS_BATCH,
-            ns: total / f64::from(batches),
-            note: format!("{len} B copied"),
+            runs,
+            ns: raw - overhead,
+            note: format!("{len} B copied; {raw:.1} raw, minus {overhead:.1} timer overhead"),
         });
         Ok(())
     }
 
-    /// DNS answers: copied for a resolver's reply to the server's query
-    /// (allowed or monitored flow), for nothing else.
+    /// DNS messages: the server's queries to a resolver and the one answer
+    /// to each pending query are copied (allowed or monitored flow), nothing
+    /// else; answers never keep the flow alive.
     fn dns_cases(&mut self) -> anyhow::Result<()> {
         ensure!(
-            self.dns_answers()?.is_empty(),
-            "DNS answers before any query"
+            self.dns_messages()?.is_empty(),
+            "DNS messages before any query"
         );
-        let query = udp4(SERVER, RESOLVER, CLIENT_PORT, DNS_PORT, &dns_message(30));
-        self.once("DNS query to the resolver", Hook::Tc, &query, TC_ACT_PIPE)?;
+        let txid = 0x4242;
+        let q = dns_message(30, txid, false);
+        let query = udp4(SERVER, RESOLVER, CLIENT_PORT, DNS_PORT, &q);
+        let to_resolver = (RESOLVER, CLIENT_PORT);
+        let tc = Hook::Tc;
+        let xdp = Hook::Xdp;
+        self.one_dns_copy("DNS query", tc, &query, DNS_KIND_QUERY, to_resolver, &q, 30)?;
         let key = FlowKey {
             proto: IPPROTO_UDP,
             ..v4_key(SERVER, RESOLVER, CLIENT_PORT, DNS_PORT)
@@ -749,27 +815,60 @@ impl Bench {
 
         // A short answer, and one longer than DNS_PAYLOAD_MAX (EDNS's 1232).
         let answer = |msg: &[u8]| udp4(RESOLVER, SERVER, DNS_PORT, CLIENT_PORT, msg);
-        let short = dns_message(100);
-        self.one_dns_answer("DNS answer", &answer(&short), RESOLVER, &short, 100)?;
-        self.dns_repeated("DNS answer from resolver (copied)", &answer(&short), 100)?;
-        let long = dns_message(1232);
+        let short = dns_message(100, txid, true);
+        let case = "DNS answer";
+        self.one_dns_copy(case, xdp, &answer(&short), DNS_KIND_ANSWER, to_resolver, &short, 100)?;
+        // One answer per query: a second one is not copied.
+        self.no_dns_copy("second answer to one query", xdp, &answer(&short), XDP_PASS)?;
+        // Another transaction id than the pending query's.
+        self.one_dns_copy("DNS query again", tc, &query, DNS_KIND_QUERY, to_resolver, &q, 30)?;
+        let wrong = dns_message(100, txid + 1, true);
+        self.no_dns_copy("answer with another txid", xdp, &answer(&wrong), XDP_PASS)?;
+        let not_response = dns_message(100, txid, false);
+        self.no_dns_copy("answer without QR", xdp, &answer(&not_response), XDP_PASS)?;
+        self.one_dns_copy(case, xdp, &answer(&short), DNS_KIND_ANSWER, to_resolver, &short, 100)?;
+
+        // Answers do not keep the flow alive; queries do.
+        let old = self.ct.get(&key, 0)?.last_seen_ns - 5 * SEC;
+        self.ct.insert(key, CtEntry { last_seen_ns: old, ..self.ct.get(&key, 0)? }, 0)?;
+        self.no_dns_copy("unsolicited answer", xdp, &answer(&short), XDP_PASS)?;
+        ensure!(
+            self.ct.get(&key, 0)?.last_seen_ns == old,
+            "an answer refreshed the DNS flow"
+        );
+        self.one_dns_copy("DNS query", tc, &query, DNS_KIND_QUERY, to_resolver, &q, 30)?;
+        ensure!(
+            self.ct.get(&key, 0)?.last_seen_ns > old,
+            "a query did not refresh the DNS flow"
+        );
+
+        let long = dns_message(1232, txid, true);
         let cut = DNS_PAYLOAD_MAX;
-        self.one_dns_answer("long DNS answer", &answer(&long), RESOLVER, &long, cut)?;
-        self.dns_repeated("long DNS answer (copy cut at 1 KiB)", &answer(&long), cut)?;
-        // A first fragment: the UDP length counts bytes the frame lacks.
+        let case = "long DNS answer";
+        self.one_dns_copy(case, xdp, &answer(&long), DNS_KIND_ANSWER, to_resolver, &long, cut)?;
+        // A first fragment: the UDP length counts bytes the datagram lacks.
+        self.one_dns_copy("DNS query", tc, &query, DNS_KIND_QUERY, to_resolver, &q, 30)?;
         let mut first_frag = answer(&long);
         first_frag[20] = 0x20; // More fragments, offset 0.
         first_frag.truncate(14 + 20 + 8 + 600);
+        first_frag[16..18].copy_from_slice(&((20 + 8 + 600) as u16).to_be_bytes());
         let case = "DNS answer, first fragment";
-        self.one_dns_answer(case, &first_frag, RESOLVER, &long, 600)?;
+        self.one_dns_copy(case, xdp, &first_frag, DNS_KIND_ANSWER, to_resolver, &long, 600)?;
 
         let mut later_frag = answer(&short);
         later_frag[20..22].copy_from_slice(&[0x00, 0x10]);
-        self.no_dns_answer("DNS answer, later fragment", &later_frag, XDP_PASS)?;
+        self.no_dns_copy("DNS answer, later fragment", xdp, &later_frag, XDP_PASS)?;
+        self.one_dns_copy("DNS query", tc, &query, DNS_KIND_QUERY, to_resolver, &q, 30)?;
         let empty = answer(&[]);
-        self.no_dns_answer("empty DNS answer", &empty, XDP_PASS)?;
+        self.no_dns_copy("empty DNS answer", xdp, &empty, XDP_PASS)?;
+        // Ethernet padding after a 4-byte payload is not read as the rest
+        // of a DNS header.
+        let mut padded = answer(&short[..4]);
+        padded.extend_from_slice(&short[4..20]);
+        self.no_dns_copy("DNS header cut by the datagram", xdp, &padded, XDP_PASS)?;
         self.update_settings(|s| s.resolver_mask = 0)?;
-        self.no_dns_answer("DNS answer, no resolver_mask", &answer(&short), XDP_PASS)?;
+        self.no_dns_copy("DNS answer, no resolver_mask", xdp, &answer(&short), XDP_PASS)?;
+        self.no_dns_copy("DNS query, no resolver_mask", tc, &query, TC_ACT_PIPE)?;
         self.update_settings(|s| s.resolver_mask = RESOLVERS)?;
 
         // From port 53 on a flow the resolver initiated: not an answer.
@@ -783,39 +882,36 @@ impl Bench {
         };
         self.ct.insert(inbound, entry, 0)?;
         let to_inbound = udp4(RESOLVER, SERVER, DNS_PORT, CLIENT_PORT + 1, &short);
-        self.no_dns_answer("DNS answer on an inbound flow", &to_inbound, XDP_PASS)?;
+        self.no_dns_copy("DNS answer on an inbound flow", xdp, &to_inbound, XDP_PASS)?;
         self.forget(&inbound)?;
 
         // A non-resolver on a monitored flow: not copied until its class is
         // in resolver_mask (monitored flows count).
         self.update_settings(|s| s.egress_mode = MODE_MONITOR)?;
-        let query = udp4(SERVER, STRANGER, CLIENT_PORT, DNS_PORT, &dns_message(30));
-        self.once(
-            "DNS query to a stranger, monitor",
-            Hook::Tc,
-            &query,
-            TC_ACT_PIPE,
-        )?;
+        let to_stranger = udp4(SERVER, STRANGER, CLIENT_PORT, DNS_PORT, &q);
+        self.no_dns_copy("DNS query to a stranger, monitor", tc, &to_stranger, TC_ACT_PIPE)?;
         self.update_settings(|s| s.egress_mode = MODE_ENFORCE)?;
         let stranger = udp4(STRANGER, SERVER, DNS_PORT, CLIENT_PORT, &short);
-        self.no_dns_answer("DNS answer from a non-resolver", &stranger, XDP_PASS)?;
+        self.no_dns_copy("DNS answer from a non-resolver", xdp, &stranger, XDP_PASS)?;
         let case = "DNS answer from a non-resolver (timed)";
-        self.repeated(
-            case,
-            Hook::Xdp,
-            &stranger,
-            XDP_PASS,
-            "ct hit + LPM, no copy",
-        )?;
-        ensure!(self.dns_answers()?.is_empty(), "{case}: copied");
+        self.repeated(case, xdp, &stranger, XDP_PASS, "ct hit + LPM, no copy")?;
+        ensure!(self.dns_messages()?.is_empty(), "{case}: copied");
         self.update_settings(|s| s.resolver_mask = RESOLVERS | CLASS_ANY)?;
+        let from_stranger = (STRANGER, CLIENT_PORT);
+        let case = "DNS query on a monitored flow";
+        self.one_dns_copy(case, tc, &to_stranger, DNS_KIND_QUERY, from_stranger, &q, 30)?;
         let case = "DNS answer on a monitored flow";
-        self.one_dns_answer(case, &stranger, STRANGER, &short, 100)?;
+        self.one_dns_copy(case, xdp, &stranger, DNS_KIND_ANSWER, from_stranger, &short, 100)?;
         self.update_settings(|s| s.resolver_mask = RESOLVERS)?;
+
+        let case = "unsolicited DNS answer (timed)";
+        self.repeated(case, xdp, &answer(&short), XDP_PASS, "ct hit + LPM + pending miss")?;
+        self.dns_timed("DNS answer to a pending query (copied)", &query, &answer(&short), 100)?;
+        self.dns_timed("long DNS answer (copy cut at 1 KiB)", &query, &answer(&long), cut)?;
 
         self.forget(&key)?;
         let case = "DNS answer without the query's flow";
-        self.no_dns_answer(case, &answer(&short), XDP_DROP)
+        self.no_dns_copy(case, xdp, &answer(&short), XDP_DROP)
     }
 
     /// Runs `data` once and checks the verdict.
@@ -885,6 +981,100 @@ impl Bench {
         self.once("SYN to 9999, policy not ready", xdp, &stranger, XDP_PASS)?;
         self.update_settings(|s| s.ready = 1)?;
         self.once("SYN to 9999, policy ready", xdp, &stranger, XDP_DROP)
+    }
+
+    /// No adoption: a packet of a flow conntrack does not hold passes only
+    /// if a rule allows a flow opened in its own direction.
+    fn untracked_cases(&mut self) -> anyhow::Result<()> {
+        let (xdp, tc) = (Hook::Xdp, Hook::Tc);
+        let port = CLIENT_PORT + 20;
+        // Replies of no flow pcguard tracks, from the peer of an outbound
+        // rule using that rule's port as source port.
+        let synack = tcp4(LDAP_SERVER, SERVER, LDAPS_PORT, port, TCP_SYN | TCP_ACK);
+        self.once("untracked SYN+ACK from ldaps", xdp, &synack, XDP_DROP)?;
+        let to_ssh = tcp4(LDAP_SERVER, SERVER, LDAPS_PORT, 22, TCP_ACK);
+        self.once("untracked ACK from ldaps to 22", xdp, &to_ssh, XDP_DROP)?;
+        ensure!(
+            self.ct.get(&v4_key(SERVER, LDAP_SERVER, port, LDAPS_PORT), 0).is_err()
+                && self.ct.get(&v4_key(SERVER, LDAP_SERVER, 22, LDAPS_PORT), 0).is_err(),
+            "an untracked reply created a conntrack entry"
+        );
+        // The server's "replies" from an inbound service port.
+        let to_smb = tcp4(SERVER, WORKSTATION, WEB_PORT, 445, TCP_ACK);
+        self.once("untracked ACK from 9191 to a workstation's 445", tc, &to_smb, TC_ACT_SHOT)?;
+        let reply = tcp4(SERVER, WORKSTATION, WEB_PORT, port, TCP_SYN | TCP_ACK);
+        self.once("untracked SYN+ACK from 9191", tc, &reply, TC_ACT_SHOT)?;
+        let case = "dropped untracked ACK (reverse lookup)";
+        self.repeated(case, xdp, &to_ssh, XDP_DROP, "reported as untracked_reply")?;
+        // Allowed in its own direction: a lost entry is re-created.
+        let ack = tcp4(WORKSTATION, SERVER, port, WEB_PORT, TCP_ACK);
+        self.once("ACK to 9191 without an entry", xdp, &ack, XDP_PASS)?;
+        let entry = self.ct.get(&v4_key(SERVER, WORKSTATION, WEB_PORT, port), 0)?;
+        ensure!(entry.flow_dir == DIR_INGRESS as u8, "re-created entry not inbound");
+        let out = tcp4(SERVER, LDAP_SERVER, port, LDAPS_PORT, TCP_ACK);
+        self.once("ACK to ldaps without an entry", tc, &out, TC_ACT_PIPE)?;
+        self.once("ldaps reply after the re-created entry", xdp, &synack, XDP_PASS)?;
+        Ok(())
+    }
+
+    /// The stricter parse: what the kernel would deliver differently from a
+    /// naive reading of the frame is malformed and dropped.
+    fn parse_cases(&mut self) -> anyhow::Result<()> {
+        let xdp = Hook::Xdp;
+        let port = CLIENT_PORT + 30;
+        // RFC 1858: 8 bytes of a SYN's TCP header in a first fragment, the
+        // rest of an "ACK" header after the datagram's end.
+        let mut tiny = tcp4(STRANGER, SERVER, port, 22, TCP_SYN);
+        tiny[20] = 0x20; // More fragments.
+        tiny[16..18].copy_from_slice(&28u16.to_be_bytes());
+        tiny[14 + 20 + 13] = TCP_ACK;
+        self.once("tiny first fragment with a fake ACK tail", xdp, &tiny, XDP_DROP)?;
+        // The TCP header beyond the IP total length (padding trick).
+        let mut cut = tcp4(WORKSTATION, SERVER, port, WEB_PORT, TCP_SYN);
+        cut[16..18].copy_from_slice(&30u16.to_be_bytes());
+        self.once("TCP header past the IP total length", xdp, &cut, XDP_DROP)?;
+        // VLAN tags: as many as the parser walks pass, one more fails closed.
+        let mut tagged = tcp4(WORKSTATION, SERVER, port + 1, WEB_PORT, TCP_SYN);
+        for _ in 0..pcguard_common::MAX_VLAN_TAGS {
+            tagged = pkt::vlan(tagged, 0);
+        }
+        self.once("allowed SYN in 8 priority tags", xdp, &tagged, XDP_PASS)?;
+        let nine = pkt::vlan(tagged, 0);
+        self.once("SYN in 9 priority tags", xdp, &nine, XDP_DROP)?;
+        let case = "dropped tiny fragment (malformed)";
+        self.repeated(case, xdp, &tiny, XDP_DROP, "")?;
+        Ok(())
+    }
+
+    /// DNS-learned addresses (`LEARNED`, per generation): one lookup only
+    /// when a rule for the port allows a learnable class.
+    fn learned_cases(&mut self) -> anyhow::Result<()> {
+        let tc = Hook::Tc;
+        let port = CLIENT_PORT + 40;
+        let syn = |p: u16| tcp4(SERVER, CLOUD_HOST, p, HTTPS_PORT, TCP_SYN);
+        self.once("SYN to 443 of an unlearned address", tc, &syn(port), TC_ACT_SHOT)?;
+        let key = |generation: u32| {
+            let mut addr = [0u8; 16];
+            addr[..4].copy_from_slice(&CLOUD_HOST);
+            LearnedKey { generation: generation as u8, family: FAMILY_V4, _pad: [0; 2], addr }
+        };
+        let mut learned: HashMap<_, LearnedKey, u32> =
+            HashMap::try_from(map(&mut self.ebpf, names::LEARNED)?)?;
+        learned.insert(key(POLICY_GEN ^ 1), CLOUD, 0)?;
+        self.once("learned in the other generation only", tc, &syn(port + 1), TC_ACT_SHOT)?;
+        let case = "dropped outbound SYN, learned lookup miss";
+        self.repeated(case, tc, &syn(port + 1), TC_ACT_SHOT, "static miss + LEARNED miss")?;
+        let mut learned: HashMap<_, LearnedKey, u32> =
+            HashMap::try_from(map(&mut self.ebpf, names::LEARNED)?)?;
+        learned.insert(key(POLICY_GEN), CLOUD, 0)?;
+        self.once("SYN to 443 of a learned address", tc, &syn(port + 2), TC_ACT_PIPE)?;
+        let entry = self.ct.get(&v4_key(SERVER, CLOUD_HOST, port + 2, HTTPS_PORT), 0)?;
+        ensure!(entry.rule == CLOUD_RULE, "learned flow has rule {}", entry.rule);
+        let mut learned: HashMap<_, LearnedKey, u32> =
+            HashMap::try_from(map(&mut self.ebpf, names::LEARNED)?)?;
+        learned.remove(&key(POLICY_GEN))?;
+        learned.remove(&key(POLICY_GEN ^ 1))?;
+        self.once("SYN to 443 after the address is forgotten", tc, &syn(port + 3), TC_ACT_SHOT)
     }
 
     /// The switch between policy generations: a generation never written
@@ -996,13 +1186,17 @@ impl Bench {
             sent >= 4,
             "expected at least 4 events (no rule, peer, malformed, outbound), got {sent}"
         );
-        let (copied, dropped) = (stat(STAT_DNS_ANSWERS)?, stat(STAT_DNS_ANSWERS_DROPPED)?);
-        println!("DNS answers copied {copied}, dropped {dropped}");
+        let (answers, queries) = (stat(STAT_DNS_ANSWERS)?, stat(STAT_DNS_QUERIES)?);
+        let (dropped, unsolicited) = (stat(STAT_DNS_ANSWERS_DROPPED)?, stat(STAT_DNS_UNSOLICITED)?);
+        println!(
+            "DNS queries copied {queries}, answers copied {answers}, dropped {dropped}, unsolicited {unsolicited}"
+        );
         ensure!(
-            copied == self.dns_copied && dropped == 0,
-            "DNS answer stats: {copied} copied, {dropped} dropped; {} read",
+            answers + queries == self.dns_copied && dropped == 0,
+            "DNS stats: {queries} queries and {answers} answers copied, {dropped} dropped; {} read",
             self.dns_copied
         );
+        ensure!(unsolicited > 0, "no unsolicited DNS answer counted");
 
         let counters: PerCpuArray<_, pcguard_common::Counters> =
             PerCpuArray::try_from(map(&mut self.ebpf, names::PORT_COUNTERS)?)?;
@@ -1041,6 +1235,7 @@ impl Bench {
 
         let mut ring = RingBuf::try_from(map(&mut self.ebpf, names::EVENTS)?)?;
         let mut reasons = Vec::new();
+        let mut details = Vec::new();
         while let Some(item) = ring.next() {
             ensure!(
                 item.len() == size_of::<FlowEvent>(),
@@ -1050,11 +1245,23 @@ impl Bench {
             // SAFETY: FlowEvent is plain data and the length was checked.
             let ev: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             reasons.push(ev.reason);
+            if ev.reason == REASON_MALFORMED {
+                details.push(ev.detail);
+            }
+        }
+        for want in [Malformed::L4Truncated] {
+            ensure!(
+                details.contains(&(want as u8)),
+                "no malformed event with detail {} (got {details:?})",
+                want.as_str()
+            );
         }
         for want in [
             REASON_NO_RULE,
             REASON_PEER_NOT_ALLOWED,
             REASON_OUTBOUND_TO_WORKSTATION,
+            REASON_UNTRACKED_REPLY,
+            REASON_MALFORMED,
         ] {
             ensure!(
                 reasons.contains(&want),

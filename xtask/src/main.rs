@@ -59,6 +59,9 @@ enum Task {
         #[arg(long, default_value = "pcglab")]
         prefix: String,
     },
+    /// Load both programs and print the verifier's instruction counts
+    /// (limit: 1,000,000 per program).
+    Verifier,
     /// Measure the XDP program with BPF_PROG_TEST_RUN (not a timed test).
     Bench {
         #[arg(long, default_value_t = 1_000_000)]
@@ -84,6 +87,10 @@ fn main() -> Result<()> {
             demo::run(&workspace_root(), keep)
         }
         Task::Lab { action, prefix } => lab(&action, &prefix),
+        Task::Verifier => {
+            build(false)?;
+            bench::verifier_counts(&ebpf_object("debug")?)
+        }
         Task::Bench { iterations } => {
             build(false)?;
             bench::run(&ebpf_object("debug")?, iterations)

@@ -142,7 +142,7 @@ fn settings(cfg: &SiteConfig) -> Settings {
         ready: 0,
         no_initiate_mask: 0,
         resolver_mask: 0,
-        _pad: 0,
+        learned_mask: 0,
         tcp_timeout_ns: nanos(cfg.conntrack.tcp),
         tcp_closing_timeout_ns: nanos(cfg.conntrack.tcp_closing),
         udp_timeout_ns: nanos(cfg.conntrack.udp),

@@ -109,6 +109,7 @@ pub fn compile_policy(p: &Policy) -> Result<CompiledPolicy, PolicyError> {
     let mut settings = p.settings;
     settings.no_initiate_mask = class_mask(p, &["workstations", "secondary_servers"]);
     settings.resolver_mask = resolver_mask(p);
+    settings.learned_mask = learned_mask(p);
     settings.ready = 1;
     Ok(CompiledPolicy {
         settings,
@@ -166,6 +167,16 @@ fn resolver_mask(p: &Policy) -> u32 {
         .iter()
         .filter(|r| r.direction == super::Direction::Outbound && r.protocol == super::Protocol::Udp)
         .filter(|r| r.ports.iter().any(|range| range.contains(53)))
+        .fold(0, |m, r| m | rule_mask(p, r))
+        & !CLASS_ANY
+}
+
+/// Classes DNS answers can give an address: the peers of rules with FQDNs
+/// (DNS-aware egress). `any` is left out: every address has it already.
+fn learned_mask(p: &Policy) -> u32 {
+    p.rules
+        .iter()
+        .filter(|r| !r.fqdns.is_empty())
         .fold(0, |m, r| m | rule_mask(p, r))
         & !CLASS_ANY
 }
