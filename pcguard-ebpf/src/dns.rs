@@ -174,12 +174,18 @@ fn copy_len(off: u16, len: u16, frame_len: u32) -> u64 {
 #[inline(always)]
 fn copy(frame_len: u32, c: &DnsCopy, load: impl Fn(u32, *mut c_void, u32) -> i64) {
     let n = copy_len(c.off, c.len, frame_len);
-    // The helper's size argument must be provably in 1..=DNS_PAYLOAD_MAX:
-    // `copy_len`'s `min` bounds it above, this check below (a zero size is
-    // rejected by the verifier, not just by the helper).
     if n == 0 {
         return;
     }
+    // The helper's size argument must be provably in 1..=DNS_PAYLOAD_MAX
+    // on the very register passed, and LLVM may test one copy of `n` and
+    // pass another. Hidden from LLVM (a volatile read), the mask below
+    // cannot be folded away, and it leaves the verifier a register in
+    // [1, DNS_PAYLOAD_MAX] whatever it knew before; for `n` in that range
+    // it changes nothing.
+    // SAFETY: a read of a local.
+    let n = unsafe { core::ptr::read_volatile(&n) };
+    let n = ((n - 1) & (DNS_PAYLOAD_MAX as u64 - 1)) + 1;
     let Some(mut entry) = DNS_MESSAGES.reserve::<DnsMessage>(0) else {
         stat(STAT_DNS_ANSWERS_DROPPED);
         return;

@@ -1,9 +1,11 @@
 //! pcguard kernel programs: `pcguard_ingress` (XDP) and `pcguard_egress`
 //! (TC classifier, clsact egress). See docs/datapath.md.
 //!
-//! Everything is `#[inline(always)]` into the two entry points: one BPF
-//! function per program, no BPF-to-BPF calls to pass packet pointers or stack
-//! through, and a stack frame the verifier sizes at once.
+//! Everything is `#[inline(always)]` into the two entry points except the
+//! parser (`parse::parse_into`), one BPF-to-BPF call that fills a `Packet`
+//! on the entry point's stack: inlined, its many early exits made LLVM
+//! spill the packet's fields at every bounds check (see its docs). No
+//! packet pointer crosses back from it.
 // The programs are BPF only. Host builds (`cargo test --workspace`) compile
 // them with std and run the unit tests of the pure parts (parsing, policy
 // arithmetic).
@@ -29,7 +31,7 @@ use pcguard_common::{DIR_EGRESS, DIR_INGRESS};
 
 use crate::{
     maps::TC_RERUN,
-    parse::{Frame, Parsed, parse},
+    parse::{Frame, Packet, Parse, parse_into},
     pipeline::{Action, run},
 };
 
@@ -46,7 +48,9 @@ pub fn pcguard_ingress(ctx: XdpContext) -> u32 {
         len: (end - data) as u32,
         ifindex: ctx.ingress_ifindex() as u32,
     };
-    match run(&frame, DIR_INGRESS, parse(&frame)) {
+    let mut pkt = Packet::EMPTY;
+    let parsed = parse_into(&frame, &mut pkt);
+    match run(&frame, DIR_INGRESS, parsed, &pkt) {
         Action::Pass => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
         Action::PassDns(answer) => {
@@ -75,7 +79,8 @@ fn tc_frame(ctx: &TcContext) -> Frame {
 #[classifier]
 pub fn pcguard_egress(ctx: TcContext) -> i32 {
     let frame = tc_frame(&ctx);
-    let parsed = parse(&frame);
+    let mut pkt = Packet::EMPTY;
+    let parsed = parse_into(&frame, &mut pkt);
     // Direct packet access sees only the skb's linear part. When headers
     // were cut short by it, pull them in and run the program again from the
     // start (a tail call into itself through `TC_RERUN`): after the pull the
@@ -90,12 +95,12 @@ pub fn pcguard_egress(ctx: TcContext) -> i32 {
     } else {
         TC_PULL_LEN
     };
-    if matches!(parsed, Parsed::Malformed(..)) && linear < want && ctx.pull_data(want).is_ok() {
+    if matches!(parsed, Parse::Malformed { .. }) && linear < want && ctx.pull_data(want).is_ok() {
         // SAFETY: a tail call with the program's own context; on failure
         // it returns and the program continues.
         unsafe { TC_RERUN.tail_call(&ctx, 0) };
     }
-    match run(&frame, DIR_EGRESS, parsed) {
+    match run(&frame, DIR_EGRESS, parsed, &pkt) {
         Action::Pass => TC_ACT_PIPE,
         Action::PassDns(query) => {
             // SAFETY: the skb of this run; `dns::handle` bounds the ranges

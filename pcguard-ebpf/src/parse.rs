@@ -9,7 +9,7 @@
 //! headers. A first fragment must hold its whole transport header (RFC
 //! 1858) and, for IPv6, the whole extension-header chain (RFC 7112, RFC
 //! 8200 section 4.5); anything the parser cannot classify with certainty is
-//! [`Parsed::Malformed`] and fails closed.
+//! [`Parse::Malformed`] and fails closed.
 //!
 //! Everything the rest of the program needs is copied out of the packet into
 //! a [`Packet`] on the stack, so no packet pointer outlives parsing (helper
@@ -124,32 +124,60 @@ pub struct Packet {
 }
 
 impl Packet {
-    #[inline(always)]
-    fn new(family: u8, proto: u8, src: Addr, dst: Addr) -> Self {
-        Self {
-            src,
-            dst,
-            sport: 0,
-            dport: 0,
-            family,
-            proto,
-            tcp_flags: 0,
-            l4: L4::Other,
-            payload_off: 0,
-            payload_len: 0,
-            payload_claimed: 0,
-        }
-    }
+    /// Nothing parsed yet: what [`parse_into`] fills in.
+    pub const EMPTY: Self = Self {
+        src: [0; 2],
+        dst: [0; 2],
+        sport: 0,
+        dport: 0,
+        family: 0,
+        proto: 0,
+        tcp_flags: 0,
+        l4: L4::Other,
+        payload_off: 0,
+        payload_len: 0,
+        payload_claimed: 0,
+    };
 }
 
-pub enum Parsed {
+/// What [`parse_into`] found. Small on purpose: the fields go straight
+/// into the caller's [`Packet`], so every early return of the parser is a
+/// constant, not a copy of the packet (which made LLVM spill the whole
+/// `Packet` at every bounds check).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Parse {
     /// Not IPv4/IPv6 (ARP, LLDP, ...).
     NonIp,
-    /// Truncated, inconsistent or unclassifiable headers. `Some` when the
-    /// IP addresses (and so a flow key, ports as far as they were read)
-    /// could be read.
+    /// An IP packet; the `Packet` holds its fields.
+    Ip,
+    /// Truncated, inconsistent or unclassifiable headers. `keyed`: the IP
+    /// addresses (and so a flow key, ports as far as they were read) are in
+    /// the `Packet`.
+    Malformed { kind: Malformed, keyed: bool },
+}
+
+#[inline(always)]
+fn malformed(kind: Malformed, keyed: bool) -> Parse {
+    Parse::Malformed { kind, keyed }
+}
+
+/// The parse of a frame as one value (host tests and tools; the programs
+/// use [`parse_into`]).
+#[cfg(not(target_arch = "bpf"))]
+pub enum Parsed {
+    NonIp,
     Malformed(Malformed, Option<Packet>),
     Ip(Packet),
+}
+
+#[cfg(not(target_arch = "bpf"))]
+pub fn parse(frame: &Frame) -> Parsed {
+    let mut p = Packet::EMPTY;
+    match parse_into(frame, &mut p) {
+        Parse::NonIp => Parsed::NonIp,
+        Parse::Ip => Parsed::Ip(p),
+        Parse::Malformed { kind, keyed } => Parsed::Malformed(kind, keyed.then_some(p)),
+    }
 }
 
 /// `N` bytes of the packet whose bounds have been checked against `data_end`.
@@ -247,8 +275,15 @@ impl Bounds {
     }
 }
 
-#[inline(always)]
-pub fn parse(frame: &Frame) -> Parsed {
+/// Parses `frame` into `p` (which starts as [`Packet::EMPTY`]).
+///
+/// A BPF-to-BPF call, not inlined: `p` then lives in the caller's stack
+/// and every early return is just a code. Inlined, LLVM kept the packet's
+/// fields in registers and, with the BPF's ten, spilled them at every
+/// bounds check to feed the many exits (measured: ~10 ns per packet more
+/// than the call costs).
+#[inline(never)]
+pub fn parse_into(frame: &Frame, p: &mut Packet) -> Parse {
     let pkt = Bounds {
         data: frame.data,
         end: frame.end,
@@ -259,14 +294,14 @@ pub fn parse(frame: &Frame) -> Parsed {
         // Tagged: at most 14 + 4 * MAX_VLAN_TAGS = 46 < 64.
         Ok((ethertype, off)) => match opaque(off, 63) {
             Some(off) => (ethertype, off),
-            None => return Parsed::Malformed(Malformed::L2Truncated, None),
+            None => return malformed(Malformed::L2Truncated, false),
         },
-        Err(m) => return Parsed::Malformed(m, None),
+        Err(m) => return malformed(m, false),
     };
     match ethertype {
-        ETH_P_IP => ipv4(pkt, off),
-        ETH_P_IPV6 => ipv6(pkt, off),
-        _ => Parsed::NonIp,
+        ETH_P_IP => ipv4(pkt, off, p),
+        ETH_P_IPV6 => ipv6(pkt, off, p),
+        _ => Parse::NonIp,
     }
 }
 
@@ -329,21 +364,23 @@ fn ip_header<const N: usize>(pkt: Bounds, off: usize, version: u8) -> Option<Hdr
 }
 
 #[inline(always)]
-fn ipv4(pkt: Bounds, off: usize) -> Parsed {
+fn ipv4(pkt: Bounds, off: usize, p: &mut Packet) -> Parse {
     let Some(ip) = ip_header::<IPV4_HLEN>(pkt, off, 4) else {
-        return Parsed::Malformed(Malformed::IpTruncated, None);
+        return malformed(Malformed::IpTruncated, false);
     };
-    let (src, dst) = (ip.v4_addr::<12>(), ip.v4_addr::<16>());
-    let p = Packet::new(FAMILY_V4, ip.u8::<9>(), src, dst);
+    p.family = FAMILY_V4;
+    p.proto = ip.u8::<9>();
+    p.src = ip.v4_addr::<12>();
+    p.dst = ip.v4_addr::<16>();
     let hlen = ((ip.u8::<0>() & 0x0f) as usize) * 4;
     let total = ip.be16::<2>() as usize;
     // The kernel drops a datagram longer than the frame (ip_rcv) and trims
     // the frame to the datagram: bytes after it are not part of it.
     if off + total > pkt.ip_end {
-        return Parsed::Malformed(Malformed::BadIpLength, Some(p));
+        return malformed(Malformed::BadIpLength, true);
     }
     if hlen < IPV4_HLEN || hlen > total {
-        return Parsed::Malformed(Malformed::BadIpHeaderLength, Some(p));
+        return malformed(Malformed::BadIpHeaderLength, true);
     }
     let pkt = Bounds {
         ip_end: off + total,
@@ -364,12 +401,12 @@ fn ipv4(pkt: Bounds, off: usize) -> Parsed {
 /// policy saw whole. One that would overwrite the first fragment's TCP
 /// header is malformed.
 #[inline(always)]
-fn later_fragment(mut p: Packet, frag_offset: u16) -> Parsed {
+fn later_fragment(p: &mut Packet, frag_offset: u16) -> Parse {
     if p.proto == IPPROTO_TCP && frag_offset < TCP_MIN_FRAG_OFFSET {
-        return Parsed::Malformed(Malformed::FragmentOverlap, Some(p));
+        return malformed(Malformed::FragmentOverlap, true);
     }
     p.l4 = L4::Fragment;
-    Parsed::Ip(p)
+    Parse::Ip
 }
 
 #[inline(always)]
@@ -381,17 +418,19 @@ fn is_ipv6_ext(nexthdr: u8) -> bool {
 }
 
 #[inline(always)]
-fn ipv6(pkt: Bounds, off: usize) -> Parsed {
+fn ipv6(pkt: Bounds, off: usize, p: &mut Packet) -> Parse {
     let Some(ip) = ip_header::<IPV6_HLEN>(pkt, off, 6) else {
-        return Parsed::Malformed(Malformed::IpTruncated, None);
+        return malformed(Malformed::IpTruncated, false);
     };
-    let (src, dst) = (ip.v6_addr::<8>(), ip.v6_addr::<24>());
-    let mut p = Packet::new(FAMILY_V6, ip.u8::<6>(), src, dst);
+    p.family = FAMILY_V6;
+    p.proto = ip.u8::<6>();
+    p.src = ip.v6_addr::<8>();
+    p.dst = ip.v6_addr::<24>();
     let payload = ip.be16::<4>() as usize;
     // Payload length 0 is a jumbogram (RFC 2675), which needs a hop-by-hop
     // option this parser does not read: fail closed.
     if payload == 0 || off + IPV6_HLEN + payload > pkt.ip_end {
-        return Parsed::Malformed(Malformed::BadIpLength, Some(p));
+        return malformed(Malformed::BadIpLength, true);
     }
     let pkt = Bounds {
         ip_end: off + IPV6_HLEN + payload,
@@ -409,24 +448,24 @@ fn ipv6(pkt: Bounds, off: usize) -> Parsed {
                 // Hop-by-hop options only directly after the IPv6 header
                 // (RFC 8200 section 4.1); Linux drops it anywhere else.
                 if p.proto == NEXTHDR_HOP && i != 0 {
-                    return Parsed::Malformed(Malformed::Ipv6HopByHopNotFirst, Some(p));
+                    return malformed(Malformed::Ipv6HopByHopNotFirst, true);
                 }
                 let Some(ext) = pkt.hdr::<2>(off) else {
-                    return Parsed::Malformed(Malformed::Ipv6ChainTruncated, Some(p));
+                    return malformed(Malformed::Ipv6ChainTruncated, true);
                 };
                 let len = (ext.u8::<1>() as usize + 1) * 8;
                 if off + len > pkt.ip_end {
-                    return Parsed::Malformed(Malformed::Ipv6ChainTruncated, Some(p));
+                    return malformed(Malformed::Ipv6ChainTruncated, true);
                 }
                 p.proto = ext.u8::<0>();
                 off += len;
             }
             NEXTHDR_FRAGMENT => {
                 if fragmented {
-                    return Parsed::Malformed(Malformed::DuplicateFragmentHeader, Some(p));
+                    return malformed(Malformed::DuplicateFragmentHeader, true);
                 }
                 let Some(frag) = pkt.hdr::<IPV6_FRAG_HLEN>(off) else {
-                    return Parsed::Malformed(Malformed::Ipv6ChainTruncated, Some(p));
+                    return malformed(Malformed::Ipv6ChainTruncated, true);
                 };
                 p.proto = frag.u8::<0>();
                 off += IPV6_FRAG_HLEN;
@@ -443,7 +482,7 @@ fn ipv6(pkt: Bounds, off: usize) -> Parsed {
     if is_ipv6_ext(p.proto) {
         // More extension headers than we walk: treat as invalid rather
         // than guess at what follows.
-        return Parsed::Malformed(Malformed::Ipv6ChainTooLong, Some(p));
+        return malformed(Malformed::Ipv6ChainTooLong, true);
     }
     transport(pkt, off, p, IPPROTO_ICMPV6, fragmented)
 }
@@ -452,29 +491,29 @@ fn ipv6(pkt: Bounds, off: usize) -> Parsed {
 /// protocol number of the address family; `fragmented`: this is the first
 /// fragment of a fragmented datagram (it holds part of the payload).
 #[inline(always)]
-fn transport(pkt: Bounds, off: usize, mut p: Packet, icmp: u8, fragmented: bool) -> Parsed {
+fn transport(pkt: Bounds, off: usize, p: &mut Packet, icmp: u8, fragmented: bool) -> Parse {
     match p.proto {
         IPPROTO_TCP => {
             let Some(tcp) = pkt.hdr::<TCP_HLEN>(off) else {
-                return Parsed::Malformed(Malformed::L4Truncated, Some(p));
+                return malformed(Malformed::L4Truncated, true);
             };
             p.sport = tcp.be16::<0>();
             p.dport = tcp.be16::<2>();
             p.tcp_flags = tcp.u8::<13>();
             let doff = (tcp.u8::<12>() >> 4) as usize * 4;
             if doff < TCP_HLEN {
-                return Parsed::Malformed(Malformed::BadTcpOffset, Some(p));
+                return malformed(Malformed::BadTcpOffset, true);
             }
             // Options included: the whole header is in the datagram (a
             // first fragment that cuts it is a tiny fragment, RFC 1858).
             if off + doff > pkt.ip_end {
-                return Parsed::Malformed(Malformed::L4Truncated, Some(p));
+                return malformed(Malformed::L4Truncated, true);
             }
             p.l4 = L4::Tcp;
         }
         IPPROTO_UDP => {
             let Some(udp) = pkt.hdr::<UDP_HLEN>(off) else {
-                return Parsed::Malformed(Malformed::L4Truncated, Some(p));
+                return malformed(Malformed::L4Truncated, true);
             };
             p.sport = udp.be16::<0>();
             p.dport = udp.be16::<2>();
@@ -483,7 +522,7 @@ fn transport(pkt: Bounds, off: usize, mut p: Packet, icmp: u8, fragmented: bool)
             // Below its own header, or (unless a first fragment holds only
             // part of it) longer than the datagram: the kernel drops both.
             if ulen < UDP_HLEN || (!fragmented && ulen > in_datagram) {
-                return Parsed::Malformed(Malformed::BadUdpLength, Some(p));
+                return malformed(Malformed::BadUdpLength, true);
             }
             p.l4 = L4::Udp;
             let payload_off = off + UDP_HLEN;
@@ -505,7 +544,7 @@ fn transport(pkt: Bounds, off: usize, mut p: Packet, icmp: u8, fragmented: bool)
         IPPROTO_IGMP if icmp == IPPROTO_ICMP => p.l4 = L4::Icmp,
         _ => {}
     }
-    Parsed::Ip(p)
+    Parse::Ip
 }
 
 #[cfg(test)]

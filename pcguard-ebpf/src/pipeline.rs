@@ -17,7 +17,7 @@ use crate::{
     counters::{count, proto_idx, stat},
     dns::{self, DnsCopy},
     events::{self, Report},
-    parse::{Frame, L4, Packet, Parsed, is_bare_syn},
+    parse::{Frame, L4, Packet, Parse, is_bare_syn},
     policy::{self, Decision, Gen},
 };
 
@@ -70,10 +70,11 @@ fn action(verdict: usize) -> Action {
     }
 }
 
+/// The verdict for a frame parsed (`parsed`) into `pkt`.
 #[inline(always)]
-pub fn run(frame: &Frame, dir: u32, parsed: Parsed) -> Action {
+pub fn run(frame: &Frame, dir: u32, parsed: Parse, pkt: &Packet) -> Action {
     match parsed {
-        Parsed::NonIp => {
+        Parse::NonIp => {
             // `STAT_NON_IP` counts non-IP frames seen at ingress (the
             // contract); at egress they pass uncounted.
             if dir == DIR_INGRESS {
@@ -81,20 +82,20 @@ pub fn run(frame: &Frame, dir: u32, parsed: Parsed) -> Action {
             }
             Action::Pass
         }
-        Parsed::Malformed(kind, pkt) => {
+        Parse::Malformed { kind, keyed } => {
             stat(STAT_MALFORMED);
             let g = Gen::active();
             match g.ready_settings() {
-                Some(s) => malformed(frame, dir, g, s, kind, pkt),
+                Some(s) => malformed(frame, dir, g, s, kind, keyed.then_some(pkt)),
                 None => bypass(frame, dir, PROTO_IDX_OTHER),
             }
         }
-        Parsed::Ip(pkt) => {
+        Parse::Ip => {
             // The one read of `ACTIVE` for this packet: every lookup below
             // uses `g`.
             let g = Gen::active();
             match g.ready_settings() {
-                Some(s) => ip(frame, dir, g, s, &pkt),
+                Some(s) => ip(frame, dir, g, s, pkt),
                 None => bypass(frame, dir, proto_idx(pkt.proto)),
             }
         }
@@ -115,12 +116,12 @@ fn malformed(
     g: Gen,
     s: &Settings,
     kind: Malformed,
-    pkt: Option<Packet>,
+    pkt: Option<&Packet>,
 ) -> Action {
     let verdict = unexpected_verdict(s, dir);
     count(dir, PROTO_IDX_OTHER, 0, 0, verdict, frame.len);
     if let Some(pkt) = pkt {
-        let key = &conntrack::flow_key(&pkt, dir).0;
+        let key = &conntrack::flow_key(pkt, dir).0;
         let r = Report {
             direction: dir,
             reason: REASON_MALFORMED,

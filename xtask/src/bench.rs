@@ -82,7 +82,7 @@ const MAX_FRESH_RUNS: u32 = 200_000;
 
 const SEC: u64 = 1_000_000_000;
 
-pub fn run(obj_path: &Path, iterations: u32) -> anyhow::Result<()> {
+pub fn run(obj_path: &Path, iterations: u32, quick: bool) -> anyhow::Result<()> {
     ensure!(iterations > 0, "iterations must be > 0");
     let mut ebpf = EbpfLoader::new()
         .load_file(obj_path)
@@ -109,6 +109,10 @@ pub fn run(obj_path: &Path, iterations: u32) -> anyhow::Result<()> {
     };
     bench.ingress_cases()?;
     bench.egress_cases()?;
+    if quick {
+        bench.print();
+        return Ok(());
+    }
     bench.dns_cases()?;
     bench.smoke_cases()?;
     bench.untracked_cases()?;
@@ -133,6 +137,11 @@ pub fn verifier_counts(obj_path: &Path) -> anyhow::Result<()> {
             info.verified_instruction_count().unwrap_or(0),
             info.size_translated().unwrap_or(0)
         );
+        println!("  program id {}", info.id());
+    }
+    // Keep the programs loaded (for `bpftool prog dump xlated id N`).
+    if let Some(secs) = std::env::var_os("PCGUARD_HOLD").and_then(|s| s.into_string().ok()?.parse().ok()) {
+        std::thread::sleep(Duration::from_secs(secs));
     }
     Ok(())
 }

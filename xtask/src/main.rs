@@ -66,6 +66,10 @@ enum Task {
     Bench {
         #[arg(long, default_value_t = 1_000_000)]
         iterations: u32,
+        /// Only the timed ingress and egress cases (quick comparisons
+        /// while optimizing); the verdict cases still assert.
+        #[arg(long)]
+        quick: bool,
     },
 }
 
@@ -91,9 +95,9 @@ fn main() -> Result<()> {
             build(false)?;
             bench::verifier_counts(&ebpf_object("debug")?)
         }
-        Task::Bench { iterations } => {
+        Task::Bench { iterations, quick } => {
             build(false)?;
-            bench::run(&ebpf_object("debug")?, iterations)
+            bench::run(&ebpf_object("debug")?, iterations, quick)
         }
     }
 }
@@ -208,7 +212,7 @@ fn test(unit_only: bool) -> Result<()> {
     }
     // The data path on crafted packets (BPF_PROG_TEST_RUN): verdicts,
     // counters and events of every path, asserted.
-    bench::run(&ebpf_object("debug")?, 1000)?;
+    bench::run(&ebpf_object("debug")?, 1000, false)?;
     // End-to-end tests: one lab at a time (2-core machines, shared CPU time).
     run(cargo().args(["test", "-p", "pcguard-tests", "--tests", "--", "--test-threads=1"]))
 }
