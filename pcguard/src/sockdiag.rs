@@ -471,7 +471,10 @@ mod tests {
         p.extend([0u8; 12]); // if, cookie
         p.extend([0u8; 20]); // expires, rqueue, wqueue, uid, inode
         assert_eq!(p.len(), DIAG_MSG_LEN);
-        p.extend([8, 0, 11, 0, 1, 0, 0, 0]); // an INET_DIAG_SKV6ONLY attribute: ignored
+        // An INET_DIAG_SKV6ONLY attribute (rtattr of 5 bytes, padded): ignored.
+        p.extend(5u16.to_ne_bytes());
+        p.extend(11u16.to_ne_bytes());
+        p.extend([1, 0, 0, 0]);
         p
     }
 
@@ -709,9 +712,9 @@ mod tests {
         assert_eq!(c.service_port(), 389);
     }
 
-    /// The real table of this process's network namespace: a listener and
-    /// a connection to it over a non-loopback address are not needed to
-    /// check that the dump runs and ends; loopback ones must be left out.
+    /// The real table of this process's network namespace (no privilege
+    /// needed): the dump reads a loopback listener and both ends of a
+    /// connection to it, and `connections` leaves all of them out.
     #[test]
     fn the_kernel_table_reads_and_leaves_loopback_out() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
