@@ -131,8 +131,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics listener {addr}"))?;
 
     let mut dp = Datapath::load(opts.bpffs_dir.as_deref())?;
-    // The policy is complete in the maps before the programs see a packet.
+    // The policy is complete in the maps before the programs see a packet,
+    // and so are the connections already open that it allows.
     dp.apply(&compiled).context("writing the policy into the maps")?;
+    seed_existing_connections(&mut dp, &compiled);
     dp.attach(&settings.interfaces, opts.xdp_skb)?;
     let events = dp.take_ring(names::EVENTS)?;
     let dns_answers = dp.take_ring(names::DNS_MESSAGES)?;
@@ -186,6 +188,49 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     State::remove(&run_dir);
     info!("detached; bye");
     result
+}
+
+/// Seeds conntrack with the connections open in this network namespace
+/// that `policy` allows in the direction they were opened in, so that the
+/// first packet the programs see of each (whichever end sends it) finds
+/// its entry (`crate::seed`). Must run after the policy is applied and
+/// before the programs are attached. Connections the policy forbids are
+/// not seeded: a firewall that starts cuts what it forbids; each is
+/// logged so the operator sees what will be cut.
+///
+/// Best effort: a socket table that cannot be read, or a failed map
+/// write, is logged and the daemon starts anyway (the connections then
+/// behave as if pcguard had no seeding). A daemon that adopts conntrack
+/// from a previous run has its entries already and skips this step.
+fn seed_existing_connections(dp: &mut Datapath, policy: &CompiledPolicy) {
+    let conns = crate::sockdiag::connections();
+    let plan = crate::seed::plan(policy, &conns);
+    let fate = cut_fate(&policy.settings);
+    for c in &plan.not_allowed {
+        warn!("existing connection {c} is not allowed by the policy: {fate}");
+    }
+    match dp.seed_conntrack(&plan.seeds) {
+        Ok(stats) => info!(
+            "existing connections: {} seeded into conntrack, {} already tracked, {} not allowed",
+            stats.inserted,
+            stats.existing,
+            plan.not_allowed.len()
+        ),
+        Err(e) => error!(
+            "seeding conntrack with {} existing connections failed ({e:#}); their packets are judged as untracked",
+            plan.seeds.len()
+        ),
+    }
+}
+
+/// What happens to an existing connection the policy does not allow.
+fn cut_fate(s: &pcguard_common::Settings) -> &'static str {
+    use pcguard_common::MODE_MONITOR;
+    match (s.ingress_mode == MODE_MONITOR, s.egress_mode == MODE_MONITOR) {
+        (false, false) => "it will be cut (its packets are dropped)",
+        (true, true) => "monitor mode: it keeps working, and its packets are reported",
+        _ => "its packets are dropped in the enforced direction (it may be cut)",
+    }
 }
 
 /// Runs `handle` on every record of `ring` as it arrives (tokio task).

@@ -16,18 +16,20 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, LpmTrie, Map, MapData, MapError, ProgramArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, ProgramArray, RingBuf, lpm_trie::Key},
     programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
 };
 use log::{debug, info, warn};
 use pcguard_common::{
-    GEN_PREFIX_BITS, NUM_GENERATIONS, PortEntry, PortSlot, Settings, names, peer_key_v4, peer_key_v6, ports_index, slots_index,
+    CtEntry, FlowKey, GEN_PREFIX_BITS, NUM_GENERATIONS, PortEntry, PortSlot, Settings, names, peer_key_v4, peer_key_v6,
+    ports_index, slots_index,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{
     dns::TrieUpdate,
     policy::{CompiledPolicy, PeerPrefix},
+    seed::Seed,
 };
 
 /// The eBPF object built by `build.rs` (pcguard-ebpf, bpfel-unknown-none).
@@ -36,6 +38,8 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pc
 /// Default directory for pinned maps (on bpffs).
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/pcguard";
 const BPFFS_MAGIC: i64 = 0xcafe_4a11;
+/// `bpf_map_update_elem` flag: fail with `EEXIST` if the key is present.
+const BPF_NOEXIST: u64 = 1;
 
 /// How the XDP program is attached.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +68,15 @@ pub struct ApplyStats {
     pub ports: usize,
     pub slots: usize,
     pub peers: usize,
+}
+
+/// What one [`Datapath::seed_conntrack`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SeedStats {
+    /// Entries written.
+    pub inserted: usize,
+    /// Flows conntrack already held (kept as they are).
+    pub existing: usize,
 }
 
 /// How long after a switch the generation packets used before it may be
@@ -330,6 +343,25 @@ impl Datapath {
         }
     }
 
+    /// Tracks connections that were open before the programs were
+    /// attached (see `crate::seed`), as the programs would have tracked
+    /// them: one `CONNTRACK` entry each, last seen now on the programs'
+    /// clock. `BPF_NOEXIST`: an entry conntrack already holds (the
+    /// programs', once attached) is left as it is.
+    pub fn seed_conntrack(&mut self, seeds: &[Seed]) -> Result<SeedStats> {
+        let now = ktime_coarse_ns();
+        let mut map: BpfHashMap<&mut MapData, FlowKey, CtEntry> = BpfHashMap::try_from(self.map_mut(names::CONNTRACK)?)?;
+        let mut stats = SeedStats::default();
+        for seed in seeds {
+            match map.insert(seed.flow_key(), seed.entry(now), BPF_NOEXIST) {
+                Ok(()) => stats.inserted += 1,
+                Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => stats.existing += 1,
+                Err(e) => return Err(e).with_context(|| format!("seeding conntrack with {}", seed.conn)),
+            }
+        }
+        Ok(stats)
+    }
+
     /// Detaches the programs and removes the pinned maps.
     pub fn shutdown(self) {
         let dir = self.bpffs_dir.clone();
@@ -531,6 +563,16 @@ pub fn ifname(index: u32) -> Option<String> {
     }
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     Some(String::from_utf8_lossy(&buf[..end]).into_owned())
+}
+
+/// Now on the clock the programs age conntrack entries with
+/// (`bpf_ktime_get_coarse_ns`: `CLOCK_MONOTONIC_COARSE`).
+pub fn ktime_coarse_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out pointer; the clock exists on every kernel that
+    // runs the programs (2.6.32+).
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn bump_memlock_rlimit() {

@@ -15,5 +15,7 @@ pub mod dns;
 pub mod flows;
 pub mod ids;
 pub mod metrics;
+pub mod seed;
+pub mod sockdiag;
 pub mod state;
 pub mod status;

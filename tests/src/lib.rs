@@ -33,6 +33,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use pcguard_common::{CtEntry, FlowKey};
 
 /// A peer of the lab: short name, last address byte.
 pub const PEERS: [(&str, u8); 7] =
@@ -260,6 +262,32 @@ fn echo(mut s: TcpStream) {
     let _ = s.shutdown(Shutdown::Both);
 }
 
+/// A dual-stack TCP listener on `port` in `host`'s namespace.
+pub fn tcp_listen(lab: &Lab, host: &str, port: u16) -> Result<TcpListener> {
+    Ok(lab.run_in(host, move || TcpListener::bind(sa(Ipv6Addr::UNSPECIFIED, port)))??)
+}
+
+/// A TCP connection from `from` to `to`, accepted by `listener` (which
+/// must be listening on `to`): (the client's end, the accepted end).
+pub fn tcp_connection(lab: &Lab, from: &str, listener: &TcpListener, to: SocketAddr) -> Result<(TcpStream, TcpStream)> {
+    let client = lab.run_in(from, move || TcpStream::connect_timeout(&to, Duration::from_secs(3)))??;
+    let (accepted, _) = listener.accept()?;
+    Ok((client, accepted))
+}
+
+/// Writes `msg` on `from`; true when `to` then reads exactly `msg` within
+/// `timeout`.
+pub fn tcp_delivers(from: &mut TcpStream, to: &mut TcpStream, msg: &[u8], timeout: Duration) -> Result<bool> {
+    from.write_all(msg)?;
+    to.set_read_timeout(Some(timeout))?;
+    let mut got = vec![0u8; msg.len()];
+    match to.read_exact(&mut got) {
+        Ok(()) => Ok(got == msg),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Outcome of one client attempt.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -454,6 +482,24 @@ impl Daemon {
         })
         .join()
         .map_err(|_| anyhow::anyhow!("scrape thread panicked"))?
+    }
+
+    /// Rule ids by rule number (a conntrack entry's `rule`), from the
+    /// daemon's state file.
+    pub fn rule_ids(&self) -> Result<Vec<String>> {
+        let path = self.run_dir.join("state.json");
+        let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+        let rules = state["labels"]["rules"].as_array().with_context(|| format!("no labels.rules in {}", path.display()))?;
+        Ok(rules.iter().map(|r| r.as_str().unwrap_or_default().to_string()).collect())
+    }
+
+    /// The entries of the daemon's conntrack (its pinned `CONNTRACK` map).
+    pub fn conntrack(&self) -> Result<Vec<(FlowKey, CtEntry)>> {
+        let path = self.bpffs_dir.join(pcguard_common::names::CONNTRACK);
+        let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        let map: BpfHashMap<MapData, FlowKey, CtEntry> = BpfHashMap::try_from(aya::maps::Map::from_map_data(data)?)?;
+        // An entry deleted between listing and reading its key is skipped.
+        Ok(map.iter().filter_map(|e| e.ok()).collect())
     }
 
     /// The audit records written so far.

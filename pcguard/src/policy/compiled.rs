@@ -3,7 +3,7 @@
 //! Produced by `policy::compile` (pure), consumed by `datapath` (writes the
 //! maps), `metrics` (labels), `render` (nftables) and `check` (rule table).
 
-use pcguard_common::{PortEntry, PortSlot, Settings};
+use pcguard_common::{MAX_SLOTS, PortEntry, PortSlot, Settings, port_table_index};
 use serde::{Deserialize, Serialize};
 
 /// Direction a rule's flows are initiated in.
@@ -126,6 +126,15 @@ pub struct PeerPrefix<const N: usize> {
     pub mask: u32,
 }
 
+/// What a rule allows a new flow with: the values of its conntrack entry.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Allowed {
+    /// Rule id (index into `CompiledPolicy::rules`, never 0).
+    pub rule: u16,
+    /// Counter label of the flow's service port (0: `other`).
+    pub port_idx: u16,
+}
+
 /// The compiled policy.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CompiledPolicy {
@@ -162,6 +171,37 @@ impl CompiledPolicy {
             std::net::IpAddr::V4(a) => longest_match(&self.peers_v4, &a.octets()).map_or(0, |p| p.mask),
             std::net::IpAddr::V6(a) => longest_match(&self.peers_v6, &a.octets()).map_or(0, |p| p.mask),
         }
+    }
+
+    /// The kernel's decision on a new flow initiated in `direction` to
+    /// `service_port`, with `remote` at the other end
+    /// (`pcguard-ebpf/src/policy.rs` `decide`): the `PORTS` entry of the
+    /// port, its slot, and the rule of the lowest class bit in
+    /// `peer_mask & allowed_mask`. `None` when the policy does not allow it.
+    ///
+    /// For userspace to judge flows the kernel has not seen (connections
+    /// open before pcguard attached) exactly as the programs would. Only
+    /// the static peer classes count: DNS-learned addresses are not
+    /// considered (the daemon has learned none when it seeds conntrack).
+    /// IPv4-mapped IPv6 addresses are looked up as IPv4, as their packets
+    /// carry them.
+    pub fn decide(
+        &self,
+        direction: Direction,
+        protocol: Protocol,
+        service_port: u16,
+        remote: std::net::IpAddr,
+    ) -> Option<Allowed> {
+        let idx = port_table_index(direction.dir_index(), protocol.proto_index(), service_port);
+        let entry = self.ports.iter().find(|(i, _)| *i == idx).map_or_else(PortEntry::default, |(_, e)| *e);
+        // Slot 0 is "no rule"; like the kernel, an id past the slots
+        // allows nothing.
+        if entry.slot == 0 || u32::from(entry.slot) >= MAX_SLOTS {
+            return None;
+        }
+        let slot = self.slots.get(usize::from(entry.slot))?;
+        let m = self.peer_mask(remote.to_canonical()) & slot.allowed_mask;
+        (m != 0).then(|| Allowed { rule: slot.rule_by_class[m.trailing_zeros() as usize], port_idx: entry.port_idx })
     }
 
     /// True when `addr` is itself a configured host prefix (/32, /128).

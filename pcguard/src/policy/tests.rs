@@ -515,3 +515,91 @@ fn peer_mask_is_the_longest_prefix_match_like_the_kernel() {
     assert!(!p.has_host_prefix("10.1.9.9".parse().unwrap()));
     assert_eq!(p.peer_mask("10.2.0.1".parse().unwrap()), CLASS_ANY);
 }
+
+/// `CompiledPolicy::decide` as the rule id it names, and the port label.
+fn allowed(p: &CompiledPolicy, dir: Direction, proto: Protocol, port: u16, peer: &str) -> Option<(String, String)> {
+    let a = p.decide(dir, proto, port, peer.parse().unwrap())?;
+    let label = p.port_labels[proto.proto_index() as usize][usize::from(a.port_idx)].clone();
+    Some((p.rules[usize::from(a.rule)].id.clone(), label))
+}
+
+#[test]
+fn compiled_decide_names_the_rule_and_port_label_the_kernel_would() {
+    let p = lab();
+    let (tcp, udp, inb, out) = (Protocol::Tcp, Protocol::Udp, Direction::Inbound, Direction::Outbound);
+    let some = |rule: &str, label: &str| Some((rule.to_string(), label.to_string()));
+    assert_eq!(allowed(&p, inb, tcp, 9191, "10.77.0.2"), some("web-http", "9191"));
+    assert_eq!(allowed(&p, inb, tcp, 9191, "fd77::2"), some("web-http", "9191"));
+    // A dual-stack socket's view of an IPv4 peer: the packets carry IPv4.
+    assert_eq!(allowed(&p, inb, tcp, 9191, "::ffff:10.77.0.2"), some("web-http", "9191"));
+    assert_eq!(allowed(&p, inb, tcp, 9192, "10.77.0.4"), some("web-https", "9192"));
+    assert_eq!(allowed(&p, inb, tcp, 9191, "10.77.0.3"), some("hp-inbound", "9191"));
+    assert_eq!(allowed(&p, inb, tcp, 22, "fd77::7"), some("admin-ssh", "22"));
+    assert_eq!(allowed(&p, out, tcp, 389, "10.77.0.5"), some("ldap", "389"));
+    assert_eq!(allowed(&p, out, tcp, 389, "fd77::5"), some("ldap", "389"));
+    assert_eq!(allowed(&p, out, tcp, 443, "10.77.0.3"), some("hp-outbound", "443"));
+    // The unclassified host, a class without the rule, a port without one,
+    // the wrong direction or protocol.
+    assert_eq!(allowed(&p, inb, tcp, 9191, "10.77.0.99"), None);
+    assert_eq!(allowed(&p, inb, tcp, 9191, "::ffff:10.77.0.99"), None);
+    assert_eq!(allowed(&p, inb, tcp, 22, "10.77.0.2"), None);
+    assert_eq!(allowed(&p, inb, tcp, 9999, "10.77.0.2"), None);
+    assert_eq!(allowed(&p, inb, tcp, 389, "10.77.0.5"), None);
+    assert_eq!(allowed(&p, out, tcp, 9191, "10.77.0.2"), None);
+    assert_eq!(allowed(&p, inb, udp, 9191, "10.77.0.2"), None);
+    assert_eq!(allowed(&p, out, tcp, 445, "10.77.0.2"), None);
+}
+
+#[test]
+fn compiled_decide_takes_the_rule_of_the_lowest_class_bit() {
+    // 10.1.0.7 is both a workstation (bit 0) and an admin (bit 3); the
+    // always-allow rule for admins comes first for the admin class only.
+    let p = compiled(
+        "[peers]\nworkstations = [\"10.0.0.0/8\"]\nadmin = [\"10.1.0.7\"]\n[features]\nweb = true\n\
+         [[always_allow.rule]]\nname = \"admin-web\"\ndirection = \"inbound\"\nprotocol = \"tcp\"\nports = [9191]\npeers = [\"admin\"]\n",
+    );
+    let admin_bit = p.class_bit("admin").unwrap();
+    assert!(admin_bit > p.class_bit("workstations").unwrap());
+    let a = p.decide(Direction::Inbound, Protocol::Tcp, 9191, "10.1.0.7".parse().unwrap()).unwrap();
+    assert_eq!(p.rules[usize::from(a.rule)].id, "web-http");
+    // The admin class alone gets its own rule.
+    let p2 = compiled(
+        "[peers]\nworkstations = [\"10.0.0.0/8\"]\nadmin = [\"192.0.2.7\"]\n[features]\nweb = true\n\
+         [[always_allow.rule]]\nname = \"admin-web\"\ndirection = \"inbound\"\nprotocol = \"tcp\"\nports = [9191]\npeers = [\"admin\"]\n",
+    );
+    let a = p2.decide(Direction::Inbound, Protocol::Tcp, 9191, "192.0.2.7".parse().unwrap()).unwrap();
+    assert_eq!(p2.rules[usize::from(a.rule)].id, "admin-web");
+}
+
+#[test]
+fn compiled_decide_agrees_with_the_kernel_model_on_every_port() {
+    let peers = ["10.77.0.2", "10.77.0.3", "10.77.0.5", "10.77.0.7", "10.77.0.99", "fd77::4", "fd77::6", "2001:db8::1"];
+    for p in [lab(), compiled("[peers]\nworkstations = [\"10.77.0.0/24\"]\ndevices = [\"10.77.0.3\"]\n[features]\nmfd = [\"hp\", \"canon\"]\n")] {
+        for dir in [Direction::Inbound, Direction::Outbound] {
+            for proto in [Protocol::Tcp, Protocol::Udp] {
+                for port in 0..=u16::MAX {
+                    for peer in peers {
+                        let got = p.decide(dir, proto, port, peer.parse().unwrap()).map(|a| p.rules[usize::from(a.rule)].id.clone());
+                        assert_eq!(got, decide(&p, dir, proto, port, peer), "{dir:?} {proto:?} {port} {peer}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn compiled_decide_allows_nothing_through_a_bad_slot() {
+    let any = PeerPrefix { addr: [0; 4], prefix_len: 0, mask: CLASS_ANY };
+    let idx = port_table_index(DIR_INGRESS, PROTO_IDX_TCP, 80);
+    let slot = PortSlot { allowed_mask: CLASS_ANY, rule_by_class: [1; MAX_CLASSES] };
+    let mut p = CompiledPolicy { peers_v4: vec![any], slots: vec![PortSlot::default(), slot], ..Default::default() };
+    let remote: IpAddr = "192.0.2.1".parse().unwrap();
+    for (entry, want) in [(1, Some(Allowed { rule: 1, port_idx: 5 })), (0, None), (2, None), (MAX_SLOTS as u16, None)] {
+        p.ports = vec![(idx, PortEntry { slot: entry, port_idx: 5 })];
+        assert_eq!(p.decide(Direction::Inbound, Protocol::Tcp, 80, remote), want, "slot {entry}");
+    }
+    // No prefix for the family: peer mask 0.
+    p.ports = vec![(idx, PortEntry { slot: 1, port_idx: 5 })];
+    assert_eq!(p.decide(Direction::Inbound, Protocol::Tcp, 80, "2001:db8::1".parse().unwrap()), None);
+}
