@@ -15,7 +15,9 @@
 //! | `PEERS_V6`      | LpmTrie<[u8;17]>     | [`peer_key_v6`]      | class mask u32 |
 //! | `SETTINGS`      | Array (2 entries)    | generation           | [`Settings`]   |
 //! | `CONNTRACK`     | LruHash              | [`FlowKey`]          | [`CtEntry`]    |
-//! | `REPORTED`      | LruHash              | [`FlowKey`]          | u64 (ns)       |
+//! | `CT_NEW`        | LruHash              | [`FlowKey`]          | [`CtEntry`]    |
+//! | `REPORTED`      | LruHash              | [`ReportKey`]        | [`ReportState`]|
+//! | `EVENT_LIMITER` | PerCpuArray (1)      | 0                    | [`TokenBucket`]|
 //! | `PORT_COUNTERS` | PerCpuArray          | [`port_counter_index`] | [`Counters`] |
 //! | `RULE_COUNTERS` | PerCpuArray          | [`rule_counter_index`] | [`Counters`] |
 //! | `STATS`         | PerCpuArray          | `STAT_*`             | u64            |
@@ -212,7 +214,12 @@ pub const STAT_DNS_QUERIES: u32 = 10;
 /// pending query (wrong transaction id, a second answer, spoofed): not
 /// copied.
 pub const STAT_DNS_UNSOLICITED: u32 = 11;
-pub const NUM_STATS: u32 = 12;
+/// Unexpected-flow reports not sent because the CPU's event budget
+/// (`Settings.event_rate`) was used up.
+pub const STAT_EVENTS_RATE_LIMITED: u32 = 12;
+/// Flows moved from `CT_NEW` to `CONNTRACK` (established).
+pub const STAT_CT_PROMOTED: u32 = 13;
+pub const NUM_STATS: u32 = 14;
 
 /// Modes in [`Settings`].
 pub const MODE_ENFORCE: u8 = 0;
@@ -254,8 +261,14 @@ pub struct Settings {
     pub tcp_closing_timeout_ns: u64,
     /// Idle timeout of a UDP flow.
     pub udp_timeout_ns: u64,
-    /// A flow is reported at most once per this interval.
+    /// A (source, destination port, reason) is reported at most once per
+    /// this interval.
     pub report_interval_ns: u64,
+    /// Unexpected-flow events each CPU may send per second (a token bucket
+    /// of `event_burst` tokens, `EVENT_LIMITER`): beyond it, counted in
+    /// `STAT_EVENTS_RATE_LIMITED`, not sent. 0: no event is sent.
+    pub event_rate: u32,
+    pub event_burst: u32,
 }
 
 /// Conntrack / event key, normalized from the server's point of view:
@@ -282,6 +295,11 @@ pub const CT_STATE_CLOSING: u8 = 1;
 /// The flow was not allowed by policy and passes only because its direction
 /// is in monitor mode; its packets count as `VERDICT_MONITOR`.
 pub const CT_FLAG_MONITORED: u8 = 1;
+/// (`CT_NEW` only) a packet travelled against the flow's direction: the
+/// other end answered. The flow moves to `CONNTRACK` (established) on its
+/// initiator's next packet (a TCP one with ACK and without SYN), or at
+/// once for a UDP flow this server opened.
+pub const CT_FLAG_REPLIED: u8 = 2;
 
 /// Value of a conntrack entry.
 #[repr(C)]
@@ -438,7 +456,48 @@ pub struct FlowEvent {
     /// For `REASON_MALFORMED`: what was wrong ([`Malformed`] as `u8`);
     /// 0 otherwise.
     pub detail: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// Packets of the same [`ReportKey`] that were not reported on their
+    /// own since its previous report (0 for the first report).
+    pub repeats: u32,
+}
+
+/// Key of `REPORTED`: what one unexpected-flow report stands for — a
+/// remote address trying one destination port for one reason — so a flood
+/// of new source ports (or sequence numbers) from one address is one
+/// report per interval, with a count.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ReportKey {
+    pub family: u8,
+    pub proto: u8,
+    /// Direction the packet travelled.
+    pub direction: u8,
+    pub reason: u8,
+    /// The packet's destination port (the service it tried).
+    pub port: u16,
+    pub _pad: u16,
+    pub remote_addr: [u8; 16],
+}
+
+/// Value of `REPORTED`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReportState {
+    /// `bpf_ktime_get_coarse_ns` of the last report.
+    pub last_ns: u64,
+    /// Packets suppressed since then (sent with the next report; counted
+    /// without atomics, so concurrent CPUs may lose a few).
+    pub repeats: u64,
+}
+
+/// A per-CPU token bucket (`EVENT_LIMITER`).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct TokenBucket {
+    pub tokens: u64,
+    /// Time the tokens were last counted up to.
+    pub last_ns: u64,
 }
 
 /// Bytes of a DNS message copied into a [`DnsAnswer`] (longer messages
@@ -519,8 +578,12 @@ pub const LEARNED_ENTRIES: u32 = NUM_GENERATIONS * LEARNED_PER_GENERATION;
 /// Size of `DNS_MESSAGES` in bytes.
 pub const DNS_MESSAGES_BYTES: u32 = 1 << 18;
 
-/// Capacity of `CONNTRACK`.
+/// Default capacity of `CONNTRACK` (established flows); the daemon sets
+/// the configured size at load (`[conntrack] max_entries`).
 pub const CONNTRACK_ENTRIES: u32 = 262_144;
+/// Default capacity of `CT_NEW` (flows that have not been answered yet;
+/// `[conntrack] new_entries`). A flood of new flows churns this table only.
+pub const CT_NEW_ENTRIES: u32 = 65_536;
 /// Capacity of `REPORTED`.
 pub const REPORTED_ENTRIES: u32 = 65_536;
 /// Prefixes per address family of one policy (one generation).
@@ -565,6 +628,8 @@ pub mod names {
     pub const PEERS_V6: &str = "PEERS_V6";
     pub const SETTINGS: &str = "SETTINGS";
     pub const CONNTRACK: &str = "CONNTRACK";
+    pub const CT_NEW: &str = "CT_NEW";
+    pub const EVENT_LIMITER: &str = "EVENT_LIMITER";
     pub const REPORTED: &str = "REPORTED";
     pub const PORT_COUNTERS: &str = "PORT_COUNTERS";
     pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
@@ -587,6 +652,9 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for ReportKey {}
+    unsafe impl aya::Pod for ReportState {}
+    unsafe impl aya::Pod for TokenBucket {}
     unsafe impl aya::Pod for DnsMessage {}
     unsafe impl aya::Pod for DnsPendingKey {}
     unsafe impl aya::Pod for LearnedKey {}
@@ -612,9 +680,11 @@ mod tests {
         assert_eq!(size_of::<PortSlot>(), 4 + 2 * MAX_CLASSES);
         assert_eq!(size_of::<FlowKey>(), 8 + 32);
         assert_eq!(size_of::<CtEntry>(), 16);
-        assert_eq!(size_of::<Settings>(), 16 + 32);
+        assert_eq!(size_of::<Settings>(), 16 + 32 + 8);
+        assert_eq!(size_of::<ReportKey>(), 8 + 16);
+        assert_eq!(size_of::<ReportState>(), 16);
         assert_eq!(size_of::<DnsMessage>(), 8 + 16 + 8 + DNS_PAYLOAD_MAX);
-        assert_eq!(size_of::<FlowEvent>(), 8 + 40 + 12 + 4 + 2 + 6);
+        assert_eq!(size_of::<FlowEvent>(), 8 + 40 + 12 + 4 + 2 + 2 + 4);
         assert_eq!(size_of::<DnsPendingKey>(), 40 + 8);
         assert_eq!(size_of::<LearnedKey>(), 20);
         assert_eq!(size_of::<Counters>(), 16 * NUM_VERDICTS);

@@ -1,16 +1,24 @@
-//! Connection tracking: an LRU hash of flow keys normalized to the server's
-//! point of view (`local` = this host).
+//! Connection tracking: LRU hashes of flow keys normalized to the server's
+//! point of view (`local` = this host), in two tables (docs/datapath.md,
+//! "Flow key and conntrack"):
+//!
+//! * `CT_NEW`: every new flow starts here, and stays until the other end
+//!   has answered and (for TCP) the initiator acknowledged the answer.
+//! * `CONNTRACK`: established flows. Only other established flows can
+//!   evict one, so a flood of new flows (spoofed SYNs, scans, churn from
+//!   random source ports) cannot push out the connections that work.
 
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::{bindings::BPF_NOEXIST, maps::LruHashMap};
 use pcguard_common::{
-    CT_STATE_CLOSING, CT_STATE_OPEN, CtEntry, DIR_EGRESS, DIR_INGRESS, FlowKey, IPPROTO_TCP,
-    IPPROTO_UDP, STAT_CT_CREATED, STAT_CT_EXPIRED, STAT_CT_INSERT_FAILED, Settings,
+    CT_FLAG_REPLIED, CT_STATE_CLOSING, CT_STATE_OPEN, CtEntry, DIR_EGRESS, DIR_INGRESS, FlowKey,
+    IPPROTO_TCP, IPPROTO_UDP, STAT_CT_CREATED, STAT_CT_EXPIRED, STAT_CT_INSERT_FAILED,
+    STAT_CT_PROMOTED, Settings,
 };
 
 use crate::{
     counters::stat,
-    maps::CONNTRACK,
-    parse::{DNS_PORT, Packet, TCP_FIN, TCP_RST, addr_bytes, is_bare_syn},
+    maps::{CONNTRACK, CT_NEW},
+    parse::{DNS_PORT, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, addr_bytes, is_bare_syn},
 };
 
 const EEXIST: i32 = 17;
@@ -46,6 +54,30 @@ pub fn flow_key(pkt: &Packet, dir: u32) -> Key {
     })
 }
 
+/// Which table an entry is in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    New,
+    Established,
+}
+
+impl Table {
+    #[inline(always)]
+    fn map(self) -> &'static LruHashMap<FlowKey, CtEntry> {
+        match self {
+            Table::New => &CT_NEW,
+            Table::Established => &CONNTRACK,
+        }
+    }
+}
+
+/// A valid conntrack hit.
+#[derive(Clone, Copy)]
+pub struct Hit {
+    pub entry: *mut CtEntry,
+    pub table: Table,
+}
+
 #[inline(always)]
 fn idle_timeout(proto: u8, state: u8, s: &Settings) -> u64 {
     match (proto, state) {
@@ -57,37 +89,52 @@ fn idle_timeout(proto: u8, state: u8, s: &Settings) -> u64 {
 
 /// Removes a closed or expired entry.
 #[inline(always)]
-fn remove(key: &FlowKey) {
-    if CONNTRACK.remove(key).is_ok() {
+fn remove(key: &FlowKey, table: Table) {
+    if table.map().remove(key).is_ok() {
         stat(STAT_CT_EXPIRED);
     }
 }
 
-/// The conntrack entry of `key` if it is a valid hit for a packet travelling
+/// `key`'s entry in `table` if it is a valid hit for a packet travelling
 /// in `dir` with `tcp_flags`: not idle past its timeout (an expired entry is
 /// deleted), and not a bare SYN against the flow's direction (the entry is
 /// kept: a genuine reply is never a bare SYN).
 #[inline(always)]
-pub fn lookup(
+fn lookup_in(
+    table: Table,
     key: &FlowKey,
     dir: u32,
     tcp_flags: u8,
     now: u64,
     s: &Settings,
-) -> Option<*mut CtEntry> {
-    let entry = CONNTRACK.get_ptr_mut(key)?;
+) -> Option<Hit> {
+    let entry = table.map().get_ptr_mut(key)?;
     // SAFETY: map value pointer, valid for the duration of the program.
     let e = unsafe { &*entry };
     // Saturating: another CPU may have stored a `last_seen_ns` later than our
     // `now`; that is an age of 0, not an expiry.
     if now.saturating_sub(e.last_seen_ns) >= idle_timeout(key.proto, e.state, s) {
-        remove(key);
+        remove(key, table);
         return None;
     }
     if is_bare_syn(tcp_flags) && e.flow_dir as u32 != dir {
         return None;
     }
-    Some(entry)
+    Some(Hit { entry, table })
+}
+
+/// The valid hit of a packet: established flows first (one lookup for
+/// the packets of working connections), then new ones. A bare SYN opens a
+/// connection, so it looks in `CT_NEW` only (its retransmissions find it
+/// there): a flood of SYNs costs one lookup per packet.
+#[inline(always)]
+pub fn lookup(key: &FlowKey, dir: u32, tcp_flags: u8, now: u64, s: &Settings) -> Option<Hit> {
+    if !is_bare_syn(tcp_flags)
+        && let Some(hit) = lookup_in(Table::Established, key, dir, tcp_flags, now, s)
+    {
+        return Some(hit);
+    }
+    lookup_in(Table::New, key, dir, tcp_flags, now, s)
 }
 
 /// Whether a packet travelling in `dir` keeps a flow initiated in
@@ -103,26 +150,75 @@ pub fn refreshes(key: &FlowKey, dir: u32, flow_dir: u32) -> bool {
         && key.remote_port == DNS_PORT)
 }
 
+/// Whether a `CT_NEW` flow is established once a packet travelling in
+/// `dir` with `tcp_flags` has been seen: TCP when the initiator sends an
+/// ACK (not a SYN) after the other end answered (the handshake's third
+/// packet, which a spoofed source never sees the answer to send); UDP on
+/// the answer to a flow this server opened, or the initiator's next packet
+/// after an answer to one a peer opened. `replied`: the answer came
+/// earlier; `reply`: this packet is it.
+#[inline(always)]
+fn established(key: &FlowKey, flow_dir: u32, replied: bool, reply: bool, tcp_flags: u8) -> bool {
+    if key.proto == IPPROTO_TCP {
+        !reply && replied && tcp_flags & (TCP_ACK | TCP_SYN) == TCP_ACK
+    } else if reply {
+        flow_dir == DIR_EGRESS
+    } else {
+        replied
+    }
+}
+
 /// Updates a valid hit after its packet has been counted: refreshes
 /// `last_seen_ns` (when `refresh`), deletes the entry on RST, marks it
-/// closing on FIN.
+/// closing on FIN, and moves a `CT_NEW` flow to `CONNTRACK` once it is
+/// established.
 #[inline(always)]
-pub fn touch(key: &FlowKey, entry: *mut CtEntry, tcp_flags: u8, now: u64, refresh: bool) {
+pub fn touch(key: &FlowKey, hit: Hit, dir: u32, tcp_flags: u8, now: u64, refresh: bool) {
     if tcp_flags & TCP_RST != 0 {
-        remove(key);
+        // Both tables: a bare SYN of an established 5-tuple (a duplicate,
+        // or a new connection reusing it) may have left a `CT_NEW` entry
+        // beside it.
+        remove(key, Table::Established);
+        remove(key, Table::New);
         return;
     }
     // SAFETY: map value pointer, valid for the duration of the program.
-    let e = unsafe { &mut *entry };
+    let e = unsafe { &mut *hit.entry };
     if refresh {
         e.last_seen_ns = now;
     }
     if tcp_flags & TCP_FIN != 0 {
         e.state = CT_STATE_CLOSING;
     }
+    if hit.table == Table::Established {
+        return;
+    }
+    let flow_dir = e.flow_dir as u32;
+    let reply = dir != flow_dir;
+    if established(key, flow_dir, e.flags & CT_FLAG_REPLIED != 0, reply, tcp_flags) {
+        promote(key, e);
+    } else if reply {
+        e.flags |= CT_FLAG_REPLIED;
+    }
 }
 
-/// Tracks a new flow initiated in `flow_dir`.
+/// Moves a flow from `CT_NEW` to `CONNTRACK`. If the insert fails the
+/// entry stays where it is (and is tried again on its next packet).
+#[inline(always)]
+fn promote(key: &FlowKey, e: &CtEntry) {
+    let entry = CtEntry {
+        flags: e.flags & !CT_FLAG_REPLIED,
+        ..*e
+    };
+    if CONNTRACK.insert(key, &entry, 0).is_ok() {
+        let _ = CT_NEW.remove(key);
+        stat(STAT_CT_PROMOTED);
+    } else {
+        stat(STAT_CT_INSERT_FAILED);
+    }
+}
+
+/// Tracks a new flow initiated in `flow_dir` (in `CT_NEW`).
 ///
 /// `BPF_NOEXIST`: an existing entry (one ignored because of a bare SYN
 /// against its direction, or one another CPU just created) is kept.
@@ -137,9 +233,43 @@ pub fn insert(key: &FlowKey, flow_dir: u32, rule: u16, port_idx: u16, flags: u8,
         flags,
         _pad: 0,
     };
-    match CONNTRACK.insert(key, entry, BPF_NOEXIST as u64) {
+    match CT_NEW.insert(key, &entry, BPF_NOEXIST as u64) {
         Ok(()) => stat(STAT_CT_CREATED),
         Err(e) if e == -EEXIST => {}
         Err(_) => stat(STAT_CT_INSERT_FAILED),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(proto: u8) -> FlowKey {
+        FlowKey {
+            proto,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tcp_is_established_by_the_initiators_ack_after_an_answer() {
+        let tcp = key(IPPROTO_TCP);
+        // The SYN+ACK (a reply) does not establish; it marks the answer.
+        assert!(!established(&tcp, DIR_INGRESS, false, true, TCP_SYN | TCP_ACK));
+        // The initiator's ACK after it does.
+        assert!(established(&tcp, DIR_INGRESS, true, false, TCP_ACK));
+        // Not before an answer, not a retransmitted SYN, not a reply.
+        assert!(!established(&tcp, DIR_INGRESS, false, false, TCP_ACK));
+        assert!(!established(&tcp, DIR_INGRESS, true, false, TCP_SYN));
+        assert!(!established(&tcp, DIR_INGRESS, true, true, TCP_ACK));
+    }
+
+    #[test]
+    fn udp_is_established_by_an_answer_to_the_server_or_a_peer_s_second_packet() {
+        let udp = key(IPPROTO_UDP);
+        assert!(established(&udp, DIR_EGRESS, false, true, 0));
+        assert!(!established(&udp, DIR_INGRESS, false, true, 0));
+        assert!(established(&udp, DIR_INGRESS, true, false, 0));
+        assert!(!established(&udp, DIR_INGRESS, false, false, 0));
     }
 }

@@ -37,13 +37,17 @@ const DNS_HLEN: u16 = 12;
 /// QR, the first bit of the third header byte: set in responses.
 const DNS_QR: u8 = 0x80;
 
+/// The hook's load-bytes helper (`bpf_xdp_load_bytes`,
+/// `bpf_skb_load_bytes`): copies `n` bytes at `off` of the frame to `dst`,
+/// 0 on success.
+pub trait Load: Fn(u32, *mut c_void, u32) -> i64 {}
+impl<F: Fn(u32, *mut c_void, u32) -> i64> Load for F {}
+
 /// A DNS message candidate: whose, and where its payload is in the frame.
 #[derive(Clone, Copy)]
 pub struct DnsCopy {
     /// `DNS_KIND_QUERY` / `DNS_KIND_ANSWER`.
     pub kind: u8,
-    /// The flow (server's query port, resolver's port 53).
-    pub key: FlowKey,
     pub resolver: Addr,
     pub family: u8,
     /// This server's port.
@@ -83,7 +87,6 @@ fn candidate(
     }
     Some(DnsCopy {
         kind,
-        key: *key,
         resolver: if query { pkt.dst } else { pkt.src },
         family: pkt.family,
         server_port: if query { pkt.sport } else { pkt.dport },
@@ -127,12 +130,12 @@ fn pending_key(key: &FlowKey, txid: u16) -> DnsPendingKey {
 }
 
 /// Reads the candidate's DNS header with `load(off, dst, n)` (the hook's
-/// load-bytes helper) and, for a query (QR = 0), records it as pending;
-/// for an answer (QR = 1), removes its pending query (one answer per
-/// query: an answer that finds none is counted and not copied). Then
-/// copies the message for the daemon.
+/// load-bytes helper) and, for a query (QR = 0), records it as pending
+/// under its flow `key`; for an answer (QR = 1), removes its pending query
+/// (one answer per query: an answer that finds none is counted and not
+/// copied). Then copies the message for the daemon.
 #[inline(always)]
-pub fn handle(frame_len: u32, c: &DnsCopy, load: impl Fn(u32, *mut c_void, u32) -> i64) {
+pub fn handle(frame_len: u32, c: &DnsCopy, key: &FlowKey, load: &impl Load) {
     let mut hdr = [0u8; 4];
     if load(c.off as u32, hdr.as_mut_ptr().cast(), 4) != 0 {
         return;
@@ -145,8 +148,8 @@ pub fn handle(frame_len: u32, c: &DnsCopy, load: impl Fn(u32, *mut c_void, u32) 
         }
         // An LRU: a full map forgets the oldest queries, whose answers are
         // then not copied.
-        let _ = DNS_PENDING.insert(&pending_key(&c.key, txid), &c.now, 0);
-    } else if !response || DNS_PENDING.remove(&pending_key(&c.key, txid)).is_err() {
+        let _ = DNS_PENDING.insert(&pending_key(key, txid), &c.now, 0);
+    } else if !response || DNS_PENDING.remove(&pending_key(key, txid)).is_err() {
         stat(STAT_DNS_UNSOLICITED);
         return;
     }
@@ -172,7 +175,7 @@ fn copy_len(off: u16, len: u16, frame_len: u32) -> u64 {
 /// the 512-byte BPF stack. Payload bytes past `len` are left as the ring
 /// buffer holds them (`len` says where the message ends).
 #[inline(always)]
-fn copy(frame_len: u32, c: &DnsCopy, load: impl Fn(u32, *mut c_void, u32) -> i64) {
+fn copy(frame_len: u32, c: &DnsCopy, load: &impl Load) {
     let n = copy_len(c.off, c.len, frame_len);
     if n == 0 {
         return;

@@ -1,14 +1,18 @@
-//! Unexpected-flow reports on the `EVENTS` ring buffer, at most one per flow
-//! key per `report_interval_ns`.
+//! Unexpected-flow reports on the `EVENTS` ring buffer (docs/datapath.md,
+//! "Events"): at most one per (remote address, destination port, reason,
+//! protocol, direction) per `report_interval_ns`, carrying how many packets
+//! of it were not reported on their own since the previous report; and at
+//! most `Settings.event_rate` per second per CPU, whatever arrives.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use pcguard_common::{
-    FlowEvent, FlowKey, STAT_EVENTS_DROPPED, STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED,
+    DIR_INGRESS, FlowEvent, FlowKey, ReportKey, ReportState, STAT_EVENTS_DROPPED,
+    STAT_EVENTS_RATE_LIMITED, STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, Settings,
 };
 
 use crate::{
     counters::stat,
-    maps::{EVENTS, REPORTED},
+    maps::{EVENT_LIMITER, EVENTS, REPORTED},
     parse::Frame,
 };
 
@@ -25,25 +29,89 @@ pub struct Report {
     pub detail: u8,
 }
 
-/// Whether `key` was reported less than `interval` ago.
+/// Nanoseconds per second.
+const SEC: u64 = 1_000_000_000;
+/// Highest per-CPU event rate the bucket counts in (keeps `SEC / rate`
+/// at least 1 ns per token).
+const MAX_RATE: u64 = 1_000_000;
+
+/// The report key of a packet of flow `key` travelling in `dir`.
 #[inline(always)]
-fn recently_reported(key: &FlowKey, now: u64, interval: u64) -> bool {
-    // SAFETY: plain u64 value; a concurrent update only makes it newer.
-    match unsafe { REPORTED.get(key) } {
-        Some(last) => now.saturating_sub(*last) < interval,
-        None => false,
+fn report_key(key: &FlowKey, r: &Report) -> ReportKey {
+    ReportKey {
+        family: key.family,
+        proto: key.proto,
+        direction: r.direction as u8,
+        reason: r.reason,
+        // The destination port: the service the packet tried.
+        port: if r.direction == DIR_INGRESS {
+            key.local_port
+        } else {
+            key.remote_port
+        },
+        _pad: 0,
+        remote_addr: key.remote_addr,
     }
 }
 
+/// Takes one of this CPU's event tokens, if any: a bucket of `event_burst`
+/// tokens refilled at `event_rate` per second.
 #[inline(always)]
-pub fn report(frame: &Frame, key: &FlowKey, r: &Report, now: u64, interval: u64) {
-    if recently_reported(key, now, interval) {
-        stat(STAT_EVENTS_SUPPRESSED);
+fn take_token(now: u64, s: &Settings) -> bool {
+    let Some(b) = EVENT_LIMITER.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU map value, valid for the duration of the program.
+    let b = unsafe { &mut *b };
+    let rate = s.event_rate as u64;
+    if rate == 0 {
+        return false;
+    }
+    let per_token = SEC / rate.min(MAX_RATE);
+    let earned = now.saturating_sub(b.last_ns) / per_token;
+    let burst = s.event_burst as u64;
+    if b.tokens + earned >= burst {
+        // Full (also after a reload lowered the burst).
+        b.tokens = burst;
+        b.last_ns = now;
+    } else if earned > 0 {
+        b.tokens += earned;
+        // Advance by what the tokens were worth: fractions carry over.
+        b.last_ns += earned * per_token;
+    }
+    if b.tokens == 0 {
+        return false;
+    }
+    b.tokens -= 1;
+    true
+}
+
+#[inline(always)]
+pub fn report(frame: &Frame, key: &FlowKey, r: &Report, now: u64, s: &Settings) {
+    let rk = report_key(key, r);
+    let mut repeats = 0;
+    if let Some(st) = REPORTED.get_ptr_mut(&rk) {
+        // SAFETY: map value pointer, valid for the duration of the program.
+        let st = unsafe { &mut *st };
+        if now.saturating_sub(st.last_ns) < s.report_interval_ns {
+            // Not atomic (Rust offers no atomic add on BPF): two CPUs
+            // counting the same key at once may lose one; a count, not a
+            // guarantee.
+            st.repeats += 1;
+            stat(STAT_EVENTS_SUPPRESSED);
+            return;
+        }
+        repeats = st.repeats.min(u32::MAX as u64) as u32;
+    }
+    if !take_token(now, s) {
+        // Not marked as reported: a later packet reports it once the CPU
+        // has a token again.
+        stat(STAT_EVENTS_RATE_LIMITED);
         return;
     }
     let Some(mut slot) = EVENTS.reserve::<FlowEvent>(0) else {
-        // Not marked as reported: a later packet of the flow retries once the
-        // daemon has drained the ring.
+        // Not marked as reported: a later packet retries once the daemon
+        // has drained the ring.
         stat(STAT_EVENTS_DROPPED);
         return;
     };
@@ -64,10 +132,15 @@ pub fn report(frame: &Frame, key: &FlowKey, r: &Report, now: u64, interval: u64)
         tcp_flags: r.tcp_flags,
         slot: r.slot,
         detail: r.detail,
-        _pad: [0; 5],
+        _pad: 0,
+        repeats,
     });
     slot.submit(0);
-    // Failure only means the flow may be reported again: nothing to do.
-    let _ = REPORTED.insert(key, now, 0);
+    // Failure only means the key may be reported again: nothing to do.
+    let state = ReportState {
+        last_ns: now,
+        repeats: 0,
+    };
+    let _ = REPORTED.insert(&rk, &state, 0);
     stat(STAT_EVENTS_SENT);
 }

@@ -50,17 +50,12 @@ pub fn pcguard_ingress(ctx: XdpContext) -> u32 {
     };
     let mut pkt = Packet::EMPTY;
     let parsed = parse_into(&frame, &mut pkt);
-    match run(&frame, DIR_INGRESS, parsed, &pkt) {
+    // SAFETY: the XDP context of this run; `dns::handle` bounds the ranges
+    // by the frame.
+    let load = |off, dst, n| unsafe { bpf_xdp_load_bytes(ctx.ctx, off, dst, n) };
+    match run(&frame, DIR_INGRESS, parsed, &pkt, &load) {
         Action::Pass => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
-        Action::PassDns(answer) => {
-            // SAFETY: the XDP context of this run; `dns::handle` bounds
-            // the ranges by the frame.
-            dns::handle(frame.len, &answer, |off, dst, n| unsafe {
-                bpf_xdp_load_bytes(ctx.ctx, off, dst, n)
-            });
-            xdp_action::XDP_PASS
-        }
     }
 }
 
@@ -100,16 +95,11 @@ pub fn pcguard_egress(ctx: TcContext) -> i32 {
         // it returns and the program continues.
         unsafe { TC_RERUN.tail_call(&ctx, 0) };
     }
-    match run(&frame, DIR_EGRESS, parsed, &pkt) {
+    // SAFETY: the skb of this run; `dns::handle` bounds the ranges by the
+    // skb's length.
+    let load = |off, dst, n| unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const _, off, dst, n) };
+    match run(&frame, DIR_EGRESS, parsed, &pkt, &load) {
         Action::Pass => TC_ACT_PIPE,
-        Action::PassDns(query) => {
-            // SAFETY: the skb of this run; `dns::handle` bounds the ranges
-            // by the skb's length.
-            dns::handle(frame.len, &query, |off, dst, n| unsafe {
-                bpf_skb_load_bytes(ctx.skb.skb as *const _, off, dst, n)
-            });
-            TC_ACT_PIPE
-        }
         Action::Drop => TC_ACT_SHOT,
     }
 }

@@ -7,10 +7,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use pcguard_common::{
-    CONNTRACK_ENTRIES, Counters, CtEntry, DNS_MESSAGES_BYTES, DNS_PENDING_ENTRIES, DnsPendingKey,
-    EVENTS_BYTES, FlowKey, LEARNED_ENTRIES, LearnedKey, NUM_GENERATIONS, NUM_STATS,
+    CONNTRACK_ENTRIES, CT_NEW_ENTRIES, Counters, CtEntry, DNS_MESSAGES_BYTES, DNS_PENDING_ENTRIES,
+    DnsPendingKey, EVENTS_BYTES, FlowKey, LEARNED_ENTRIES, LearnedKey, NUM_GENERATIONS, NUM_STATS,
     PEER_TRIE_ENTRIES, PORT_COUNTER_ENTRIES, PORTS_ENTRIES, PortEntry, PortSlot, REPORTED_ENTRIES,
-    RULE_COUNTER_ENTRIES, SLOTS_ENTRIES, Settings,
+    RULE_COUNTER_ENTRIES, ReportKey, ReportState, SLOTS_ENTRIES, Settings, TokenBucket,
 };
 
 /// The policy generation packets use (0 or 1), one entry: read once per
@@ -39,14 +39,25 @@ pub static PEERS_V6: LpmTrie<[u8; 17], u32> = LpmTrie::with_max_entries(PEER_TRI
 #[map]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(NUM_GENERATIONS, 0);
 
-/// Normalized flow key -> conntrack entry.
+/// Normalized flow key -> conntrack entry, for established flows (both
+/// ends spoke): only other established flows can evict one.
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
     LruHashMap::with_max_entries(CONNTRACK_ENTRIES, 0);
 
-/// Flow key -> time of its last unexpected-flow report.
+/// Normalized flow key -> conntrack entry, for flows not answered yet. A
+/// flood of new flows (spoofed SYNs, scans) churns this table only.
 #[map]
-pub static REPORTED: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(REPORTED_ENTRIES, 0);
+pub static CT_NEW: LruHashMap<FlowKey, CtEntry> = LruHashMap::with_max_entries(CT_NEW_ENTRIES, 0);
+
+/// (remote address, destination port, reason, ...) -> its last report.
+#[map]
+pub static REPORTED: LruHashMap<ReportKey, ReportState> =
+    LruHashMap::with_max_entries(REPORTED_ENTRIES, 0);
+
+/// Per-CPU budget of unexpected-flow events (`Settings.event_rate`).
+#[map]
+pub static EVENT_LIMITER: PerCpuArray<TokenBucket> = PerCpuArray::with_max_entries(1, 0);
 
 /// Packets/bytes per (packet direction, protocol, port label) and verdict.
 #[map]

@@ -7,28 +7,24 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use pcguard_common::{
-    CT_FLAG_MONITORED, CtEntry, DIR_INGRESS, FlowKey, MODE_MONITOR, Malformed, PROTO_IDX_OTHER,
+    CT_FLAG_MONITORED, DIR_INGRESS, FlowKey, MODE_MONITOR, Malformed, PROTO_IDX_OTHER,
     REASON_MALFORMED, REASON_OUTBOUND_TO_WORKSTATION, REASON_UNTRACKED_REPLY, STAT_MALFORMED,
     STAT_NON_IP, Settings, VERDICT_ALLOW, VERDICT_BYPASS, VERDICT_DROP, VERDICT_MONITOR,
 };
 
 use crate::{
-    conntrack,
+    conntrack::{self, Hit},
     counters::{count, proto_idx, stat},
-    dns::{self, DnsCopy},
+    dns::{self, Load},
     events::{self, Report},
     parse::{Frame, L4, Packet, Parse, is_bare_syn},
     policy::{self, Decision, Gen},
 };
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Pass,
     Drop,
-    /// Pass, and copy the DNS message (an answer at ingress, a query at
-    /// egress) to `DNS_MESSAGES`: done by the entry point, which holds the
-    /// context the copy needs.
-    PassDns(DnsCopy),
 }
 
 /// CLOCK_MONOTONIC at the last tick, for conntrack ages and report
@@ -70,9 +66,10 @@ fn action(verdict: usize) -> Action {
     }
 }
 
-/// The verdict for a frame parsed (`parsed`) into `pkt`.
+/// The verdict for a frame parsed (`parsed`) into `pkt`. `load` is the
+/// hook's load-bytes helper, for DNS messages.
 #[inline(always)]
-pub fn run(frame: &Frame, dir: u32, parsed: Parse, pkt: &Packet) -> Action {
+pub fn run(frame: &Frame, dir: u32, parsed: Parse, pkt: &Packet, load: &impl Load) -> Action {
     match parsed {
         Parse::NonIp => {
             // `STAT_NON_IP` counts non-IP frames seen at ingress (the
@@ -95,7 +92,7 @@ pub fn run(frame: &Frame, dir: u32, parsed: Parse, pkt: &Packet) -> Action {
             // uses `g`.
             let g = Gen::active();
             match g.ready_settings() {
-                Some(s) => ip(frame, dir, g, s, pkt),
+                Some(s) => ip(frame, dir, g, s, pkt, load),
                 None => bypass(frame, dir, proto_idx(pkt.proto)),
             }
         }
@@ -131,7 +128,7 @@ fn malformed(
             tcp_flags: pkt.tcp_flags,
             detail: kind as u8,
         };
-        events::report(frame, key, &r, now(), s.report_interval_ns);
+        events::report(frame, key, &r, now(), s);
     }
     action(verdict)
 }
@@ -179,7 +176,7 @@ impl Flow<'_> {
 }
 
 #[inline(always)]
-fn ip(frame: &Frame, dir: u32, g: Gen, s: &Settings, pkt: &Packet) -> Action {
+fn ip(frame: &Frame, dir: u32, g: Gen, s: &Settings, pkt: &Packet, load: &impl Load) -> Action {
     let proto_idx = proto_idx(pkt.proto);
     match pkt.l4 {
         L4::Fragment => return bypass(frame, dir, proto_idx),
@@ -198,26 +195,26 @@ fn ip(frame: &Frame, dir: u32, g: Gen, s: &Settings, pkt: &Packet) -> Action {
         now: now(),
     };
     let action = match conntrack::lookup(key, dir, pkt.tcp_flags, flow.now, s) {
-        Some(entry) => tracked(&flow, entry),
+        Some(hit) => tracked(&flow, hit, load),
         None => untracked(&flow),
     };
     // At egress, a passed query to a resolver is also recorded and copied
     // (one place for every way a packet passes: one walk for the verifier).
     if dir != DIR_INGRESS
-        && matches!(action, Action::Pass)
+        && action == Action::Pass
         && let Some(q) = dns::query(pkt, key, g, s, flow.now)
     {
-        return Action::PassDns(q);
+        dns::handle(frame.len, &q, key, load);
     }
     action
 }
 
 #[inline(always)]
-fn tracked(flow: &Flow, entry: *mut CtEntry) -> Action {
+fn tracked(flow: &Flow, hit: Hit, load: &impl Load) -> Action {
     // SAFETY: map value pointer, valid for the duration of the program.
     // Read before `touch`, which may delete the entry.
     let (port_idx, rule, flags, flow_dir) = unsafe {
-        let e = &*entry;
+        let e = &*hit.entry;
         (e.port_idx, e.rule, e.flags, e.flow_dir as u32)
     };
     let verdict = if flags & CT_FLAG_MONITORED != 0 {
@@ -227,11 +224,11 @@ fn tracked(flow: &Flow, entry: *mut CtEntry) -> Action {
     };
     flow.count(port_idx, rule, verdict);
     let refresh = conntrack::refreshes(flow.key, flow.dir, flow_dir);
-    conntrack::touch(flow.key, entry, flow.pkt.tcp_flags, flow.now, refresh);
+    conntrack::touch(flow.key, hit, flow.dir, flow.pkt.tcp_flags, flow.now, refresh);
     if flow.dir == DIR_INGRESS
         && let Some(answer) = dns::answer(flow.pkt, flow.key, flow_dir, flow.g, flow.s, flow.now)
     {
-        return Action::PassDns(answer);
+        dns::handle(flow.frame.len, &answer, flow.key, load);
     }
     Action::Pass
 }
@@ -292,7 +289,7 @@ fn untracked(flow: &Flow) -> Action {
         tcp_flags: pkt.tcp_flags,
         detail: 0,
     };
-    events::report(flow.frame, flow.key, &r, flow.now, s.report_interval_ns);
+    events::report(flow.frame, flow.key, &r, flow.now, s);
     if verdict == VERDICT_DROP {
         flow.count(first.port_idx, 0, VERDICT_DROP);
         return Action::Drop;

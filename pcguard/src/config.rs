@@ -30,6 +30,11 @@ pub const DEFAULT_TCP_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_TCP_CLOSING_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_UDP_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(60);
+/// Unexpected-flow records the daemon writes per second at most; beyond,
+/// one summary record per report interval counts what was left out.
+pub const DEFAULT_MAX_RECORDS_PER_SECOND: u32 = 100;
+/// Conntrack table sizes (`[conntrack] max_entries`, `new_entries`).
+pub const CONNTRACK_ENTRIES_RANGE: (u64, u64) = (1024, 16_777_216);
 /// The pseudo peer class every address belongs to.
 pub const CLASS_ANY_NAME: &str = "any";
 
@@ -105,6 +110,10 @@ pub struct ConntrackTimeouts {
     pub tcp_closing: Duration,
     /// Idle timeout of a UDP flow.
     pub udp: Duration,
+    /// Entries of the established-flows table (`CONNTRACK`).
+    pub max_entries: u32,
+    /// Entries of the new-flows table (`CT_NEW`).
+    pub new_entries: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,6 +122,8 @@ pub struct AuditConfig {
     pub path: PathBuf,
     /// A flow is reported at most once per this interval.
     pub report_interval: Duration,
+    /// Unexpected-flow records written per second at most.
+    pub max_records_per_second: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -282,6 +293,18 @@ pub fn parse(text: &str, origin: &str) -> Result<SiteConfig, ConfigError> {
                 "conntrack.udp_timeout",
                 DEFAULT_UDP_TIMEOUT,
             )?,
+            max_entries: ctx.count(
+                &raw.conntrack.max_entries,
+                "conntrack.max_entries",
+                CONNTRACK_ENTRIES_RANGE,
+                pcguard_common::CONNTRACK_ENTRIES,
+            )?,
+            new_entries: ctx.count(
+                &raw.conntrack.new_entries,
+                "conntrack.new_entries",
+                CONNTRACK_ENTRIES_RANGE,
+                pcguard_common::CT_NEW_ENTRIES,
+            )?,
         },
         audit: AuditConfig {
             path: raw
@@ -293,6 +316,12 @@ pub fn parse(text: &str, origin: &str) -> Result<SiteConfig, ConfigError> {
                 &raw.audit.report_interval,
                 "audit.report_interval",
                 DEFAULT_REPORT_INTERVAL,
+            )?,
+            max_records_per_second: ctx.count(
+                &raw.audit.max_records_per_second,
+                "audit.max_records_per_second",
+                (1, 100_000),
+                DEFAULT_MAX_RECORDS_PER_SECOND,
             )?,
         },
         metrics: MetricsConfig {
@@ -337,6 +366,25 @@ impl Ctx<'_> {
             span::join_key(&table, &key)
         };
         self.error(e.span(), key, message)
+    }
+
+    /// A whole number in `range` (inclusive), or `default`.
+    fn count(
+        &self,
+        value: &Option<Spanned<u64>>,
+        key: &str,
+        (min, max): (u64, u64),
+        default: u32,
+    ) -> Result<u32, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(v) if (min..=max).contains(v.get_ref()) => Ok(*v.get_ref() as u32),
+            Some(v) => Err(self.error(
+                Some(v.span()),
+                key,
+                format!("{} is out of range ({min} to {max})", v.get_ref()),
+            )),
+        }
     }
 
     fn duration(

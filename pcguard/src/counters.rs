@@ -83,6 +83,7 @@ pub struct PinnedCounters {
     rules: PerCpuArray<MapData, Counters>,
     stats: PerCpuArray<MapData, u64>,
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
+    ct_new: HashMap<MapData, FlowKey, CtEntry>,
 }
 
 impl PinnedCounters {
@@ -98,6 +99,7 @@ impl PinnedCounters {
             rules: PerCpuArray::try_from(open(names::RULE_COUNTERS)?)?,
             stats: PerCpuArray::try_from(open(names::STATS)?)?,
             conntrack: HashMap::try_from(open(names::CONNTRACK)?)?,
+            ct_new: HashMap::try_from(open(names::CT_NEW)?)?,
         })
     }
 
@@ -125,7 +127,10 @@ impl PinnedCounters {
         for (i, s) in snap.stats.iter_mut().enumerate() {
             *s = self.stats.get(&(i as u32), 0)?.iter().sum();
         }
-        snap.conntrack_entries = self.conntrack.keys().filter(|k| k.is_ok()).count() as u64;
+        snap.conntrack_entries = [&self.conntrack, &self.ct_new]
+            .iter()
+            .map(|m| m.keys().filter(|k| k.is_ok()).count() as u64)
+            .sum();
         Ok(snap)
     }
 }

@@ -21,7 +21,7 @@ use tokio::{
 use crate::{
     config::{self, SiteConfig},
     counters::{Labels, PinnedCounters},
-    datapath::Datapath,
+    datapath::{Datapath, MapSizes},
     dns::{FqdnClasses, Learner, Resolved, TrieUpdate},
     flows::{AuditLog, AuditRecord, Dedup},
     ids::StableIds,
@@ -130,7 +130,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let addr = settings.metrics_listen;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics listener {addr}"))?;
 
-    let mut dp = Datapath::load(opts.bpffs_dir.as_deref())?;
+    let mut dp = Datapath::load(opts.bpffs_dir.as_deref(), &MapSizes::of(&cfg))?;
     // The policy is complete in the maps before the programs see a packet,
     // and so are the connections already open that it allows.
     dp.apply(&compiled).context("writing the policy into the maps")?;

@@ -70,6 +70,21 @@ pub struct ApplyStats {
     pub peers: usize,
 }
 
+/// Map sizes chosen at load time (the config's `[conntrack]` sizes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapSizes {
+    /// Established flows (`CONNTRACK`).
+    pub conntrack: u32,
+    /// New flows (`CT_NEW`).
+    pub ct_new: u32,
+}
+
+impl MapSizes {
+    pub fn of(cfg: &crate::config::SiteConfig) -> Self {
+        Self { conntrack: cfg.conntrack.max_entries, ct_new: cfg.conntrack.new_entries }
+    }
+}
+
 /// What one [`Datapath::seed_conntrack`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SeedStats {
@@ -116,9 +131,13 @@ impl Datapath {
     /// pins of a previous run). Nothing is attached yet and, until
     /// [`Datapath::apply`] first switches `ACTIVE`, the active generation
     /// (0) has `SETTINGS.ready == 0` so every packet passes.
-    pub fn load(bpffs_dir: Option<&Path>) -> Result<Self> {
+    pub fn load(bpffs_dir: Option<&Path>, sizes: &MapSizes) -> Result<Self> {
         bump_memlock_rlimit();
-        let mut ebpf = EbpfLoader::new().load(OBJECT).context("loading the eBPF object")?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::CONNTRACK, sizes.conntrack)
+            .map_max_entries(names::CT_NEW, sizes.ct_new)
+            .load(OBJECT)
+            .context("loading the eBPF object")?;
         for name in [names::XDP_PROG, names::TC_PROG] {
             let prog = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from object"))?;
             match prog {
@@ -283,6 +302,10 @@ impl Datapath {
         stats.ports = ports.len();
         let mut settings: Settings = new.settings;
         settings.ready = 1;
+        // The event budget is per CPU in the kernel (a bucket each).
+        let cpus = aya::util::nr_cpus().unwrap_or(1).max(1) as u32;
+        settings.event_rate = new.settings.event_rate.div_ceil(cpus);
+        settings.event_burst = new.settings.event_burst.div_ceil(cpus);
         let mut array: Array<&mut MapData, Settings> = Array::try_from(self.map_mut(names::SETTINGS)?)?;
         array.set(generation, settings, 0).with_context(|| format!("writing SETTINGS[{generation}]"))?;
         Ok(())

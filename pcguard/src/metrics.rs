@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use anyhow::Result;
 use log::{debug, warn};
 use pcguard_common::{
-    Counters, STAT_CT_CREATED, STAT_CT_EXPIRED, STAT_CT_INSERT_FAILED, STAT_DNS_ANSWERS, STAT_DNS_ANSWERS_DROPPED, STAT_EVENTS_DROPPED,
+    Counters, STAT_CT_CREATED, STAT_CT_EXPIRED, STAT_CT_INSERT_FAILED, STAT_CT_PROMOTED, STAT_DNS_ANSWERS, STAT_DNS_ANSWERS_DROPPED,
+    STAT_DNS_QUERIES, STAT_DNS_UNSOLICITED, STAT_EVENTS_DROPPED, STAT_EVENTS_RATE_LIMITED,
     STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, STAT_MALFORMED, STAT_NON_IP,
 };
 use prometheus_client::{
@@ -184,7 +185,11 @@ impl Collector for KernelCollector {
             ("pcguard_conntrack_expired", "Conntrack entries removed on close or idle timeout", STAT_CT_EXPIRED),
             ("pcguard_conntrack_insert_failures", "Conntrack inserts that failed", STAT_CT_INSERT_FAILED),
             ("pcguard_dns_answers", "DNS answers of the configured resolvers copied for DNS-aware egress", STAT_DNS_ANSWERS),
-            ("pcguard_dns_answers_dropped", "DNS answers lost because their ring buffer was full", STAT_DNS_ANSWERS_DROPPED),
+            ("pcguard_dns_answers_dropped", "DNS messages lost because their ring buffer was full", STAT_DNS_ANSWERS_DROPPED),
+            ("pcguard_dns_queries", "DNS queries of this server to its resolvers copied for DNS-aware egress", STAT_DNS_QUERIES),
+            ("pcguard_dns_unsolicited_answers", "Packets from a resolver's port 53 that answer no pending query (not copied)", STAT_DNS_UNSOLICITED),
+            ("pcguard_events_rate_limited", "Unexpected-flow reports not sent because the kernel's event budget was used up", STAT_EVENTS_RATE_LIMITED),
+            ("pcguard_conntrack_promoted", "Flows moved from the new-flow table to the established table", STAT_CT_PROMOTED),
         ];
         for (name, help, idx) in stats {
             let c = prometheus_client::metrics::counter::ConstCounter::new(snap.stats[idx as usize]);

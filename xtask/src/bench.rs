@@ -82,9 +82,31 @@ const MAX_FRESH_RUNS: u32 = 200_000;
 
 const SEC: u64 = 1_000_000_000;
 
+/// `CT_NEW`'s size in the bench: small, so a flood of new flows churns it
+/// within a case.
+const BENCH_CT_NEW_ENTRIES: u32 = 1024;
+
+/// Keeps this thread on one CPU: test runs then share one CPU's per-CPU
+/// maps (the event budget is per CPU) and timings one CPU's caches.
+fn pin_to_one_cpu() -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; plain syscalls.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        ensure!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) == 0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
 pub fn run(obj_path: &Path, iterations: u32, quick: bool) -> anyhow::Result<()> {
     ensure!(iterations > 0, "iterations must be > 0");
+    pin_to_one_cpu()?;
     let mut ebpf = EbpfLoader::new()
+        .map_max_entries(names::CT_NEW, BENCH_CT_NEW_ENTRIES)
         .load_file(obj_path)
         .with_context(|| format!("loading {}", obj_path.display()))?;
     load_programs(&mut ebpf)?;
@@ -95,6 +117,7 @@ pub fn run(obj_path: &Path, iterations: u32, quick: bool) -> anyhow::Result<()> 
         ebpf.take_map(names::CONNTRACK)
             .context("no CONNTRACK map")?,
     )?;
+    let ct_new = HashMap::try_from(ebpf.take_map(names::CT_NEW).context("no CT_NEW map")?)?;
     let dns = RingBuf::try_from(
         ebpf.take_map(names::DNS_MESSAGES)
             .context("no DNS_MESSAGES map")?,
@@ -102,6 +125,8 @@ pub fn run(obj_path: &Path, iterations: u32, quick: bool) -> anyhow::Result<()> 
     let mut bench = Bench {
         ebpf,
         ct,
+        ct_new,
+        events: Vec::new(),
         dns,
         dns_copied: 0,
         iterations,
@@ -114,6 +139,8 @@ pub fn run(obj_path: &Path, iterations: u32, quick: bool) -> anyhow::Result<()> 
         return Ok(());
     }
     bench.dns_cases()?;
+    bench.pressure_cases()?;
+    bench.report_cases()?;
     bench.smoke_cases()?;
     bench.untracked_cases()?;
     bench.parse_cases()?;
@@ -256,6 +283,8 @@ fn bench_settings() -> Settings {
         tcp_closing_timeout_ns: 10 * SEC,
         udp_timeout_ns: 60 * SEC,
         report_interval_ns: 60 * SEC,
+        event_rate: 1000,
+        event_burst: 1000,
     }
 }
 
@@ -445,7 +474,12 @@ struct Row {
 
 struct Bench {
     ebpf: Ebpf,
+    /// Established flows (`CONNTRACK`).
     ct: HashMap<MapData, FlowKey, CtEntry>,
+    /// New flows (`CT_NEW`).
+    ct_new: HashMap<MapData, FlowKey, CtEntry>,
+    /// Events read from `EVENTS` so far.
+    events: Vec<FlowEvent>,
     dns: RingBuf<MapData>,
     /// DNS messages read from `dns` so far.
     dns_copied: u64,
@@ -533,20 +567,66 @@ impl Bench {
         Ok((runs, total.as_nanos() as f64 / runs as f64))
     }
 
-    fn forget(&mut self, key: &FlowKey) -> anyhow::Result<()> {
-        match self.ct.remove(key) {
-            Ok(()) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.kind() == std::io::ErrorKind::NotFound =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
+    /// Moves the records on `EVENTS` to `self.events`; returns how many.
+    fn drain_events(&mut self) -> anyhow::Result<usize> {
+        let mut ring = RingBuf::try_from(map(&mut self.ebpf, names::EVENTS)?)?;
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            ensure!(item.len() == size_of::<FlowEvent>(), "event of {} bytes", item.len());
+            // SAFETY: FlowEvent is plain data and the length was checked.
+            self.events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+            n += 1;
         }
+        Ok(n)
+    }
+
+    fn stat(&mut self, idx: u32) -> anyhow::Result<u64> {
+        let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(map(&mut self.ebpf, names::STATS)?)?;
+        Ok(stats.get(&idx, 0)?.iter().sum())
+    }
+
+    /// Removes `key` from both conntrack tables.
+    fn forget(&mut self, key: &FlowKey) -> anyhow::Result<()> {
+        for table in [&mut self.ct, &mut self.ct_new] {
+            match table.remove(key) {
+                Ok(()) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// `key`'s conntrack entry and whether it is established (in
+    /// `CONNTRACK`) rather than new (`CT_NEW`).
+    fn ct_get(&self, key: &FlowKey) -> anyhow::Result<(CtEntry, bool)> {
+        if let Ok(e) = self.ct.get(key, 0) {
+            return Ok((e, true));
+        }
+        let e = self.ct_new.get(key, 0).with_context(|| format!("no conntrack entry for {key:?}"))?;
+        Ok((e, false))
+    }
+
+    /// Overwrites `key`'s entry in the table that holds it.
+    fn ct_set(&mut self, key: FlowKey, entry: CtEntry) -> anyhow::Result<()> {
+        if self.ct_get(&key)?.1 {
+            self.ct.insert(key, entry, 0)?;
+        } else {
+            self.ct_new.insert(key, entry, 0)?;
+        }
+        Ok(())
+    }
+
+    fn ct_has(&self, key: &FlowKey) -> bool {
+        self.ct_get(key).is_ok()
     }
 
     /// The first packet of an allowed flow (conntrack miss, policy lookup,
-    /// conntrack insert) and, as `hit`, a packet of an established flow.
+    /// conntrack insert) and, as `hit`, a packet of the flow once it is
+    /// established: after the first packet, `reply` (on the other hook)
+    /// answers it and one `hit` (the initiator's ACK) moves it from
+    /// `CT_NEW` to `CONNTRACK`.
     ///
     /// Each first-packet run needs the entry of `key` gone, hence one run per
     /// test run; the timer overhead of single runs, estimated as the `hit`
@@ -558,10 +638,18 @@ impl Bench {
         data: &[u8],
         want: u32,
         key: &FlowKey,
+        (reply_hook, reply): (Hook, &[u8]),
         (hit_case, hit): (&'static str, &[u8]),
     ) -> anyhow::Result<()> {
         let (runs, fresh) = self.fresh_loop(case, hook, data, want, Some(key))?;
-        ensure!(self.ct.get(key, 0).is_ok(), "{case}: no conntrack entry");
+        ensure!(self.ct_get(key)?.1 == false, "{case}: no new conntrack entry");
+        let reply_want = match reply_hook {
+            Hook::Xdp => XDP_PASS,
+            Hook::Tc => TC_ACT_PIPE,
+        };
+        self.once(&format!("{case}: reply"), reply_hook, reply, reply_want)?;
+        self.once(&format!("{case}: the initiator's ACK"), hook, hit, want)?;
+        ensure!(self.ct_get(key)?.1, "{case}: not established after the handshake");
         let (_, hit_single) = self.fresh_loop(hit_case, hook, hit, want, None)?;
         let hit_repeated = self.repeated(hit_case, hook, hit, want, "")?;
         let overhead = (hit_single - hit_repeated).max(0.0);
@@ -583,8 +671,9 @@ impl Bench {
 
         let ack = tcp4(WORKSTATION, SERVER, CLIENT_PORT, WEB_PORT, TCP_ACK);
         let hit = ("conntrack hit (ACK, established)", &ack[..]);
+        let synack = tcp4(SERVER, WORKSTATION, WEB_PORT, CLIENT_PORT, TCP_SYN | TCP_ACK);
         let first = "allowed SYN, first packet (policy + ct insert)";
-        self.first_packet(first, xdp, &syn, XDP_PASS, &key, hit)?;
+        self.first_packet(first, xdp, &syn, XDP_PASS, &key, (Hook::Tc, &synack), hit)?;
 
         let repeat_syn = "allowed SYN, retransmitted (ct hit)";
         self.repeated(repeat_syn, xdp, &syn, XDP_PASS, "")?;
@@ -645,19 +734,10 @@ impl Bench {
 
     fn egress_cases(&mut self) -> anyhow::Result<()> {
         let tc = Hook::Tc;
-        let reply = tcp4(
-            SERVER,
-            WORKSTATION,
-            WEB_PORT,
-            CLIENT_PORT,
-            TCP_SYN | TCP_ACK,
-        );
-        let hit = ("reply to inbound flow (ct hit)", &reply[..]);
+        let reply = tcp4(SERVER, WORKSTATION, WEB_PORT, CLIENT_PORT, TCP_ACK);
+        self.repeated("reply to inbound flow (ct hit)", tc, &reply, TC_ACT_PIPE, "")?;
         let ldaps = tcp4(SERVER, LDAP_SERVER, CLIENT_PORT + 3, LDAPS_PORT, TCP_SYN);
         let key = v4_key(SERVER, LDAP_SERVER, CLIENT_PORT + 3, LDAPS_PORT);
-        let first = "allowed outbound SYN, first packet (ldaps)";
-        self.first_packet(first, tc, &ldaps, TC_ACT_PIPE, &key, hit)?;
-
         let back = tcp4(
             LDAP_SERVER,
             SERVER,
@@ -665,6 +745,11 @@ impl Bench {
             CLIENT_PORT + 3,
             TCP_SYN | TCP_ACK,
         );
+        let ack = tcp4(SERVER, LDAP_SERVER, CLIENT_PORT + 3, LDAPS_PORT, TCP_ACK);
+        let hit = ("outbound flow (ct hit)", &ack[..]);
+        let first = "allowed outbound SYN, first packet (ldaps)";
+        self.first_packet(first, tc, &ldaps, TC_ACT_PIPE, &key, (Hook::Xdp, &back), hit)?;
+
         self.repeated(
             "ldaps reply at ingress (ct hit)",
             Hook::Xdp,
@@ -816,7 +901,7 @@ impl Bench {
             proto: IPPROTO_UDP,
             ..v4_key(SERVER, RESOLVER, CLIENT_PORT, DNS_PORT)
         };
-        let entry = self.ct.get(&key, 0).context("DNS query not tracked")?;
+        let entry = self.ct_get(&key).context("DNS query not tracked")?.0;
         ensure!(
             entry.flow_dir == DIR_EGRESS as u8,
             "DNS query tracked as inbound"
@@ -838,16 +923,18 @@ impl Bench {
         self.one_dns_copy(case, xdp, &answer(&short), DNS_KIND_ANSWER, to_resolver, &short, 100)?;
 
         // Answers do not keep the flow alive; queries do.
-        let old = self.ct.get(&key, 0)?.last_seen_ns - 5 * SEC;
-        self.ct.insert(key, CtEntry { last_seen_ns: old, ..self.ct.get(&key, 0)? }, 0)?;
+        let (entry, established) = self.ct_get(&key)?;
+        ensure!(established, "a DNS flow with an answer is not established");
+        let old = entry.last_seen_ns - 5 * SEC;
+        self.ct_set(key, CtEntry { last_seen_ns: old, ..entry })?;
         self.no_dns_copy("unsolicited answer", xdp, &answer(&short), XDP_PASS)?;
         ensure!(
-            self.ct.get(&key, 0)?.last_seen_ns == old,
+            self.ct_get(&key)?.0.last_seen_ns == old,
             "an answer refreshed the DNS flow"
         );
         self.one_dns_copy("DNS query", tc, &query, DNS_KIND_QUERY, to_resolver, &q, 30)?;
         ensure!(
-            self.ct.get(&key, 0)?.last_seen_ns > old,
+            self.ct_get(&key)?.0.last_seen_ns > old,
             "a query did not refresh the DNS flow"
         );
 
@@ -887,7 +974,7 @@ impl Bench {
         };
         let entry = CtEntry {
             flow_dir: DIR_INGRESS as u8,
-            ..self.ct.get(&key, 0)?
+            ..self.ct_get(&key)?.0
         };
         self.ct.insert(inbound, entry, 0)?;
         let to_inbound = udp4(RESOLVER, SERVER, DNS_PORT, CLIENT_PORT + 1, &short);
@@ -952,7 +1039,7 @@ impl Bench {
             TCP_FIN | TCP_ACK,
         );
         self.once("FIN on inbound flow", tc, &fin, TC_ACT_PIPE)?;
-        let state = self.ct.get(&key, 0)?.state;
+        let state = self.ct_get(&key)?.0.state;
         ensure!(
             state == CT_STATE_CLOSING,
             "FIN did not mark the flow closing"
@@ -966,7 +1053,7 @@ impl Bench {
         );
         self.once("RST on inbound flow", xdp, &rst, XDP_PASS)?;
         ensure!(
-            self.ct.get(&key, 0).is_err(),
+            !self.ct_has(&key),
             "RST left the conntrack entry"
         );
 
@@ -974,7 +1061,7 @@ impl Bench {
         let port = CLIENT_PORT + 5;
         let syn = tcp4(WORKSTATION, SERVER, port, 9999, TCP_SYN);
         self.once("SYN to 9999 in monitor mode", xdp, &syn, XDP_PASS)?;
-        let entry = self.ct.get(&v4_key(SERVER, WORKSTATION, 9999, port), 0)?;
+        let entry = self.ct_get(&v4_key(SERVER, WORKSTATION, 9999, port))?.0;
         ensure!(
             entry.flags & CT_FLAG_MONITORED != 0,
             "monitored flow not flagged"
@@ -992,6 +1079,83 @@ impl Bench {
         self.once("SYN to 9999, policy ready", xdp, &stranger, XDP_DROP)
     }
 
+    /// A flood of new allowed flows (more than `CT_NEW` holds) churns
+    /// `CT_NEW` only: the established flow keeps its entry and its packets
+    /// pass.
+    fn pressure_cases(&mut self) -> anyhow::Result<()> {
+        let key = v4_key(SERVER, WORKSTATION, WEB_PORT, CLIENT_PORT);
+        ensure!(self.ct_get(&key)?.1, "the ingress flow is not established");
+        let promoted_before = self.stat(pcguard_common::STAT_CT_PROMOTED)?;
+        let flood = 4 * BENCH_CT_NEW_ENTRIES;
+        for i in 0..flood {
+            let syn = tcp4(WORKSTATION, SERVER, 1024 + i as u16, WEB_PORT, TCP_SYN);
+            self.once("flood of new allowed flows", Hook::Xdp, &syn, XDP_PASS)?;
+        }
+        let new = self.ct_new.keys().filter(|k| k.is_ok()).count();
+        ensure!(
+            new <= BENCH_CT_NEW_ENTRIES as usize,
+            "CT_NEW holds {new} entries, more than its {BENCH_CT_NEW_ENTRIES}"
+        );
+        ensure!(self.ct_get(&key)?.1, "the flood evicted the established flow");
+        let ack = tcp4(WORKSTATION, SERVER, CLIENT_PORT, WEB_PORT, TCP_ACK);
+        self.once("established flow after the flood", Hook::Xdp, &ack, XDP_PASS)?;
+        ensure!(
+            self.stat(pcguard_common::STAT_CT_PROMOTED)? == promoted_before,
+            "a SYN promoted a flow"
+        );
+        Ok(())
+    }
+
+    /// Reports: one per (source, destination port, reason) per interval,
+    /// with the count of what it stands for; at most `event_rate` per
+    /// second per CPU.
+    fn report_cases(&mut self) -> anyhow::Result<()> {
+        let xdp = Hook::Xdp;
+        self.drain_events()?;
+        let before = self.events.len();
+        // 100 source ports of one address to one denied port: one report.
+        for i in 0..100u16 {
+            let syn = tcp4(STRANGER, SERVER, 2000 + i, 9997, TCP_SYN);
+            self.once("one source, many ports", xdp, &syn, XDP_DROP)?;
+        }
+        ensure!(self.drain_events()? == 1, "a port scan from one address gave several reports");
+        // Past the interval, the next report counts the 99 in between.
+        self.update_settings(|s| s.report_interval_ns = 1)?;
+        // The programs' clock is the coarse one (a tick is a few ms).
+        std::thread::sleep(Duration::from_millis(20));
+        let syn = tcp4(STRANGER, SERVER, 3000, 9997, TCP_SYN);
+        self.once("after the interval", xdp, &syn, XDP_DROP)?;
+        self.drain_events()?;
+        let last = self.events.last().context("no report after the interval")?;
+        ensure!(
+            self.events.len() == before + 2 && last.repeats == 99,
+            "second report: {} new, repeats {}",
+            self.events.len() - before,
+            last.repeats
+        );
+        // A budget of 3 events: 10 new sources, 3 reports, 7 counted.
+        self.update_settings(|s| {
+            s.event_rate = 3;
+            s.event_burst = 3;
+        })?;
+        let limited = self.stat(pcguard_common::STAT_EVENTS_RATE_LIMITED)?;
+        for i in 0..10u8 {
+            let syn = tcp4([172, 16, 1, i], SERVER, 4000, 9996, TCP_SYN);
+            self.once("ten sources, budget of three", xdp, &syn, XDP_DROP)?;
+        }
+        let sent = self.drain_events()?;
+        let limited = self.stat(pcguard_common::STAT_EVENTS_RATE_LIMITED)? - limited;
+        ensure!(
+            (sent, limited) == (3, 7),
+            "budget of 3: {sent} reports sent, {limited} rate-limited"
+        );
+        self.update_settings(|s| {
+            s.event_rate = 1000;
+            s.event_burst = 1000;
+            s.report_interval_ns = 60 * SEC;
+        })
+    }
+
     /// No adoption: a packet of a flow conntrack does not hold passes only
     /// if a rule allows a flow opened in its own direction.
     fn untracked_cases(&mut self) -> anyhow::Result<()> {
@@ -1004,8 +1168,8 @@ impl Bench {
         let to_ssh = tcp4(LDAP_SERVER, SERVER, LDAPS_PORT, 22, TCP_ACK);
         self.once("untracked ACK from ldaps to 22", xdp, &to_ssh, XDP_DROP)?;
         ensure!(
-            self.ct.get(&v4_key(SERVER, LDAP_SERVER, port, LDAPS_PORT), 0).is_err()
-                && self.ct.get(&v4_key(SERVER, LDAP_SERVER, 22, LDAPS_PORT), 0).is_err(),
+            !self.ct_has(&v4_key(SERVER, LDAP_SERVER, port, LDAPS_PORT))
+                && !self.ct_has(&v4_key(SERVER, LDAP_SERVER, 22, LDAPS_PORT)),
             "an untracked reply created a conntrack entry"
         );
         // The server's "replies" from an inbound service port.
@@ -1018,7 +1182,7 @@ impl Bench {
         // Allowed in its own direction: a lost entry is re-created.
         let ack = tcp4(WORKSTATION, SERVER, port, WEB_PORT, TCP_ACK);
         self.once("ACK to 9191 without an entry", xdp, &ack, XDP_PASS)?;
-        let entry = self.ct.get(&v4_key(SERVER, WORKSTATION, WEB_PORT, port), 0)?;
+        let entry = self.ct_get(&v4_key(SERVER, WORKSTATION, WEB_PORT, port))?.0;
         ensure!(entry.flow_dir == DIR_INGRESS as u8, "re-created entry not inbound");
         let out = tcp4(SERVER, LDAP_SERVER, port, LDAPS_PORT, TCP_ACK);
         self.once("ACK to ldaps without an entry", tc, &out, TC_ACT_PIPE)?;
@@ -1077,7 +1241,7 @@ impl Bench {
             HashMap::try_from(map(&mut self.ebpf, names::LEARNED)?)?;
         learned.insert(key(POLICY_GEN), CLOUD, 0)?;
         self.once("SYN to 443 of a learned address", tc, &syn(port + 2), TC_ACT_PIPE)?;
-        let entry = self.ct.get(&v4_key(SERVER, CLOUD_HOST, port + 2, HTTPS_PORT), 0)?;
+        let entry = self.ct_get(&v4_key(SERVER, CLOUD_HOST, port + 2, HTTPS_PORT))?.0;
         ensure!(entry.rule == CLOUD_RULE, "learned flow has rule {}", entry.rule);
         let mut learned: HashMap<_, LearnedKey, u32> =
             HashMap::try_from(map(&mut self.ebpf, names::LEARNED)?)?;
@@ -1242,22 +1406,14 @@ impl Bench {
             );
         }
 
-        let mut ring = RingBuf::try_from(map(&mut self.ebpf, names::EVENTS)?)?;
-        let mut reasons = Vec::new();
-        let mut details = Vec::new();
-        while let Some(item) = ring.next() {
-            ensure!(
-                item.len() == size_of::<FlowEvent>(),
-                "event of {} bytes",
-                item.len()
-            );
-            // SAFETY: FlowEvent is plain data and the length was checked.
-            let ev: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            reasons.push(ev.reason);
-            if ev.reason == REASON_MALFORMED {
-                details.push(ev.detail);
-            }
-        }
+        self.drain_events()?;
+        let reasons: Vec<u8> = self.events.iter().map(|ev| ev.reason).collect();
+        let details: Vec<u8> = self
+            .events
+            .iter()
+            .filter(|ev| ev.reason == REASON_MALFORMED)
+            .map(|ev| ev.detail)
+            .collect();
         for want in [Malformed::L4Truncated] {
             ensure!(
                 details.contains(&(want as u8)),

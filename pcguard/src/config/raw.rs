@@ -70,6 +70,8 @@ pub struct RawConntrack {
     pub tcp_timeout: Option<Spanned<Seconds>>,
     pub tcp_closing_timeout: Option<Spanned<Seconds>>,
     pub udp_timeout: Option<Spanned<Seconds>>,
+    pub max_entries: Option<Spanned<u64>>,
+    pub new_entries: Option<Spanned<u64>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -77,6 +79,7 @@ pub struct RawConntrack {
 pub struct RawAudit {
     pub path: Option<PathBuf>,
     pub report_interval: Option<Spanned<Seconds>>,
+    pub max_records_per_second: Option<Spanned<u64>>,
 }
 
 #[derive(Default, Deserialize)]

@@ -147,5 +147,10 @@ fn settings(cfg: &SiteConfig) -> Settings {
         tcp_closing_timeout_ns: nanos(cfg.conntrack.tcp_closing),
         udp_timeout_ns: nanos(cfg.conntrack.udp),
         report_interval_ns: nanos(cfg.audit.report_interval),
+        // The whole machine's budget: the datapath divides it between the
+        // CPUs when it writes the settings. Twice the records the daemon
+        // writes, so that its own dedup and ceiling have room to work.
+        event_rate: cfg.audit.max_records_per_second.saturating_mul(2),
+        event_burst: cfg.audit.max_records_per_second.saturating_mul(2),
     }
 }
