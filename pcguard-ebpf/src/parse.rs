@@ -508,6 +508,10 @@ fn transport(pkt: Bounds, off: usize, mut p: Packet, icmp: u8, fragmented: bool)
     Parsed::Ip(p)
 }
 
+/// Differential fuzz test against the `etherparse` crate (host only).
+#[cfg(test)]
+mod fuzz;
+
 #[cfg(test)]
 mod tests {
     use super::*;
