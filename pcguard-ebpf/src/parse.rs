@@ -547,6 +547,10 @@ fn transport(pkt: Bounds, off: usize, p: &mut Packet, icmp: u8, fragmented: bool
     Parse::Ip
 }
 
+/// Differential fuzz test against the `etherparse` crate (host only).
+#[cfg(test)]
+mod fuzz;
+
 #[cfg(test)]
 mod tests {
     use super::*;
