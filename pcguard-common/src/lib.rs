@@ -463,7 +463,8 @@ pub struct FlowEvent {
 }
 
 /// Key of `REPORTED`: what one unexpected-flow report stands for — a
-/// remote address trying one destination port for one reason — so a flood
+/// remote address trying one destination port for one reason, with one
+/// verdict — so a flood
 /// of new source ports (or sequence numbers) from one address is one
 /// report per interval, with a count.
 #[repr(C)]
@@ -476,7 +477,10 @@ pub struct ReportKey {
     pub reason: u8,
     /// The packet's destination port (the service it tried).
     pub port: u16,
-    pub _pad: u16,
+    /// `VERDICT_DROP` or `VERDICT_MONITOR`: a reload that changes the mode
+    /// reports again.
+    pub verdict: u8,
+    pub _pad: u8,
     pub remote_addr: [u8; 16],
 }
 
@@ -640,6 +644,26 @@ pub mod names {
     pub const DNS_PENDING: &str = "DNS_PENDING";
     pub const TC_RERUN: &str = "TC_RERUN";
     pub const SCRATCH: &str = "SCRATCH";
+
+    /// The maps pinned under the daemon's bpffs directory: the policy,
+    /// conntrack, counters and DNS state that outlive one daemon process.
+    pub const PINNED: [&str; 15] = [
+        ACTIVE,
+        PORTS,
+        SLOTS,
+        PEERS_V4,
+        PEERS_V6,
+        SETTINGS,
+        CONNTRACK,
+        CT_NEW,
+        REPORTED,
+        EVENT_LIMITER,
+        PORT_COUNTERS,
+        RULE_COUNTERS,
+        STATS,
+        LEARNED,
+        DNS_PENDING,
+    ];
 }
 
 #[cfg(feature = "user")]

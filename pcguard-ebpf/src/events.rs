@@ -49,6 +49,7 @@ fn report_key(key: &FlowKey, r: &Report) -> ReportKey {
         } else {
             key.remote_port
         },
+        verdict: r.verdict as u8,
         _pad: 0,
         remote_addr: key.remote_addr,
     }

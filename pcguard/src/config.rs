@@ -248,7 +248,13 @@ pub fn load(path: &Path) -> Result<SiteConfig, ConfigError> {
 /// Validates a site config; `origin` names it in errors.
 pub fn parse(text: &str, origin: &str) -> Result<SiteConfig, ConfigError> {
     let ctx = Ctx { text, origin };
-    let raw: RawConfig = toml::from_str(text).map_err(|e| ctx.toml_error(&e))?;
+    check_line_endings(&ctx)?;
+    // Syntax first, on its own: its errors point at where the parser gave
+    // up, and are named after the statement in progress there.
+    if let Err(e) = text.parse::<toml::Table>() {
+        return Err(ctx.toml_error(&e, true));
+    }
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ctx.toml_error(&e, false))?;
     let peers = parse_peers(&ctx, &raw)?;
     let mut names = HashSet::new();
     let rules = rules::validate(&ctx, &raw.rules, "rule", &peers, &mut names)?;
@@ -355,10 +361,20 @@ impl Ctx<'_> {
         }
     }
 
-    fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
+    /// A TOML error: `syntax` for one of the parser (named after the
+    /// statement in progress), else one of the config's shape (named after
+    /// the key at the error).
+    fn toml_error(&self, e: &toml::de::Error, syntax: bool) -> ConfigError {
         let start = e.span().map(|s| s.start).unwrap_or(0);
-        let (table, key) = span::key_at(self.text, start);
-        let message = e.message().trim().to_string();
+        let (table, key) = if syntax {
+            span::statement_at(self.text, start)
+        } else {
+            span::key_at(self.text, start)
+        };
+        let mut message = e.message().trim().replace('\n', "; ");
+        if message.is_empty() {
+            message = "invalid TOML".to_string();
+        }
         // A missing field is reported on its table, not on the last key.
         let key = if message.starts_with("missing field") {
             table
@@ -400,6 +416,21 @@ impl Ctx<'_> {
             }
             Some(v) => Ok(v.get_ref().0),
         }
+    }
+}
+
+/// TOML ends lines with LF or CRLF; a bare CR (old Mac line endings) is
+/// not a line break, and the TOML parser reports it without a message.
+fn check_line_endings(ctx: &Ctx) -> Result<(), ConfigError> {
+    let bytes = ctx.text.as_bytes();
+    let bare_cr = (0..bytes.len()).find(|&i| bytes[i] == b'\r' && bytes.get(i + 1) != Some(&b'\n'));
+    match bare_cr {
+        None => Ok(()),
+        Some(i) => Err(ctx.error(
+            Some(i..i + 1),
+            "",
+            "a line ends with a bare carriage return (CR); save the file with LF (or CRLF) line endings",
+        )),
     }
 }
 

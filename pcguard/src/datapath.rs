@@ -511,8 +511,12 @@ fn pin_maps(ebpf: &Ebpf, dir: &Path) -> Result<PathBuf> {
     remove_pins(dir);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     for (name, map) in ebpf.maps() {
-        if [names::EVENTS, names::DNS_MESSAGES, names::TC_RERUN, names::SCRATCH].contains(&name) {
-            continue; // consumed by this process only
+        // The contract's maps only: not the ring buffers (consumed by this
+        // process), the program array and scratch word (tied to these
+        // programs), nor sections LLVM made maps of (`.rodata`: bpffs names
+        // cannot contain dots).
+        if !names::PINNED.contains(&name) {
+            continue;
         }
         map.pin(dir.join(name)).with_context(|| format!("pinning {name} under {}", dir.display()))?;
     }

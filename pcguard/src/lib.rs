@@ -19,3 +19,4 @@ pub mod seed;
 pub mod sockdiag;
 pub mod state;
 pub mod status;
+pub mod sys;

@@ -61,8 +61,7 @@ impl State {
 
     /// True when the process that wrote the state is still alive.
     pub fn is_live(&self) -> bool {
-        // SAFETY: kill with signal 0 only checks that the process exists.
-        unsafe { libc::kill(self.pid as libc::pid_t, 0) == 0 }
+        crate::sys::pid_alive(self.pid)
     }
 }
 

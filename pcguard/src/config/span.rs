@@ -24,11 +24,30 @@ pub fn line_of_span(text: &str, span: Option<Range<usize>>) -> Option<usize> {
 /// the top level) and the last key assigned at or before it (empty on a
 /// table header line).
 pub fn key_at(text: &str, offset: usize) -> (String, String) {
-    let line = line_of(text, offset);
+    keys_before(text, |start| start <= offset)
+}
+
+/// For a syntax error found at `offset`: the table and key of the
+/// statement in progress there, the last one that *started before* the
+/// offset. (An unclosed array is noticed on the next line, whose key is
+/// not the culprit.)
+pub fn statement_at(text: &str, offset: usize) -> (String, String) {
+    keys_before(text, |start| start < offset)
+}
+
+/// Table and key of the last statement whose first character's offset
+/// satisfies `include`.
+fn keys_before(text: &str, include: impl Fn(usize) -> bool) -> (String, String) {
     let mut table = String::new();
     let mut key = String::new();
     let mut arrays: HashMap<String, usize> = HashMap::new();
-    for l in text.lines().take(line) {
+    let mut line_start = 0;
+    for l in text.split_inclusive('\n') {
+        let start = line_start + (l.len() - l.trim_start().len());
+        line_start += l.len();
+        if !include(start) {
+            break;
+        }
         let t = l.trim();
         if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
             let name = name.trim().to_string();
@@ -93,6 +112,12 @@ mod tests {
             key_at(TEXT, TEXT.find("[peers]").unwrap()),
             ("peers".to_string(), String::new())
         );
+        // A syntax error noticed at the start of the next statement belongs
+        // to the one before.
+        let unclosed = "[peers]\nworkstations = [\"10.0.0.0/8\"\nadmin = [\"10.1.1.1\"]\n";
+        let at = unclosed.find("admin").unwrap();
+        assert_eq!(statement_at(unclosed, at), ("peers".to_string(), "workstations".to_string()));
+        assert_eq!(key_at(unclosed, at), ("peers".to_string(), "admin".to_string()));
         assert_eq!(join_key("peers", "x"), "peers.x");
         assert_eq!(join_key("", "role"), "role");
         assert_eq!(line_of_span(TEXT, None), None);

@@ -442,3 +442,54 @@ fn load_reports_unreadable_files() {
         "{e}"
     );
 }
+
+#[test]
+fn syntax_errors_name_the_statement_in_progress_and_bare_crs_are_explained() {
+    let unclosed = "role = \"primary\"\ninterfaces = [\"eth0\"]\n[peers]\nworkstations = [\"10.0.0.0/8\"\nadmin = [\"10.1.1.1\"]\n";
+    let e = parse(unclosed, "site.toml").unwrap_err().to_string();
+    assert!(e.starts_with("site.toml:5: peers.workstations: "), "{e}");
+    let cr = "role = \"primary\"\rinterfaces = [\"eth0\"]\r";
+    let e = parse(cr, "site.toml").unwrap_err().to_string();
+    assert!(e.contains("bare carriage return"), "{e}");
+    // CRLF is a line ending like LF.
+    let crlf = std::fs::read_to_string(examples_dir().join("lab.toml")).unwrap().replace('\n', "\r\n");
+    assert!(parse(&crlf, "lab.toml").is_ok());
+}
+
+/// Mutated configs (bytes deleted, inserted, flipped; line endings
+/// changed): every error names the file and a line and says something.
+#[test]
+fn every_error_of_a_mutated_config_has_a_line_and_a_message() {
+    let base = std::fs::read(examples_dir().join("lab.toml")).unwrap();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut errors = 0;
+    for _ in 0..2000 {
+        let mut text = base.clone();
+        if next() % 5 == 0 {
+            text = String::from_utf8_lossy(&text).replace('\n', "\r").into_bytes();
+        }
+        for _ in 0..1 + next() % 3 {
+            let at = (next() as usize) % text.len();
+            match next() % 3 {
+                0 => {
+                    text.remove(at);
+                }
+                1 => text.insert(at, b"[]=\"#,.\r\n\t{}\x00"[(next() % 13) as usize]),
+                _ => text[at] ^= 1 << (next() % 8),
+            }
+        }
+        let text = String::from_utf8_lossy(&text);
+        let Err(e) = parse(&text, "site.toml") else { continue };
+        errors += 1;
+        let shown = e.to_string();
+        assert!(e.line.is_some(), "no line: {shown}");
+        assert!(!e.message.trim().is_empty(), "no message: {shown:?}");
+    }
+    assert!(errors > 500, "only {errors} of 2000 mutations were errors");
+}

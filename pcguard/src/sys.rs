@@ -1,0 +1,46 @@
+//! The small set of raw system calls the daemon and CLI make, in one place
+//! with their safety arguments: process liveness, file systems, mounts.
+
+use std::{ffi::CString, io, path::Path};
+
+/// `statfs` magic of bpffs.
+const BPFFS_MAGIC: i64 = 0xcafe_4a11;
+
+/// True when process `pid` exists. `kill(pid, 0)` fails with EPERM for a
+/// live process the caller may not signal (a root daemon seen by a user):
+/// that is alive, not gone.
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    if unsafe { libc::kill(pid, 0) } == 0 {
+        return true;
+    }
+    io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// True when `path` is on a bpffs mount.
+pub fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: all-zero is a valid statfs.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid NUL-terminated path, st a valid out pointer.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPFFS_MAGIC
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn liveness_of_this_process_a_root_process_and_a_free_pid() {
+        assert!(pid_alive(std::process::id()));
+        // pid 1 is alive whoever asks (EPERM for a user counts as alive).
+        assert!(pid_alive(1));
+        assert!(!pid_alive(0));
+        assert!(!pid_alive(u32::MAX));
+    }
+}
