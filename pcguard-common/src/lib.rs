@@ -621,6 +621,74 @@ pub const fn peer_key_v6(generation: u32, a: [u8; 16]) -> [u8; 17] {
 /// Size of `EVENTS` in bytes (power of two, multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 20;
 
+/// Version of this contract (map layouts, key and value types, the
+/// meaning of their fields). Bump it whenever any of them changes: a daemon
+/// finding maps pinned under another version does not adopt them (it
+/// creates a new set and swaps the programs), and `status` names both.
+pub const ABI_VERSION: u32 = 2;
+
+/// The shape of one map of the contract, as the kernel reports it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    pub name: &'static str,
+    pub key_size: u32,
+    pub value_size: u32,
+    /// Default `max_entries` (the daemon sets `CONNTRACK` and `CT_NEW` from
+    /// the config); for ring buffers, the size in bytes.
+    pub max_entries: u32,
+}
+
+const fn layout<K, V>(name: &'static str, max_entries: u32) -> MapLayout {
+    MapLayout {
+        name,
+        key_size: core::mem::size_of::<K>() as u32,
+        value_size: core::mem::size_of::<V>() as u32,
+        max_entries,
+    }
+}
+
+/// Every map of the object, with its key and value sizes: checked against
+/// the built object by a test, and against pinned maps before a daemon
+/// adopts them.
+pub const MAP_LAYOUTS: [MapLayout; 19] = [
+    layout::<u32, u32>(names::ACTIVE, 1),
+    layout::<u32, PortEntry>(names::PORTS, PORTS_ENTRIES),
+    layout::<u32, PortSlot>(names::SLOTS, SLOTS_ENTRIES),
+    // LPM keys: a u32 prefix length, then the data, packed.
+    layout::<[u8; 4 + 5], u32>(names::PEERS_V4, PEER_TRIE_ENTRIES),
+    layout::<[u8; 4 + 17], u32>(names::PEERS_V6, PEER_TRIE_ENTRIES),
+    layout::<u32, Settings>(names::SETTINGS, NUM_GENERATIONS),
+    layout::<FlowKey, CtEntry>(names::CONNTRACK, CONNTRACK_ENTRIES),
+    layout::<FlowKey, CtEntry>(names::CT_NEW, CT_NEW_ENTRIES),
+    layout::<ReportKey, ReportState>(names::REPORTED, REPORTED_ENTRIES),
+    layout::<u32, TokenBucket>(names::EVENT_LIMITER, 1),
+    layout::<u32, Counters>(names::PORT_COUNTERS, PORT_COUNTER_ENTRIES),
+    layout::<u32, Counters>(names::RULE_COUNTERS, RULE_COUNTER_ENTRIES),
+    layout::<u32, u64>(names::STATS, NUM_STATS),
+    layout::<LearnedKey, u32>(names::LEARNED, LEARNED_ENTRIES),
+    layout::<DnsPendingKey, u64>(names::DNS_PENDING, DNS_PENDING_ENTRIES),
+    MapLayout { name: names::EVENTS, key_size: 0, value_size: 0, max_entries: EVENTS_BYTES },
+    MapLayout { name: names::DNS_MESSAGES, key_size: 0, value_size: 0, max_entries: DNS_MESSAGES_BYTES },
+    layout::<u32, u32>(names::TC_RERUN, 1),
+    layout::<u32, u32>(names::SCRATCH, 1),
+];
+
+/// The layout of map `name`.
+pub fn map_layout(name: &str) -> Option<MapLayout> {
+    let mut i = 0;
+    while i < MAP_LAYOUTS.len() {
+        if str_eq(MAP_LAYOUTS[i].name, name) {
+            return Some(MAP_LAYOUTS[i]);
+        }
+        i += 1;
+    }
+    None
+}
+
+fn str_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.as_bytes() == b.as_bytes()
+}
+
 /// Names of the maps and programs in the object file.
 pub mod names {
     pub const XDP_PROG: &str = "pcguard_ingress";
@@ -688,6 +756,16 @@ mod pod {
 mod tests {
     use super::*;
     use core::mem::size_of;
+
+    #[test]
+    fn every_pinned_map_has_a_layout() {
+        for name in names::PINNED {
+            assert!(map_layout(name).is_some(), "{name}");
+        }
+        assert_eq!(map_layout(names::PEERS_V4).unwrap().key_size, 9);
+        assert_eq!(map_layout(names::CONNTRACK).unwrap().key_size, 40);
+        assert!(map_layout("NOPE").is_none());
+    }
 
     #[test]
     fn malformed_codes_round_trip() {

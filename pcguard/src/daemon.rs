@@ -34,8 +34,11 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub config: PathBuf,
-    /// Where maps are pinned (`None`: not pinned; `status` then cannot read them).
-    pub bpffs_dir: Option<PathBuf>,
+    /// Where maps and links are pinned (`--bpffs-dir`).
+    pub bpffs_dir: PathBuf,
+    /// Detach (unpin everything) when the daemon exits. Off by default: a
+    /// stopped or crashed daemon leaves the last policy enforced.
+    pub detach_on_exit: bool,
     pub run_dir: PathBuf,
     /// Use generic (skb) XDP even where native XDP is available.
     pub xdp_skb: bool,
@@ -84,6 +87,16 @@ pub fn load_policy(path: &Path) -> Result<(SiteConfig, CompiledPolicy)> {
     Ok((cfg, policy))
 }
 
+/// How the daemon's main loop ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Exit {
+    /// SIGTERM/SIGINT: exit, leaving the programs attached (unless
+    /// `--detach-on-exit`).
+    Stop,
+    /// An unconfirmed first policy: remove everything.
+    Detach,
+}
+
 /// A policy applied with a confirm window, and what to go back to.
 struct Pending {
     deadline: Instant,
@@ -130,19 +143,30 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let addr = settings.metrics_listen;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics listener {addr}"))?;
 
-    let mut dp = Datapath::load(opts.bpffs_dir.as_deref(), &MapSizes::of(&cfg))?;
+    let mut dp = Datapath::load(&opts.bpffs_dir, &MapSizes::of(&cfg))?;
+    let compiled = if dp.adopted() {
+        // Keep the numbering the running policy's conntrack entries and
+        // counters carry.
+        match State::read(&opts.run_dir) {
+            Ok(previous) => ids = StableIds::from_labels(&previous.labels),
+            Err(e) => warn!("no state of the earlier daemon ({e:#}): rule ids are numbered afresh"),
+        }
+        ids.stabilize(&compiled)
+    } else {
+        compiled
+    };
     // The policy is complete in the maps before the programs see a packet,
-    // and so are the connections already open that it allows.
+    // and so are the connections already open that it allows (unless the
+    // conntrack of an earlier daemon was adopted: it has them).
     dp.apply(&compiled).context("writing the policy into the maps")?;
-    seed_existing_connections(&mut dp, &compiled);
+    if !dp.adopted() {
+        seed_existing_connections(&mut dp, &compiled);
+    }
     dp.attach(&settings.interfaces, opts.xdp_skb)?;
     let events = dp.take_ring(names::EVENTS)?;
     let dns_answers = dp.take_ring(names::DNS_MESSAGES)?;
 
-    let counters = match dp.bpffs_dir() {
-        Some(dir) => Some(PinnedCounters::open(dir)?),
-        None => None,
-    };
+    let counters = Some(PinnedCounters::open(dp.maps_dir())?);
     let metrics = Arc::new(Metrics::new(counters, settings.info.clone()));
     let loaded_at = unix_now();
     metrics.daemon.policy_loaded_time.set(loaded_at as f64);
@@ -183,11 +207,20 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         settings.audit_log.display()
     );
     let result = daemon.signal_loop(dns_rx).await;
+    let detach = daemon.opts.detach_on_exit || matches!(result, Ok(Exit::Detach));
     let run_dir = daemon.opts.run_dir.clone();
-    daemon.dp.shutdown();
-    State::remove(&run_dir);
-    info!("detached; bye");
-    result
+    let bpffs_dir = daemon.dp.bpffs_dir().to_path_buf();
+    daemon.dp.shutdown(detach)?;
+    if detach {
+        State::remove(&run_dir);
+        info!("detached and unpinned; bye");
+    } else {
+        info!(
+            "exiting; the last policy stays enforced (pinned in {}): `pcguard detach` removes it",
+            bpffs_dir.display()
+        );
+    }
+    result.map(|_| ())
 }
 
 /// Seeds conntrack with the connections open in this network namespace
@@ -305,7 +338,7 @@ impl Daemon {
         })
     }
 
-    async fn signal_loop(&mut self, mut dns_rx: mpsc::Receiver<Vec<Resolved>>) -> Result<()> {
+    async fn signal_loop(&mut self, mut dns_rx: mpsc::Receiver<Vec<Resolved>>) -> Result<Exit> {
         let mut expiry = tokio::time::interval(Duration::from_secs(5));
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
@@ -324,11 +357,11 @@ impl Daemon {
                 _ = usr1.recv() => self.confirm(),
                 Some(answers) = dns_rx.recv() => self.learn(&answers),
                 _ = expiry.tick() => self.expire_learned(),
-                _ = term.recv() => return Ok(()),
-                _ = int.recv() => return Ok(()),
+                _ = term.recv() => return Ok(Exit::Stop),
+                _ = int.recv() => return Ok(Exit::Stop),
                 _ = sleep => {
-                    if !self.revert()? {
-                        return Ok(());
+                    if let Some(exit) = self.revert()? {
+                        return Ok(exit);
                     }
                 }
             }
@@ -433,18 +466,25 @@ impl Daemon {
 
     /// The confirm window expired. Returns false when the daemon must stop
     /// (the unconfirmed policy was the first one: detach everything).
-    fn revert(&mut self) -> Result<bool> {
-        let Some(p) = self.pending.take() else { return Ok(true) };
+    fn revert(&mut self) -> Result<Option<Exit>> {
+        let Some(p) = self.pending.take() else { return Ok(None) };
         match p.previous {
+            None if self.dp.adopted() => {
+                // The policy before this start is the earlier daemon's: still
+                // whole in the generation this start switched away from.
+                warn!("policy not confirmed in time: switching back to the policy enforced before this start, and exiting");
+                self.dp.switch_back()?;
+                Ok(Some(Exit::Stop))
+            }
             None => {
                 warn!("policy not confirmed in time: detaching and exiting");
-                Ok(false)
+                Ok(Some(Exit::Detach))
             }
             Some((cfg, compiled)) => {
                 warn!("policy not confirmed in time: reverting to the previous policy");
                 self.install(cfg, compiled)?;
                 self.write_state()?;
-                Ok(true)
+                Ok(None)
             }
         }
     }
@@ -489,7 +529,10 @@ impl Daemon {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").into(),
             config: self.opts.config.canonicalize().unwrap_or_else(|_| self.opts.config.clone()),
-            bpffs_dir: self.dp.bpffs_dir().map(Path::to_path_buf),
+            bpffs_dir: Some(self.dp.bpffs_dir().to_path_buf()),
+            maps_dir: Some(self.dp.maps_dir().to_path_buf()),
+            abi: pcguard_common::ABI_VERSION,
+            adopted: self.dp.adopted(),
             interfaces: self.dp.interfaces().to_vec(),
             mode: mode_name(s.ingress_mode).into(),
             egress_mode: mode_name(s.egress_mode).into(),

@@ -56,17 +56,29 @@ impl StableIds {
         out
     }
 
+    /// The numbering a running policy used (its `Labels`): a daemon that
+    /// adopts the maps of an earlier one keeps its rule ids and port labels,
+    /// which conntrack entries and counters carry.
+    pub fn from_labels(labels: &crate::counters::Labels) -> Self {
+        let index = |names: &[String]| -> HashMap<String, u16> {
+            names.iter().enumerate().skip(1).filter(|(_, n)| !n.is_empty()).map(|(i, n)| (n.clone(), i as u16)).collect()
+        };
+        Self { rules: index(&labels.rules), labels: std::array::from_fn(|i| index(&labels.port_labels[i])) }
+    }
+
     /// True when the new names of `p` still get numbers below the limits.
     fn fits(&self, p: &CompiledPolicy) -> bool {
+        let top = |ids: &HashMap<String, u16>| ids.values().copied().max().unwrap_or(0) as usize;
         let new = |ids: &HashMap<String, u16>, names: &[String]| names.iter().skip(1).filter(|n| !ids.contains_key(*n)).count();
         let rule_names: Vec<String> = p.rules.iter().map(|r| r.id.clone()).collect();
-        self.rules.len() + new(&self.rules, &rule_names) < MAX_RULES as usize
-            && (0..3).all(|i| self.labels[i].len() + new(&self.labels[i], &p.port_labels[i]) < MAX_PORT_LABELS as usize)
+        top(&self.rules) + new(&self.rules, &rule_names) < MAX_RULES as usize
+            && (0..3).all(|i| top(&self.labels[i]) + new(&self.labels[i], &p.port_labels[i]) < MAX_PORT_LABELS as usize)
     }
 }
 
 fn next_id(ids: &mut HashMap<String, u16>, name: &str) -> u16 {
-    let next = ids.len() as u16 + 1;
+    // Past the highest in use: restored numbering may have holes.
+    let next = ids.values().copied().max().unwrap_or(0) + 1;
     *ids.entry(name.to_string()).or_insert(next)
 }
 

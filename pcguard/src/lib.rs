@@ -4,6 +4,7 @@
 //! Pipeline: `catalog` -> `config` -> `policy` (pure, unit-tested) ->
 //! `datapath` (BPF maps) ; `flows` (audit log) ; `metrics` (Prometheus).
 
+pub mod attach;
 pub mod catalog;
 pub mod config;
 pub mod policy;
@@ -19,4 +20,5 @@ pub mod seed;
 pub mod sockdiag;
 pub mod state;
 pub mod status;
+pub mod pins;
 pub mod sys;

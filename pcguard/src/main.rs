@@ -36,9 +36,14 @@ enum Command {
     Run {
         #[arg(short, long, default_value = "/etc/pcguard/pcguard.toml")]
         config: PathBuf,
-        /// bpffs directory for the pinned maps (read by `pcguard status`).
+        /// bpffs directory for the pinned maps and links (read by `pcguard
+        /// status`, adopted by the next `pcguard run`).
         #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
+        /// Remove the programs and pins when the daemon exits. Without it,
+        /// a stopped or crashed daemon leaves the last policy enforced.
+        #[arg(long)]
+        detach_on_exit: bool,
         /// Directory of the state file.
         #[arg(long, default_value = DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
@@ -117,6 +122,15 @@ enum Command {
         #[arg(long, default_value = DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
     },
+    /// Remove pcguard's programs and pins: the explicit off switch (a
+    /// stopped daemon leaves the last policy enforced). Refuses while a
+    /// daemon runs on the directory.
+    Detach {
+        #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
+        bpffs_dir: PathBuf,
+        #[arg(long, default_value = DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+    },
     /// Ask the running daemon to reload its config (SIGHUP).
     Reload {
         #[arg(long, default_value = DEFAULT_RUN_DIR)]
@@ -143,9 +157,17 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run { config, bpffs_dir, run_dir, xdp_skb, metrics_listen, audit_log, confirm_within } => {
-            let opts =
-                RunOptions { config, bpffs_dir: Some(bpffs_dir), run_dir, xdp_skb, metrics_listen, audit_log, confirm_within };
+        Command::Run { config, bpffs_dir, detach_on_exit, run_dir, xdp_skb, metrics_listen, audit_log, confirm_within } => {
+            let opts = RunOptions {
+                config,
+                bpffs_dir,
+                detach_on_exit,
+                run_dir,
+                xdp_skb,
+                metrics_listen,
+                audit_log,
+                confirm_within,
+            };
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(daemon::run(opts))
         }
@@ -188,6 +210,15 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Command::Confirm { run_dir } => signal_daemon(&run_dir, libc::SIGUSR1, "confirm"),
         Command::Reload { run_dir } => signal_daemon(&run_dir, libc::SIGHUP, "reload"),
+        Command::Detach { bpffs_dir, run_dir } => {
+            if pcguard::attach::detach_dir(&bpffs_dir)? {
+                State::remove(&run_dir);
+                println!("pcguard detached: programs and pins under {} removed", bpffs_dir.display());
+            } else {
+                println!("nothing to detach: {} does not exist", bpffs_dir.display());
+            }
+            Ok(())
+        }
     }
 }
 

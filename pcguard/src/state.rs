@@ -17,7 +17,17 @@ pub struct State {
     pub pid: u32,
     pub version: String,
     pub config: PathBuf,
+    /// The pin directory (`--bpffs-dir`).
     pub bpffs_dir: Option<PathBuf>,
+    /// The pinned map set in use (under `bpffs_dir`).
+    #[serde(default)]
+    pub maps_dir: Option<PathBuf>,
+    /// `pcguard_common::ABI_VERSION` of the daemon that wrote this.
+    #[serde(default)]
+    pub abi: u32,
+    /// The daemon adopted the maps and links of an earlier one.
+    #[serde(default)]
+    pub adopted: bool,
     pub interfaces: Vec<AttachedInterface>,
     pub mode: String,
     pub egress_mode: String,

@@ -15,16 +15,35 @@ use crate::{
 };
 
 /// Reads the state and counters of the daemon whose run dir is `run_dir`.
+/// The counters are `None` when the pinned maps cannot be opened by this
+/// user (they need root): the state is still shown.
 pub fn collect(run_dir: &Path) -> Result<(State, Option<Snapshot>)> {
     let state = State::read(run_dir)?;
     if !state.is_live() {
-        bail!("pcguard (pid {}) is not running; stale state in {}", state.pid, run_dir.display());
+        bail!(
+            "the pcguard daemon (pid {}) is not running; stale state in {} (its last policy may still be enforced: see `pcguard detach`)",
+            state.pid,
+            run_dir.display()
+        );
     }
-    let snap = match &state.bpffs_dir {
-        Some(dir) => Some(PinnedCounters::open(dir)?.snapshot(&state.labels).context("reading counters")?),
-        None => None,
+    let Some(dir) = state.maps_dir.as_ref().or(state.bpffs_dir.as_ref()) else { return Ok((state, None)) };
+    let counters = match PinnedCounters::open(dir) {
+        Ok(c) => c,
+        Err(e) if is_permission_error(&e) => {
+            eprintln!("note: the counters in {} need root to read", dir.display());
+            return Ok((state, None));
+        }
+        Err(e) => return Err(e),
     };
-    Ok((state, snap))
+    let snap = counters.snapshot(&state.labels).context("reading counters")?;
+    Ok((state, Some(snap)))
+}
+
+fn is_permission_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        let text = c.to_string();
+        text.contains("Permission denied") || text.contains("Operation not permitted")
+    })
 }
 
 pub fn to_json(state: &State, snap: Option<&Snapshot>) -> serde_json::Value {

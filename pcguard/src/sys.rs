@@ -31,6 +31,30 @@ pub fn is_bpffs(path: &Path) -> bool {
     rc == 0 && st.f_type as i64 == BPFFS_MAGIC
 }
 
+/// True when the open file `fd` is on bpffs.
+pub fn fd_is_bpffs(fd: &impl std::os::fd::AsRawFd) -> bool {
+    // SAFETY: all-zero is a valid statfs.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: an open fd and a valid out pointer.
+    let rc = unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPFFS_MAGIC
+}
+
+/// Mounts a bpffs at `path` with mode 0700 (the kernel's default is 1777:
+/// world-writable, where anyone could plant names).
+pub fn mount_bpffs(path: &Path) -> io::Result<()> {
+    let target = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let (source, fstype, data) = (c"bpf", c"bpf", c"mode=0700");
+    // SAFETY: NUL-terminated strings; `data` is the file system's options.
+    let rc = unsafe {
+        libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, data.as_ptr().cast())
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

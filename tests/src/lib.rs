@@ -155,7 +155,19 @@ impl Lab {
         Ok(())
     }
 
+    /// The bpffs directory daemons of this lab pin their maps and links in.
+    pub fn bpffs_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/pcguard-{}", self.prefix))
+    }
+
     fn remove(&self) {
+        // Pins outlive the daemons (that is their point): remove this
+        // lab's, or every run would leave its maps' memory behind.
+        if self.bpffs_dir().exists()
+            && let Ok(bin) = pcguard_bin()
+        {
+            let _ = Command::new(bin).arg("detach").arg("--bpffs-dir").arg(self.bpffs_dir()).output();
+        }
         let list = sh("ip", &["netns", "list"]).unwrap_or_default();
         for line in list.lines() {
             let name = line.split_whitespace().next().unwrap_or("");
@@ -409,7 +421,7 @@ impl Daemon {
     pub fn start(lab: &Lab, config: &Path, work: &Path, extra: &[&str]) -> Result<Self> {
         std::fs::create_dir_all(work)?;
         let run_dir = work.join("run");
-        let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/pcguard-{}", lab.prefix));
+        let bpffs_dir = lab.bpffs_dir();
         let audit_log = work.join("flows.jsonl");
         let log = work.join("daemon.log");
         let metrics: SocketAddr = "127.0.0.1:9750".parse()?;
@@ -493,9 +505,17 @@ impl Daemon {
         Ok(rules.iter().map(|r| r.as_str().unwrap_or_default().to_string()).collect())
     }
 
-    /// The entries of the daemon's conntrack (its pinned `CONNTRACK` map).
+    /// The pinned map set the daemon uses (from its state file).
+    pub fn maps_dir(&self) -> Result<PathBuf> {
+        let path = self.run_dir.join("state.json");
+        let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+        Ok(PathBuf::from(state["maps_dir"].as_str().with_context(|| format!("no maps_dir in {}", path.display()))?))
+    }
+
+    /// The entries of the daemon's established-flow conntrack (its pinned
+    /// `CONNTRACK` map).
     pub fn conntrack(&self) -> Result<Vec<(FlowKey, CtEntry)>> {
-        let path = self.bpffs_dir.join(pcguard_common::names::CONNTRACK);
+        let path = self.maps_dir()?.join(pcguard_common::names::CONNTRACK);
         let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
         let map: BpfHashMap<MapData, FlowKey, CtEntry> = BpfHashMap::try_from(aya::maps::Map::from_map_data(data)?)?;
         // An entry deleted between listing and reading its key is skipped.

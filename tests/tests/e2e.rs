@@ -179,16 +179,26 @@ fn wait_metric(d: &Daemon, name: &str, labels: &[(&str, &str)], want: f64) -> Re
 }
 
 #[test]
-fn sigterm_detaches_and_removes_pins() -> Result<()> {
+fn sigterm_leaves_enforcement_in_place_and_detach_removes_it() -> Result<()> {
     let env = TestLab::up("pe5", tmp(), &lab_config("enforce", ""))?;
     let _srv = TcpServer::start(&env.lab, SERVER, sa(std::net::Ipv6Addr::UNSPECIFIED, 9999))?;
+    let _web = TcpServer::start(&env.lab, SERVER, sa(std::net::Ipv6Addr::UNSPECIFIED, 9191))?;
     let daemon = env.start(&[])?;
     let link = sh("ip", &["-n", &env.lab.ns(SERVER), "-d", "link", "show", SERVER_IF])?;
     assert!(link.contains("xdp"), "XDP attached: {link}");
-    assert!(daemon.bpffs_dir.join("PORT_COUNTERS").exists());
+    assert!(daemon.maps_dir()?.join("PORT_COUNTERS").exists());
     assert!(!ws_reaches(&env.lab, 9999)?);
     let (bpffs, run_dir) = (daemon.bpffs_dir.clone(), daemon.run_dir.clone());
     assert!(daemon.stop()?.success());
+    // The daemon is gone; its last policy is not.
+    let link = sh("ip", &["-n", &env.lab.ns(SERVER), "-d", "link", "show", SERVER_IF])?;
+    assert!(link.contains("xdp"), "XDP still attached after SIGTERM: {link}");
+    assert!(!ws_reaches(&env.lab, 9999)?, "enforcement went away with the daemon");
+    assert!(ws_reaches(&env.lab, 9191)?, "allowed traffic stopped with the daemon");
+    // The explicit off switch.
+    let bin = pcguard_bin()?;
+    let out = std::process::Command::new(&bin).arg("detach").arg("--bpffs-dir").arg(&bpffs).arg("--run-dir").arg(&run_dir).output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let link = sh("ip", &["-n", &env.lab.ns(SERVER), "-d", "link", "show", SERVER_IF])?;
     assert!(!link.contains("xdp"), "XDP detached: {link}");
     assert!(!bpffs.exists(), "pins removed");

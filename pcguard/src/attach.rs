@@ -1,0 +1,363 @@
+//! Loading the programs against pinned maps, and attaching them through
+//! pinned links (docs/datapath.md, "Pins"): what makes enforcement outlive
+//! the daemon.
+//!
+//! * Load: the contract's maps are opened from the pin directory when a
+//!   set of this contract version and these sizes is pinned there (adopted:
+//!   conntrack, counters, the running policy and the DNS state carry over),
+//!   else created and pinned.
+//! * Attach: an interface whose XDP or TC link is pinned gets the new
+//!   program by an atomic link update (`bpf_link_update`): packets go from
+//!   the old program to the new one with nothing in between. Otherwise the
+//!   program is attached and the link pinned.
+//! * After the programs are on the links, map sets of other layouts (an
+//!   older version) are unpinned: only the old programs used them.
+//! * Detach (`pcguard detach`, or a daemon run with `--detach-on-exit`):
+//!   unpinning the links detaches the programs.
+
+use std::{collections::BTreeSet, path::Path};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Map, MapData, ProgramArray},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc,
+        xdp::XdpLink,
+    },
+};
+use log::{debug, info, warn};
+use pcguard_common::{ABI_VERSION, names};
+use serde::{Deserialize, Serialize};
+
+use crate::pins::{LINKS_DIR, PinDir, ensure_bpffs, maps_dir_name};
+
+/// Map sizes chosen at load time (the config's `[conntrack]` sizes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapSizes {
+    /// Established flows (`CONNTRACK`).
+    pub conntrack: u32,
+    /// New flows (`CT_NEW`).
+    pub ct_new: u32,
+}
+
+impl MapSizes {
+    pub fn of(cfg: &crate::config::SiteConfig) -> Self {
+        Self { conntrack: cfg.conntrack.max_entries, ct_new: cfg.conntrack.new_entries }
+    }
+
+    /// `max_entries` the map `name` must have.
+    fn max_entries(&self, name: &str) -> Option<u32> {
+        match name {
+            names::CONNTRACK => Some(self.conntrack),
+            names::CT_NEW => Some(self.ct_new),
+            _ => pcguard_common::map_layout(name).map(|l| l.max_entries),
+        }
+    }
+}
+
+/// How the XDP program is attached.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpAttachMode {
+    /// Native (driver) XDP.
+    Driver,
+    /// Generic (skb) XDP: works on every interface, slower.
+    Skb,
+    /// Taken over from a pinned link of an earlier daemon, in the mode it
+    /// was attached with.
+    Adopted,
+}
+
+/// What is attached to one interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachedInterface {
+    pub name: String,
+    pub ifindex: u32,
+    pub xdp_mode: XdpAttachMode,
+    pub xdp_program_id: u32,
+    pub tc_program_id: u32,
+}
+
+/// The daemon's pin directory, locked, with its map set and links.
+pub struct Pins {
+    /// The directory given with `--bpffs-dir` (locked while this lives).
+    pub dir: PinDir,
+    /// The map set of this contract version and these sizes.
+    pub maps: PinDir,
+    pub links: PinDir,
+}
+
+/// The loaded programs and their maps.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub pins: Pins,
+    /// The maps were pinned by an earlier daemon (and are in use by the
+    /// programs on its links, if they are still attached).
+    pub adopted: bool,
+}
+
+/// Opens and locks the pin directory, then loads the object against the
+/// map set pinned there (adopted), or a new one it pins.
+pub fn load(object: &[u8], bpffs_dir: &Path, sizes: &MapSizes) -> Result<Loaded> {
+    ensure_bpffs(bpffs_dir)?;
+    let dir = PinDir::open(bpffs_dir)?;
+    dir.lock()?;
+    let set = maps_dir_name(ABI_VERSION, sizes.conntrack, sizes.ct_new);
+    let adopted = match dir.existing_subdir(&set)? {
+        Some(maps) if names::PINNED.iter().all(|m| maps.contains(m)) => true,
+        Some(_) => {
+            warn!("{}: incomplete map set {set} (an earlier start failed): replacing it", dir.path().display());
+            dir.remove_subdir(&set)?;
+            false
+        }
+        None => false,
+    };
+    let maps = dir.subdir(&set)?;
+    let links = dir.subdir(LINKS_DIR)?;
+    let mut loader = EbpfLoader::new();
+    loader.map_max_entries(names::CONNTRACK, sizes.conntrack).map_max_entries(names::CT_NEW, sizes.ct_new);
+    let paths: Vec<(&str, std::path::PathBuf)> = names::PINNED.iter().map(|&m| (m, maps.pin_path(m))).collect();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(object).context("loading the eBPF object")?;
+    check_layouts(&ebpf, sizes)?;
+    for name in [names::XDP_PROG, names::TC_PROG] {
+        let prog = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from object"))?;
+        match prog {
+            aya::programs::Program::Xdp(p) => p.load(),
+            aya::programs::Program::SchedClassifier(p) => p.load(),
+            _ => bail!("program {name} has an unexpected type"),
+        }
+        .with_context(|| format!("verifying program {name}"))?;
+    }
+    set_tc_rerun(&mut ebpf)?;
+    if adopted {
+        info!("adopted the maps pinned in {} (conntrack, counters and policy carry over)", maps.path().display());
+    } else {
+        info!("pinned new maps in {}", maps.path().display());
+    }
+    Ok(Loaded { ebpf, pins: Pins { dir, maps, links }, adopted })
+}
+
+/// Every pinned map has the layout this build expects: the set's name says
+/// so, but a map is used by the programs only after this check.
+fn check_layouts(ebpf: &Ebpf, sizes: &MapSizes) -> Result<()> {
+    for name in names::PINNED {
+        let map = ebpf.map(name).ok_or_else(|| anyhow!("map {name} missing from object"))?;
+        let info = map_info(map)?;
+        let want = pcguard_common::map_layout(name).ok_or_else(|| anyhow!("no layout for {name}"))?;
+        let got = (info.key_size(), info.value_size(), info.max_entries());
+        let expected = (want.key_size, want.value_size, sizes.max_entries(name).unwrap_or(want.max_entries));
+        if got != expected {
+            bail!(
+                "pinned map {name} has key/value size and capacity {got:?}, this build expects {expected:?}: \
+                 the pins are not of this version (run `pcguard detach` to remove them)"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn map_info(map: &Map) -> Result<aya::maps::MapInfo> {
+    let data: &MapData = match map {
+        Map::Array(d)
+        | Map::HashMap(d)
+        | Map::LruHashMap(d)
+        | Map::LpmTrie(d)
+        | Map::PerCpuArray(d)
+        | Map::RingBuf(d)
+        | Map::ProgramArray(d) => d,
+        _ => bail!("unexpected map type"),
+    };
+    Ok(data.info()?)
+}
+
+/// Points `TC_RERUN[0]` at the loaded TC program: a TC run that had to
+/// pull headers into the skb's linear part runs again through it. Without
+/// it such packets are judged malformed (fail closed).
+pub fn set_tc_rerun(ebpf: &mut Ebpf) -> Result<()> {
+    let prog: &SchedClassifier =
+        ebpf.program(names::TC_PROG).ok_or_else(|| anyhow!("program {} missing", names::TC_PROG))?.try_into()?;
+    let fd = prog.fd()?.try_clone()?;
+    let mut rerun: ProgramArray<&mut MapData> =
+        ProgramArray::try_from(ebpf.map_mut(names::TC_RERUN).ok_or_else(|| anyhow!("map TC_RERUN missing"))?)?;
+    rerun.set(0, &fd, 0).context("setting TC_RERUN")?;
+    Ok(())
+}
+
+/// An interface name as part of a pin name: bpffs refuses names with a
+/// dot (`eth0.100` is a valid interface name), so dots (and the escape
+/// character) are percent-encoded.
+fn pin_safe(ifname: &str) -> String {
+    ifname.replace('%', "%25").replace('.', "%2e")
+}
+
+fn xdp_pin(ifname: &str) -> String {
+    format!("xdp-{}", pin_safe(ifname))
+}
+
+fn tc_pin(ifname: &str) -> String {
+    format!("tc-{}", pin_safe(ifname))
+}
+
+/// Attaches both programs to every interface: over a pinned link when
+/// there is one (an atomic replacement), else freshly, pinning the link.
+/// Links pinned for interfaces no longer configured are unpinned (their
+/// programs detach).
+pub fn attach_all(
+    ebpf: &mut Ebpf,
+    links: &PinDir,
+    interfaces: &[String],
+    force_skb: bool,
+) -> Result<Vec<AttachedInterface>> {
+    let mut attached = Vec::new();
+    for name in interfaces {
+        let ifindex = crate::datapath::ifindex(name)?;
+        let xdp_mode = attach_xdp(ebpf, links, name, force_skb)?;
+        attach_tc(ebpf, links, name)?;
+        let xdp_program_id = program_id(ebpf, names::XDP_PROG)?;
+        let tc_program_id = program_id(ebpf, names::TC_PROG)?;
+        info!("attached to {name} (ifindex {ifindex}, XDP {xdp_mode:?}, TC egress)");
+        attached.push(AttachedInterface { name: name.clone(), ifindex, xdp_mode, xdp_program_id, tc_program_id });
+    }
+    let wanted: BTreeSet<String> = interfaces.iter().flat_map(|i| [xdp_pin(i), tc_pin(i)]).collect();
+    for stale in links.entries()?.into_iter().filter(|e| !wanted.contains(e)) {
+        warn!("unpinning link {stale}: its interface is no longer configured (its program detaches)");
+        links.remove(&stale)?;
+    }
+    Ok(attached)
+}
+
+fn program_id(ebpf: &Ebpf, name: &str) -> Result<u32> {
+    let prog = ebpf.program(name).ok_or_else(|| anyhow!("program {name} missing"))?;
+    Ok(prog.info()?.id())
+}
+
+/// The pinned link `pin`, if there is one.
+fn pinned_link(links: &PinDir, pin: &str) -> Result<Option<FdLink>> {
+    if !links.contains(pin) {
+        return Ok(None);
+    }
+    let link = PinnedLink::from_pin(links.pin_path(pin))
+        .with_context(|| format!("opening pinned link {}", links.path().join(pin).display()))?;
+    Ok(Some(FdLink::from(link)))
+}
+
+fn attach_xdp(ebpf: &mut Ebpf, links: &PinDir, ifname: &str, force_skb: bool) -> Result<XdpAttachMode> {
+    let pin = xdp_pin(ifname);
+    let prog: &mut Xdp = program_mut(ebpf, names::XDP_PROG)?.try_into()?;
+    if let Some(link) = pinned_link(links, &pin)? {
+        let link = XdpLink::try_from(link).context("pinned XDP link")?;
+        let id = prog.attach_to_link(link).with_context(|| format!("replacing the XDP program on {ifname}"))?;
+        // The pin keeps the link; the program stays attached when this
+        // process drops its handle.
+        let _ = prog.take_link(id)?;
+        return Ok(XdpAttachMode::Adopted);
+    }
+    let (id, mode) = if force_skb {
+        (prog.attach(ifname, XdpMode::Skb).with_context(|| format!("attaching XDP to {ifname}"))?, XdpAttachMode::Skb)
+    } else {
+        match prog.attach(ifname, XdpMode::Driver) {
+            Ok(id) => (id, XdpAttachMode::Driver),
+            Err(e) => {
+                warn!("native XDP on {ifname} failed ({e}); attaching generic (skb) XDP, which is slower");
+                (prog.attach(ifname, XdpMode::Skb).with_context(|| format!("attaching XDP to {ifname}"))?, XdpAttachMode::Skb)
+            }
+        }
+    };
+    let link = prog.take_link(id)?;
+    let fd = FdLink::try_from(link).context("XDP attached without a bpf link (kernel < 5.9?): cannot pin it")?;
+    fd.pin(links.pin_path(&pin)).with_context(|| format!("pinning the XDP link of {ifname}"))?;
+    Ok(mode)
+}
+
+fn attach_tc(ebpf: &mut Ebpf, links: &PinDir, ifname: &str) -> Result<()> {
+    let pin = tc_pin(ifname);
+    let prog: &mut SchedClassifier = program_mut(ebpf, names::TC_PROG)?.try_into()?;
+    if let Some(link) = pinned_link(links, &pin)? {
+        let link = tc::SchedClassifierLink::try_from(link).context("pinned TC link")?;
+        let id = prog.attach_to_link(link).with_context(|| format!("replacing the TC program on {ifname}"))?;
+        let _ = prog.take_link(id)?;
+        return Ok(());
+    }
+    // Needed only for the netlink attach path of kernels < 6.6; harmless
+    // (EEXIST) when the qdisc is already there.
+    if let Err(e) = tc::qdisc_add_clsact(ifname) {
+        debug!("clsact qdisc on {ifname}: {e}");
+    }
+    let id = prog.attach(ifname, TcAttachType::Egress).with_context(|| format!("attaching TC egress to {ifname}"))?;
+    let link = prog.take_link(id)?;
+    match FdLink::try_from(link) {
+        Ok(fd) => {
+            fd.pin(links.pin_path(&pin)).with_context(|| format!("pinning the TC link of {ifname}"))?;
+        }
+        Err(e) => {
+            // A netlink filter (no tcx): the kernel keeps it attached after
+            // this process exits, but it cannot be pinned or replaced
+            // atomically by the next daemon.
+            warn!("TC egress on {ifname} is a netlink filter (kernel without tcx): not pinned ({e})");
+        }
+    }
+    Ok(())
+}
+
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from object"))
+}
+
+/// Unpins the map sets other than this one: once the links carry the new
+/// programs, nothing uses them.
+pub fn retire_other_map_sets(pins: &Pins) -> Result<()> {
+    let this = pins.maps.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    for name in pins.dir.entries()? {
+        if name.starts_with("maps-") && name != this {
+            info!("unpinning the map set {name} of an earlier layout");
+            pins.dir.remove_subdir(&name)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes every pin in `pins`: links (their programs detach), map sets.
+pub fn unpin_all(dir: &PinDir) -> Result<()> {
+    for name in dir.entries()? {
+        dir.remove_subdir(&name)?;
+    }
+    Ok(())
+}
+
+/// `pcguard detach`: removes the programs and pins under `bpffs_dir`.
+/// Refuses while a daemon holds the directory: stop it first.
+pub fn detach_dir(bpffs_dir: &Path) -> Result<bool> {
+    if !bpffs_dir.exists() {
+        return Ok(false);
+    }
+    let dir = PinDir::open(bpffs_dir)?;
+    if dir.is_locked_by_other() {
+        bail!(
+            "a pcguard daemon is running on {}: stop it first (systemctl stop pcguard), then run pcguard detach",
+            bpffs_dir.display()
+        );
+    }
+    dir.lock()?;
+    unpin_all(&dir)?;
+    drop(dir);
+    // The top directory itself; another process may have made it again.
+    let _ = std::fs::remove_dir(bpffs_dir);
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_pins_have_no_dots() {
+        assert_eq!(xdp_pin("eth0.100"), "xdp-eth0%2e100");
+        assert_eq!(tc_pin("a%b"), "tc-a%25b");
+    }
+}
