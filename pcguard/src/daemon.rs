@@ -420,8 +420,20 @@ impl Daemon {
     }
 
     /// Applies a compiled policy and makes it the running one.
+    ///
+    /// A transaction: everything that can fail without touching the kernel
+    /// (opening a new audit log) is done first; then the maps are written
+    /// into the inactive generation and switched to in one write. An error
+    /// before the switch leaves the running policy whole.
     fn install(&mut self, cfg: SiteConfig, compiled: CompiledPolicy) -> Result<()> {
         let settings = daemon_settings(&cfg, &compiled, &self.opts);
+        let new_audit = {
+            let audit = self.audit.lock().unwrap();
+            match audit.path() == settings.audit_log {
+                true => None,
+                false => Some(AuditLog::open(&settings.audit_log)?),
+            }
+        };
         let applied = self.dp.apply(&compiled);
         // Whatever happened, the static prefixes may have been rewritten:
         // put the learned ones back on top of the policy now in the maps.
@@ -436,12 +448,8 @@ impl Daemon {
         }
         let stats = applied?;
         info!("policy written: {} port entries, {} slots, {} prefixes changed", stats.ports, stats.slots, stats.peers);
-        {
-            let audit_path = settings.audit_log.clone();
-            let mut audit = self.audit.lock().unwrap();
-            if audit.path() != audit_path {
-                *audit = AuditLog::open(&audit_path)?;
-            }
+        if let Some(audit) = new_audit {
+            *self.audit.lock().unwrap() = audit;
         }
         self.dedup.lock().unwrap().set_interval(settings.report_interval);
         *self.policy.write().unwrap() = compiled;

@@ -456,21 +456,37 @@ fn write_prefixes<const N: usize, const K: usize>(
 where
     [u8; K]: aya::Pod,
 {
+    // Removals first: the trie holds both generations, and the running
+    // one's prefixes plus this one's new ones always fit (each generation
+    // is at most PEER_ENTRIES, the trie twice that); its old ones on top
+    // might not.
+    for &(addr, prefix_len) in remove {
+        match trie.remove(&Key::new(GEN_PREFIX_BITS + prefix_len, key(addr))) {
+            // Absent already (never written by a failed write): done.
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e).with_context(|| format!("removing peer prefix /{prefix_len}")),
+        }
+    }
     for p in set {
         trie.insert(&Key::new(GEN_PREFIX_BITS + p.prefix_len, key(p.addr)), p.mask, 0)
             .with_context(|| format!("inserting peer prefix /{}", p.prefix_len))?;
-    }
-    for &(addr, prefix_len) in remove {
-        match trie.remove(&Key::new(GEN_PREFIX_BITS + prefix_len, key(addr))) {
-            // Absent already (never written by a failed write): nothing to do.
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(e).with_context(|| format!("removing peer prefix /{prefix_len}")),
-        }
     }
     Ok(())
 }
 
 
+
+/// "No such entry" from a map delete or lookup: aya reports it as
+/// `KeyNotFound` for some map types and as a syscall error with ENOENT for
+/// others (hash maps, LPM tries).
+pub fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
 
 /// A whole `T` read from a ring-buffer record; `None` if the record is
 /// shorter than `T`.

@@ -33,6 +33,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+
+pub mod probes;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use pcguard_common::{CtEntry, FlowKey};
 
@@ -424,11 +426,27 @@ impl Daemon {
         let bpffs_dir = lab.bpffs_dir();
         let audit_log = work.join("flows.jsonl");
         let log = work.join("daemon.log");
-        let metrics: SocketAddr = "127.0.0.1:9750".parse()?;
+        // `extra` may set the metrics address, or `--config-audit-log` to
+        // leave the audit log to the config (no `--audit-log` override).
+        let metrics: SocketAddr = match extra.iter().position(|a| *a == "--metrics-listen") {
+            Some(i) => extra.get(i + 1).context("--metrics-listen without a value")?.parse()?,
+            None => "127.0.0.1:9750".parse()?,
+        };
+        let config_audit = extra.contains(&"--config-audit-log");
+        let extra: Vec<&str> = extra
+            .iter()
+            .enumerate()
+            .filter(|(i, a)| {
+                **a != "--config-audit-log"
+                    && **a != "--metrics-listen"
+                    && (*i == 0 || extra[*i - 1] != "--metrics-listen")
+            })
+            .map(|(_, a)| *a)
+            .collect();
         let _ = std::fs::remove_file(run_dir.join("state.json"));
         let server_ns = lab.ns_path(SERVER);
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", server_ns.display()))
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", server_ns.display()))
             .arg(pcguard_bin()?)
             .args(["run", "--config"])
             .arg(config)
@@ -436,11 +454,13 @@ impl Daemon {
             .arg(&run_dir)
             .arg("--bpffs-dir")
             .arg(&bpffs_dir)
-            .arg("--audit-log")
-            .arg(&audit_log)
             .arg("--metrics-listen")
-            .arg(metrics.to_string())
-            .args(extra)
+            .arg(metrics.to_string());
+        if !config_audit {
+            cmd.arg("--audit-log").arg(&audit_log);
+        }
+        let child = cmd
+            .args(&extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::from(File::create(&log)?))
             .stderr(Stdio::from(File::options().append(true).open(&log)?))
@@ -559,6 +579,13 @@ impl Daemon {
 
     pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
         Ok(self.child.try_wait()?)
+    }
+
+    /// SIGKILL (a crash) and wait for it to be gone.
+    pub fn kill(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
     }
 }
 
