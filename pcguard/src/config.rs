@@ -124,6 +124,9 @@ pub struct AuditConfig {
     pub report_interval: Duration,
     /// Unexpected-flow records written per second at most.
     pub max_records_per_second: u32,
+    /// Group that may read the audit log and the state file (a log
+    /// shipper's); `None`: root only.
+    pub group: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -329,6 +332,19 @@ pub fn parse(text: &str, origin: &str) -> Result<SiteConfig, ConfigError> {
                 (1, 100_000),
                 DEFAULT_MAX_RECORDS_PER_SECOND,
             )?,
+            group: match &raw.audit.group {
+                None => None,
+                Some(g) => {
+                    let name = g.get_ref();
+                    let valid = !name.is_empty()
+                        && name.len() <= 32
+                        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+                    if !valid {
+                        return Err(ctx.error(Some(g.span()), "audit.group", format!("\"{name}\" is not a group name")));
+                    }
+                    Some(name.clone())
+                }
+            },
         },
         metrics: MetricsConfig {
             listen: raw

@@ -56,15 +56,22 @@ struct DaemonSettings {
     interfaces: Vec<String>,
     metrics_listen: SocketAddr,
     audit_log: PathBuf,
+    /// Group that may read the audit log and state (`[audit] group`).
+    group: Option<u32>,
     report_interval: Duration,
     info: PolicyInfo,
 }
 
-fn daemon_settings(cfg: &SiteConfig, policy: &CompiledPolicy, opts: &RunOptions) -> DaemonSettings {
-    DaemonSettings {
+fn daemon_settings(cfg: &SiteConfig, policy: &CompiledPolicy, opts: &RunOptions) -> Result<DaemonSettings> {
+    let group = match &cfg.audit.group {
+        Some(name) => Some(crate::auditlog::group_id(name).with_context(|| format!("{}: audit.group", cfg.origin))?),
+        None => None,
+    };
+    Ok(DaemonSettings {
         interfaces: cfg.interfaces.clone(),
         metrics_listen: opts.metrics_listen.unwrap_or_else(|| cfg.metrics_listen()),
         audit_log: opts.audit_log.clone().unwrap_or_else(|| cfg.audit_path().to_path_buf()),
+        group,
         report_interval: Duration::from_nanos(policy.settings.report_interval_ns),
         info: PolicyInfo {
             labels: Labels::from_policy(policy),
@@ -73,7 +80,7 @@ fn daemon_settings(cfg: &SiteConfig, policy: &CompiledPolicy, opts: &RunOptions)
             role: cfg.role.as_str().into(),
             rules: policy.rule_count(),
         },
-    }
+    })
 }
 
 fn mode_name(m: u8) -> &'static str {
@@ -108,6 +115,8 @@ struct Daemon {
     opts: RunOptions,
     dp: Datapath,
     cfg: SiteConfig,
+    /// Group of the audit log and state file.
+    group: Option<u32>,
     policy: Arc<RwLock<CompiledPolicy>>,
     metrics: Arc<Metrics>,
     audit: Arc<Mutex<AuditLog>>,
@@ -134,11 +143,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let (cfg, compiled) = load_policy(&opts.config)?;
     let mut ids = StableIds::default();
     let compiled = ids.stabilize(&compiled);
-    let settings = daemon_settings(&cfg, &compiled, &opts);
+    let settings = daemon_settings(&cfg, &compiled, &opts)?;
     if settings.interfaces.is_empty() {
         bail!("{}: no interfaces configured", opts.config.display());
     }
-    let audit = AuditLog::open(&settings.audit_log)?;
+    let audit = AuditLog::open(&settings.audit_log, settings.group)?;
     // Bind before touching the kernel, so a busy port fails cleanly.
     let addr = settings.metrics_listen;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics listener {addr}"))?;
@@ -183,6 +192,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut daemon = Daemon {
         dp,
         cfg,
+        group: settings.group,
         policy: Arc::new(RwLock::new(compiled)),
         metrics,
         audit: Arc::new(Mutex::new(audit)),
@@ -426,12 +436,12 @@ impl Daemon {
     /// into the inactive generation and switched to in one write. An error
     /// before the switch leaves the running policy whole.
     fn install(&mut self, cfg: SiteConfig, compiled: CompiledPolicy) -> Result<()> {
-        let settings = daemon_settings(&cfg, &compiled, &self.opts);
+        let settings = daemon_settings(&cfg, &compiled, &self.opts)?;
         let new_audit = {
             let audit = self.audit.lock().unwrap();
             match audit.path() == settings.audit_log {
                 true => None,
-                false => Some(AuditLog::open(&settings.audit_log)?),
+                false => Some(AuditLog::open(&settings.audit_log, settings.group)?),
             }
         };
         let applied = self.dp.apply(&compiled);
@@ -451,6 +461,7 @@ impl Daemon {
         if let Some(audit) = new_audit {
             *self.audit.lock().unwrap() = audit;
         }
+        self.group = settings.group;
         self.dedup.lock().unwrap().set_interval(settings.report_interval);
         *self.policy.write().unwrap() = compiled;
         self.metrics.set_policy(settings.info);
@@ -554,6 +565,6 @@ impl Daemon {
             }),
             labels: Labels::from_policy(&policy),
         };
-        state.write(&self.opts.run_dir)
+        state.write(&self.opts.run_dir, self.group)
     }
 }

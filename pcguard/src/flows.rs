@@ -3,10 +3,10 @@
 
 use std::{
     collections::HashMap,
-    fs::{File, OpenOptions},
+    fs::File,
     io::{BufRead, BufReader, Seek, SeekFrom, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -215,40 +215,14 @@ impl Dedup {
     }
 }
 
-/// Appends JSON lines to the audit log. [`AuditLog::reopen`] after the file
-/// was rotated away.
-pub struct AuditLog {
-    path: PathBuf,
-    file: File,
-}
+pub use crate::auditlog::AuditLog;
 
 impl AuditLog {
-    pub fn open(path: &Path) -> Result<Self> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening audit log {}", path.display()))?;
-        Ok(Self { path: path.to_path_buf(), file })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn reopen(&mut self) -> Result<()> {
-        *self = Self::open(&self.path.clone())?;
-        Ok(())
-    }
-
-    /// Writes one record as one line (a single write, so lines never interleave).
+    /// Writes one record as one line: whole, or not at all.
     pub fn write(&mut self, rec: &AuditRecord) -> Result<()> {
         let mut line = serde_json::to_vec(rec)?;
         line.push(b'\n');
-        self.file.write_all(&line).with_context(|| format!("writing {}", self.path.display()))
+        self.write_line(&line)
     }
 }
 

@@ -5,6 +5,7 @@
 //! `datapath` (BPF maps) ; `flows` (audit log) ; `metrics` (Prometheus).
 
 pub mod attach;
+pub mod auditlog;
 pub mod catalog;
 pub mod config;
 pub mod policy;

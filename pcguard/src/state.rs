@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
@@ -49,11 +51,20 @@ impl State {
         run_dir.join(STATE_FILE)
     }
 
-    /// Writes the state atomically (temp file + rename).
-    pub fn write(&self, run_dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    /// Writes the state atomically (temp file + rename), mode 0640, group
+    /// `gid` (the run directory, if it creates it: 0750).
+    pub fn write(&self, run_dir: &Path, gid: Option<u32>) -> Result<()> {
+        crate::auditlog::create_dir(run_dir, gid)?;
         let tmp = run_dir.join(format!(".{STATE_FILE}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", tmp.display()))?;
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(crate::auditlog::FILE_MODE)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        crate::auditlog::restrict(&f, crate::auditlog::FILE_MODE, gid)?;
+        f.write_all(&serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, Self::path(run_dir)).context("replacing the state file")?;
         Ok(())
     }

@@ -80,6 +80,7 @@ pub struct RawAudit {
     pub path: Option<PathBuf>,
     pub report_interval: Option<Spanned<Seconds>>,
     pub max_records_per_second: Option<Spanned<u64>>,
+    pub group: Option<Spanned<String>>,
 }
 
 #[derive(Default, Deserialize)]
