@@ -163,14 +163,6 @@ impl CompiledPolicy {
             std::net::IpAddr::V6(a) => longest_match(&self.peers_v6, &a.octets()).map_or(0, |p| p.mask),
         }
     }
-
-    /// True when `addr` is itself a configured host prefix (/32, /128).
-    pub fn has_host_prefix(&self, addr: std::net::IpAddr) -> bool {
-        match addr {
-            std::net::IpAddr::V4(a) => self.peers_v4.iter().any(|p| p.prefix_len == 32 && p.addr == a.octets()),
-            std::net::IpAddr::V6(a) => self.peers_v6.iter().any(|p| p.prefix_len == 128 && p.addr == a.octets()),
-        }
-    }
 }
 
 fn longest_match<'a, const N: usize>(prefixes: &'a [PeerPrefix<N>], addr: &[u8; N]) -> Option<&'a PeerPrefix<N>> {
