@@ -262,18 +262,16 @@ impl Datapath {
     /// the rest (failures only counted).
     fn write_learned_generation(&mut self, generation: u32, want: &[(IpAddr, u32)], stats: &mut ApplyStats) -> Result<()> {
         let (set, remove) = learned_writes(&self.learned[generation as usize], want);
-        for addr in remove {
-            self.learned_entry(generation, addr, None)
-                .with_context(|| format!("removing the stale learned address {addr} from generation {generation}"))?;
+        let remove: Vec<LearnedWrite> = remove.into_iter().map(|addr| LearnedWrite { addr, bits: None }).collect();
+        if let Some((addr, e)) = self.learned_batch(generation, &remove)?.1.into_iter().next() {
+            return Err(anyhow::Error::new(e).context(format!("removing the stale learned address {addr} from generation {generation}")));
         }
-        for (addr, bits) in set {
-            match self.learned_entry(generation, addr, Some(bits)) {
-                Ok(()) => stats.learned += 1,
-                Err(e) => {
-                    stats.learned_failed += 1;
-                    warn!("writing learned address {addr} into generation {generation}: {e:#}");
-                }
-            }
+        let set: Vec<LearnedWrite> = set.into_iter().map(|(addr, bits)| LearnedWrite { addr, bits: Some(bits) }).collect();
+        let (done, failed) = self.learned_batch(generation, &set)?;
+        stats.learned = done.len();
+        stats.learned_failed = failed.len();
+        for (addr, e) in failed {
+            warn!("writing learned address {addr} into generation {generation}: {e}");
         }
         Ok(())
     }
@@ -281,43 +279,39 @@ impl Datapath {
     /// Removes every learned entry of `generation` (not the active one);
     /// what fails stays listed and is removed by a later call.
     fn clear_learned(&mut self, generation: u32) {
-        let addrs: Vec<IpAddr> = self.learned[generation as usize].keys().copied().collect();
-        let mut failed = 0;
-        for addr in addrs {
-            if let Err(e) = self.learned_entry(generation, addr, None) {
-                failed += 1;
-                debug!("removing learned address {addr} from generation {generation}: {e:#}");
-            }
-        }
-        if failed > 0 {
-            warn!("{failed} learned addresses could not be removed from the inactive generation {generation}; retrying later");
+        let all: Vec<LearnedWrite> =
+            self.learned[generation as usize].keys().map(|&addr| LearnedWrite { addr, bits: None }).collect();
+        match self.learned_batch(generation, &all) {
+            Ok((_, failed)) if failed.is_empty() => {}
+            Ok((_, failed)) => warn!(
+                "{} learned addresses could not be removed from the inactive generation {generation} ({}); retrying later",
+                failed.len(),
+                failed[0].1
+            ),
+            Err(e) => warn!("{e:#}"),
         }
     }
 
-    /// Writes (`Some`) or removes (`None`) the `LEARNED` entry of `addr` in
-    /// `generation`, and records what the map holds on success. Removing
-    /// an entry the map does not have is done, not an error.
-    fn learned_entry(&mut self, generation: u32, addr: IpAddr, bits: Option<u32>) -> Result<()> {
-        // The map through its field: `self.learned` is borrowed below.
+    /// [`write_each`] on `generation`'s part of `LEARNED`.
+    #[allow(clippy::type_complexity)]
+    fn learned_batch(
+        &mut self,
+        generation: u32,
+        writes: &[LearnedWrite],
+    ) -> Result<(Vec<LearnedWrite>, Vec<(IpAddr, MapError)>)> {
+        if writes.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        // The map through its field: `self.learned` is borrowed beside it.
         let map = self.ebpf.map_mut(names::LEARNED).ok_or_else(|| anyhow!("map LEARNED missing from object"))?;
         let mut map: BpfHashMap<&mut MapData, LearnedKey, u32> = BpfHashMap::try_from(map)?;
-        let key = learned_key(generation, addr);
-        let held = &mut self.learned[generation as usize];
-        match bits {
-            Some(b) => {
-                map.insert(key, b, 0)?;
-                held.insert(addr, b);
+        Ok(write_each(&mut self.learned[generation as usize], writes, |w| {
+            let key = learned_key(generation, w.addr);
+            match w.bits {
+                Some(b) => map.insert(key, b, 0),
+                None => map.remove(&key),
             }
-            None => {
-                match map.remove(&key) {
-                    Ok(()) => {}
-                    Err(e) if is_not_found(&e) => {}
-                    Err(e) => return Err(e.into()),
-                }
-                held.remove(&addr);
-            }
-        }
-        Ok(())
+        }))
     }
 
     /// Applies the learner's writes to the active generation, each on its
@@ -326,24 +320,22 @@ impl Datapath {
     /// retries removing what a reload left in the inactive generation.
     pub fn write_learned(&mut self, writes: &[LearnedWrite]) -> Vec<LearnedWrite> {
         let generation = self.active;
-        let mut done = Vec::with_capacity(writes.len());
-        let mut failed = 0;
-        for w in writes {
-            if self.learned[generation as usize].get(&w.addr).copied() == w.bits {
-                done.push(*w);
-                continue;
-            }
-            match self.learned_entry(generation, w.addr, w.bits) {
-                Ok(()) => done.push(*w),
-                Err(e) => {
-                    failed += 1;
-                    debug!("learned address {}: {e:#}", w.addr);
+        let done = match self.learned_batch(generation, writes) {
+            Ok((done, failed)) => {
+                if let Some((addr, e)) = failed.first() {
+                    warn!(
+                        "{} of {} learned-address updates failed (first: {addr}: {e}); retrying at the next expiry tick",
+                        failed.len(),
+                        writes.len()
+                    );
                 }
+                done
             }
-        }
-        if failed > 0 {
-            warn!("{failed} of {} learned-address updates failed; retrying at the next expiry tick", writes.len());
-        }
+            Err(e) => {
+                warn!("{e:#}");
+                Vec::new()
+            }
+        };
         let inactive = generation ^ 1;
         if !self.learned[inactive as usize].is_empty() && self.switched_at.is_none_or(|t| t.elapsed() >= SWITCH_GRACE) {
             self.clear_learned(inactive);
@@ -545,6 +537,39 @@ where
     Ok(())
 }
 
+/// Applies `writes` to one generation of `LEARNED` one by one through `op`
+/// (an insert, or a delete for `bits: None`), keeping `held` — what the
+/// generation holds — in step with what succeeded. A write `held` already
+/// has is not repeated; a delete of an absent key is done. A failure is
+/// returned with its address and does not stop the writes after it.
+#[allow(clippy::type_complexity)]
+fn write_each(
+    held: &mut HashMap<IpAddr, u32>,
+    writes: &[LearnedWrite],
+    mut op: impl FnMut(&LearnedWrite) -> Result<(), MapError>,
+) -> (Vec<LearnedWrite>, Vec<(IpAddr, MapError)>) {
+    let (mut done, mut failed) = (Vec::with_capacity(writes.len()), Vec::new());
+    for w in writes {
+        if held.get(&w.addr).copied() == w.bits {
+            done.push(*w);
+            continue;
+        }
+        match op(w) {
+            Err(e) if !(w.bits.is_none() && is_not_found(&e)) => {
+                failed.push((w.addr, e));
+                continue;
+            }
+            _ => {}
+        }
+        match w.bits {
+            Some(b) => held.insert(w.addr, b),
+            None => held.remove(&w.addr),
+        };
+        done.push(*w);
+    }
+    (done, failed)
+}
+
 /// Makes sure `dir`'s parent is a bpffs mount (mounting one at /sys/fs/bpf
 /// if nothing is mounted there), then pins every map under `dir`.
 fn pin_maps(ebpf: &Ebpf, dir: &Path) -> Result<PathBuf> {
@@ -700,6 +725,44 @@ mod tests {
         assert_eq!((k.generation, k.family, k.addr[..4].to_vec(), k.addr[4..].iter().all(|&b| b == 0)), (1, FAMILY_V4, vec![192, 0, 2, 7], true));
         let k = learned_key(0, "2001:db8::7".parse().unwrap());
         assert_eq!((k.generation, k.family, k.addr[0], k.addr[15]), (0, FAMILY_V6, 0x20, 7));
+    }
+
+    #[test]
+    fn one_failed_learned_write_never_stops_the_batch_and_absent_keys_count_as_deleted() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let enoent =
+            || MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_delete_elem", io_error: std::io::ErrorKind::NotFound.into() });
+        let eperm = || MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_elem", io_error: std::io::ErrorKind::PermissionDenied.into() });
+        let mut held: HashMap<IpAddr, u32> =
+            [(ip("192.0.2.1"), 1), (ip("192.0.2.2"), 1), (ip("192.0.2.3"), 1), (ip("192.0.2.6"), 1)].into();
+        let writes = [
+            LearnedWrite { addr: ip("192.0.2.1"), bits: None },     // the map lost it already: ENOENT
+            LearnedWrite { addr: ip("192.0.2.2"), bits: None },     // fails
+            LearnedWrite { addr: ip("192.0.2.3"), bits: Some(1) },  // held already: no call
+            LearnedWrite { addr: ip("192.0.2.4"), bits: Some(2) },  // fails
+            LearnedWrite { addr: ip("192.0.2.5"), bits: Some(4) },
+            LearnedWrite { addr: ip("192.0.2.6"), bits: None },     // the map lost it: KeyNotFound
+            LearnedWrite { addr: ip("192.0.2.8"), bits: None },     // not held: no call
+        ];
+        let mut calls = Vec::new();
+        let (done, failed) = write_each(&mut held, &writes, |w| {
+            calls.push(w.addr);
+            match w.addr.to_string().as_str() {
+                "192.0.2.1" => Err(enoent()),
+                "192.0.2.2" | "192.0.2.4" => Err(eperm()),
+                "192.0.2.6" => Err(MapError::KeyNotFound),
+                _ => Ok(()),
+            }
+        });
+        assert_eq!(calls, ["192.0.2.1", "192.0.2.2", "192.0.2.4", "192.0.2.5", "192.0.2.6"].map(ip));
+        assert_eq!(done, [writes[0], writes[2], writes[4], writes[5], writes[6]]);
+        assert_eq!(failed.iter().map(|(a, _)| *a).collect::<Vec<_>>(), [ip("192.0.2.2"), ip("192.0.2.4")]);
+        // `held` follows the map: what failed is as it was.
+        let want: HashMap<IpAddr, u32> = [(ip("192.0.2.2"), 1), (ip("192.0.2.3"), 1), (ip("192.0.2.5"), 4)].into();
+        assert_eq!(held, want);
+        // An insert that reports "not found" is a failure, not a success.
+        let (done, failed) = write_each(&mut held, &[LearnedWrite { addr: ip("192.0.2.7"), bits: Some(1) }], |_| Err(enoent()));
+        assert_eq!((done.len(), failed.len()), (0, 1));
     }
 
     #[test]
