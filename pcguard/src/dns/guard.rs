@@ -91,10 +91,6 @@ impl Guard {
         Ok(changed)
     }
 
-    pub fn own(&self) -> &HashSet<IpAddr> {
-        &self.own
-    }
-
     /// Why `addr` may not be learned under `policy`, if it may not.
     ///
     /// Local class: its static mask (longest configured prefix) has a bit

@@ -13,7 +13,7 @@
 //! [`Learner::pending_writes`].
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -382,11 +382,6 @@ impl Learner {
         } else {
             e.synced = true;
         }
-    }
-
-    /// Addresses whose deletion is pending.
-    pub fn forgotten(&self) -> HashSet<IpAddr> {
-        self.entries.iter().filter(|(_, e)| e.bits == 0).map(|(a, _)| *a).collect()
     }
 }
 
