@@ -84,7 +84,18 @@ struct Setup {
     env: TestLab,
     dns: DnsServer,
     daemon: Daemon,
+    /// Ports of the DNS clients made so far.
+    ports: std::cell::RefCell<Vec<u16>>,
     _https: TcpServer,
+}
+
+impl Setup {
+    /// A DNS client of the server (its port remembered).
+    fn client(&self) -> Result<DnsClient> {
+        let c = DnsClient::new(&self.env.lab, resolver())?;
+        self.ports.borrow_mut().push(c.port());
+        Ok(c)
+    }
 }
 
 fn setup(name: &str, records: DnsRecords, extra: &[&str]) -> Result<Setup> {
@@ -93,7 +104,7 @@ fn setup(name: &str, records: DnsRecords, extra: &[&str]) -> Result<Setup> {
     let https = TcpServer::start(&env.lab, "out", sa(Ipv6Addr::UNSPECIFIED, 443))?;
     let dns = DnsServer::start(&env.lab, "ldap", records)?;
     let daemon = env.start(extra)?;
-    Ok(Setup { env, dns, daemon, _https: https })
+    Ok(Setup { env, dns, daemon, ports: Default::default(), _https: https })
 }
 
 /// A query of the server to the resolver that stays unanswered (the
@@ -101,7 +112,7 @@ fn setup(name: &str, records: DnsRecords, extra: &[&str]) -> Result<Setup> {
 /// daemon, waiting for an answer to `(client port, id, question)`.
 fn pending_query(st: &Setup, id: u16, name: &str) -> Result<DnsClient> {
     st.dns.set_silent(true);
-    let c = DnsClient::new(&st.env.lab, resolver())?;
+    let c = st.client()?;
     c.query(id, name, TYPE_A)?;
     ensure!(c.receive(Duration::from_millis(200)).is_none(), "the silent resolver answered");
     Ok(c)
@@ -156,7 +167,7 @@ fn spoofed_answers_teach_nothing_unless_they_match_a_query_exactly() -> Result<(
 
     // An answer after the genuine one: the query is no longer pending.
     st.dns.set_silent(false);
-    let c = DnsClient::new(lab, resolver())?;
+    let c = st.client()?;
     c.query(0x5001, GES, TYPE_A)?;
     assert!(c.receive(Duration::from_secs(3)).is_some(), "the genuine answer");
     wait_metric(d, "pcguard_dns_learned_addresses", &[], 1.0)?;
@@ -168,7 +179,9 @@ fn spoofed_answers_teach_nothing_unless_they_match_a_query_exactly() -> Result<(
 
     // A guessed port (no DNS flow there): dropped like any unexpected UDP.
     let c = pending_query(&st, 0x6001, GES)?;
-    let guess = if c.port() == 65535 { 1024 } else { c.port() + 1 };
+    // A port none of this test's clients holds (they stay open to the end).
+    let taken = st.ports.borrow().clone();
+    let guess = (c.port()..=u16::MAX).chain(1024..c.port()).find(|p| !taken.contains(p)).expect("a free port");
     spoof(guess, &spoofed(0x6001))?;
     d.wait_audit("the guessed port dropped", |r| {
         r.iter().any(|x| x["local"]["port"] == guess && x["remote"]["port"] == 53 && s(x, "reason") == "no_rule")
@@ -239,7 +252,7 @@ fn answers_naming_forbidden_addresses_are_refused_and_audited() -> Result<()> {
         tmp(),
         &config("")
             .replace("ges = true\n", "ges = true\ncloud_services = true\n")
-            .replace("report_interval = \"60s\"", "report_interval = \"3s\""),
+            .replace("report_interval = \"60s\"", "report_interval = \"4s\""),
     )?;
     env.lab.add_address("out", SPOOFED.into())?;
     let _https = TcpServer::start(&env.lab, "out", sa(Ipv6Addr::UNSPECIFIED, 443))?;
@@ -253,11 +266,19 @@ fn answers_naming_forbidden_addresses_are_refused_and_audited() -> Result<()> {
     for (name, v6) in [("lo.papercut.com", false), ("lo.papercut.com", true), ("zero.papercut.com", false), ("mcast.papercut.com", false)] {
         assert_eq!(resolve(lab, SERVER, if v6 { resolver6 } else { resolver() }, name, v6)?.len(), 1, "{name}");
     }
+    // The same answer again within the report interval: counted, not
+    // written (answers are handled in order: the first one's alert is
+    // written by then).
+    assert_eq!(resolve(lab, SERVER, resolver(), "lo.papercut.com", false)?.len(), 1);
+    wait_metric(&d, "pcguard_dns_addresses_refused_total", &[("reason", "special")], 6.0)?;
+    // Both handled by now: the first one's alert is older than this.
+    let interval_ends = Instant::now() + Duration::from_secs(4);
     wait_metric(&d, "pcguard_dns_learned_addresses", &[], 2.0)?;
     let poisoning = |r: &[Value]| r.iter().filter(|x| s(x, "reason") == "dns_poisoning").cloned().collect::<Vec<_>>();
-    let recs = d.wait_audit("an alert per forbidden address", |r| poisoning(r).len() >= forbidden.len())?;
-    let alerts = poisoning(&recs);
-    assert_eq!(alerts.len(), forbidden.len(), "{alerts:#?}");
+    d.wait_audit("an alert per forbidden address", |r| poisoning(r).len() >= forbidden.len())?;
+    std::thread::sleep(Duration::from_millis(300));
+    let alerts = poisoning(&d.audit()?);
+    assert_eq!(alerts.len(), forbidden.len(), "one each, the repeated one held back: {alerts:#?}");
     for (name, a, why) in forbidden {
         let rec = alerts.iter().find(|x| x["dns_address"] == a.to_string()).unwrap_or_else(|| panic!("no alert for {a}"));
         assert_eq!((s(rec, "dns_name"), s(rec, "dns_refusal")), (name.to_string(), why.to_string()), "{rec}");
@@ -266,22 +287,18 @@ fn answers_naming_forbidden_addresses_are_refused_and_audited() -> Result<()> {
         assert_eq!((rec["remote"]["addr"].clone(), rec["remote"]["port"].clone()), (Value::from(from.to_string()), Value::from(53)), "{rec}");
         assert_eq!(rec["suppressed"], 0, "{rec}");
     }
+    let before = alerts.len();
+
     assert!(!https(lab, addr("ws"))?, "the workstation stays closed to the server");
     assert!(!https(lab, addr6("ws"))?, "over IPv6 too");
     assert!(https(lab, CLOUD)?, "the real cloud address was learned");
     assert!(https(lab, addr6("out"))?, "over IPv6 too");
     let text = d.scrape()?;
     assert_eq!(m(&text, "pcguard_unexpected_flows_total", &[("reason", "dns_poisoning")]), forbidden.len() as f64, "{text}");
-    assert_eq!(m(&text, "pcguard_dns_addresses_refused_total", &[("reason", "special")]), 5.0, "{text}");
+    assert_eq!(m(&text, "pcguard_dns_addresses_refused_total", &[("reason", "local_class")]), 2.0, "{text}");
 
-    // The same answer again within the interval: counted, not written.
-    let before = alerts.len();
-    assert_eq!(resolve(lab, SERVER, resolver(), "lo.papercut.com", false)?.len(), 1);
-    wait_metric(&d, "pcguard_dns_addresses_refused_total", &[("reason", "special")], 6.0)?;
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(poisoning(&d.audit()?).len(), before, "held back within the report interval");
-    // After it, written again with the number held back.
-    std::thread::sleep(Duration::from_secs(3));
+    // After the interval, written again with the number held back.
+    std::thread::sleep(interval_ends.saturating_duration_since(Instant::now()));
     assert_eq!(resolve(lab, SERVER, resolver(), "lo.papercut.com", false)?.len(), 1);
     let recs = d.wait_audit("the next alert", |r| poisoning(r).len() > before)?;
     let last = poisoning(&recs).pop().expect("one more");
@@ -376,7 +393,9 @@ fn a_spoofed_flood_leaves_learning_expiry_and_reloads_working() -> Result<()> {
     wait_until("the learned address to expire", MIN_TTL + TICK + Duration::from_secs(5), || Ok(learned(d)? == 0.0))?;
     let gone = learned_at.elapsed();
     assert!(gone <= MIN_TTL + TICK + Duration::from_secs(2), "forgotten after {gone:?}");
-    assert!(gone >= MIN_TTL, "forgotten too early, after {gone:?}");
+    // (`learned_at` is taken when the client got the answer, a moment
+    // after the daemon may have learned it.)
+    assert!(gone + Duration::from_millis(500) >= MIN_TTL, "forgotten too early, after {gone:?}");
     assert!(!https(lab, CLOUD)?, "closed again once expired");
 
     // Reloads: a changed policy applies, learning goes on under it, and a
