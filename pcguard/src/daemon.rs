@@ -123,6 +123,9 @@ struct Daemon {
     /// One `dns_poisoning` record per (resolver, name, refusal) per report
     /// interval.
     dns_audit: KeyedLimit<DnsAuditKey>,
+    /// Addresses refused by the caps since the last expiry tick (logged
+    /// once per tick).
+    capped: u64,
     /// Where metrics are served (fixed at start).
     metrics_addr: SocketAddr,
     /// Rule ids and port labels stay the same across reloads.
@@ -191,6 +194,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         learner: Learner::new(limits),
         guard,
         dns_audit: KeyedLimit::new(settings.report_interval, DNS_AUDIT_KEYS),
+        capped: 0,
         metrics_addr: addr,
         ids,
         opts,
@@ -467,6 +471,7 @@ impl Daemon {
             self.metrics.daemon.dns_address_refused(r.reason.as_str());
             let Refusal::Forbidden(f) = r.reason else {
                 debug!("DNS: {} for {} not learned: {}", r.addr, r.name, r.reason.as_str());
+                self.capped += 1;
                 continue;
             };
             let key = (answer.resolver, r.name.clone(), f.as_str());
@@ -509,6 +514,14 @@ impl Daemon {
         }
         self.learner.expire(Instant::now());
         self.sync_learned();
+        if self.capped > 0 {
+            warn!(
+                "DNS: {} answered addresses not learned since the last tick: caps reached ({} per name, {} in all)",
+                std::mem::take(&mut self.capped),
+                crate::dns::MAX_PER_NAME,
+                crate::dns::MAX_LEARNED
+            );
+        }
     }
 
     /// Writes what the learner wants into the active generation; the

@@ -137,7 +137,7 @@ impl Refusal {
 
 /// One address of an answer that was not learned.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refused {
+pub struct RefusedAddress {
     pub addr: IpAddr,
     /// The question it answered.
     pub name: String,
@@ -157,7 +157,7 @@ pub struct Newly {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LearnReport {
     pub learned: Vec<Newly>,
-    pub refused: Vec<Refused>,
+    pub refused: Vec<RefusedAddress>,
 }
 
 /// What `LEARNED` must hold for one address in the active generation:
@@ -228,7 +228,7 @@ impl Learner {
             if bits == 0 {
                 continue;
             }
-            let refuse = |reason| Refused { addr: r.addr, name: question.clone(), reason };
+            let refuse = |reason| RefusedAddress { addr: r.addr, name: question.clone(), reason };
             if let Some(f) = guard.check(r.addr, policy) {
                 report.refused.push(refuse(Refusal::Forbidden(f)));
                 continue;
@@ -566,7 +566,7 @@ mod tests {
         };
         let r = l.learn(&many("a.papercut.com", 0..4), &classes, &guard, &p, t0);
         assert_eq!(r.learned.len(), 3);
-        assert_eq!(r.refused, [Refused { addr: ip("203.0.113.4"), name: "a.papercut.com".into(), reason: Refusal::NameCap }]);
+        assert_eq!(r.refused, [RefusedAddress { addr: ip("203.0.113.4"), name: "a.papercut.com".into(), reason: Refusal::NameCap }]);
         // A known address answered again for its name is refreshed, not refused.
         assert!(l.learn(&many("a.papercut.com", 0..1), &classes, &guard, &p, t0).refused.is_empty());
         let r = l.learn(&many("b.papercut.com", 3..7), &classes, &guard, &p, t0);
