@@ -4,9 +4,9 @@
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use pcguard_common::{
-    Counters, CtEntry, FlowKey, NUM_DIRS, NUM_STATS, NUM_VERDICTS, names, port_counter_index, rule_counter_index,
+    Counters, CtEntry, FlowKey, LearnedKey, NUM_DIRS, NUM_STATS, NUM_VERDICTS, names, port_counter_index, rule_counter_index,
 };
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +57,11 @@ pub struct Snapshot {
     pub rules: Vec<RuleCount>,
     pub stats: [u64; NUM_STATS as usize],
     pub conntrack_entries: u64,
+    /// DNS-learned addresses of the active policy generation (`LEARNED`).
+    pub dns_learned: u64,
+    /// `LEARNED` entries of every generation (the inactive one's are
+    /// removed right after a reload switches).
+    pub dns_learned_entries: u64,
 }
 
 impl Snapshot {
@@ -84,6 +89,8 @@ pub struct PinnedCounters {
     stats: PerCpuArray<MapData, u64>,
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
     ct_new: HashMap<MapData, FlowKey, CtEntry>,
+    active: Array<MapData, u32>,
+    learned: HashMap<MapData, LearnedKey, u32>,
 }
 
 impl PinnedCounters {
@@ -100,6 +107,8 @@ impl PinnedCounters {
             stats: PerCpuArray::try_from(open(names::STATS)?)?,
             conntrack: HashMap::try_from(open(names::CONNTRACK)?)?,
             ct_new: HashMap::try_from(open(names::CT_NEW)?)?,
+            active: Array::try_from(open(names::ACTIVE)?)?,
+            learned: HashMap::try_from(open(names::LEARNED)?)?,
         })
     }
 
@@ -131,6 +140,11 @@ impl PinnedCounters {
             .iter()
             .map(|m| m.keys().filter(|k| k.is_ok()).count() as u64)
             .sum();
+        let active = self.active.get(&0, 0)?;
+        for k in self.learned.keys().filter_map(|k| k.ok()) {
+            snap.dns_learned_entries += 1;
+            snap.dns_learned += u64::from(u32::from(k.generation) == active);
+        }
         Ok(snap)
     }
 }

@@ -2,16 +2,16 @@
 //! SIGUSR1 confirms a policy applied with a confirm window.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use aya::maps::{MapData, RingBuf};
-use pcguard_common::{DNS_KIND_ANSWER, DnsMessage, FlowEvent, names};
+use pcguard_common::{DnsMessage, FlowEvent, names};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -22,8 +22,8 @@ use crate::{
     config::{self, SiteConfig},
     counters::{Labels, PinnedCounters},
     datapath::{Datapath, MapSizes},
-    dns::{FqdnClasses, Learner, Resolved, TrieUpdate},
-    flows::{AuditLog, AuditRecord, Dedup},
+    dns::{Accepted, FqdnClasses, Guard, Handled, LearnReport, Learner, Limits, QueryTable, Refusal, Seen},
+    flows::{AuditLog, AuditRecord, Dedup, DnsRefusal, KeyedLimit},
     ids::StableIds,
     metrics::{Metrics, PolicyInfo},
     policy::{self, CompiledPolicy},
@@ -49,7 +49,20 @@ pub struct RunOptions {
     /// Revert a newly applied policy (at start: detach and exit) unless
     /// `pcguard confirm` is run within this time.
     pub confirm_within: Option<Duration>,
+    /// Shortest life of a DNS-learned address (default `dns::MIN_TTL`);
+    /// for tests that watch addresses expire.
+    pub dns_min_ttl: Option<Duration>,
 }
+
+/// How often learned addresses are expired, failed map writes retried and
+/// this server's own addresses read again.
+const EXPIRY_TICK: Duration = Duration::from_secs(5);
+/// Distinct (resolver, name, refusal) keys of `dns_poisoning` records
+/// rate-limited at once.
+const DNS_AUDIT_KEYS: usize = 4096;
+
+/// The key `dns_poisoning` records are rate-limited by.
+type DnsAuditKey = (IpAddr, String, &'static str);
 
 /// Settings the daemon takes from the site config.
 struct DaemonSettings {
@@ -127,6 +140,14 @@ struct Daemon {
     /// FQDN patterns of the running policy's classes.
     fqdns: FqdnClasses,
     learner: Learner,
+    /// This server's addresses, and the checks no learned address may fail.
+    guard: Guard,
+    /// One `dns_poisoning` record per (resolver, name, refusal) per report
+    /// interval.
+    dns_audit: KeyedLimit<DnsAuditKey>,
+    /// Addresses refused by the caps since the last expiry tick (logged
+    /// once per tick).
+    capped: u64,
     /// Where metrics are served (fixed at start).
     metrics_addr: SocketAddr,
     /// Rule ids and port labels stay the same across reloads.
@@ -167,7 +188,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // The policy is complete in the maps before the programs see a packet,
     // and so are the connections already open that it allows (unless the
     // conntrack of an earlier daemon was adopted: it has them).
-    dp.apply(&compiled).context("writing the policy into the maps")?;
+    dp.apply(&compiled, &[]).context("writing the policy into the maps")?;
     if !dp.adopted() {
         seed_existing_connections(&mut dp, &compiled);
     }
@@ -189,6 +210,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
     let pending = opts.confirm_within.map(|d| Pending { deadline: Instant::now() + d, previous: None });
     let fqdns = FqdnClasses::of(&compiled);
+    let mut guard = Guard::default();
+    if let Err(e) = guard.refresh() {
+        warn!("reading this server's addresses: {e}; only the policy's classes and special addresses guard DNS learning");
+    }
+    let limits = Limits { min_ttl: opts.dns_min_ttl.unwrap_or(crate::dns::MIN_TTL), ..Limits::default() };
     let mut daemon = Daemon {
         dp,
         cfg,
@@ -201,13 +227,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         loaded_at,
         pending,
         fqdns,
-        learner: Learner::default(),
+        learner: Learner::new(limits),
+        guard,
+        dns_audit: KeyedLimit::new(settings.report_interval, DNS_AUDIT_KEYS),
+        capped: 0,
         metrics_addr: addr,
         ids,
         opts,
     };
     daemon.spawn_events(events)?;
-    let dns_rx = spawn_dns_answers(dns_answers)?;
+    let dns_rx = spawn_dns_messages(dns_answers, daemon.metrics.clone())?;
     daemon.write_state()?;
     info!(
         "pcguard running: {} rules, mode {}, egress {}, audit log {}",
@@ -304,19 +333,27 @@ fn consume_ring(ring: RingBuf<MapData>, mut handle: impl FnMut(&[u8]) + Send + '
     Ok(())
 }
 
-/// Parses the DNS answers the kernel copies and hands the resolved
-/// addresses to the main loop (which owns the maps).
-fn spawn_dns_answers(ring: RingBuf<MapData>) -> Result<mpsc::Receiver<Vec<Resolved>>> {
+/// Binds the DNS answers the kernel copies to the queries it copied
+/// before them (in ring-buffer order, so in this one task) and hands the
+/// accepted ones to the main loop, which owns the maps. Refused answers
+/// are only counted.
+fn spawn_dns_messages(ring: RingBuf<MapData>, metrics: Arc<Metrics>) -> Result<mpsc::Receiver<Accepted>> {
     let (tx, rx) = mpsc::channel(1024);
+    let mut queries = QueryTable::default();
     consume_ring(ring, move |bytes| {
-        let Some(ans) = crate::datapath::read_record::<DnsMessage>(bytes) else { return };
-        if ans.kind != DNS_KIND_ANSWER {
-            return;
-        }
-        let len = usize::from(ans.len).min(ans.payload.len());
-        let resolved = crate::dns::parse_response(&ans.payload[..len]);
-        if !resolved.is_empty() && tx.try_send(resolved).is_err() {
-            warn!("DNS answers arrive faster than they are applied; one was skipped");
+        let Some(msg) = crate::datapath::read_record::<DnsMessage>(bytes) else { return };
+        let Some(seen) = Seen::of(&msg) else { return };
+        match queries.handle(&seen) {
+            Handled::Query | Handled::IgnoredQuery => {}
+            Handled::Refused(r) => metrics.daemon.dns_answer_refused(r.as_str()),
+            Handled::Accepted(a) => {
+                if tx.try_send(a).is_ok() {
+                    metrics.daemon.dns_answers_accepted.inc();
+                } else {
+                    metrics.daemon.dns_answer_refused("overload");
+                    warn!("DNS answers arrive faster than they are applied; one was skipped");
+                }
+            }
         }
     })?;
     Ok(rx)
@@ -348,8 +385,8 @@ impl Daemon {
         })
     }
 
-    async fn signal_loop(&mut self, mut dns_rx: mpsc::Receiver<Vec<Resolved>>) -> Result<Exit> {
-        let mut expiry = tokio::time::interval(Duration::from_secs(5));
+    async fn signal_loop(&mut self, mut dns_rx: mpsc::Receiver<Accepted>) -> Result<Exit> {
+        let mut expiry = tokio::time::interval(EXPIRY_TICK);
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -365,7 +402,7 @@ impl Daemon {
             tokio::select! {
                 _ = hup.recv() => self.reload(),
                 _ = usr1.recv() => self.confirm(),
-                Some(answers) = dns_rx.recv() => self.learn(&answers),
+                Some(answer) = dns_rx.recv() => self.learn(&answer),
                 _ = expiry.tick() => self.expire_learned(),
                 _ = term.recv() => return Ok(Exit::Stop),
                 _ = int.recv() => return Ok(Exit::Stop),
@@ -432,9 +469,11 @@ impl Daemon {
     /// Applies a compiled policy and makes it the running one.
     ///
     /// A transaction: everything that can fail without touching the kernel
-    /// (opening a new audit log) is done first; then the maps are written
-    /// into the inactive generation and switched to in one write. An error
-    /// before the switch leaves the running policy whole.
+    /// (opening a new audit log) is done first; then the maps — the learned
+    /// addresses re-derived for the new policy included — are written into
+    /// the inactive generation and switched to in one write. An error
+    /// before the switch leaves the running policy and its learned
+    /// addresses whole.
     fn install(&mut self, cfg: SiteConfig, compiled: CompiledPolicy) -> Result<()> {
         let settings = daemon_settings(&cfg, &compiled, &self.opts)?;
         let new_audit = {
@@ -444,25 +483,24 @@ impl Daemon {
                 false => Some(AuditLog::open(&settings.audit_log, settings.group)?),
             }
         };
-        let applied = self.dp.apply(&compiled);
-        // Whatever happened, the static prefixes may have been rewritten:
-        // put the learned ones back on top of the policy now in the maps.
-        if applied.is_ok() {
-            self.fqdns = FqdnClasses::of(&compiled);
-            let updates = self.learner.rebase(&self.fqdns, &compiled);
-            self.write_learned(&updates);
-        } else {
-            let running = Arc::clone(&self.policy);
-            let updates = self.learner.rebase(&self.fqdns, &running.read().unwrap());
-            self.write_learned(&updates);
+        let fqdns = FqdnClasses::of(&compiled);
+        let planned = self.learner.planned(&fqdns, &self.guard, &compiled);
+        let stats = self.dp.apply(&compiled, &planned)?;
+        info!(
+            "policy written: {} port entries, {} slots, {} prefixes changed, {} learned addresses ({} failed, retried)",
+            stats.ports, stats.slots, stats.peers, stats.learned, stats.learned_failed
+        );
+        self.fqdns = fqdns;
+        for addr in self.learner.rebase(&self.fqdns, &self.guard, &compiled) {
+            info!("DNS: {addr} forgotten: the new policy does not let DNS answers open it");
         }
-        let stats = applied?;
-        info!("policy written: {} port entries, {} slots, {} prefixes changed", stats.ports, stats.slots, stats.peers);
+        self.sync_learned();
         if let Some(audit) = new_audit {
             *self.audit.lock().unwrap() = audit;
         }
         self.group = settings.group;
         self.dedup.lock().unwrap().set_interval(settings.report_interval);
+        self.dns_audit.set_interval(settings.report_interval);
         *self.policy.write().unwrap() = compiled;
         self.metrics.set_policy(settings.info);
         self.loaded_at = unix_now();
@@ -508,37 +546,95 @@ impl Daemon {
         }
     }
 
-    /// Addresses of a DNS answer whose names match the policy's FQDNs
-    /// become peers of those classes until their TTL runs out.
-    fn learn(&mut self, answers: &[Resolved]) {
+    /// Addresses of an accepted DNS answer whose names match the policy's
+    /// FQDNs become peers of those classes until their TTL runs out,
+    /// unless the guard forbids them (audited) or a cap is reached.
+    fn learn(&mut self, answer: &Accepted) {
         if self.fqdns.is_empty() {
             return;
         }
         let running = Arc::clone(&self.policy);
-        let policy = running.read().unwrap();
-        let (updates, new) = self.learner.learn(answers, &self.fqdns, &policy, Instant::now());
-        self.write_learned(&updates);
-        for (addr, names, bits) in new {
-            let classes = crate::flows::class_names(&policy, bits).join(",");
-            let names: Vec<String> = names.into_iter().collect();
-            info!("DNS: {addr} is {} ({classes})", names.join(" -> "));
+        let report = {
+            let policy = running.read().unwrap();
+            let report = self.learner.learn(answer, &self.fqdns, &self.guard, &policy, Instant::now());
+            for n in &report.learned {
+                let classes = crate::flows::class_names(&policy, n.bits).join(",");
+                info!("DNS: {} is {} ({classes})", n.addr, n.names.join(" -> "));
+            }
+            report
+        };
+        self.report_refusals(answer, &report);
+        self.sync_learned();
+    }
+
+    /// Counts every refused address; writes a rate-limited `dns_poisoning`
+    /// alert for those the guard forbids.
+    fn report_refusals(&mut self, answer: &Accepted, report: &LearnReport) {
+        for r in &report.refused {
+            self.metrics.daemon.dns_address_refused(r.reason.as_str());
+            let Refusal::Forbidden(f) = r.reason else {
+                debug!("DNS: {} for {} not learned: {}", r.addr, r.name, r.reason.as_str());
+                self.capped += 1;
+                continue;
+            };
+            let key = (answer.resolver, r.name.clone(), f.as_str());
+            let Some(suppressed) = self.dns_audit.admit(&key, Instant::now()) else { continue };
+            let refusal = DnsRefusal {
+                resolver: answer.resolver,
+                server_port: answer.server_port,
+                name: r.name.clone(),
+                addr: r.addr,
+                refusal: f.as_str(),
+                msg_len: answer.msg_len,
+                suppressed,
+            };
+            let rec = {
+                let policy = self.policy.read().unwrap();
+                AuditRecord::from_dns_refusal(&refusal, &policy, crate::flows::ktime_to_system(answer.ts_ns))
+            };
+            self.metrics.daemon.flow(&rec.reason, &rec.direction);
+            warn!("ALERT {}", rec.human());
+            if let Err(e) = self.audit.lock().unwrap().write(&rec) {
+                self.metrics.daemon.audit_write_errors.inc();
+                error!("{e:#}");
+            }
         }
     }
 
+    /// Every expiry tick: forget expired addresses, re-check the learned
+    /// ones if this server's addresses changed, retry failed map writes.
     fn expire_learned(&mut self) {
-        if self.learner.is_empty() {
-            return;
+        match self.guard.refresh() {
+            Ok(true) => {
+                let running = Arc::clone(&self.policy);
+                let policy = running.read().unwrap();
+                for addr in self.learner.rebase(&self.fqdns, &self.guard, &policy) {
+                    warn!("DNS: {addr} forgotten: it is now an address of this server");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => debug!("reading this server's addresses: {e}"),
         }
-        let running = Arc::clone(&self.policy);
-        let updates = self.learner.expire(&running.read().unwrap(), Instant::now());
-        self.write_learned(&updates);
+        self.learner.expire(Instant::now());
+        self.sync_learned();
+        if self.capped > 0 {
+            warn!(
+                "DNS: {} answered addresses not learned since the last tick: caps reached ({} per name, {} in all)",
+                std::mem::take(&mut self.capped),
+                crate::dns::MAX_PER_NAME,
+                crate::dns::MAX_LEARNED
+            );
+        }
     }
 
-    fn write_learned(&mut self, updates: &[TrieUpdate]) {
-        if let Err(e) = self.dp.write_learned(updates) {
-            error!("updating DNS-learned peers: {e:#}");
+    /// Writes what the learner wants into the active generation; the
+    /// learner forgets an entry only once the map agrees.
+    fn sync_learned(&mut self) {
+        let writes = self.learner.pending_writes();
+        for w in self.dp.write_learned(&writes) {
+            self.learner.confirm(&w);
         }
-        self.metrics.daemon.dns_learned.set(self.learner.len() as i64);
+        self.metrics.daemon.dns_learned.set(self.dp.learned_len() as i64);
     }
 
     fn write_state(&self) -> Result<()> {

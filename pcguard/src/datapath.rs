@@ -18,13 +18,13 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, RingBuf, lpm_trie::Key},
 };
-use log::{debug, info};
+use log::{debug, info, warn};
 use pcguard_common::{
-    CtEntry, FlowKey, GEN_PREFIX_BITS, NUM_GENERATIONS, PortEntry, PortSlot, Settings, names, peer_key_v4, peer_key_v6,
-    ports_index, slots_index,
+    CtEntry, FAMILY_V4, FAMILY_V6, FlowKey, GEN_PREFIX_BITS, LearnedKey, NUM_GENERATIONS, PortEntry, PortSlot, Settings,
+    names, peer_key_v4, peer_key_v6, ports_index, slots_index,
 };
 use crate::{
-    dns::TrieUpdate,
+    dns::LearnedWrite,
     policy::{CompiledPolicy, PeerPrefix},
     seed::Seed,
 };
@@ -47,6 +47,11 @@ pub struct ApplyStats {
     pub ports: usize,
     pub slots: usize,
     pub peers: usize,
+    /// DNS-learned addresses written into the new generation.
+    pub learned: usize,
+    /// ... and those whose write failed (missing from it until the
+    /// learner's next retry writes them into the active generation).
+    pub learned_failed: usize,
 }
 
 
@@ -89,9 +94,10 @@ pub struct Datapath {
     /// prefixes of the policy) hold: one policy after a complete write;
     /// after a failed write each entry holds its value in one of these.
     held: [Vec<CompiledPolicy>; NUM_GENERATIONS as usize],
-    /// DNS-learned host prefixes and the mask written for them in every
-    /// generation, over whatever that generation's policy has there.
-    learned: HashMap<IpAddr, u32>,
+    /// Per generation, the DNS-learned addresses `LEARNED` holds and their
+    /// class bits: only writes the kernel confirmed. An entry whose delete
+    /// failed stays listed (and is deleted again later).
+    learned: [HashMap<IpAddr, u32>; NUM_GENERATIONS as usize],
 }
 
 impl Datapath {
@@ -115,13 +121,21 @@ impl Datapath {
             switched_at: None,
             // Zeroed maps: an empty policy (no rules, no prefixes).
             held: std::array::from_fn(|_| vec![CompiledPolicy::default()]),
-            learned: HashMap::new(),
+            learned: std::array::from_fn(|_| HashMap::new()),
         };
         if adopted {
             let active: Array<&MapData, u32> = Array::try_from(dp.map(names::ACTIVE)?)?;
             dp.active = active.get(&0, 0)? & (NUM_GENERATIONS - 1);
             for generation in 0..NUM_GENERATIONS {
                 dp.held[generation as usize] = vec![dp.read_generation(generation)?];
+            }
+            // The learned addresses of the earlier daemon: known, so that
+            // the first apply removes them (this daemon's learner starts
+            // empty; the next DNS answers teach it again).
+            let learned: BpfHashMap<&MapData, LearnedKey, u32> = BpfHashMap::try_from(dp.map(names::LEARNED)?)?;
+            let entries: Vec<(LearnedKey, u32)> = learned.iter().collect::<Result<_, _>>()?;
+            for (key, bits) in entries {
+                dp.learned[usize::from(key.generation & 1)].insert(learned_addr(&key), bits);
             }
             info!("adopted policy generation {} (read back from the maps)", dp.active);
         }
@@ -162,21 +176,24 @@ impl Datapath {
     }
 
     /// Writes `policy` into the inactive generation, touching only entries
-    /// that differ from what that generation held, then switches `ACTIVE`
-    /// to it: a packet sees the old policy or the new one, never a mix.
+    /// that differ from what that generation held, with `learned` (the
+    /// DNS-learned addresses and their classes under `policy`, see
+    /// `Learner::planned`) in its part of `LEARNED`, then switches `ACTIVE`
+    /// to it: a packet sees the old policy and its learned addresses or the
+    /// new ones, never a mix. Then the old generation's learned entries are
+    /// removed.
     ///
     /// If writing the inactive generation fails nothing is switched: the
-    /// running policy was never touched. Flows already in conntrack are
-    /// unaffected either way. DNS-learned host prefixes written with
-    /// [`Datapath::write_learned`] are left in place in the new generation
-    /// (the caller re-derives them for the new policy right after).
-    pub fn apply(&mut self, policy: &CompiledPolicy) -> Result<ApplyStats> {
+    /// running policy was never touched. A learned address whose write
+    /// fails is only missing from the new generation (fail closed: the
+    /// learner writes it again); a stale learned entry that cannot be
+    /// removed from it fails the apply. Flows already in conntrack are
+    /// unaffected either way.
+    pub fn apply(&mut self, policy: &CompiledPolicy, learned: &[(IpAddr, u32)]) -> Result<ApplyStats> {
         let generation = self.active ^ 1;
         // Packets that read the old `ACTIVE` before the last switch may
         // still be using this generation.
-        if let Some(wait) = self.switched_at.and_then(|t| SWITCH_GRACE.checked_sub(t.elapsed())) {
-            std::thread::sleep(wait);
-        }
+        self.wait_grace();
         let mut stats = ApplyStats::default();
         let g = generation as usize;
         if let Err(e) = self.write_generation(generation, policy, &mut stats) {
@@ -189,15 +206,121 @@ impl Datapath {
             )));
         }
         self.held[g] = vec![policy.clone()];
+        self.write_learned_generation(generation, learned, &mut stats).with_context(|| {
+            format!("generation {generation}: nothing was switched, the running policy is unchanged")
+        })?;
         let mut active: Array<&mut MapData, u32> = Array::try_from(self.map_mut(names::ACTIVE)?)?;
         active
             .set(0, generation, 0)
             .with_context(|| format!("switching ACTIVE to generation {generation}; the running policy is unchanged"))?;
+        let old = self.active;
         self.active = generation;
         self.switched_at = Some(Instant::now());
         debug!("policy generation {generation} active");
         self.applied = Some(policy.clone());
+        self.wait_grace();
+        self.clear_learned(old);
         Ok(stats)
+    }
+
+    /// Sleeps until `SWITCH_GRACE` has passed since the last switch.
+    fn wait_grace(&self) {
+        if let Some(wait) = self.switched_at.and_then(|t| SWITCH_GRACE.checked_sub(t.elapsed())) {
+            std::thread::sleep(wait);
+        }
+    }
+
+    /// Makes `generation`'s part of `LEARNED` hold exactly `want`:
+    /// removes what it should not hold (an error if that fails: the
+    /// generation must not allow more than the learner does), then writes
+    /// the rest (failures only counted).
+    fn write_learned_generation(&mut self, generation: u32, want: &[(IpAddr, u32)], stats: &mut ApplyStats) -> Result<()> {
+        let (set, remove) = learned_writes(&self.learned[generation as usize], want);
+        let remove: Vec<LearnedWrite> = remove.into_iter().map(|addr| LearnedWrite { addr, bits: None }).collect();
+        if let Some((addr, e)) = self.learned_batch(generation, &remove)?.1.into_iter().next() {
+            return Err(anyhow::Error::new(e).context(format!("removing the stale learned address {addr} from generation {generation}")));
+        }
+        let set: Vec<LearnedWrite> = set.into_iter().map(|(addr, bits)| LearnedWrite { addr, bits: Some(bits) }).collect();
+        let (done, failed) = self.learned_batch(generation, &set)?;
+        stats.learned = done.len();
+        stats.learned_failed = failed.len();
+        for (addr, e) in failed {
+            warn!("writing learned address {addr} into generation {generation}: {e}");
+        }
+        Ok(())
+    }
+
+    /// Removes every learned entry of `generation` (not the active one);
+    /// what fails stays listed and is removed by a later call.
+    fn clear_learned(&mut self, generation: u32) {
+        let all: Vec<LearnedWrite> =
+            self.learned[generation as usize].keys().map(|&addr| LearnedWrite { addr, bits: None }).collect();
+        match self.learned_batch(generation, &all) {
+            Ok((_, failed)) if failed.is_empty() => {}
+            Ok((_, failed)) => warn!(
+                "{} learned addresses could not be removed from the inactive generation {generation} ({}); retrying later",
+                failed.len(),
+                failed[0].1
+            ),
+            Err(e) => warn!("{e:#}"),
+        }
+    }
+
+    /// [`write_each`] on `generation`'s part of `LEARNED`.
+    #[allow(clippy::type_complexity)]
+    fn learned_batch(
+        &mut self,
+        generation: u32,
+        writes: &[LearnedWrite],
+    ) -> Result<(Vec<LearnedWrite>, Vec<(IpAddr, MapError)>)> {
+        if writes.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        // The map through its field: `self.learned` is borrowed beside it.
+        let map = self.ebpf.map_mut(names::LEARNED).ok_or_else(|| anyhow!("map LEARNED missing from object"))?;
+        let mut map: BpfHashMap<&mut MapData, LearnedKey, u32> = BpfHashMap::try_from(map)?;
+        Ok(write_each(&mut self.learned[generation as usize], writes, |w| {
+            let key = learned_key(generation, w.addr);
+            match w.bits {
+                Some(b) => map.insert(key, b, 0),
+                None => map.remove(&key),
+            }
+        }))
+    }
+
+    /// Applies the learner's writes to the active generation, each on its
+    /// own (one failure does not stop the rest), skipping those the map
+    /// already holds; returns the writes the map now agrees with. Also
+    /// retries removing what a reload left in the inactive generation.
+    pub fn write_learned(&mut self, writes: &[LearnedWrite]) -> Vec<LearnedWrite> {
+        let generation = self.active;
+        let done = match self.learned_batch(generation, writes) {
+            Ok((done, failed)) => {
+                if let Some((addr, e)) = failed.first() {
+                    warn!(
+                        "{} of {} learned-address updates failed (first: {addr}: {e}); retrying at the next expiry tick",
+                        failed.len(),
+                        writes.len()
+                    );
+                }
+                done
+            }
+            Err(e) => {
+                warn!("{e:#}");
+                Vec::new()
+            }
+        };
+        let inactive = generation ^ 1;
+        if !self.learned[inactive as usize].is_empty() && self.switched_at.is_none_or(|t| t.elapsed() >= SWITCH_GRACE) {
+            self.clear_learned(inactive);
+        }
+        done
+    }
+
+    /// Learned addresses the active generation holds (what the kernel
+    /// allows through DNS learning).
+    pub fn learned_len(&self) -> usize {
+        self.learned[self.active as usize].len()
     }
 
     /// Writes the whole of `new` into `generation` (not the active one):
@@ -206,14 +329,8 @@ impl Datapath {
         let g = generation as usize;
         let held: Vec<&CompiledPolicy> = self.held[g].iter().collect();
         let slots = slot_writes(&held.iter().map(|p| p.slots.as_slice()).collect::<Vec<_>>(), &new.slots);
-        let (v4_set, v4_del) =
-            prefix_writes(&held.iter().map(|p| p.peers_v4.as_slice()).collect::<Vec<_>>(), &new.peers_v4, |addr, len| {
-                len == 32 && self.learned.contains_key(&IpAddr::from(*addr))
-            });
-        let (v6_set, v6_del) =
-            prefix_writes(&held.iter().map(|p| p.peers_v6.as_slice()).collect::<Vec<_>>(), &new.peers_v6, |addr, len| {
-                len == 128 && self.learned.contains_key(&IpAddr::from(*addr))
-            });
+        let (v4_set, v4_del) = prefix_writes(&held.iter().map(|p| p.peers_v4.as_slice()).collect::<Vec<_>>(), &new.peers_v4);
+        let (v6_set, v6_del) = prefix_writes(&held.iter().map(|p| p.peers_v6.as_slice()).collect::<Vec<_>>(), &new.peers_v6);
         let ports = port_writes(&held.iter().map(|p| p.ports.as_slice()).collect::<Vec<_>>(), &new.ports);
 
         let mut array: Array<&mut MapData, PortSlot> = Array::try_from(self.map_mut(names::SLOTS)?)?;
@@ -254,51 +371,6 @@ impl Datapath {
     pub fn take_ring(&mut self, name: &str) -> Result<RingBuf<MapData>> {
         let map = self.ebpf.take_map(name).ok_or_else(|| anyhow!("{name} map missing or already taken"))?;
         Ok(RingBuf::try_from(map)?)
-    }
-
-    /// Writes the host prefixes of addresses learned from DNS answers, in
-    /// every generation: in the active one they take effect now, in the
-    /// other they are already there when a reload switches to it. Removing
-    /// one puts back what that generation's own policy has at that prefix.
-    pub fn write_learned(&mut self, updates: &[TrieUpdate]) -> Result<()> {
-        for u in updates {
-            let (addr, mask) = match *u {
-                TrieUpdate::Set { addr, mask } => (addr, Some(mask)),
-                TrieUpdate::Remove { addr } => (addr, None),
-            };
-            match mask {
-                Some(m) => self.learned.insert(addr, m),
-                None => self.learned.remove(&addr),
-            };
-            for generation in 0..NUM_GENERATIONS {
-                // After a failed write any of the held policies is right
-                // for the static entries: take the last.
-                let policy = self.held[generation as usize].last();
-                let want = mask.or_else(|| policy.and_then(|p| static_host_mask(p, addr)));
-                match addr {
-                    IpAddr::V4(a) => self.host_entry(names::PEERS_V4, 32, peer_key_v4(generation, a.octets()), want)?,
-                    IpAddr::V6(a) => self.host_entry(names::PEERS_V6, 128, peer_key_v6(generation, a.octets()), want)?,
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes (`Some`) or removes (`None`) the host prefix of `key` (a
-    /// generation byte and an address of `len` bits).
-    fn host_entry<const N: usize>(&mut self, map: &str, len: u32, key: [u8; N], mask: Option<u32>) -> Result<()>
-    where
-        [u8; N]: aya::Pod,
-    {
-        let mut trie: LpmTrie<&mut MapData, [u8; N], u32> = LpmTrie::try_from(self.map_mut(map)?)?;
-        let key = Key::new(GEN_PREFIX_BITS + len, key);
-        match mask {
-            Some(m) => trie.insert(&key, m, 0).with_context(|| format!("writing learned prefix in {map}")),
-            None => match trie.remove(&key) {
-                Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-                Err(e) => Err(e).with_context(|| format!("removing learned prefix from {map}")),
-            },
-        }
     }
 
     /// Tracks connections that were open before the programs were
@@ -374,12 +446,49 @@ impl Datapath {
 }
 
 
-/// The static mask `policy` has at the host prefix of `addr` (/32, /128).
-fn static_host_mask(policy: &CompiledPolicy, addr: IpAddr) -> Option<u32> {
-    match addr {
-        IpAddr::V4(a) => policy.peers_v4.iter().find(|p| p.prefix_len == 32 && p.addr == a.octets()).map(|p| p.mask),
-        IpAddr::V6(a) => policy.peers_v6.iter().find(|p| p.prefix_len == 128 && p.addr == a.octets()).map(|p| p.mask),
+/// The address of a `LEARNED` key.
+fn learned_addr(k: &LearnedKey) -> IpAddr {
+    if k.family == FAMILY_V4 {
+        IpAddr::from([k.addr[0], k.addr[1], k.addr[2], k.addr[3]])
+    } else {
+        IpAddr::from(k.addr)
     }
+}
+
+/// The `LEARNED` key of `addr` in `generation` (IPv4 in the first 4 bytes,
+/// as the kernel builds it from a flow key).
+pub fn learned_key(generation: u32, addr: IpAddr) -> LearnedKey {
+    let mut k = LearnedKey { generation: generation as u8, family: FAMILY_V4, _pad: [0; 2], addr: [0; 16] };
+    match addr {
+        IpAddr::V4(a) => k.addr[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => {
+            k.family = FAMILY_V6;
+            k.addr = a.octets();
+        }
+    }
+    k
+}
+
+/// True when a map operation failed because the key is absent: aya
+/// reports that as `KeyNotFound` for some calls and as the syscall's
+/// ENOENT for a hash-map delete.
+pub fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
+    }
+}
+
+/// The `LEARNED` writes that make a generation holding `held` hold
+/// `want`: entries to insert or update, then addresses to remove.
+fn learned_writes(held: &HashMap<IpAddr, u32>, want: &[(IpAddr, u32)]) -> (Vec<(IpAddr, u32)>, Vec<IpAddr>) {
+    let wanted: HashMap<IpAddr, u32> = want.iter().copied().collect();
+    let mut set: Vec<(IpAddr, u32)> = wanted.iter().filter(|(a, b)| held.get(a) != Some(b)).map(|(a, b)| (*a, *b)).collect();
+    let mut remove: Vec<IpAddr> = held.keys().filter(|a| !wanted.contains_key(a)).copied().collect();
+    set.sort();
+    remove.sort();
+    (set, remove)
 }
 
 /// The `SLOTS` writes (slot id, value) that make a generation whose every
@@ -414,14 +523,11 @@ fn port_writes(held: &[&[(u32, PortEntry)]], new: &[(u32, PortEntry)]) -> Vec<(u
 
 /// Prefix writes that make a trie generation whose every prefix holds its
 /// value (a mask, or absent) in one of `held` hold `new`: prefixes to
-/// insert or update, then prefixes to remove. Prefixes for which `skip`
-/// holds (DNS-learned host prefixes, written over the policy's) are left
-/// as they are.
+/// insert or update, then prefixes to remove.
 #[allow(clippy::type_complexity)]
 fn prefix_writes<const N: usize>(
     held: &[&[PeerPrefix<N>]],
     new: &[PeerPrefix<N>],
-    skip: impl Fn(&[u8; N], u32) -> bool,
 ) -> (Vec<PeerPrefix<N>>, Vec<([u8; N], u32)>) {
     let by_key =
         |ps: &[PeerPrefix<N>]| -> BTreeMap<([u8; N], u32), u32> { ps.iter().map(|p| ((p.addr, p.prefix_len), p.mask)).collect() };
@@ -430,9 +536,6 @@ fn prefix_writes<const N: usize>(
     let keys: BTreeSet<([u8; N], u32)> = held.iter().flat_map(|h| h.keys().copied()).chain(new.keys().copied()).collect();
     let (mut set, mut remove) = (Vec::new(), Vec::new());
     for key @ (addr, prefix_len) in keys {
-        if skip(&addr, prefix_len) {
-            continue;
-        }
         let want = new.get(&key).copied();
         if held.iter().all(|h| h.get(&key).copied() == want) {
             continue;
@@ -475,18 +578,40 @@ where
     Ok(())
 }
 
-
-
-/// "No such entry" from a map delete or lookup: aya reports it as
-/// `KeyNotFound` for some map types and as a syscall error with ENOENT for
-/// others (hash maps, LPM tries).
-pub fn is_not_found(e: &MapError) -> bool {
-    match e {
-        MapError::KeyNotFound => true,
-        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
-        _ => false,
+/// Applies `writes` to one generation of `LEARNED` one by one through `op`
+/// (an insert, or a delete for `bits: None`), keeping `held` — what the
+/// generation holds — in step with what succeeded. A write `held` already
+/// has is not repeated; a delete of an absent key is done. A failure is
+/// returned with its address and does not stop the writes after it.
+#[allow(clippy::type_complexity)]
+fn write_each(
+    held: &mut HashMap<IpAddr, u32>,
+    writes: &[LearnedWrite],
+    mut op: impl FnMut(&LearnedWrite) -> Result<(), MapError>,
+) -> (Vec<LearnedWrite>, Vec<(IpAddr, MapError)>) {
+    let (mut done, mut failed) = (Vec::with_capacity(writes.len()), Vec::new());
+    for w in writes {
+        if held.get(&w.addr).copied() == w.bits {
+            done.push(*w);
+            continue;
+        }
+        match op(w) {
+            Err(e) if !(w.bits.is_none() && is_not_found(&e)) => {
+                failed.push((w.addr, e));
+                continue;
+            }
+            _ => {}
+        }
+        match w.bits {
+            Some(b) => held.insert(w.addr, b),
+            None => held.remove(&w.addr),
+        };
+        done.push(*w);
     }
+    (done, failed)
 }
+
+
 
 /// A whole `T` read from a ring-buffer record; `None` if the record is
 /// shorter than `T`.
@@ -589,8 +714,7 @@ mod tests {
         assert_eq!(port_writes(&[&old], &new), [(1, PortEntry::default()), (3, entry(1)), (4, entry(4))]);
         assert_eq!(port_writes(&[&new], &new), []);
         assert_eq!(slot_writes(&[&[slot(0), slot(1), slot(2)]], &[slot(0), slot(3)]), [(1, slot(3)), (2, slot(0))]);
-        let (set, remove) =
-            prefix_writes(&[&[prefix(1, 32, 1), prefix(2, 32, 2)]], &[prefix(2, 32, 3), prefix(0, 8, 4)], |_, _| false);
+        let (set, remove) = prefix_writes(&[&[prefix(1, 32, 1), prefix(2, 32, 2)]], &[prefix(2, 32, 3), prefix(0, 8, 4)]);
         assert_eq!(set, [prefix(0, 8, 4), prefix(2, 32, 3)]);
         assert_eq!(remove, [([10, 0, 0, 1], 32)]);
     }
@@ -607,27 +731,80 @@ mod tests {
             slot_writes(&[&[slot(0), slot(1)], &[slot(0), slot(2), slot(3)]], &[slot(0), slot(1)]),
             [(1, slot(1)), (2, slot(0))]
         );
-        let (set, remove) =
-            prefix_writes(&[&[prefix(1, 32, 1)], &[prefix(1, 32, 2), prefix(2, 32, 2)]], &[prefix(1, 32, 1)], |_, _| false);
+        let (set, remove) = prefix_writes(&[&[prefix(1, 32, 1)], &[prefix(1, 32, 2), prefix(2, 32, 2)]], &[prefix(1, 32, 1)]);
         assert_eq!((set, remove), (vec![prefix(1, 32, 1)], vec![([10, 0, 0, 2], 32)]));
     }
 
     #[test]
-    fn learned_host_prefixes_are_left_to_the_learner() {
-        // 10.0.0.1/32 is learned: whatever the policies say there, the
-        // learned mask written over it stays.
-        let learned = |a: &[u8; 4], len: u32| len == 32 && *a == [10, 0, 0, 1];
-        let (set, remove) = prefix_writes(&[&[prefix(1, 32, 1), prefix(2, 32, 2)]], &[prefix(1, 32, 5)], learned);
-        assert_eq!((set, remove), (vec![], vec![([10, 0, 0, 2], 32)]));
-        let (set, remove) = prefix_writes(&[&[prefix(1, 32, 1)]], &[], learned);
-        assert_eq!((set, remove), (vec![], vec![]));
+    fn a_generation_s_learned_entries_get_the_difference_from_what_it_holds() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let held: HashMap<IpAddr, u32> = [(ip("192.0.2.1"), 1), (ip("192.0.2.2"), 1), (ip("2001:db8::1"), 2)].into();
+        let want = [(ip("192.0.2.2"), 3), (ip("2001:db8::1"), 2), (ip("192.0.2.9"), 1)];
+        let (set, remove) = learned_writes(&held, &want);
+        assert_eq!(set, [(ip("192.0.2.2"), 3), (ip("192.0.2.9"), 1)]);
+        assert_eq!(remove, [ip("192.0.2.1")]);
+        assert_eq!(learned_writes(&held, &[]).1.len(), 3);
+        assert_eq!(learned_writes(&HashMap::new(), &want).0.len(), 3);
     }
 
     #[test]
-    fn removing_a_learned_address_restores_the_generation_s_own_host_prefix() {
-        let policy = CompiledPolicy { peers_v4: vec![prefix(0, 24, 1), prefix(7, 32, 3)], ..Default::default() };
-        assert_eq!(static_host_mask(&policy, "10.0.0.7".parse().unwrap()), Some(3));
-        assert_eq!(static_host_mask(&policy, "10.0.0.0".parse().unwrap()), None);
-        assert_eq!(static_host_mask(&policy, "::1".parse().unwrap()), None);
+    fn learned_keys_are_built_like_the_kernel_s_and_read_back() {
+        for addr in ["203.0.113.7", "2001:db8::7"] {
+            let a: IpAddr = addr.parse().unwrap();
+            assert_eq!(learned_addr(&learned_key(1, a)), a);
+        }
+        let k = learned_key(1, "192.0.2.7".parse().unwrap());
+        assert_eq!((k.generation, k.family, k.addr[..4].to_vec(), k.addr[4..].iter().all(|&b| b == 0)), (1, FAMILY_V4, vec![192, 0, 2, 7], true));
+        let k = learned_key(0, "2001:db8::7".parse().unwrap());
+        assert_eq!((k.generation, k.family, k.addr[0], k.addr[15]), (0, FAMILY_V6, 0x20, 7));
+    }
+
+    #[test]
+    fn one_failed_learned_write_never_stops_the_batch_and_absent_keys_count_as_deleted() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let enoent =
+            || MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_delete_elem", io_error: std::io::ErrorKind::NotFound.into() });
+        let eperm = || MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_elem", io_error: std::io::ErrorKind::PermissionDenied.into() });
+        let mut held: HashMap<IpAddr, u32> =
+            [(ip("192.0.2.1"), 1), (ip("192.0.2.2"), 1), (ip("192.0.2.3"), 1), (ip("192.0.2.6"), 1)].into();
+        let writes = [
+            LearnedWrite { addr: ip("192.0.2.1"), bits: None },     // the map lost it already: ENOENT
+            LearnedWrite { addr: ip("192.0.2.2"), bits: None },     // fails
+            LearnedWrite { addr: ip("192.0.2.3"), bits: Some(1) },  // held already: no call
+            LearnedWrite { addr: ip("192.0.2.4"), bits: Some(2) },  // fails
+            LearnedWrite { addr: ip("192.0.2.5"), bits: Some(4) },
+            LearnedWrite { addr: ip("192.0.2.6"), bits: None },     // the map lost it: KeyNotFound
+            LearnedWrite { addr: ip("192.0.2.8"), bits: None },     // not held: no call
+        ];
+        let mut calls = Vec::new();
+        let (done, failed) = write_each(&mut held, &writes, |w| {
+            calls.push(w.addr);
+            match w.addr.to_string().as_str() {
+                "192.0.2.1" => Err(enoent()),
+                "192.0.2.2" | "192.0.2.4" => Err(eperm()),
+                "192.0.2.6" => Err(MapError::KeyNotFound),
+                _ => Ok(()),
+            }
+        });
+        assert_eq!(calls, ["192.0.2.1", "192.0.2.2", "192.0.2.4", "192.0.2.5", "192.0.2.6"].map(ip));
+        assert_eq!(done, [writes[0], writes[2], writes[4], writes[5], writes[6]]);
+        assert_eq!(failed.iter().map(|(a, _)| *a).collect::<Vec<_>>(), [ip("192.0.2.2"), ip("192.0.2.4")]);
+        // `held` follows the map: what failed is as it was.
+        let want: HashMap<IpAddr, u32> = [(ip("192.0.2.2"), 1), (ip("192.0.2.3"), 1), (ip("192.0.2.5"), 4)].into();
+        assert_eq!(held, want);
+        // An insert that reports "not found" is a failure, not a success.
+        let (done, failed) = write_each(&mut held, &[LearnedWrite { addr: ip("192.0.2.7"), bits: Some(1) }], |_| Err(enoent()));
+        assert_eq!((done.len(), failed.len()), (0, 1));
+    }
+
+    #[test]
+    fn a_delete_of_an_absent_key_is_done_whichever_way_aya_reports_it() {
+        let syscall = |kind: std::io::ErrorKind| {
+            MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_delete_elem", io_error: std::io::Error::from(kind) })
+        };
+        assert!(is_not_found(&MapError::KeyNotFound));
+        assert!(is_not_found(&syscall(std::io::ErrorKind::NotFound)));
+        assert!(!is_not_found(&syscall(std::io::ErrorKind::PermissionDenied)));
+        assert!(!is_not_found(&MapError::OutOfBounds { index: 1, max_entries: 1 }));
     }
 }

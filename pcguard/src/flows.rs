@@ -32,8 +32,14 @@ pub fn reason_name(reason: u8) -> &'static str {
     }
 }
 
+/// Reason of an audit record for an address a DNS answer gave one of the
+/// policy's names but that no answer may open (a workstation, this server,
+/// a resolver, loopback, multicast, ...): not learned (`pcguard::dns::guard`).
+pub const DNS_POISONING: &str = "dns_poisoning";
+
 /// Every reason label, for metrics initialisation.
-pub const REASONS: [&str; 5] = ["no_rule", "peer_not_allowed", "outbound_to_workstation", "malformed", "untracked_reply"];
+pub const REASONS: [&str; 6] =
+    ["no_rule", "peer_not_allowed", "outbound_to_workstation", "malformed", "untracked_reply", DNS_POISONING];
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
@@ -65,6 +71,37 @@ pub struct AuditRecord {
     pub interface: String,
     pub tcp_flags: String,
     pub packet_bytes: u32,
+    /// `dns_poisoning`: the question the answer was for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_name: Option<String>,
+    /// `dns_poisoning`: the address that was not learned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_address: Option<IpAddr>,
+    /// `dns_poisoning`: why (`special`, `own_address`, `resolver`,
+    /// `local_class`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_refusal: Option<String>,
+    /// Records of the same kind held back by the rate limit since the last
+    /// one written (`dns_poisoning`: same resolver, name and refusal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<u64>,
+}
+
+/// An answered address refused by the DNS guard, for its audit record.
+#[derive(Clone, Debug)]
+pub struct DnsRefusal {
+    pub resolver: IpAddr,
+    /// This server's port the answer came to.
+    pub server_port: u16,
+    pub name: String,
+    pub addr: IpAddr,
+    /// `Forbidden::as_str`.
+    pub refusal: &'static str,
+    /// Length of the DNS message.
+    pub msg_len: u16,
+    /// Records for the same (resolver, name, refusal) not written since the
+    /// last one.
+    pub suppressed: u64,
 }
 
 impl AuditRecord {
@@ -87,6 +124,38 @@ impl AuditRecord {
             interface: crate::datapath::ifname(ev.ifindex).unwrap_or_else(|| ev.ifindex.to_string()),
             tcp_flags: tcp_flags(ev.tcp_flags),
             packet_bytes: ev.pkt_len,
+            dns_name: None,
+            dns_address: None,
+            dns_refusal: None,
+            suppressed: None,
+        }
+    }
+
+    /// The record of an answered address the DNS guard refused: an alert,
+    /// inbound from the resolver's port 53 (the resolver is the remote
+    /// end; the local address is not in the kernel's record, so it is the
+    /// unspecified address). Nothing was dropped: the address was
+    /// `not_learned`.
+    pub fn from_dns_refusal(r: &DnsRefusal, policy: &CompiledPolicy, seen: SystemTime) -> Self {
+        let local = if r.resolver.is_ipv4() { IpAddr::V4(Ipv4Addr::UNSPECIFIED) } else { IpAddr::V6(Ipv6Addr::UNSPECIFIED) };
+        Self {
+            ts: humantime::format_rfc3339_millis(seen).to_string(),
+            severity: "alert".into(),
+            reason: DNS_POISONING.into(),
+            direction: Direction::Inbound.as_str().into(),
+            verdict: "not_learned".into(),
+            protocol: "udp".into(),
+            local: Endpoint { addr: local, port: r.server_port },
+            remote: Endpoint { addr: r.resolver, port: 53 },
+            peer_classes: class_names(policy, policy.peer_mask(r.resolver)),
+            port_rules: Vec::new(),
+            interface: String::new(),
+            tcp_flags: String::new(),
+            packet_bytes: r.msg_len.into(),
+            dns_name: Some(r.name.clone()),
+            dns_address: Some(r.addr),
+            dns_refusal: Some(r.refusal.into()),
+            suppressed: Some(r.suppressed),
         }
     }
 
@@ -105,6 +174,19 @@ impl AuditRecord {
             if self.port_rules.is_empty() { "-".to_string() } else { self.port_rules.join(",") },
             self.interface,
         ) + &format!("  [{}]", self.verdict)
+            + &self.dns_human()
+    }
+
+    /// The DNS part of a `dns_poisoning` record, for `human`.
+    fn dns_human(&self) -> String {
+        match (&self.dns_name, &self.dns_address) {
+            (Some(name), Some(addr)) => format!(
+                "  dns: {name} -> {addr} ({}){}",
+                self.dns_refusal.as_deref().unwrap_or("refused"),
+                self.suppressed.filter(|&n| n > 0).map(|n| format!(", {n} more suppressed")).unwrap_or_default()
+            ),
+            _ => String::new(),
+        }
     }
 
     fn direction_src(&self) -> &Endpoint {
@@ -215,6 +297,50 @@ impl Dedup {
     }
 }
 
+/// At most one record per key per interval, for records that do not come
+/// with the kernel's per-flow rate limit (`dns_poisoning`); counts what it
+/// holds back. Holds at most `cap` keys: when full, records of new keys
+/// are held back (and not counted) until the interval frees room.
+pub struct KeyedLimit<K> {
+    interval: Duration,
+    cap: usize,
+    /// Key -> (when a record was last written, records held back since).
+    seen: HashMap<K, (Instant, u64)>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> KeyedLimit<K> {
+    pub fn new(interval: Duration, cap: usize) -> Self {
+        Self { interval, cap, seen: HashMap::new() }
+    }
+
+    pub fn set_interval(&mut self, interval: Duration) {
+        self.interval = interval;
+    }
+
+    /// `Some(held back since the last one)` when a record for `key` may be
+    /// written now; `None` when it is held back.
+    pub fn admit(&mut self, key: &K, now: Instant) -> Option<u64> {
+        if let Some((last, held)) = self.seen.get_mut(key) {
+            if now.duration_since(*last) < self.interval {
+                *held += 1;
+                return None;
+            }
+            let n = std::mem::take(held);
+            *last = now;
+            return Some(n);
+        }
+        if self.seen.len() >= self.cap {
+            let interval = self.interval;
+            self.seen.retain(|_, (t, _)| now.duration_since(*t) < interval);
+            if self.seen.len() >= self.cap {
+                return None;
+            }
+        }
+        self.seen.insert(key.clone(), (now, 0));
+        Some(0)
+    }
+}
+
 pub use crate::auditlog::AuditLog;
 
 impl AuditLog {
@@ -244,7 +370,7 @@ impl Filter {
             && self.severity.as_ref().is_none_or(|x| &r.severity == x)
             && self.peer_class.as_ref().is_none_or(|x| r.peer_classes.contains(x))
             && self.port.is_none_or(|p| r.local.port == p || r.remote.port == p)
-            && self.addr.is_none_or(|a| r.local.addr == a || r.remote.addr == a)
+            && self.addr.is_none_or(|a| r.local.addr == a || r.remote.addr == a || r.dns_address == Some(a))
     }
 }
 
@@ -297,5 +423,73 @@ pub fn follow(path: &Path, filter: &Filter, tail: usize, follow: bool, json: boo
                 partial.clear();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> CompiledPolicy {
+        let text = "role = \"primary\"\ninterfaces = [\"eth0\"]\nmode = \"enforce\"\n[peers]\n\
+                    dns = [\"10.0.0.53\"]\n[features]\nges = true\n";
+        crate::policy::compile(&crate::config::parse(text, "t.toml").unwrap()).unwrap()
+    }
+
+    fn refusal() -> DnsRefusal {
+        DnsRefusal {
+            resolver: "10.0.0.53".parse().unwrap(),
+            server_port: 40000,
+            name: "mf.cloud.papercut.com".into(),
+            addr: "10.1.2.3".parse().unwrap(),
+            refusal: "local_class",
+            msg_len: 80,
+            suppressed: 2,
+        }
+    }
+
+    #[test]
+    fn dns_poisoning_records_carry_the_name_address_and_refusal() {
+        let rec = AuditRecord::from_dns_refusal(&refusal(), &policy(), SystemTime::now());
+        let json: serde_json::Value = serde_json::to_value(&rec).unwrap();
+        assert_eq!(json["severity"], "alert");
+        assert_eq!(json["reason"], DNS_POISONING);
+        assert_eq!(json["dns_name"], "mf.cloud.papercut.com");
+        assert_eq!(json["dns_address"], "10.1.2.3");
+        assert_eq!(json["dns_refusal"], "local_class");
+        assert_eq!(json["suppressed"], 2);
+        assert_eq!((json["remote"]["addr"].as_str(), json["remote"]["port"].as_u64()), (Some("10.0.0.53"), Some(53)));
+        assert!(json["peer_classes"].as_array().unwrap().iter().any(|c| c == "dns"), "{json}");
+        assert!(rec.human().contains("dns: mf.cloud.papercut.com -> 10.1.2.3 (local_class), 2 more suppressed"), "{}", rec.human());
+        // `pcguard flows --addr` finds it by the refused address too.
+        let filter = Filter { addr: Some("10.1.2.3".parse().unwrap()), reason: Some(DNS_POISONING.into()), ..Default::default() };
+        assert!(filter.matches(&rec));
+        // Round trip through the log.
+        assert_eq!(serde_json::from_value::<AuditRecord>(json).unwrap(), rec);
+    }
+
+    #[test]
+    fn flow_records_keep_their_format() {
+        let line = r#"{"ts":"2026-11-26T20:31:02.114Z","severity":"alert","reason":"outbound_to_workstation","direction":"outbound","verdict":"dropped","protocol":"tcp","local":{"addr":"10.77.0.1","port":41234},"remote":{"addr":"10.77.0.2","port":445},"peer_classes":["workstations"],"port_rules":[],"interface":"pcg0","tcp_flags":"SYN","packet_bytes":74}"#;
+        let rec: AuditRecord = serde_json::from_str(line).unwrap();
+        assert_eq!((rec.dns_name.as_ref(), rec.suppressed), (None, None));
+        assert_eq!(serde_json::to_string(&rec).unwrap(), line, "no new keys in flow records");
+        assert!(!rec.human().contains("dns:"));
+    }
+
+    #[test]
+    fn keyed_limit_writes_one_record_per_key_per_interval_and_counts_the_rest() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut l = KeyedLimit::new(Duration::from_secs(60), 2);
+        assert_eq!(l.admit(&"a", t0), Some(0));
+        assert_eq!(l.admit(&"a", t0 + s), None);
+        assert_eq!(l.admit(&"a", t0 + 2 * s), None);
+        assert_eq!(l.admit(&"b", t0), Some(0));
+        // Full: a third key waits until the interval frees room.
+        assert_eq!(l.admit(&"c", t0 + s), None);
+        assert_eq!(l.admit(&"a", t0 + 60 * s), Some(2), "the two held back");
+        assert_eq!(l.admit(&"c", t0 + 61 * s), Some(0));
+        assert_eq!(l.seen.len(), 2);
     }
 }

@@ -61,6 +61,10 @@ enum Command {
         /// detaches pcguard entirely.
         #[arg(long, value_parser = humantime::parse_duration)]
         confirm_within: Option<Duration>,
+        /// Shortest life of a DNS-learned address (default 60s). For tests
+        /// that watch learned addresses expire; not for production.
+        #[arg(long, hide = true, value_parser = humantime::parse_duration)]
+        dns_min_ttl: Option<Duration>,
     },
     /// Validate a config and print the effective rule table.
     Check {
@@ -96,7 +100,7 @@ enum Command {
         /// Print the JSON records as they are.
         #[arg(long)]
         json: bool,
-        #[arg(long, value_parser = ["no_rule", "peer_not_allowed", "outbound_to_workstation", "malformed", "untracked_reply"])]
+        #[arg(long, value_parser = ["no_rule", "peer_not_allowed", "outbound_to_workstation", "malformed", "untracked_reply", "dns_poisoning"])]
         reason: Option<String>,
         #[arg(long, value_parser = ["inbound", "outbound"])]
         direction: Option<String>,
@@ -157,7 +161,7 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run { config, bpffs_dir, detach_on_exit, run_dir, xdp_skb, metrics_listen, audit_log, confirm_within } => {
+        Command::Run { config, bpffs_dir, detach_on_exit, run_dir, xdp_skb, metrics_listen, audit_log, confirm_within, dns_min_ttl } => {
             let opts = RunOptions {
                 config,
                 bpffs_dir,
@@ -167,6 +171,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 metrics_listen,
                 audit_log,
                 confirm_within,
+                dns_min_ttl,
             };
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(daemon::run(opts))

@@ -36,7 +36,17 @@ pub struct DaemonMetrics {
     pub audit_write_errors: Counter,
     pub policy_loaded_time: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub dns_learned: Gauge,
+    pub dns_answers_accepted: Counter,
+    pub dns_answers_refused: Family<LabelPairs, Counter>,
+    pub dns_addresses_refused: Family<LabelPairs, Counter>,
 }
+
+/// Reason labels of `pcguard_dns_answers_refused_total`: the matching
+/// refusals, and `overload` (accepted, but the daemon was too far behind).
+pub const DNS_ANSWER_REFUSALS: [&str; 8] = {
+    let r = crate::dns::Refused::ALL;
+    [r[0].as_str(), r[1].as_str(), r[2].as_str(), r[3].as_str(), r[4].as_str(), r[5].as_str(), r[6].as_str(), "overload"]
+};
 
 impl DaemonMetrics {
     pub fn flow(&self, reason: &str, direction: &str) {
@@ -46,6 +56,20 @@ impl DaemonMetrics {
     pub fn reload(&self, ok: bool) {
         self.reloads.get_or_create(&reload_labels(ok)).inc();
     }
+
+    /// An answer that teaches nothing, by [`DNS_ANSWER_REFUSALS`] reason.
+    pub fn dns_answer_refused(&self, reason: &str) {
+        self.dns_answers_refused.get_or_create(&reason_labels(reason)).inc();
+    }
+
+    /// An answered address that was not learned, by `Refusal` reason.
+    pub fn dns_address_refused(&self, reason: &str) {
+        self.dns_addresses_refused.get_or_create(&reason_labels(reason)).inc();
+    }
+}
+
+fn reason_labels(reason: &str) -> LabelPairs {
+    vec![("reason", reason.to_string())]
 }
 
 fn flow_labels(reason: &str, direction: &str) -> LabelPairs {
@@ -96,6 +120,9 @@ impl Metrics {
             audit_write_errors: Counter::default(),
             policy_loaded_time: Gauge::default(),
             dns_learned: Gauge::default(),
+            dns_answers_accepted: Counter::default(),
+            dns_answers_refused: Family::default(),
+            dns_addresses_refused: Family::default(),
         };
         registry.register(
             "pcguard_unexpected_flows",
@@ -119,9 +146,30 @@ impl Metrics {
         );
         registry.register(
             "pcguard_dns_learned_addresses",
-            "Addresses learned from DNS answers for the policy's FQDNs (cloud endpoints), until their TTL runs out",
+            "Addresses learned from DNS answers for the policy's FQDNs (cloud endpoints) that the kernel holds, until their TTL runs out",
             daemon.dns_learned.clone(),
         );
+        registry.register(
+            "pcguard_dns_answers_accepted",
+            "DNS answers bound to an outstanding query of this server and read",
+            daemon.dns_answers_accepted.clone(),
+        );
+        registry.register(
+            "pcguard_dns_answers_refused",
+            "DNS answers copied by the kernel that teach nothing, by reason (no matching query, header, truncated, question count or mismatch, rcode, malformed, overload)",
+            daemon.dns_answers_refused.clone(),
+        );
+        for reason in DNS_ANSWER_REFUSALS {
+            let _ = daemon.dns_answers_refused.get_or_create(&reason_labels(reason));
+        }
+        registry.register(
+            "pcguard_dns_addresses_refused",
+            "Addresses of accepted DNS answers for the policy's FQDNs that were not learned, by reason (special, own_address, resolver, local_class, name_cap, total_cap)",
+            daemon.dns_addresses_refused.clone(),
+        );
+        for r in crate::dns::Refusal::ALL {
+            let _ = daemon.dns_addresses_refused.get_or_create(&reason_labels(r.as_str()));
+        }
         let policy = Arc::new(RwLock::new(policy));
         registry.register_collector(Box::new(KernelCollector { maps: Arc::new(Mutex::new(maps)), labels: policy.clone() }));
         Self { registry, daemon, policy }
@@ -184,10 +232,10 @@ impl Collector for KernelCollector {
             ("pcguard_conntrack_created", "Conntrack entries created", STAT_CT_CREATED),
             ("pcguard_conntrack_expired", "Conntrack entries removed on close or idle timeout", STAT_CT_EXPIRED),
             ("pcguard_conntrack_insert_failures", "Conntrack inserts that failed", STAT_CT_INSERT_FAILED),
-            ("pcguard_dns_answers", "DNS answers of the configured resolvers copied for DNS-aware egress", STAT_DNS_ANSWERS),
-            ("pcguard_dns_answers_dropped", "DNS messages lost because their ring buffer was full", STAT_DNS_ANSWERS_DROPPED),
-            ("pcguard_dns_queries", "DNS queries of this server to its resolvers copied for DNS-aware egress", STAT_DNS_QUERIES),
-            ("pcguard_dns_unsolicited_answers", "Packets from a resolver's port 53 that answer no pending query (not copied)", STAT_DNS_UNSOLICITED),
+            ("pcguard_dns_answers", "DNS answers of the configured resolvers to a pending query, copied for DNS-aware egress", STAT_DNS_ANSWERS),
+            ("pcguard_dns_answers_dropped", "DNS queries and answers lost because their ring buffer was full", STAT_DNS_ANSWERS_DROPPED),
+            ("pcguard_dns_queries", "DNS queries of this server to its resolvers, copied for DNS-aware egress", STAT_DNS_QUERIES),
+            ("pcguard_dns_unsolicited_answers", "Packets from a resolver's port 53 to a DNS flow of this server that answer no pending query (not copied)", STAT_DNS_UNSOLICITED),
             ("pcguard_events_rate_limited", "Unexpected-flow reports not sent because the kernel's event budget was used up", STAT_EVENTS_RATE_LIMITED),
             ("pcguard_conntrack_promoted", "Flows moved from the new-flow table to the established table", STAT_CT_PROMOTED),
         ];

@@ -67,6 +67,8 @@ pub fn to_json(state: &State, snap: Option<&Snapshot>) -> serde_json::Value {
             "events_suppressed": s.stats[STAT_EVENTS_SUPPRESSED as usize],
             "malformed_packets": s.stats[STAT_MALFORMED as usize],
             "non_ip_packets": s.stats[STAT_NON_IP as usize],
+            "dns_learned_addresses": s.dns_learned,
+            "dns_learned_entries": s.dns_learned_entries,
         })
     });
     json!({"state": state, "counters": snap_json})
@@ -140,5 +142,6 @@ pub fn render(state: &State, snap: Option<&Snapshot>) -> String {
         s.stats[STAT_MALFORMED as usize],
         s.stats[STAT_NON_IP as usize]
     );
+    let _ = writeln!(out, "DNS-learned addresses: {}", s.dns_learned);
     out
 }

@@ -93,6 +93,14 @@ impl Lab {
         let lan = lab.ns("lan");
         sh("ip", &["netns", "add", &lan])?;
         sh("ip", &["-n", &lan, "link", "add", "br0", "type", "bridge"])?;
+        // A switch forwards frames as they are. With bridge netfilter on
+        // (br_netfilter loaded, its default), the bridge hands IP frames to
+        // iptables and trims bytes after the IP datagram on the way: crafted
+        // frames would not reach pcguard as they were sent.
+        sh(
+            "ip",
+            &["-n", &lan, "link", "set", "br0", "type", "bridge", "nf_call_iptables", "0", "nf_call_ip6tables", "0", "nf_call_arptables", "0"],
+        )?;
         sh("ip", &["-n", &lan, "link", "set", "br0", "up"])?;
         sh("ip", &["-n", &lan, "link", "set", "lo", "up"])?;
         lab.add_host(SERVER, SERVER_IF, 1)?;
@@ -130,6 +138,28 @@ impl Lab {
 
     pub fn ns_path(&self, host: &str) -> PathBuf {
         PathBuf::from("/run/netns").join(self.ns(host))
+    }
+
+    /// Adds `addr` to `host`'s eth0 (in the lab's /24 or /64), so that one
+    /// namespace answers for another lab address (a "cloud" host).
+    pub fn add_address(&self, host: &str, addr: IpAddr) -> Result<()> {
+        let ns = self.ns(host);
+        match addr {
+            IpAddr::V4(a) => sh("ip", &["-n", &ns, "addr", "add", &format!("{a}/24"), "dev", "eth0"])?,
+            IpAddr::V6(a) => sh("ip", &["-n", &ns, "addr", "add", &format!("{a}/64"), "dev", "eth0", "nodad"])?,
+        };
+        Ok(())
+    }
+
+    /// The MAC address of `host`'s interface `ifname`.
+    pub fn mac(&self, host: &str, ifname: &str) -> Result<[u8; 6]> {
+        let out = sh("ip", &["-n", &self.ns(host), "-o", "link", "show", "dev", ifname])?;
+        let text = out.split("link/ether ").nth(1).context("no link/ether")?;
+        let mut mac = [0u8; 6];
+        for (b, part) in mac.iter_mut().zip(text.split_whitespace().next().unwrap_or("").split(':')) {
+            *b = u8::from_str_radix(part, 16)?;
+        }
+        Ok(mac)
     }
 
     /// Runs `f` on a thread whose network namespace is `host`'s. Sockets
@@ -815,8 +845,10 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<b
 }
 
 /// A small authoritative-style DNS server on UDP port 53 of a lab host:
-/// answers A/AAAA queries for the names it was given, NXDOMAIN otherwise.
+/// answers A/AAAA queries for the names it was given, NXDOMAIN otherwise;
+/// while silent, answers nothing (its queries stay pending).
 pub struct DnsServer {
+    silent: Arc<AtomicBool>,
     _thread: Background,
 }
 
@@ -826,7 +858,17 @@ pub type DnsRecords = Vec<(String, IpAddr, u32)>;
 impl DnsServer {
     pub fn start(lab: &Lab, host: &str, records: DnsRecords) -> Result<Self> {
         let sock = lab.run_in(host, || UdpSocket::bind(sa(Ipv6Addr::UNSPECIFIED, 53)))??;
-        Ok(Self { _thread: udp_responder(sock, move |query| dns_answer(query, &records))? })
+        let silent = Arc::new(AtomicBool::new(false));
+        let quiet = silent.clone();
+        let thread = udp_responder(sock, move |query| {
+            if quiet.load(Ordering::Relaxed) { None } else { dns_answer(query, &records) }
+        })?;
+        Ok(Self { silent, _thread: thread })
+    }
+
+    /// Stops (`true`) or resumes answering.
+    pub fn set_silent(&self, silent: bool) {
+        self.silent.store(silent, Ordering::Relaxed);
     }
 }
 
@@ -848,6 +890,34 @@ pub fn dns_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
     q.extend(qtype.to_be_bytes());
     q.extend(1u16.to_be_bytes());
     q
+}
+
+/// A response to `dns_query(id, name, qtype)` naming `addrs` (A or AAAA
+/// records by address family, owner a pointer to the question), with the
+/// flags `0x8180` (QR, RD, RA, no error) unless changed by the caller.
+pub fn dns_response(id: u16, name: &str, qtype: u16, addrs: &[(IpAddr, u32)]) -> Vec<u8> {
+    let mut r = dns_query(id, name, qtype);
+    r[2] = 0x81;
+    r[3] = 0x80;
+    r[6..8].copy_from_slice(&(addrs.len() as u16).to_be_bytes());
+    for (addr, ttl) in addrs {
+        dns_record(&mut r, *addr, *ttl);
+    }
+    r
+}
+
+/// Appends an A or AAAA record for the question's name (pointer to offset 12).
+fn dns_record(r: &mut Vec<u8>, addr: IpAddr, ttl: u32) {
+    let (rtype, data) = match addr {
+        IpAddr::V4(a) => (1u16, a.octets().to_vec()),
+        IpAddr::V6(a) => (28u16, a.octets().to_vec()),
+    };
+    r.extend([0xc0, 12]);
+    r.extend(rtype.to_be_bytes());
+    r.extend(1u16.to_be_bytes());
+    r.extend(ttl.to_be_bytes());
+    r.extend((data.len() as u16).to_be_bytes());
+    r.extend(data);
 }
 
 fn dns_answer(query: &[u8], records: &DnsRecords) -> Option<Vec<u8>> {
@@ -876,16 +946,7 @@ fn dns_answer(query: &[u8], records: &DnsRecords) -> Option<Vec<u8>> {
     r.extend([0x81, 0x80 | rcode, 0, 1, 0, matching.len() as u8, 0, 0, 0, 0]);
     r.extend(question);
     for (_, addr, ttl) in matching {
-        r.extend([0xc0, 12]);
-        r.extend(qtype.to_be_bytes());
-        r.extend(1u16.to_be_bytes());
-        r.extend(ttl.to_be_bytes());
-        let data = match addr {
-            IpAddr::V4(a) => a.octets().to_vec(),
-            IpAddr::V6(a) => a.octets().to_vec(),
-        };
-        r.extend((data.len() as u16).to_be_bytes());
-        r.extend(data);
+        dns_record(&mut r, *addr, *ttl);
     }
     Some(r)
 }
@@ -918,4 +979,148 @@ pub fn resolve(lab: &Lab, host: &str, server: IpAddr, name: &str, v6: bool) -> R
         end -= 12 + len;
     }
     Ok(addrs)
+}
+
+/// A DNS client socket in the server's namespace, so that a test knows
+/// (and a spoofer can be told) the port and transaction id of a query.
+pub struct DnsClient {
+    sock: UdpSocket,
+    resolver: SocketAddr,
+}
+
+impl DnsClient {
+    /// A socket of the server on an ephemeral port, for `resolver`'s port 53.
+    pub fn new(lab: &Lab, resolver: IpAddr) -> Result<Self> {
+        let bind: SocketAddr = if resolver.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
+        let sock = lab.run_in(SERVER, move || UdpSocket::bind(bind))??;
+        Ok(Self { sock, resolver: sa(resolver, 53) })
+    }
+
+    /// The server's port of this client.
+    pub fn port(&self) -> u16 {
+        self.sock.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Sends a query (type 1 = A, 28 = AAAA).
+    pub fn query(&self, id: u16, name: &str, qtype: u16) -> Result<()> {
+        self.sock.send_to(&dns_query(id, name, qtype), self.resolver)?;
+        Ok(())
+    }
+
+    /// The next datagram this socket receives within `timeout`.
+    pub fn receive(&self, timeout: Duration) -> Option<Vec<u8>> {
+        self.sock.set_read_timeout(Some(timeout)).ok()?;
+        let mut buf = [0u8; 2048];
+        self.sock.recv_from(&mut buf).ok().map(|(n, _)| buf[..n].to_vec())
+    }
+}
+
+/// Sends hand-made IP packets from a lab host's eth0 straight to the
+/// server's interface (a packet socket: any source address and port), the
+/// way an attacker on the LAN spoofs a resolver.
+pub struct RawSender {
+    fd: std::os::fd::OwnedFd,
+    ifindex: i32,
+    server_mac: [u8; 6],
+}
+
+impl RawSender {
+    pub fn new(lab: &Lab, host: &str) -> Result<Self> {
+        let server_mac = lab.mac(SERVER, SERVER_IF)?;
+        let (fd, ifindex) = lab.run_in(host, || -> Result<(std::os::fd::OwnedFd, i32)> {
+            // SAFETY: plain socket(2); the fd is owned below.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, 0) };
+            ensure!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+            // SAFETY: a fresh fd we own.
+            let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            // SAFETY: a valid NUL-terminated name.
+            let ifindex = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) };
+            ensure!(ifindex != 0, "eth0: {}", std::io::Error::last_os_error());
+            Ok((fd, ifindex as i32))
+        })??;
+        Ok(Self { fd, ifindex, server_mac })
+    }
+
+    /// Sends one IP packet (version from its first nibble).
+    pub fn send(&self, packet: &[u8]) -> Result<()> {
+        // SAFETY: sockaddr_ll is plain data.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        let ethertype: u16 = if packet.first().is_some_and(|b| b >> 4 == 6) { 0x86dd } else { 0x0800 };
+        to.sll_protocol = ethertype.to_be();
+        to.sll_ifindex = self.ifindex;
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(&self.server_mac);
+        // SAFETY: valid buffer and address of the given lengths.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&to as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        ensure!(n == packet.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+        Ok(())
+    }
+}
+
+/// An IPv4 or IPv6 packet carrying one UDP datagram from `src` to `dst`
+/// (checksums filled in).
+pub fn udp_packet(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let udp_len = 8 + payload.len();
+    let mut udp = Vec::with_capacity(udp_len);
+    udp.extend(src.port().to_be_bytes());
+    udp.extend(dst.port().to_be_bytes());
+    udp.extend((udp_len as u16).to_be_bytes());
+    udp.extend([0, 0]);
+    udp.extend(payload);
+    let mut pseudo = Vec::new();
+    let mut ip = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            pseudo.extend(s.octets());
+            pseudo.extend(d.octets());
+            pseudo.extend([0, 17]);
+            pseudo.extend((udp_len as u16).to_be_bytes());
+            let mut h = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
+            h[2..4].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+            h.extend(s.octets());
+            h.extend(d.octets());
+            let c = checksum(&h);
+            h[10..12].copy_from_slice(&c.to_be_bytes());
+            h
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            pseudo.extend(s.octets());
+            pseudo.extend(d.octets());
+            pseudo.extend((udp_len as u32).to_be_bytes());
+            pseudo.extend([0, 0, 0, 17]);
+            let mut h = vec![0x60, 0, 0, 0];
+            h.extend((udp_len as u16).to_be_bytes());
+            h.extend([17, 64]);
+            h.extend(s.octets());
+            h.extend(d.octets());
+            h
+        }
+        _ => panic!("udp_packet: {src} and {dst} are of different families"),
+    };
+    pseudo.extend(&udp);
+    let c = match checksum(&pseudo) {
+        0 => 0xffff,
+        c => c,
+    };
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    ip.extend(udp);
+    ip
+}
+
+/// The Internet checksum (RFC 1071) of `data`.
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }

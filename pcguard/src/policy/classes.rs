@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// One peer class: for `check`, nftables and DNS-aware egress (the daemon
-/// inserts the addresses it resolves for `fqdns` into the LPM tries with
-/// `1 << bit` added to their mask).
+/// writes the addresses it learns for `fqdns` into the kernel's `LEARNED`
+/// map with `1 << bit` in their mask).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ClassInfo {
     pub name: String,

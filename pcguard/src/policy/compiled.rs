@@ -204,13 +204,6 @@ impl CompiledPolicy {
         (m != 0).then(|| Allowed { rule: slot.rule_by_class[m.trailing_zeros() as usize], port_idx: entry.port_idx })
     }
 
-    /// True when `addr` is itself a configured host prefix (/32, /128).
-    pub fn has_host_prefix(&self, addr: std::net::IpAddr) -> bool {
-        match addr {
-            std::net::IpAddr::V4(a) => self.peers_v4.iter().any(|p| p.prefix_len == 32 && p.addr == a.octets()),
-            std::net::IpAddr::V6(a) => self.peers_v6.iter().any(|p| p.prefix_len == 128 && p.addr == a.octets()),
-        }
-    }
 }
 
 fn longest_match<'a, const N: usize>(prefixes: &'a [PeerPrefix<N>], addr: &[u8; N]) -> Option<&'a PeerPrefix<N>> {
