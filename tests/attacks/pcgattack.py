@@ -700,6 +700,27 @@ def g_ipv4(a):
                 a.eth(ETH_P_IP, ipv4(src, dst, UDP, big[1480:], ident=a.ident(c), off8=185))]
     udp_case("ipv4-fragments", "fragmented UDP datagram to %d" % U, udp_frags)
 
+    def proto_mismatch(c, d):
+        # Fragment 1 says ICMP (passed as network control), fragment 2 (same
+        # id) says UDP: reassembly keys on the protocol, so they never meet.
+        return [a.eth(ETH_P_IP, ipv4(src, dst, ICMP, d[:8], ident=a.ident(c), mf=True)),
+                a.eth(ETH_P_IP, ipv4(src, dst, UDP, d[8:], ident=a.ident(c), off8=1))]
+    udp_case("ipv4-fragments", "first fragment ICMP, second fragment UDP (same id)", proto_mismatch)
+
+    # Broadcast and multicast: a listener on the wildcard address gets them.
+    bcast = ".".join(dst.split(".")[:3] + ["255"])
+    for name, to, mac in [("subnet broadcast %s" % bcast, bcast, b"\xff" * 6),
+                          ("limited broadcast", "255.255.255.255", b"\xff" * 6),
+                          ("multicast 224.0.0.1", "224.0.0.1", bytes.fromhex("01005e000001"))]:
+        c = a.case("ipv4-lengths", "UDP to %d at the %s" % (U, name), 4, "udp", 0, U)
+        c.sport = a.sport(c)
+        c.frames = [a.eth(ETH_P_IP, ipv4(src, to, UDP, udp_dgram(src, to, c.sport, U, a.data(c)), ident=a.ident(c)),
+                          dst=mac)]
+    # Protocols passed as network control (ICMP, IGMP) carrying a UDP datagram.
+    for name, proto in [("ICMP", ICMP), ("IGMP", 2)]:
+        udp_case("ipv4-lengths", "%s carrying a UDP datagram to %d" % (name, U),
+                 lambda c, d, proto=proto: [a.eth(ETH_P_IP, ipv4(src, dst, proto, d, ident=a.ident(c)))])
+
 
 def g_protocols(a, fam):
     """Other IP protocols and tunnels, each carrying a UDP datagram (with the
@@ -833,6 +854,20 @@ def g_ipv6(a):
              lambda c, d: ipv6(src, dst, DEST, opt_ext(UDP, 0, b"\0") + d) + a.fill_udp() * 10)
     udp_case("UDP length beyond the datagram",
              lambda c, d: ipv6(src, dst, UDP, d[:4] + struct.pack("!H", len(d) + 64) + d[6:]))
+    low24 = addr_bytes(dst)[13:]
+    solicited = socket.inet_ntop(socket.AF_INET6, bytes.fromhex("ff02" + "00" * 8 + "0001ff") + low24)
+    for name, to, mac in [("all-nodes multicast ff02::1", "ff02::1", bytes.fromhex("333300000001")),
+                          ("victim's solicited-node multicast", solicited, bytes.fromhex("3333ff") + low24)]:
+        c = a.case("ipv6-lengths", "UDP to %d at the %s" % (U, name), 6, "udp", 0, U)
+        c.sport = a.sport(c)
+        c.frames = [a.eth(ETH_P_IPV6, ipv6(src, to, UDP, udp_dgram(src, to, c.sport, U, a.data(c))), dst=mac)]
+    c = a.case("ipv6-lengths", "UDP to %d from the IPv4-mapped address of an admin" % U, 6, "udp", 0, U)
+    c.sport = a.sport(c)
+    mapped = "::ffff:10.77.0.7"
+    c.frames = [a.eth(ETH_P_IPV6, ipv6(mapped, dst, UDP, udp_dgram(mapped, dst, c.sport, U, a.data(c))))]
+    c = a.case("ipv6-lengths", "ICMPv6 (passed as network control) carrying UDP bytes to %d" % U, 6, "udp", 0, U)
+    c.sport = a.sport(c)
+    c.frames = [a.eth(ETH_P_IPV6, ipv6(src, dst, ICMPV6, udp_dgram(src, dst, c.sport, U, a.data(c))))]
 
     # Class 2: the first fragment does not hold the whole chain.
     decoys = ["icmp", "later-fragment"] + (["allowed-port"] if a.ports.get("udp_allowed") else [])

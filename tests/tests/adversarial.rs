@@ -319,6 +319,17 @@ fn egress_frames_from_the_server_reach_no_workstation_listener() -> Result<()> {
     };
     let (cases, _) = controls.run(lab, &ldap_anchor, "e")?;
     v.all_reached("server -> LDAP allowed traffic", &ldap_sinks, SERVER, &cases);
+
+    // pcguard reported them for what they are: malformed frames, fake
+    // replies of the web flows, and the server initiating to a workstation.
+    let recs = daemon.audit()?;
+    let outbound = |reason: &str| {
+        recs.iter().filter(|r| s(r, "direction") == "outbound" && s(r, "reason") == reason).count()
+    };
+    for (reason, min) in [("malformed", 5), ("untracked_reply", 2), ("outbound_to_workstation", 2)] {
+        let n = outbound(reason);
+        v.check("audit log", n >= min, || format!("{n} outbound {reason} records, expected at least {min}"));
+    }
     assert!(daemon.stop()?.success());
     v.assert_clean();
     Ok(())
