@@ -910,7 +910,7 @@ impl NsAnchor {
         PathBuf::from(format!("/proc/{}/net", self.child.id()))
     }
 
-    pub fn snmp(&self) -> Result<std::collections::BTreeMap<String, i64>> {
+    pub fn snmp(&self) -> Result<Snmp> {
         read_snmp(&self.net_dir())
     }
 }
@@ -922,11 +922,13 @@ impl Drop for NsAnchor {
     }
 }
 
-/// The SNMP counters of a namespace (`snmp` and `snmp6` under `net_dir`),
-/// named `Tcp.InSegs`, `Udp.NoPorts`, `Ip6.ReasmOKs`, `Udp6.InDatagrams`...
-/// (the same names as pcgattack.py's per-case deltas).
-pub fn read_snmp(net_dir: &Path) -> Result<std::collections::BTreeMap<String, i64>> {
-    let mut out = std::collections::BTreeMap::new();
+/// SNMP counters by name: `Tcp.InSegs`, `Udp.NoPorts`, `Ip6.ReasmOKs`,
+/// `Udp6.InDatagrams`... (the names of pcgattack.py's per-case deltas).
+pub type Snmp = std::collections::BTreeMap<String, i64>;
+
+/// The SNMP counters of a namespace (`snmp` and `snmp6` under `net_dir`).
+pub fn read_snmp(net_dir: &Path) -> Result<Snmp> {
+    let mut out = Snmp::new();
     let snmp = std::fs::read_to_string(net_dir.join("snmp"))?;
     let lines: Vec<&str> = snmp.lines().collect();
     for pair in lines.chunks(2) {
@@ -968,10 +970,7 @@ pub const DELIVERY_COUNTERS: [&str; 13] = [
 ];
 
 /// Counter changes between two readings, `DELIVERY_COUNTERS` only.
-pub fn delivery_delta(
-    before: &std::collections::BTreeMap<String, i64>,
-    after: &std::collections::BTreeMap<String, i64>,
-) -> Vec<(String, i64)> {
+pub fn delivery_delta(before: &Snmp, after: &Snmp) -> Vec<(String, i64)> {
     DELIVERY_COUNTERS
         .iter()
         .map(|k| (k.to_string(), after.get(*k).copied().unwrap_or(0) - before.get(*k).copied().unwrap_or(0)))
@@ -1095,7 +1094,7 @@ pub struct CaseResult {
     /// TCP, UDP and ICMP-error packets the victim sent the attacker.
     pub answers: Vec<String>,
     /// The victim's SNMP counter changes during the case.
-    pub delta: std::collections::BTreeMap<String, i64>,
+    pub delta: Snmp,
     /// Sends that failed (from the server: ENOBUFS when pcguard's TC hook
     /// dropped the frame).
     pub send_errors: Vec<String>,
@@ -1186,10 +1185,16 @@ impl CaseResult {
     }
 }
 
+/// What an [`AttackRun`] did.
+pub struct AttackOutcome {
+    pub cases: Vec<CaseResult>,
+    /// The victim's delivery counters that moved over the whole run.
+    pub counters: Vec<(String, i64)>,
+}
+
 impl AttackRun<'_> {
-    /// Sends every case of `groups`; returns the cases and the delivery
-    /// counter changes in the victim over the whole run.
-    pub fn run(&self, lab: &Lab, anchor: &NsAnchor, run_tag: &str) -> Result<(Vec<CaseResult>, Vec<(String, i64)>)> {
+    /// Sends every case of `groups`, one after another.
+    pub fn run(&self, lab: &Lab, anchor: &NsAnchor, run_tag: &str) -> Result<AttackOutcome> {
         let last = |h: &str| -> (String, String) { (addr(h).to_string(), addr6(h).to_string()) };
         let (my4, my6) = last(self.attacker);
         let (v4, v6) = last(self.victim);
@@ -1221,10 +1226,10 @@ impl AttackRun<'_> {
         ensure!(out.status.success(), "pcgattack.py failed: {}", String::from_utf8_lossy(&out.stderr));
         // Late effects (a handshake finishing) land before the second reading.
         std::thread::sleep(Duration::from_millis(200));
-        let total = delivery_delta(&before, &anchor.snmp()?);
+        let counters = delivery_delta(&before, &anchor.snmp()?);
         let cases: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).context("pcgattack.py output")?;
         let cases = cases.iter().map(CaseResult::from_json).collect::<Result<Vec<_>>>()?;
         ensure!(!cases.is_empty(), "pcgattack.py ran no case for {:?}", self.groups);
-        Ok((cases, total))
+        Ok(AttackOutcome { cases, counters })
     }
 }

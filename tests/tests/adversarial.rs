@@ -1,5 +1,6 @@
-//! Adversarial end-to-end tests: crafted frames (tests/attacks/pcgattack.py,
-//! scapy-era byte building, sent with AF_PACKET) against pcguard in the lab,
+//! Adversarial end-to-end tests: crafted frames (tests/attacks/pcgattack.py
+//! builds them byte by byte and sends them with AF_PACKET; scapy decodes
+//! the victim's answers and prints the frames) against pcguard in the lab,
 //! judged by what reached the victim's stack. Listeners (TCP and UDP, IPv4
 //! and IPv6) on ports without a rule must accept nothing and receive
 //! nothing; the victim namespace's SNMP counters (`DELIVERY_COUNTERS`) must
@@ -36,8 +37,8 @@ struct Verdicts {
 impl Verdicts {
     /// Attack cases: nothing may reach the victim. Prints one line per case
     /// that did, with its evidence and frames.
-    fn nothing_reached(&mut self, what: &str, sinks: &Sinks, attacker: &str, result: (Vec<CaseResult>, Vec<(String, i64)>)) {
-        let (cases, total) = result;
+    fn nothing_reached(&mut self, what: &str, sinks: &Sinks, attacker: &str, outcome: AttackOutcome) {
+        let AttackOutcome { cases, counters: total } = outcome;
         // The attacker is the only one talking to the victim during the run:
         // everything that reached a listener is the run's doing.
         let arrivals = sinks.arrivals();
@@ -69,13 +70,19 @@ impl Verdicts {
     /// Control cases: each must reach its listener (a TCP opening: its
     /// handshake completed and its data arrived).
     fn all_reached(&mut self, what: &str, sinks: &Sinks, attacker: &str, cases: &[CaseResult]) {
+        let ip = |c: &CaseResult| -> IpAddr { if c.family == 4 { addr(attacker).into() } else { addr6(attacker).into() } };
+        let reached = |c: &CaseResult, arrivals: &[Arrival]| {
+            c.arrivals(arrivals, ip(c)).iter().any(|a| !a.data.is_empty() && a.port == c.dport)
+        };
+        // The listeners' threads may lag behind on a loaded machine.
+        let _ = wait_until("the allowed traffic", Duration::from_secs(3), || {
+            let arrivals = sinks.arrivals();
+            Ok(cases.iter().all(|c| reached(c, &arrivals)))
+        });
         let arrivals = sinks.arrivals();
         sinks.clear();
         for c in cases {
-            let ip: IpAddr = if c.family == 4 { addr(attacker).into() } else { addr6(attacker).into() };
-            let got = c.arrivals(&arrivals, ip);
-            let with_data = got.iter().any(|a| !a.data.is_empty() && a.port == c.dport);
-            if !with_data {
+            if !reached(c, &arrivals) {
                 self.failures.push(format!(
                     "{what}: allowed traffic did NOT get through: {} (synack {}, answers {:?}, counters {:?})",
                     c.describe(),
@@ -180,7 +187,7 @@ fn ingress_crafted_frames_reach_no_listener() -> Result<()> {
         vxlan: None,
         ..ws_attacks
     };
-    let (cases, _) = controls.run(lab, &anchor, "a")?;
+    let cases = controls.run(lab, &anchor, "a")?.cases;
     v.all_reached("workstation allowed traffic", &sinks, "ws", &cases);
 
     // Allowed traffic, the kernel's own: a datagram larger than the MTU to
@@ -194,7 +201,9 @@ fn ingress_crafted_frames_reach_no_listener() -> Result<()> {
             s.send_to(&[0x5a; 3000], to)?;
             Ok(())
         })??;
-        std::thread::sleep(Duration::from_millis(300));
+        let _ = wait_until("the datagram", Duration::from_secs(3), || {
+            Ok(sinks.arrivals().iter().any(|a| a.port == 7000 && a.data.len() == 3000))
+        });
         let delta = delivery_delta(&before, &anchor.snmp()?);
         let arrivals = sinks.arrivals();
         sinks.clear();
@@ -317,7 +326,7 @@ fn egress_frames_from_the_server_reach_no_workstation_listener() -> Result<()> {
         vxlan: None,
         ..to_ws
     };
-    let (cases, _) = controls.run(lab, &ldap_anchor, "e")?;
+    let cases = controls.run(lab, &ldap_anchor, "e")?.cases;
     v.all_reached("server -> LDAP allowed traffic", &ldap_sinks, SERVER, &cases);
 
     // pcguard reported them for what they are: malformed frames, fake
