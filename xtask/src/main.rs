@@ -110,7 +110,9 @@ pub fn workspace_root() -> PathBuf {
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages: LLVM 22 for bpf-linker, network tools for the lab and
-/// the tests, nftables for the render oracle, Prometheus for the scrape test.
+/// the tests, nftables for the render oracle (and the adversarial tests'
+/// handshakes), Prometheus for the scrape test, scapy (for
+/// /usr/bin/python3) for the adversarial tests' crafted frames.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -121,6 +123,7 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "util-linux",
     "prometheus",
+    "python3-scapy",
 ];
 
 /// PATH with LLVM 22 first, for bpf-linker and everything that runs it.
