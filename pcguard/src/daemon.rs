@@ -23,7 +23,8 @@ use crate::{
     counters::{Labels, PinnedCounters},
     datapath::{Datapath, MapSizes},
     dns::{Accepted, FqdnClasses, Guard, Handled, LearnReport, Learner, Limits, QueryTable, Refusal, Seen},
-    flows::{AuditLog, AuditRecord, Dedup, DnsRefusal, KeyedLimit},
+    flows::{AuditLog, AuditRecord, DnsRefusal, KeyedLimit},
+    gate::AuditGate,
     ids::StableIds,
     metrics::{Metrics, PolicyInfo},
     policy::{self, CompiledPolicy},
@@ -72,6 +73,7 @@ struct DaemonSettings {
     /// Group that may read the audit log and state (`[audit] group`).
     group: Option<u32>,
     report_interval: Duration,
+    max_records_per_second: u32,
     info: PolicyInfo,
 }
 
@@ -86,6 +88,7 @@ fn daemon_settings(cfg: &SiteConfig, policy: &CompiledPolicy, opts: &RunOptions)
         audit_log: opts.audit_log.clone().unwrap_or_else(|| cfg.audit_path().to_path_buf()),
         group,
         report_interval: Duration::from_nanos(policy.settings.report_interval_ns),
+        max_records_per_second: cfg.audit.max_records_per_second,
         info: PolicyInfo {
             labels: Labels::from_policy(policy),
             mode: mode_name(policy.settings.ingress_mode).into(),
@@ -133,7 +136,11 @@ struct Daemon {
     policy: Arc<RwLock<CompiledPolicy>>,
     metrics: Arc<Metrics>,
     audit: Arc<Mutex<AuditLog>>,
-    dedup: Arc<Mutex<Dedup>>,
+    /// Dedup, ceiling and summary of unexpected-flow records.
+    gate: Arc<Mutex<AuditGate>>,
+    /// Kernel report counters at the last summary (rate limited, ring
+    /// dropped), for the next one's differences.
+    kernel_held: (u64, u64),
     reloads: u64,
     loaded_at: u64,
     pending: Option<Pending>,
@@ -222,7 +229,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         policy: Arc::new(RwLock::new(compiled)),
         metrics,
         audit: Arc::new(Mutex::new(audit)),
-        dedup: Arc::new(Mutex::new(Dedup::new(settings.report_interval))),
+        gate: Arc::new(Mutex::new(AuditGate::new(settings.report_interval, settings.max_records_per_second, Instant::now()))),
+        kernel_held: (0, 0),
         reloads: 0,
         loaded_at,
         pending,
@@ -364,17 +372,18 @@ impl Daemon {
         let policy = self.policy.clone();
         let metrics = self.metrics.clone();
         let audit = self.audit.clone();
-        let dedup = self.dedup.clone();
+        let gate = self.gate.clone();
         consume_ring(ring, move |bytes| {
             let Some(ev) = crate::datapath::read_record::<FlowEvent>(bytes) else { return };
-            if !dedup.lock().unwrap().admit(&ev, Instant::now()) {
-                return;
-            }
             let rec = {
                 let p = policy.read().unwrap();
                 AuditRecord::from_event(&ev, &p, crate::flows::ktime_to_system(ev.ts_ns))
             };
             metrics.daemon.flow(&rec.reason, &rec.direction);
+            let Some(rec) = gate.lock().unwrap().offer(rec, Instant::now()) else {
+                metrics.daemon.audit_held_back.inc();
+                return;
+            };
             if rec.severity == "alert" {
                 warn!("ALERT {}", rec.human());
             }
@@ -403,7 +412,10 @@ impl Daemon {
                 _ = hup.recv() => self.reload(),
                 _ = usr1.recv() => self.confirm(),
                 Some(answer) = dns_rx.recv() => self.learn(&answer),
-                _ = expiry.tick() => self.expire_learned(),
+                _ = expiry.tick() => {
+                    self.expire_learned();
+                    self.write_summary();
+                }
                 _ = term.recv() => return Ok(Exit::Stop),
                 _ = int.recv() => return Ok(Exit::Stop),
                 _ = sleep => {
@@ -499,7 +511,7 @@ impl Daemon {
             *self.audit.lock().unwrap() = audit;
         }
         self.group = settings.group;
-        self.dedup.lock().unwrap().set_interval(settings.report_interval);
+        self.gate.lock().unwrap().configure(settings.report_interval, settings.max_records_per_second);
         self.dns_audit.set_interval(settings.report_interval);
         *self.policy.write().unwrap() = compiled;
         self.metrics.set_policy(settings.info);
@@ -603,6 +615,37 @@ impl Daemon {
 
     /// Every expiry tick: forget expired addresses, re-check the learned
     /// ones if this server's addresses changed, retry failed map writes.
+    /// Once per report interval: the summary of the records the audit
+    /// gate held back and of the reports the kernel did not send.
+    fn write_summary(&mut self) {
+        let kernel = (
+            self.dp.stat(pcguard_common::STAT_EVENTS_RATE_LIMITED).unwrap_or(self.kernel_held.0),
+            self.dp.stat(pcguard_common::STAT_EVENTS_DROPPED).unwrap_or(self.kernel_held.1),
+        );
+        let delta = (kernel.0.saturating_sub(self.kernel_held.0), kernel.1.saturating_sub(self.kernel_held.1));
+        let Some(summary) = self.gate.lock().unwrap().summary(Instant::now(), std::time::SystemTime::now(), delta) else {
+            return;
+        };
+        self.kernel_held = kernel;
+        warn!(
+            "audit: {} unexpected-flow records held back in the last {} s ({} repeats, {} over the ceiling); kernel held back {} and lost {} reports; summary written",
+            summary.deduplicated + summary.over_ceiling,
+            summary.period_seconds,
+            summary.deduplicated,
+            summary.over_ceiling,
+            summary.kernel_rate_limited,
+            summary.kernel_ring_dropped
+        );
+        let line = serde_json::to_vec(&summary).map(|mut l| {
+            l.push(b'\n');
+            l
+        });
+        if let Err(e) = line.map_err(anyhow::Error::from).and_then(|l| self.audit.lock().unwrap().write_line(&l)) {
+            self.metrics.daemon.audit_write_errors.inc();
+            error!("{e:#}");
+        }
+    }
+
     fn expire_learned(&mut self) {
         match self.guard.refresh() {
             Ok(true) => {

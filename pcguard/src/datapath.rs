@@ -367,6 +367,12 @@ impl Datapath {
         self.ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from object"))
     }
 
+    /// A `STAT_*` counter, summed over the CPUs.
+    pub fn stat(&self, idx: u32) -> Result<u64> {
+        let stats: aya::maps::PerCpuArray<&MapData, u64> = aya::maps::PerCpuArray::try_from(self.map(names::STATS)?)?;
+        Ok(stats.get(&idx, 0)?.iter().sum())
+    }
+
     /// Takes a ring buffer (`EVENTS`, `DNS_MESSAGES`) to consume it (once).
     pub fn take_ring(&mut self, name: &str) -> Result<RingBuf<MapData>> {
         let map = self.ebpf.take_map(name).ok_or_else(|| anyhow!("{name} map missing or already taken"))?;

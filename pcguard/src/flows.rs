@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use pcguard_common::{
-    DIR_INGRESS, FAMILY_V4, FlowEvent, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    DIR_INGRESS, FAMILY_V4, FlowEvent, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
     REASON_MALFORMED, REASON_NO_RULE, REASON_OUTBOUND_TO_WORKSTATION, REASON_PEER_NOT_ALLOWED, REASON_UNTRACKED_REPLY,
     VERDICT_DROP,
 };
@@ -82,9 +82,24 @@ pub struct AuditRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_refusal: Option<String>,
     /// Records of the same kind held back by the rate limit since the last
-    /// one written (`dns_poisoning`: same resolver, name and refusal).
+    /// one written (`dns_poisoning`: same resolver, name and refusal; flows:
+    /// same source, destination port and reason).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suppressed: Option<u64>,
+    /// Packets from the same source to the same destination port for the
+    /// same reason that the kernel did not report on their own since its
+    /// previous report (a port scan from one address is one record with a
+    /// count, not one per source port).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub repeats: u32,
+    /// `malformed`: what was wrong (`l4_truncated`, `too_many_vlan_tags`,
+    /// ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub malformed: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// An answered address refused by the DNS guard, for its audit record.
@@ -128,6 +143,12 @@ impl AuditRecord {
             dns_address: None,
             dns_refusal: None,
             suppressed: None,
+            repeats: ev.repeats,
+            malformed: (ev.reason == REASON_MALFORMED).then(|| {
+                pcguard_common::Malformed::try_from(ev.detail)
+                    .map(|m| m.as_str().to_string())
+                    .unwrap_or_else(|v| format!("unknown_{v}"))
+            }),
         }
     }
 
@@ -156,6 +177,8 @@ impl AuditRecord {
             dns_address: Some(r.addr),
             dns_refusal: Some(r.refusal.into()),
             suppressed: Some(r.suppressed),
+            repeats: 0,
+            malformed: None,
         }
     }
 
@@ -261,40 +284,6 @@ pub fn ktime_to_system(ts_ns: u64) -> SystemTime {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     let now_ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
     SystemTime::now() - Duration::from_nanos(now_ns.saturating_sub(ts_ns))
-}
-
-/// Drops repeated reports of the same flow within `interval` (the kernel
-/// already rate-limits; this covers its LRU evicting an entry early).
-pub struct Dedup {
-    interval: Duration,
-    seen: HashMap<(FlowKey, u8), Instant>,
-    last_prune: Instant,
-}
-
-impl Dedup {
-    pub fn new(interval: Duration) -> Self {
-        Self { interval, seen: HashMap::new(), last_prune: Instant::now() }
-    }
-
-    pub fn set_interval(&mut self, interval: Duration) {
-        self.interval = interval;
-    }
-
-    /// True when the event is new and should be recorded.
-    pub fn admit(&mut self, ev: &FlowEvent, now: Instant) -> bool {
-        if now.duration_since(self.last_prune) > self.interval {
-            let interval = self.interval;
-            self.seen.retain(|_, t| now.duration_since(*t) < interval);
-            self.last_prune = now;
-        }
-        match self.seen.get(&(ev.key, ev.direction)) {
-            Some(t) if now.duration_since(*t) < self.interval => false,
-            _ => {
-                self.seen.insert((ev.key, ev.direction), now);
-                true
-            }
-        }
-    }
 }
 
 /// At most one record per key per interval, for records that do not come

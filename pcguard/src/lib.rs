@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod dns;
 pub mod flows;
+pub mod gate;
 pub mod ids;
 pub mod metrics;
 pub mod seed;

@@ -34,6 +34,9 @@ pub struct DaemonMetrics {
     pub unexpected_flows: Family<LabelPairs, Counter>,
     pub reloads: Family<LabelPairs, Counter>,
     pub audit_write_errors: Counter,
+    /// Unexpected-flow records not written on their own (repeats within the
+    /// report interval, or over the ceiling): counted in summary records.
+    pub audit_held_back: Counter,
     pub policy_loaded_time: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub dns_learned: Gauge,
     pub dns_answers_accepted: Counter,
@@ -118,6 +121,7 @@ impl Metrics {
             unexpected_flows: Family::default(),
             reloads: Family::default(),
             audit_write_errors: Counter::default(),
+            audit_held_back: Counter::default(),
             policy_loaded_time: Gauge::default(),
             dns_learned: Gauge::default(),
             dns_answers_accepted: Counter::default(),
@@ -139,6 +143,11 @@ impl Metrics {
             let _ = daemon.reloads.get_or_create(&reload_labels(ok));
         }
         registry.register("pcguard_audit_write_errors", "Audit records that could not be written", daemon.audit_write_errors.clone());
+        registry.register(
+            "pcguard_audit_held_back",
+            "Unexpected-flow records not written on their own (repeats, or over the records-per-second ceiling); summary records count them",
+            daemon.audit_held_back.clone(),
+        );
         registry.register(
             "pcguard_policy_loaded_timestamp_seconds",
             "Unix time the running policy was applied",
