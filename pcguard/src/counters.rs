@@ -56,12 +56,8 @@ pub struct Snapshot {
     pub ports: Vec<PortCount>,
     pub rules: Vec<RuleCount>,
     pub stats: [u64; NUM_STATS as usize],
-    pub conntrack_entries: u64,
-    /// DNS-learned addresses of the active policy generation (`LEARNED`).
-    pub dns_learned: u64,
-    /// `LEARNED` entries of every generation (the inactive one's are
-    /// removed right after a reload switches).
-    pub dns_learned_entries: u64,
+    /// Filled by [`PinnedCounters::table_sizes`] when asked for.
+    pub tables: Option<TableSizes>,
 }
 
 impl Snapshot {
@@ -89,6 +85,8 @@ pub struct PinnedCounters {
     stats: PerCpuArray<MapData, u64>,
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
     ct_new: HashMap<MapData, FlowKey, CtEntry>,
+    /// `max_entries` of `CONNTRACK` and `CT_NEW`.
+    pub capacity: (u32, u32),
     active: Array<MapData, u32>,
     learned: HashMap<MapData, LearnedKey, u32>,
 }
@@ -101,7 +99,12 @@ impl PinnedCounters {
             let data = MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
             aya::maps::Map::from_map_data(data).with_context(|| format!("reading map {name}"))
         };
+        let max = |name: &str| -> Result<u32> {
+            let path = dir.join(name);
+            Ok(MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?.info()?.max_entries())
+        };
         Ok(Self {
+            capacity: (max(names::CONNTRACK)?, max(names::CT_NEW)?),
             ports: PerCpuArray::try_from(open(names::PORT_COUNTERS)?)?,
             rules: PerCpuArray::try_from(open(names::RULE_COUNTERS)?)?,
             stats: PerCpuArray::try_from(open(names::STATS)?)?,
@@ -112,7 +115,9 @@ impl PinnedCounters {
         })
     }
 
-    /// Reads every counter the labels name, plus stats and the conntrack size.
+    /// Reads every counter the labels name, and the stats; not the table
+    /// sizes (see [`PinnedCounters::table_sizes`]): a scrape stays fast
+    /// whatever the size of conntrack.
     pub fn snapshot(&self, labels: &Labels) -> Result<Snapshot> {
         let mut snap = Snapshot::default();
         for dir in 0..NUM_DIRS {
@@ -136,16 +141,46 @@ impl PinnedCounters {
         for (i, s) in snap.stats.iter_mut().enumerate() {
             *s = self.stats.get(&(i as u32), 0)?.iter().sum();
         }
-        snap.conntrack_entries = [&self.conntrack, &self.ct_new]
-            .iter()
-            .map(|m| m.keys().filter(|k| k.is_ok()).count() as u64)
-            .sum();
+        Ok(snap)
+    }
+
+    /// Entries of the conntrack tables and `LEARNED`, by walking them: a
+    /// walk of a table other CPUs change meanwhile may see an entry twice
+    /// or miss one, so each count is clamped to its table's capacity. Too
+    /// slow for every scrape of a full table: the daemon samples it in the
+    /// background.
+    pub fn table_sizes(&self) -> Result<TableSizes> {
+        let count = |m: &HashMap<MapData, FlowKey, CtEntry>, max: u32| (m.keys().filter(|k| k.is_ok()).count() as u64).min(u64::from(max));
+        let mut sizes = TableSizes {
+            established: count(&self.conntrack, self.capacity.0),
+            new: count(&self.ct_new, self.capacity.1),
+            ..Default::default()
+        };
         let active = self.active.get(&0, 0)?;
         for k in self.learned.keys().filter_map(|k| k.ok()) {
-            snap.dns_learned_entries += 1;
-            snap.dns_learned += u64::from(u32::from(k.generation) == active);
+            sizes.dns_learned_entries += 1;
+            sizes.dns_learned += u64::from(u32::from(k.generation) == active);
         }
-        Ok(snap)
+        Ok(sizes)
+    }
+}
+
+/// Sizes of the tables that change with traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableSizes {
+    /// Entries of `CONNTRACK` (established flows) and `CT_NEW`.
+    pub established: u64,
+    pub new: u64,
+    /// DNS-learned addresses of the active policy generation (`LEARNED`),
+    /// and entries of both generations (the inactive one's are removed
+    /// right after a reload switches).
+    pub dns_learned: u64,
+    pub dns_learned_entries: u64,
+}
+
+impl TableSizes {
+    pub fn conntrack(&self) -> u64 {
+        self.established + self.new
     }
 }
 

@@ -20,7 +20,7 @@ use tokio::{
 
 use crate::{
     config::{self, SiteConfig},
-    counters::{Labels, PinnedCounters},
+    counters::Labels,
     datapath::{Datapath, MapSizes},
     dns::{Accepted, FqdnClasses, Guard, Handled, LearnReport, Learner, Limits, QueryTable, Refusal, Seen},
     flows::{AuditLog, AuditRecord, DnsRefusal, KeyedLimit},
@@ -203,8 +203,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let events = dp.take_ring(names::EVENTS)?;
     let dns_answers = dp.take_ring(names::DNS_MESSAGES)?;
 
-    let counters = Some(PinnedCounters::open(dp.maps_dir())?);
-    let metrics = Arc::new(Metrics::new(counters, settings.info.clone()));
+    let metrics = Arc::new(Metrics::new(Some(dp.maps_dir()), settings.info.clone())?);
     let loaded_at = unix_now();
     metrics.daemon.policy_loaded_time.set(loaded_at as f64);
     info!("metrics on http://{addr}/metrics");

@@ -24,7 +24,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::counters::{DIRECTION_NAMES, Labels, PROTOCOL_NAMES, PinnedCounters, VERDICT_NAMES};
+use crate::counters::{TableSizes, DIRECTION_NAMES, Labels, PROTOCOL_NAMES, PinnedCounters, VERDICT_NAMES};
 
 type LabelPairs = Vec<(&'static str, String)>;
 
@@ -88,6 +88,27 @@ fn reload_labels(ok: bool) -> LabelPairs {
 struct KernelCollector {
     maps: Arc<Mutex<Option<PinnedCounters>>>,
     labels: Arc<RwLock<PolicyInfo>>,
+    /// Table sizes sampled in the background (walking a full conntrack
+    /// table takes too long for a scrape), with the tables' capacities.
+    tables: Arc<Mutex<Option<TableSizes>>>,
+    capacity: (u32, u32),
+}
+
+/// How often the table sizes are sampled.
+pub const TABLE_SAMPLE_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Samples the table sizes of the maps in `maps` (a second handle: the
+/// walk never holds up a scrape) every `TABLE_SAMPLE_PERIOD`.
+fn spawn_table_sampler(maps: PinnedCounters, into: Arc<Mutex<Option<TableSizes>>>) {
+    std::thread::spawn(move || {
+        loop {
+            match maps.table_sizes() {
+                Ok(t) => *into.lock().unwrap() = Some(t),
+                Err(e) => warn!("sampling the table sizes: {e:#}"),
+            }
+            std::thread::sleep(TABLE_SAMPLE_PERIOD);
+        }
+    });
 }
 
 /// Labels and info of the running policy.
@@ -113,9 +134,19 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// `maps` is `None` when the maps could not be pinned (then only the
-    /// userspace metrics are served).
-    pub fn new(maps: Option<PinnedCounters>, policy: PolicyInfo) -> Self {
+    /// `maps_dir`: the pinned map set whose counters are served (`None`:
+    /// only the userspace metrics).
+    pub fn new(maps_dir: Option<&std::path::Path>, policy: PolicyInfo) -> anyhow::Result<Self> {
+        let tables = Arc::new(Mutex::new(None));
+        let (maps, capacity) = match maps_dir {
+            Some(dir) => {
+                let maps = PinnedCounters::open(dir)?;
+                let capacity = maps.capacity;
+                spawn_table_sampler(PinnedCounters::open(dir)?, tables.clone());
+                (Some(maps), capacity)
+            }
+            None => (None, (0, 0)),
+        };
         let mut registry = Registry::default();
         let daemon = DaemonMetrics {
             unexpected_flows: Family::default(),
@@ -180,8 +211,13 @@ impl Metrics {
             let _ = daemon.dns_addresses_refused.get_or_create(&reason_labels(r.as_str()));
         }
         let policy = Arc::new(RwLock::new(policy));
-        registry.register_collector(Box::new(KernelCollector { maps: Arc::new(Mutex::new(maps)), labels: policy.clone() }));
-        Self { registry, daemon, policy }
+        registry.register_collector(Box::new(KernelCollector {
+            maps: Arc::new(Mutex::new(maps)),
+            labels: policy.clone(),
+            tables,
+            capacity,
+        }));
+        Ok(Self { registry, daemon, policy })
     }
 
     pub fn set_policy(&self, info: PolicyInfo) {
@@ -252,8 +288,30 @@ impl Collector for KernelCollector {
             let c = prometheus_client::metrics::counter::ConstCounter::new(snap.stats[idx as usize]);
             c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
         }
-        let g = prometheus_client::metrics::gauge::ConstGauge::new(snap.conntrack_entries as i64);
-        g.encode(encoder.encode_descriptor("pcguard_conntrack_entries", "Entries in the conntrack table", None, g.metric_type())?)?;
+        drop(guard);
+        if let Some(t) = *self.tables.lock().unwrap() {
+            let tables = [("established", t.established, self.capacity.0), ("new", t.new, self.capacity.1)];
+            let mut entries = encoder.encode_descriptor(
+                "pcguard_conntrack_entries",
+                "Entries of the conntrack tables (established flows; flows not answered yet), sampled every 10 s by walking them; approximate while a table churns, never above its capacity",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (table, n, _) in tables {
+                let g = prometheus_client::metrics::gauge::ConstGauge::new(n as i64);
+                g.encode(entries.encode_family(&vec![("table", table.to_string())])?)?;
+            }
+            let mut cap = encoder.encode_descriptor(
+                "pcguard_conntrack_capacity",
+                "Entries each conntrack table holds at most ([conntrack] max_entries, new_entries)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (table, _, c) in tables {
+                let g = prometheus_client::metrics::gauge::ConstGauge::new(i64::from(c));
+                g.encode(cap.encode_family(&vec![("table", table.to_string())])?)?;
+            }
+        }
         debug!("scrape: {} port series, {} rule series", snap.ports.len(), snap.rules.len());
         Ok(())
     }

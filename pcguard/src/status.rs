@@ -35,7 +35,8 @@ pub fn collect(run_dir: &Path) -> Result<(State, Option<Snapshot>)> {
         }
         Err(e) => return Err(e),
     };
-    let snap = counters.snapshot(&state.labels).context("reading counters")?;
+    let mut snap = counters.snapshot(&state.labels).context("reading counters")?;
+    snap.tables = Some(counters.table_sizes().context("reading the table sizes")?);
     Ok((state, Some(snap)))
 }
 
@@ -61,14 +62,16 @@ pub fn to_json(state: &State, snap: Option<&Snapshot>) -> serde_json::Value {
                 "port": p.port, "counters": counters(&p.counters)})).collect::<Vec<_>>(),
             "rules": s.rules.iter().filter(|r| nonzero(&r.counters)).map(|r| json!({
                 "rule": r.rule, "direction": DIRECTION_NAMES[r.direction], "counters": counters(&r.counters)})).collect::<Vec<_>>(),
-            "conntrack_entries": s.conntrack_entries,
+            "conntrack_entries": s.tables.map(|t| t.conntrack()),
+            "conntrack_established": s.tables.map(|t| t.established),
+            "conntrack_new": s.tables.map(|t| t.new),
             "events_sent": s.stats[STAT_EVENTS_SENT as usize],
             "events_dropped": s.stats[STAT_EVENTS_DROPPED as usize],
             "events_suppressed": s.stats[STAT_EVENTS_SUPPRESSED as usize],
             "malformed_packets": s.stats[STAT_MALFORMED as usize],
             "non_ip_packets": s.stats[STAT_NON_IP as usize],
-            "dns_learned_addresses": s.dns_learned,
-            "dns_learned_entries": s.dns_learned_entries,
+            "dns_learned_addresses": s.tables.map(|t| t.dns_learned),
+            "dns_learned_entries": s.tables.map(|t| t.dns_learned_entries),
         })
     });
     json!({"state": state, "counters": snap_json})
@@ -132,16 +135,19 @@ pub fn render(state: &State, snap: Option<&Snapshot>) -> String {
     for r in s.rules.iter().filter(|r| nonzero(&r.counters)) {
         row(&mut out, format!("{:<28} {:<8}", r.rule, DIRECTION_NAMES[r.direction]), &r.counters);
     }
+    let t = s.tables.unwrap_or_default();
     let _ = writeln!(
         out,
-        "\nconntrack entries: {}   events sent: {}   dropped (ring full): {}   suppressed: {}   malformed: {}   non-IP: {}",
-        s.conntrack_entries,
+        "\nconntrack entries: {} ({} established, {} new)   events sent: {}   dropped (ring full): {}   suppressed: {}   malformed: {}   non-IP: {}",
+        t.conntrack(),
+        t.established,
+        t.new,
         s.stats[STAT_EVENTS_SENT as usize],
         s.stats[STAT_EVENTS_DROPPED as usize],
         s.stats[STAT_EVENTS_SUPPRESSED as usize],
         s.stats[STAT_MALFORMED as usize],
         s.stats[STAT_NON_IP as usize]
     );
-    let _ = writeln!(out, "DNS-learned addresses: {}", s.dns_learned);
+    let _ = writeln!(out, "DNS-learned addresses: {}", t.dns_learned);
     out
 }

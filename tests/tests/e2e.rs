@@ -73,8 +73,17 @@ fn enforce_mode_verdicts_counters_and_audit() -> Result<()> {
         assert_eq!(m(&text, "pcguard_unexpected_flows_total", &[("reason", reason)]), n, "{reason}\n{text}");
     }
     assert_eq!(m(&text, "pcguard_events_dropped_total", &[]), 0.0);
-    assert!(m(&text, "pcguard_conntrack_entries", &[]) >= 1.0);
     assert_eq!(m(&text, "pcguard_policy_info", &[("mode", "enforce")]), 1.0, "{text}");
+    // Sampled every 10 s in the background, labelled by table, never above
+    // the capacity.
+    wait_until("a conntrack sample with entries", Duration::from_secs(15), || {
+        Ok(m(&daemon.scrape()?, "pcguard_conntrack_entries", &[]) >= 1.0)
+    })?;
+    let text = daemon.scrape()?;
+    for table in ["established", "new"] {
+        let (n, cap) = (m(&text, "pcguard_conntrack_entries", &[("table", table)]), m(&text, "pcguard_conntrack_capacity", &[("table", table)]));
+        assert!(cap > 0.0 && n <= cap, "{table}: {n} of {cap}\n{text}");
+    }
     assert!(daemon.stop()?.success());
     Ok(())
 }
