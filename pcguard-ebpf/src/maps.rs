@@ -3,6 +3,7 @@
 //! the map's name in the object file.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_COMMON_LRU,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
@@ -46,9 +47,12 @@ pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
     LruHashMap::with_max_entries(CONNTRACK_ENTRIES, 0);
 
 /// Normalized flow key -> conntrack entry, for flows not answered yet. A
-/// flood of new flows (spoofed SYNs, scans) churns this table only.
+/// flood of new flows (spoofed SYNs, scans) churns this table only. One
+/// LRU list per CPU (`BPF_F_NO_COMMON_LRU`): under a flood, every insert
+/// evicts, and a list shared by the CPUs serializes them on its lock.
 #[map]
-pub static CT_NEW: LruHashMap<FlowKey, CtEntry> = LruHashMap::with_max_entries(CT_NEW_ENTRIES, 0);
+pub static CT_NEW: LruHashMap<FlowKey, CtEntry> =
+    LruHashMap::with_max_entries(CT_NEW_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 /// (remote address, destination port, reason, ...) -> its last report.
 #[map]

@@ -471,6 +471,11 @@ impl Daemon {
             None => "127.0.0.1:9750".parse()?,
         };
         let config_audit = extra.contains(&"--config-audit-log");
+        let audit_log = match extra.iter().position(|a| *a == "--audit-log") {
+            Some(i) => PathBuf::from(extra.get(i + 1).context("--audit-log without a value")?),
+            None => audit_log,
+        };
+        let own_audit = extra.contains(&"--audit-log");
         let extra: Vec<&str> = extra
             .iter()
             .enumerate()
@@ -494,7 +499,7 @@ impl Daemon {
             .arg(&bpffs_dir)
             .arg("--metrics-listen")
             .arg(metrics.to_string());
-        if !config_audit {
+        if !config_audit && !own_audit {
             cmd.arg("--audit-log").arg(&audit_log);
         }
         let child = cmd

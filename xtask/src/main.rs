@@ -124,6 +124,11 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",
     "prometheus",
     "python3-scapy",
+    // Floods for the reliability tests and the compare bench.
+    "hping3",
+    "netsniff-ng",
+    "iperf3",
+    "xdp-tools",
 ];
 
 /// PATH with LLVM 22 first, for bpf-linker and everything that runs it.
