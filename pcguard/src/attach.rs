@@ -216,7 +216,7 @@ pub fn attach_all(
 ) -> Result<Vec<AttachedInterface>> {
     let mut attached = Vec::new();
     for name in interfaces {
-        let ifindex = crate::datapath::ifindex(name)?;
+        let ifindex = wait_for_interface(name, INTERFACE_WAIT)?;
         let xdp_mode = attach_xdp(ebpf, links, name, force_skb)?;
         attach_tc(ebpf, links, name)?;
         let xdp_program_id = program_id(ebpf, names::XDP_PROG)?;
@@ -230,6 +230,29 @@ pub fn attach_all(
         links.remove(&stale)?;
     }
     Ok(attached)
+}
+
+/// How long a daemon started early at boot waits for an interface udev has
+/// not created yet.
+const INTERFACE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The interface's index, waiting up to `wait` for it to appear.
+fn wait_for_interface(name: &str, wait: std::time::Duration) -> Result<u32> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut warned = false;
+    loop {
+        match crate::datapath::ifindex(name) {
+            Ok(i) => return Ok(i),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => {
+                if !warned {
+                    warn!("interface {name} does not exist (yet): waiting up to {} s for it", wait.as_secs());
+                    warned = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        }
+    }
 }
 
 fn program_id(ebpf: &Ebpf, name: &str) -> Result<u32> {
