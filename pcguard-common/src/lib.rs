@@ -625,7 +625,12 @@ pub const EVENTS_BYTES: u32 = 1 << 20;
 /// meaning of their fields). Bump it whenever any of them changes: a daemon
 /// finding maps pinned under another version does not adopt them (it
 /// creates a new set and swaps the programs), and `status` names both.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
+
+/// `TC_RERUN` entries: each TC program's own (the program runs itself again
+/// after pulling headers into the skb's linear part).
+pub const TC_RERUN_EGRESS: u32 = 0;
+pub const TC_RERUN_INGRESS: u32 = 1;
 
 /// The shape of one map of the contract, as the kernel reports it.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -669,7 +674,7 @@ pub const MAP_LAYOUTS: [MapLayout; 19] = [
     layout::<DnsPendingKey, u64>(names::DNS_PENDING, DNS_PENDING_ENTRIES),
     MapLayout { name: names::EVENTS, key_size: 0, value_size: 0, max_entries: EVENTS_BYTES },
     MapLayout { name: names::DNS_MESSAGES, key_size: 0, value_size: 0, max_entries: DNS_MESSAGES_BYTES },
-    layout::<u32, u32>(names::TC_RERUN, 1),
+    layout::<u32, u32>(names::TC_RERUN, 2),
     layout::<u32, u32>(names::SCRATCH, 1),
 ];
 
@@ -693,6 +698,9 @@ fn str_eq(a: &str, b: &str) -> bool {
 pub mod names {
     pub const XDP_PROG: &str = "pcguard_ingress";
     pub const TC_PROG: &str = "pcguard_egress";
+    /// The ingress pipeline on TC (tcx), for interfaces where XDP is not
+    /// the right hook.
+    pub const TC_INGRESS_PROG: &str = "pcguard_ingress_tc";
     pub const ACTIVE: &str = "ACTIVE";
     pub const PORTS: &str = "PORTS";
     pub const SLOTS: &str = "SLOTS";

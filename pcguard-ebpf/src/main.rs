@@ -71,9 +71,11 @@ fn tc_frame(ctx: &TcContext) -> Frame {
     }
 }
 
-#[classifier]
-pub fn pcguard_egress(ctx: TcContext) -> i32 {
-    let frame = tc_frame(&ctx);
+/// The TC programs' body, for packets travelling in `dir`; `rerun` is
+/// this program's entry in `TC_RERUN`.
+#[inline(always)]
+fn tc_run(ctx: &TcContext, dir: u32, rerun: u32) -> i32 {
+    let frame = tc_frame(ctx);
     let mut pkt = Packet::EMPTY;
     let parsed = parse_into(&frame, &mut pkt);
     // Direct packet access sees only the skb's linear part. When headers
@@ -93,15 +95,32 @@ pub fn pcguard_egress(ctx: TcContext) -> i32 {
     if matches!(parsed, Parse::Malformed { .. }) && linear < want && ctx.pull_data(want).is_ok() {
         // SAFETY: a tail call with the program's own context; on failure
         // it returns and the program continues.
-        unsafe { TC_RERUN.tail_call(&ctx, 0) };
+        unsafe { TC_RERUN.tail_call(ctx, rerun) };
     }
     // SAFETY: the skb of this run; `dns::handle` bounds the ranges by the
     // skb's length.
     let load = |off, dst, n| unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const _, off, dst, n) };
-    match run(&frame, DIR_EGRESS, parsed, &pkt, &load) {
+    match run(&frame, dir, parsed, &pkt, &load) {
         Action::Pass => TC_ACT_PIPE,
         Action::Drop => TC_ACT_SHOT,
     }
+}
+
+/// Egress: every interface.
+#[classifier]
+pub fn pcguard_egress(ctx: TcContext) -> i32 {
+    tc_run(&ctx, DIR_EGRESS, pcguard_common::TC_RERUN_EGRESS)
+}
+
+/// Ingress through TC (tcx) instead of XDP, the same pipeline: for
+/// interfaces where native XDP costs more than it saves (a veth segments
+/// GSO traffic for XDP and queues it in a small ring of its own; a
+/// virtio-net guest must turn its offloads off). At TC ingress the skb
+/// starts at the Ethernet header, like an XDP frame; an outer VLAN tag the
+/// stack already took off is in the skb's metadata, not in the frame.
+#[classifier]
+pub fn pcguard_ingress_tc(ctx: TcContext) -> i32 {
+    tc_run(&ctx, DIR_INGRESS, pcguard_common::TC_RERUN_INGRESS)
 }
 
 #[cfg(not(target_arch = "bpf"))]

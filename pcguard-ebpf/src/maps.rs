@@ -98,12 +98,12 @@ pub static DNS_PENDING: LruHashMap<DnsPendingKey, u64> =
 #[map]
 pub static DNS_MESSAGES: RingBuf = RingBuf::with_byte_size(DNS_MESSAGES_BYTES, 0);
 
-/// Entry 0: the TC program itself. A TC run whose headers are not in the
-/// skb's linear part pulls them in and runs the program again from the
-/// start through this (a tail call), so the verifier sees one parse, not
-/// a parse after every failed one.
+/// Each TC program at its `TC_RERUN_*` index. A TC run whose headers are
+/// not in the skb's linear part pulls them in and runs the program again
+/// from the start through this (a tail call), so the verifier sees one
+/// parse, not a parse after every failed one.
 #[map]
-pub static TC_RERUN: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub static TC_RERUN: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
 /// One per-CPU word the programs store a value into and read back, so the
 /// verifier sees it as an unknown (bounded) number rather than one of a

@@ -32,7 +32,10 @@ use log::{debug, info, warn};
 use pcguard_common::{ABI_VERSION, names};
 use serde::{Deserialize, Serialize};
 
-use crate::pins::{LINKS_DIR, PinDir, ensure_bpffs, maps_dir_name};
+use crate::{
+    config::IngressHook,
+    pins::{LINKS_DIR, PinDir, ensure_bpffs, maps_dir_name},
+};
 
 /// Map sizes chosen at load time (the config's `[conntrack]` sizes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,14 +74,35 @@ pub enum XdpAttachMode {
     Adopted,
 }
 
+/// Where the ingress pipeline runs on one interface.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Hook {
+    Xdp,
+    Tc,
+}
+
+impl Hook {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hook::Xdp => "xdp",
+            Hook::Tc => "tc",
+        }
+    }
+}
+
 /// What is attached to one interface.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttachedInterface {
     pub name: String,
     pub ifindex: u32,
-    pub xdp_mode: XdpAttachMode,
-    pub xdp_program_id: u32,
-    pub tc_program_id: u32,
+    /// The hook of the ingress pipeline, and why it was chosen.
+    pub ingress_hook: Hook,
+    pub hook_reason: String,
+    /// With `ingress_hook = xdp`.
+    pub xdp_mode: Option<XdpAttachMode>,
+    pub ingress_program_id: u32,
+    pub egress_program_id: u32,
 }
 
 /// The daemon's pin directory, locked, with its map set and links.
@@ -125,7 +149,7 @@ pub fn load(object: &[u8], bpffs_dir: &Path, sizes: &MapSizes) -> Result<Loaded>
     }
     let mut ebpf = loader.load(object).context("loading the eBPF object")?;
     check_layouts(&ebpf, sizes)?;
-    for name in [names::XDP_PROG, names::TC_PROG] {
+    for name in [names::XDP_PROG, names::TC_PROG, names::TC_INGRESS_PROG] {
         let prog = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from object"))?;
         match prog {
             aya::programs::Program::Xdp(p) => p.load(),
@@ -176,16 +200,19 @@ fn map_info(map: &Map) -> Result<aya::maps::MapInfo> {
     Ok(data.info()?)
 }
 
-/// Points `TC_RERUN[0]` at the loaded TC program: a TC run that had to
+/// Points each TC program's `TC_RERUN` entry at it: a TC run that had to
 /// pull headers into the skb's linear part runs again through it. Without
 /// it such packets are judged malformed (fail closed).
 pub fn set_tc_rerun(ebpf: &mut Ebpf) -> Result<()> {
-    let prog: &SchedClassifier =
-        ebpf.program(names::TC_PROG).ok_or_else(|| anyhow!("program {} missing", names::TC_PROG))?.try_into()?;
-    let fd = prog.fd()?.try_clone()?;
-    let mut rerun: ProgramArray<&mut MapData> =
-        ProgramArray::try_from(ebpf.map_mut(names::TC_RERUN).ok_or_else(|| anyhow!("map TC_RERUN missing"))?)?;
-    rerun.set(0, &fd, 0).context("setting TC_RERUN")?;
+    for (name, index) in
+        [(names::TC_PROG, pcguard_common::TC_RERUN_EGRESS), (names::TC_INGRESS_PROG, pcguard_common::TC_RERUN_INGRESS)]
+    {
+        let prog: &SchedClassifier = ebpf.program(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?;
+        let fd = prog.fd()?.try_clone()?;
+        let mut rerun: ProgramArray<&mut MapData> =
+            ProgramArray::try_from(ebpf.map_mut(names::TC_RERUN).ok_or_else(|| anyhow!("map TC_RERUN missing"))?)?;
+        rerun.set(index, &fd, 0).with_context(|| format!("setting TC_RERUN[{index}]"))?;
+    }
     Ok(())
 }
 
@@ -204,32 +231,93 @@ fn tc_pin(ifname: &str) -> String {
     format!("tc-{}", pin_safe(ifname))
 }
 
-/// Attaches both programs to every interface: over a pinned link when
-/// there is one (an atomic replacement), else freshly, pinning the link.
-/// Links pinned for interfaces no longer configured are unpinned (their
-/// programs detach).
+fn tc_ingress_pin(ifname: &str) -> String {
+    format!("tci-{}", pin_safe(ifname))
+}
+
+/// Attaches the ingress pipeline (XDP or TC, see [`choose_hook`]) and the
+/// egress program to every interface: over a pinned link when there is one
+/// (an atomic replacement), else freshly, pinning the link. Links pinned
+/// for what is no longer wanted (an interface gone from the config, the
+/// other ingress hook) are unpinned after everything wanted is attached,
+/// so an interface is never without its ingress pipeline.
 pub fn attach_all(
     ebpf: &mut Ebpf,
     links: &PinDir,
     interfaces: &[String],
+    hook: IngressHook,
     force_skb: bool,
 ) -> Result<Vec<AttachedInterface>> {
     let mut attached = Vec::new();
+    let mut wanted = BTreeSet::new();
     for name in interfaces {
         let ifindex = wait_for_interface(name, INTERFACE_WAIT)?;
-        let xdp_mode = attach_xdp(ebpf, links, name, force_skb)?;
-        attach_tc(ebpf, links, name)?;
-        let xdp_program_id = program_id(ebpf, names::XDP_PROG)?;
-        let tc_program_id = program_id(ebpf, names::TC_PROG)?;
-        info!("attached to {name} (ifindex {ifindex}, XDP {xdp_mode:?}, TC egress)");
-        attached.push(AttachedInterface { name: name.clone(), ifindex, xdp_mode, xdp_program_id, tc_program_id });
+        let (mut ingress, mut reason) = choose_hook(name, hook, force_skb);
+        let mut xdp_mode = None;
+        if ingress == Hook::Xdp {
+            match attach_xdp(ebpf, links, name, force_skb, hook == IngressHook::Xdp) {
+                Ok(mode) => xdp_mode = Some(mode),
+                Err(e) if hook == IngressHook::Auto => {
+                    warn!("native XDP on {name} failed ({e:#}): using the TC ingress hook");
+                    (ingress, reason) = (Hook::Tc, format!("native XDP failed: {e}"));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if ingress == Hook::Tc {
+            attach_tc(ebpf, links, name, TcAttachType::Ingress, names::TC_INGRESS_PROG, &tc_ingress_pin(name))?;
+        }
+        attach_tc(ebpf, links, name, TcAttachType::Egress, names::TC_PROG, &tc_pin(name))?;
+        wanted.insert(tc_pin(name));
+        wanted.insert(match ingress {
+            Hook::Xdp => xdp_pin(name),
+            Hook::Tc => tc_ingress_pin(name),
+        });
+        let ingress_prog = match ingress {
+            Hook::Xdp => names::XDP_PROG,
+            Hook::Tc => names::TC_INGRESS_PROG,
+        };
+        let ingress_program_id = program_id(ebpf, ingress_prog)?;
+        let egress_program_id = program_id(ebpf, names::TC_PROG)?;
+        info!("attached to {name} (ifindex {ifindex}): ingress on {} ({reason}), egress on TC", ingress.as_str());
+        attached.push(AttachedInterface {
+            name: name.clone(),
+            ifindex,
+            ingress_hook: ingress,
+            hook_reason: reason,
+            xdp_mode,
+            ingress_program_id,
+            egress_program_id,
+        });
     }
-    let wanted: BTreeSet<String> = interfaces.iter().flat_map(|i| [xdp_pin(i), tc_pin(i)]).collect();
     for stale in links.entries()?.into_iter().filter(|e| !wanted.contains(e)) {
-        warn!("unpinning link {stale}: its interface is no longer configured (its program detaches)");
+        info!("unpinning link {stale}: no longer wanted (its program detaches)");
         links.remove(&stale)?;
     }
     Ok(attached)
+}
+
+/// Drivers whose native XDP costs more than it saves, and why.
+const TC_DRIVERS: [(&str, &str); 2] = [
+    ("veth", "veth: native XDP segments GSO traffic and queues frames in a 256-entry ring of its own"),
+    ("virtio_net", "virtio-net: native XDP needs the guest's receive offloads (LRO) off"),
+];
+
+/// The ingress hook for interface `name`: the configured one, or (auto)
+/// by driver. `force_skb` (`--xdp-skb`) asks for generic XDP.
+fn choose_hook(name: &str, hook: IngressHook, force_skb: bool) -> (Hook, String) {
+    match hook {
+        IngressHook::Tc => (Hook::Tc, "configured".into()),
+        IngressHook::Xdp => (Hook::Xdp, "configured".into()),
+        IngressHook::Auto if force_skb => (Hook::Xdp, "--xdp-skb".into()),
+        IngressHook::Auto => {
+            let driver = crate::sys::driver_name(name).unwrap_or_default();
+            match TC_DRIVERS.iter().find(|(d, _)| *d == driver) {
+                Some((_, why)) => (Hook::Tc, (*why).into()),
+                None => (Hook::Xdp, format!("driver {}", if driver.is_empty() { "unknown" } else { &driver })),
+            }
+        }
+    }
 }
 
 /// How long a daemon started early at boot waits for an interface udev has
@@ -270,7 +358,15 @@ fn pinned_link(links: &PinDir, pin: &str) -> Result<Option<FdLink>> {
     Ok(Some(FdLink::from(link)))
 }
 
-fn attach_xdp(ebpf: &mut Ebpf, links: &PinDir, ifname: &str, force_skb: bool) -> Result<XdpAttachMode> {
+/// Attaches XDP: over a pinned link, or native; generic (skb) mode when
+/// `force_skb`, and (with `allow_skb`) when native fails — with a warning.
+fn attach_xdp(
+    ebpf: &mut Ebpf,
+    links: &PinDir,
+    ifname: &str,
+    force_skb: bool,
+    allow_skb: bool,
+) -> Result<XdpAttachMode> {
     let pin = xdp_pin(ifname);
     let prog: &mut Xdp = program_mut(ebpf, names::XDP_PROG)?.try_into()?;
     if let Some(link) = pinned_link(links, &pin)? {
@@ -286,10 +382,11 @@ fn attach_xdp(ebpf: &mut Ebpf, links: &PinDir, ifname: &str, force_skb: bool) ->
     } else {
         match prog.attach(ifname, XdpMode::Driver) {
             Ok(id) => (id, XdpAttachMode::Driver),
-            Err(e) => {
+            Err(e) if allow_skb => {
                 warn!("native XDP on {ifname} failed ({e}); attaching generic (skb) XDP, which is slower");
                 (prog.attach(ifname, XdpMode::Skb).with_context(|| format!("attaching XDP to {ifname}"))?, XdpAttachMode::Skb)
             }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("native XDP on {ifname}"))),
         }
     };
     let link = prog.take_link(id)?;
@@ -298,10 +395,11 @@ fn attach_xdp(ebpf: &mut Ebpf, links: &PinDir, ifname: &str, force_skb: bool) ->
     Ok(mode)
 }
 
-fn attach_tc(ebpf: &mut Ebpf, links: &PinDir, ifname: &str) -> Result<()> {
-    let pin = tc_pin(ifname);
-    let prog: &mut SchedClassifier = program_mut(ebpf, names::TC_PROG)?.try_into()?;
-    if let Some(link) = pinned_link(links, &pin)? {
+/// Attaches the TC program `prog` at `at` (egress, or ingress): over the
+/// pinned link `pin`, or freshly (tcx), pinning the link.
+fn attach_tc(ebpf: &mut Ebpf, links: &PinDir, ifname: &str, at: TcAttachType, prog: &str, pin: &str) -> Result<()> {
+    let prog: &mut SchedClassifier = program_mut(ebpf, prog)?.try_into()?;
+    if let Some(link) = pinned_link(links, pin)? {
         let link = tc::SchedClassifierLink::try_from(link).context("pinned TC link")?;
         let id = prog.attach_to_link(link).with_context(|| format!("replacing the TC program on {ifname}"))?;
         let _ = prog.take_link(id)?;
@@ -312,17 +410,17 @@ fn attach_tc(ebpf: &mut Ebpf, links: &PinDir, ifname: &str) -> Result<()> {
     if let Err(e) = tc::qdisc_add_clsact(ifname) {
         debug!("clsact qdisc on {ifname}: {e}");
     }
-    let id = prog.attach(ifname, TcAttachType::Egress).with_context(|| format!("attaching TC egress to {ifname}"))?;
+    let id = prog.attach(ifname, at).with_context(|| format!("attaching TC {at:?} to {ifname}"))?;
     let link = prog.take_link(id)?;
     match FdLink::try_from(link) {
         Ok(fd) => {
-            fd.pin(links.pin_path(&pin)).with_context(|| format!("pinning the TC link of {ifname}"))?;
+            fd.pin(links.pin_path(pin)).with_context(|| format!("pinning the TC link of {ifname}"))?;
         }
         Err(e) => {
             // A netlink filter (no tcx): the kernel keeps it attached after
             // this process exits, but it cannot be pinned or replaced
             // atomically by the next daemon.
-            warn!("TC egress on {ifname} is a netlink filter (kernel without tcx): not pinned ({e})");
+            warn!("TC {at:?} on {ifname} is a netlink filter (kernel without tcx): not pinned ({e})");
         }
     }
     Ok(())

@@ -63,6 +63,32 @@ impl Role {
     }
 }
 
+/// Where the ingress pipeline runs on each interface (docs/performance.md,
+/// "Which ingress hook").
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IngressHook {
+    /// Per interface, by driver: TC where native XDP costs throughput or
+    /// needs offloads off (veth, virtio-net), native XDP elsewhere, TC if
+    /// native XDP cannot attach.
+    #[default]
+    Auto,
+    /// XDP: native, or generic (skb) mode where native fails (a warning).
+    Xdp,
+    /// TC ingress (tcx), after GRO.
+    Tc,
+}
+
+impl IngressHook {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IngressHook::Auto => "auto",
+            IngressHook::Xdp => "xdp",
+            IngressHook::Tc => "tc",
+        }
+    }
+}
+
 /// What happens to a new flow no rule allows.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -147,6 +173,8 @@ pub struct SiteConfig {
     /// Mode for new outbound flows (defaults to `mode`).
     pub egress_mode: Mode,
     pub allow_icmp: bool,
+    /// Where the ingress pipeline runs.
+    pub ingress_hook: IngressHook,
     /// Peer classes with at least one address: name -> CIDRs (normalized,
     /// deduplicated, sorted).
     pub peers: BTreeMap<String, Vec<Cidr>>,
@@ -281,6 +309,7 @@ pub fn parse(text: &str, origin: &str) -> Result<SiteConfig, ConfigError> {
         mode,
         egress_mode,
         allow_icmp: raw.allow_icmp.unwrap_or(true),
+        ingress_hook: raw.ingress_hook.unwrap_or_default(),
         peers,
         features: resolved.features,
         port_overrides: resolved.port_overrides,

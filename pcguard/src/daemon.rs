@@ -95,6 +95,7 @@ fn daemon_settings(cfg: &SiteConfig, policy: &CompiledPolicy, opts: &RunOptions)
             egress_mode: mode_name(policy.settings.egress_mode).into(),
             role: cfg.role.as_str().into(),
             rules: policy.rule_count(),
+            interfaces: Vec::new(),
         },
     })
 }
@@ -199,11 +200,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     if !dp.adopted() {
         seed_existing_connections(&mut dp, &compiled);
     }
-    dp.attach(&settings.interfaces, opts.xdp_skb)?;
+    dp.attach(&settings.interfaces, cfg.ingress_hook, opts.xdp_skb)?;
     let events = dp.take_ring(names::EVENTS)?;
     let dns_answers = dp.take_ring(names::DNS_MESSAGES)?;
 
-    let metrics = Arc::new(Metrics::new(Some(dp.maps_dir()), settings.info.clone())?);
+    let mut info = settings.info.clone();
+    info.interfaces = dp.interfaces().to_vec();
+    let metrics = Arc::new(Metrics::new(Some(dp.maps_dir()), info)?);
     let loaded_at = unix_now();
     metrics.daemon.policy_loaded_time.set(loaded_at as f64);
     info!("metrics on http://{addr}/metrics");
@@ -513,7 +516,9 @@ impl Daemon {
         self.gate.lock().unwrap().configure(settings.report_interval, settings.max_records_per_second);
         self.dns_audit.set_interval(settings.report_interval);
         *self.policy.write().unwrap() = compiled;
-        self.metrics.set_policy(settings.info);
+        let mut info = settings.info;
+        info.interfaces = self.dp.interfaces().to_vec();
+        self.metrics.set_policy(info);
         self.loaded_at = unix_now();
         self.metrics.daemon.policy_loaded_time.set(self.loaded_at as f64);
         self.cfg = cfg;

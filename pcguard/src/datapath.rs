@@ -37,7 +37,7 @@ pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/pcguard";
 /// `bpf_map_update_elem` flag: fail with `EEXIST` if the key is present.
 const BPF_NOEXIST: u64 = 1;
 
-pub use crate::attach::{AttachedInterface, MapSizes, XdpAttachMode};
+pub use crate::attach::{AttachedInterface, Hook, MapSizes, XdpAttachMode};
 use crate::attach::Pins;
 
 /// Counts of map entries written by one [`Datapath::apply`] (into the
@@ -151,8 +151,8 @@ impl Datapath {
     /// Attaches both programs to each interface (over the pinned links of
     /// an earlier daemon: an atomic replacement), then unpins map sets of
     /// other layouts, which only the replaced programs used.
-    pub fn attach(&mut self, interfaces: &[String], force_skb: bool) -> Result<()> {
-        self.interfaces = crate::attach::attach_all(&mut self.ebpf, &self.pins.links, interfaces, force_skb)?;
+    pub fn attach(&mut self, interfaces: &[String], hook: crate::config::IngressHook, force_skb: bool) -> Result<()> {
+        self.interfaces = crate::attach::attach_all(&mut self.ebpf, &self.pins.links, interfaces, hook, force_skb)?;
         crate::attach::retire_other_map_sets(&self.pins)
     }
 

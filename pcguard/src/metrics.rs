@@ -119,6 +119,8 @@ pub struct PolicyInfo {
     pub egress_mode: String,
     pub role: String,
     pub rules: usize,
+    /// What is attached where (filled once the programs are attached).
+    pub interfaces: Vec<crate::attach::AttachedInterface>,
 }
 
 impl std::fmt::Debug for PinnedCounters {
@@ -355,6 +357,24 @@ fn encode_const_info(encoder: &mut DescriptorEncoder, info: &PolicyInfo) -> Resu
     m.encode_info(&policy)?;
     let g = prometheus_client::metrics::gauge::ConstGauge::new(info.rules as i64);
     g.encode(encoder.encode_descriptor("pcguard_policy_rules", "Rules in the running policy", None, g.metric_type())?)?;
+    if !info.interfaces.is_empty() {
+        let mut m = encoder.encode_descriptor(
+            "pcguard_interface",
+            "Where the ingress pipeline runs on each interface (xdp or tc), the XDP mode, and why",
+            None,
+            MetricType::Info,
+        )?;
+        for i in &info.interfaces {
+            let mode = i.xdp_mode.map(|m| format!("{m:?}").to_lowercase()).unwrap_or_default();
+            let labels: LabelPairs = vec![
+                ("interface", i.name.clone()),
+                ("ingress_hook", i.ingress_hook.as_str().to_string()),
+                ("xdp_mode", mode),
+                ("reason", i.hook_reason.clone()),
+            ];
+            m.encode_info(&labels)?;
+        }
+    }
     Ok(())
 }
 

@@ -104,10 +104,17 @@ pub fn render(state: &State, snap: Option<&Snapshot>) -> String {
     if let Some(a) = &state.audit_log {
         let _ = writeln!(out, "audit log: {}", a.display());
     }
-    let _ = writeln!(out, "\n{:<12} {:>7} {:<8} {:>8} {:>8}", "INTERFACE", "IFINDEX", "XDP", "XDP-PROG", "TC-PROG");
+    let _ = writeln!(out, "\n{:<12} {:>7} {:<12} {:>8} {:>8}  {}", "INTERFACE", "IFINDEX", "INGRESS", "IN-PROG", "OUT-PROG", "WHY");
     for i in &state.interfaces {
-        let mode = format!("{:?}", i.xdp_mode).to_lowercase();
-        let _ = writeln!(out, "{:<12} {:>7} {:<8} {:>8} {:>8}", i.name, i.ifindex, mode, i.xdp_program_id, i.tc_program_id);
+        let hook = match i.xdp_mode {
+            Some(m) => format!("xdp-{m:?}").to_lowercase(),
+            None => i.ingress_hook.as_str().to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<12} {:>7} {:<12} {:>8} {:>8}  {}",
+            i.name, i.ifindex, hook, i.ingress_program_id, i.egress_program_id, i.hook_reason
+        );
     }
     let Some(s) = snap else {
         let _ = writeln!(out, "\n(no pinned maps: counters unavailable)");

@@ -785,6 +785,14 @@ pub fn lab_config(mode: &str, extra: &str) -> String {
     format!("{}\n{extra}\n", text.replace("mode = \"enforce\"", &format!("mode = \"{mode}\"")))
 }
 
+/// `config` with `ingress_hook` set (`"xdp"`, `"tc"`, `"auto"`): a top-level
+/// key, so it goes right after `mode`.
+pub fn with_hook(config: &str, hook: &str) -> String {
+    let at = config.find("\nmode = ").expect("a lab config sets mode");
+    let end = config[at + 1..].find('\n').map(|i| at + 1 + i).expect("a line end");
+    format!("{}\ningress_hook = \"{hook}\"{}", &config[..end], &config[end..])
+}
+
 /// A site rule that opens TCP 9999 to the workstations (for reload tests).
 pub const ALLOW_9999: &str = r#"
 [[rule]]

@@ -133,8 +133,17 @@ fn s(v: &Value, key: &str) -> String {
 /// allowed traffic (fragmented UDP, tagged frames, IPv6 extension headers,
 /// handshakes) gets through.
 #[test]
-fn ingress_crafted_frames_reach_no_listener() -> Result<()> {
-    let env = TestLab::up("pa1", tmp(), &lab_config("enforce", ALLOW_UDP_7000))?;
+fn ingress_crafted_frames_reach_no_listener_xdp() -> Result<()> {
+    ingress_crafted_frames_reach_no_listener("xdp", "pa1x")
+}
+
+#[test]
+fn ingress_crafted_frames_reach_no_listener_tc() -> Result<()> {
+    ingress_crafted_frames_reach_no_listener("tc", "pa1t")
+}
+
+fn ingress_crafted_frames_reach_no_listener(hook: &str, prefix: &str) -> Result<()> {
+    let env = TestLab::up(prefix, tmp(), &with_hook(&lab_config("enforce", ALLOW_UDP_7000), hook))?;
     let lab = &env.lab;
     // A VXLAN endpoint on the server: what is inside the tunnel would arrive
     // on vx0, which pcguard does not watch, if the outer datagram passed.
@@ -231,8 +240,17 @@ fn ingress_crafted_frames_reach_no_listener() -> Result<()> {
 /// SYN (tiny fragment with a fake ACK tail, VLAN tags, IPv6 split chain).
 /// The outbound flows themselves still work.
 #[test]
-fn fake_replies_from_outbound_peers_reach_no_listener() -> Result<()> {
-    let env = TestLab::up("pa2", tmp(), &lab_config("enforce", ""))?;
+fn fake_replies_from_outbound_peers_reach_no_listener_xdp() -> Result<()> {
+    fake_replies_from_outbound_peers_reach_no_listener("xdp", "pa2x")
+}
+
+#[test]
+fn fake_replies_from_outbound_peers_reach_no_listener_tc() -> Result<()> {
+    fake_replies_from_outbound_peers_reach_no_listener("tc", "pa2t")
+}
+
+fn fake_replies_from_outbound_peers_reach_no_listener(hook: &str, prefix: &str) -> Result<()> {
+    let env = TestLab::up(prefix, tmp(), &with_hook(&lab_config("enforce", ""), hook))?;
     let lab = &env.lab;
     let sinks = Sinks::start(lab, SERVER, &SERVER_TCP, &SERVER_UDP)?;
     let anchor = NsAnchor::start(lab, SERVER)?;
@@ -281,8 +299,17 @@ fn fake_replies_from_outbound_peers_reach_no_listener() -> Result<()> {
 /// and 7777-7779, UDP 7777) gets anything, nor an MFD's SSH. Crafted
 /// handshakes to the LDAP server (an outbound rule) still complete.
 #[test]
-fn egress_frames_from_the_server_reach_no_workstation_listener() -> Result<()> {
-    let env = TestLab::up("pa3", tmp(), &lab_config("enforce", ""))?;
+fn egress_frames_from_the_server_reach_no_workstation_listener_xdp() -> Result<()> {
+    egress_frames_from_the_server_reach_no_workstation_listener("xdp", "pa3x")
+}
+
+#[test]
+fn egress_frames_from_the_server_reach_no_workstation_listener_tc() -> Result<()> {
+    egress_frames_from_the_server_reach_no_workstation_listener("tc", "pa3t")
+}
+
+fn egress_frames_from_the_server_reach_no_workstation_listener(hook: &str, prefix: &str) -> Result<()> {
+    let env = TestLab::up(prefix, tmp(), &with_hook(&lab_config("enforce", ""), hook))?;
     let lab = &env.lab;
     lab.drop_own_resets(SERVER)?;
     let daemon = env.start(&[])?;

@@ -74,6 +74,11 @@ fn enforce_mode_verdicts_counters_and_audit() -> Result<()> {
     }
     assert_eq!(m(&text, "pcguard_events_dropped_total", &[]), 0.0);
     assert_eq!(m(&text, "pcguard_policy_info", &[("mode", "enforce")]), 1.0, "{text}");
+    // The lab's interface is a veth: auto puts the ingress pipeline on TC,
+    // and says why.
+    let hook = [("interface", SERVER_IF), ("ingress_hook", "tc")];
+    assert_eq!(m(&text, "pcguard_interface_info", &hook), 1.0, "{text}");
+    assert!(text.lines().any(|l| l.starts_with("pcguard_interface_info") && l.contains("reason=\"veth: ")), "{text}");
     // Sampled every 10 s in the background, labelled by table, never above
     // the capacity.
     wait_until("a conntrack sample with entries", Duration::from_secs(15), || {
@@ -189,7 +194,7 @@ fn wait_metric(d: &Daemon, name: &str, labels: &[(&str, &str)], want: f64) -> Re
 
 #[test]
 fn sigterm_leaves_enforcement_in_place_and_detach_removes_it() -> Result<()> {
-    let env = TestLab::up("pe5", tmp(), &lab_config("enforce", ""))?;
+    let env = TestLab::up("pe5", tmp(), &with_hook(&lab_config("enforce", ""), "xdp"))?;
     let _srv = TcpServer::start(&env.lab, SERVER, sa(std::net::Ipv6Addr::UNSPECIFIED, 9999))?;
     let _web = TcpServer::start(&env.lab, SERVER, sa(std::net::Ipv6Addr::UNSPECIFIED, 9191))?;
     let daemon = env.start(&[])?;

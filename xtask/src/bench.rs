@@ -157,7 +157,7 @@ pub fn verifier_counts(obj_path: &Path) -> anyhow::Result<()> {
         .load_file(obj_path)
         .with_context(|| format!("loading {}", obj_path.display()))?;
     load_programs(&mut ebpf)?;
-    for name in [names::XDP_PROG, names::TC_PROG] {
+    for name in [names::XDP_PROG, names::TC_PROG, names::TC_INGRESS_PROG] {
         let info = program(&mut ebpf, name)?.info()?;
         println!(
             "{name}: {} instructions verified, {} translated bytes",
@@ -176,11 +176,16 @@ pub fn verifier_counts(obj_path: &Path) -> anyhow::Result<()> {
 fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     let xdp: &mut Xdp = program(ebpf, names::XDP_PROG)?.try_into()?;
     xdp.load().context("verifier rejected pcguard_ingress")?;
-    let tc: &mut SchedClassifier = program(ebpf, names::TC_PROG)?.try_into()?;
-    tc.load().context("verifier rejected pcguard_egress")?;
-    let fd = tc.fd()?.try_clone()?;
-    let mut rerun: ProgramArray<_> = ProgramArray::try_from(map(ebpf, names::TC_RERUN)?)?;
-    rerun.set(0, &fd, 0)?;
+    for (name, index) in [
+        (names::TC_PROG, pcguard_common::TC_RERUN_EGRESS),
+        (names::TC_INGRESS_PROG, pcguard_common::TC_RERUN_INGRESS),
+    ] {
+        let tc: &mut SchedClassifier = program(ebpf, name)?.try_into()?;
+        tc.load().with_context(|| format!("verifier rejected {name}"))?;
+        let fd = tc.fd()?.try_clone()?;
+        let mut rerun: ProgramArray<_> = ProgramArray::try_from(map(ebpf, names::TC_RERUN)?)?;
+        rerun.set(index, &fd, 0)?;
+    }
     Ok(())
 }
 
@@ -441,7 +446,10 @@ fn v4_key(local: [u8; 4], remote: [u8; 4], local_port: u16, remote_port: u16) ->
 #[derive(Clone, Copy)]
 enum Hook {
     Xdp,
+    /// Egress (TC).
     Tc,
+    /// The ingress pipeline on TC.
+    TcIngress,
 }
 
 impl Hook {
@@ -449,6 +457,7 @@ impl Hook {
         match self {
             Hook::Xdp => "xdp",
             Hook::Tc => "tc",
+            Hook::TcIngress => "tci",
         }
     }
 
@@ -456,8 +465,8 @@ impl Hook {
         match (self, ret) {
             (Hook::Xdp, XDP_PASS) => "XDP_PASS",
             (Hook::Xdp, XDP_DROP) => "XDP_DROP",
-            (Hook::Tc, TC_ACT_PIPE) => "TC_ACT_PIPE",
-            (Hook::Tc, TC_ACT_SHOT) => "TC_ACT_SHOT",
+            (Hook::Tc | Hook::TcIngress, TC_ACT_PIPE) => "TC_ACT_PIPE",
+            (Hook::Tc | Hook::TcIngress, TC_ACT_SHOT) => "TC_ACT_SHOT",
             _ => "?",
         }
     }
@@ -497,11 +506,12 @@ impl Bench {
         let name = match hook {
             Hook::Xdp => names::XDP_PROG,
             Hook::Tc => names::TC_PROG,
+            Hook::TcIngress => names::TC_INGRESS_PROG,
         };
         let prog = self.ebpf.program(name).context("program vanished")?;
         let res = match hook {
             Hook::Xdp => <&Xdp>::try_from(prog)?.test_run(opts),
-            Hook::Tc => <&SchedClassifier>::try_from(prog)?.test_run(opts),
+            Hook::Tc | Hook::TcIngress => <&SchedClassifier>::try_from(prog)?.test_run(opts),
         }
         .with_context(|| format!("BPF_PROG_TEST_RUN on {name}"))?;
         Ok((res.return_value, res.duration))
@@ -645,7 +655,7 @@ impl Bench {
         ensure!(self.ct_get(key)?.1 == false, "{case}: no new conntrack entry");
         let reply_want = match reply_hook {
             Hook::Xdp => XDP_PASS,
-            Hook::Tc => TC_ACT_PIPE,
+            Hook::Tc | Hook::TcIngress => TC_ACT_PIPE,
         };
         self.once(&format!("{case}: reply"), reply_hook, reply, reply_want)?;
         self.once(&format!("{case}: the initiator's ACK"), hook, hit, want)?;
@@ -729,6 +739,18 @@ impl Bench {
         self.repeated("ICMP echo (allow_icmp)", xdp, &icmp, XDP_PASS, "bypass")?;
 
         self.repeated("ARP (non-IP)", xdp, &pkt::arp(), XDP_PASS, "test-run floor")?;
+
+        // The same pipeline on the TC ingress hook.
+        let tci = Hook::TcIngress;
+        self.repeated("conntrack hit (ACK, established)", tci, &ack, TC_ACT_PIPE, "")?;
+        self.repeated("dropped SYN, no rule (9999)", tci, &to_9999, TC_ACT_SHOT, "")?;
+        self.repeated("dropped SYN, peer not allowed", tci, &stranger, TC_ACT_SHOT, "")?;
+        self.once("tiny fragment at TC ingress", tci, &{
+            let mut tiny = tcp4(STRANGER, SERVER, CLIENT_PORT, 22, TCP_SYN);
+            tiny[20] = 0x20;
+            tiny[16..18].copy_from_slice(&28u16.to_be_bytes());
+            tiny
+        }, TC_ACT_SHOT)?;
         Ok(())
     }
 
@@ -809,7 +831,7 @@ impl Bench {
     ) -> anyhow::Result<()> {
         let want = match hook {
             Hook::Xdp => XDP_PASS,
-            Hook::Tc => TC_ACT_PIPE,
+            Hook::Tc | Hook::TcIngress => TC_ACT_PIPE,
         };
         self.once(case, hook, data, want)?;
         let msgs = self.dns_messages()?;
@@ -1004,6 +1026,11 @@ impl Bench {
         self.repeated(case, xdp, &answer(&short), XDP_PASS, "ct hit + LPM + pending miss")?;
         self.dns_timed("DNS answer to a pending query (copied)", &query, &answer(&short), 100)?;
         self.dns_timed("long DNS answer (copy cut at 1 KiB)", &query, &answer(&long), cut)?;
+
+        // The ingress pipeline on TC copies answers too (bpf_skb_load_bytes).
+        self.one_dns_copy("DNS query", tc, &query, DNS_KIND_QUERY, to_resolver, &q, 30)?;
+        let case = "DNS answer at TC ingress";
+        self.one_dns_copy(case, Hook::TcIngress, &answer(&short), DNS_KIND_ANSWER, to_resolver, &short, 100)?;
 
         self.forget(&key)?;
         let case = "DNS answer without the query's flow";

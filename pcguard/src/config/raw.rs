@@ -25,6 +25,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub allow_icmp: Option<bool>,
     #[serde(default)]
+    pub ingress_hook: Option<super::IngressHook>,
+    #[serde(default)]
     pub peers: BTreeMap<Spanned<String>, Vec<Spanned<String>>>,
     /// Checked against the feature table in `features.rs`.
     #[serde(default)]
