@@ -18,7 +18,7 @@ use pcguard_common::{
 use crate::{
     counters::stat,
     maps::{CONNTRACK, CT_NEW},
-    parse::{DNS_PORT, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, addr_bytes, is_bare_syn},
+    parse::{DNS_PORT, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, addr_bytes},
 };
 
 const EEXIST: i32 = 17;
@@ -95,19 +95,10 @@ fn remove(key: &FlowKey, table: Table) {
     }
 }
 
-/// `key`'s entry in `table` if it is a valid hit for a packet travelling
-/// in `dir` with `tcp_flags`: not idle past its timeout (an expired entry is
-/// deleted), and not a bare SYN against the flow's direction (the entry is
-/// kept: a genuine reply is never a bare SYN).
+/// `key`'s entry in `table` if it is a valid hit: not idle past its
+/// timeout (an expired entry is deleted).
 #[inline(always)]
-fn lookup_in(
-    table: Table,
-    key: &FlowKey,
-    dir: u32,
-    tcp_flags: u8,
-    now: u64,
-    s: &Settings,
-) -> Option<Hit> {
+fn lookup_in(table: Table, key: &FlowKey, now: u64, s: &Settings) -> Option<Hit> {
     let entry = table.map().get_ptr_mut(key)?;
     // SAFETY: map value pointer, valid for the duration of the program.
     let e = unsafe { &*entry };
@@ -117,24 +108,19 @@ fn lookup_in(
         remove(key, table);
         return None;
     }
-    if is_bare_syn(tcp_flags) && e.flow_dir as u32 != dir {
-        return None;
-    }
     Some(Hit { entry, table })
 }
 
 /// The valid hit of a packet: established flows first (one lookup for
-/// the packets of working connections), then new ones. A bare SYN opens a
-/// connection, so it looks in `CT_NEW` only (its retransmissions find it
-/// there): a flood of SYNs costs one lookup per packet.
+/// the packets of working connections), then new ones. Never asked for a
+/// bare TCP SYN: the policy decides those (`pipeline::ip`), so a SYN can
+/// never ride on an entry, whichever way it was opened.
 #[inline(always)]
-pub fn lookup(key: &FlowKey, dir: u32, tcp_flags: u8, now: u64, s: &Settings) -> Option<Hit> {
-    if !is_bare_syn(tcp_flags)
-        && let Some(hit) = lookup_in(Table::Established, key, dir, tcp_flags, now, s)
-    {
+pub fn lookup(key: &FlowKey, now: u64, s: &Settings) -> Option<Hit> {
+    if let Some(hit) = lookup_in(Table::Established, key, now, s) {
         return Some(hit);
     }
-    lookup_in(Table::New, key, dir, tcp_flags, now, s)
+    lookup_in(Table::New, key, now, s)
 }
 
 /// Whether a packet travelling in `dir` keeps a flow initiated in

@@ -14,15 +14,16 @@ use crate::{
     counters::stat,
     maps::{EVENT_LIMITER, EVENTS, REPORTED},
     parse::Frame,
+    policy::Peer,
 };
 
-/// What is reported about an unexpected flow besides its key.
+/// What is reported about an unexpected flow besides its key (and its
+/// peer's classes, looked up only when a report is sent).
 pub struct Report {
     /// Direction the packet travelled.
     pub direction: u32,
     pub reason: u8,
     pub verdict: usize,
-    pub peer_mask: u32,
     pub slot: u16,
     pub tcp_flags: u8,
     /// `Malformed` code for `REASON_MALFORMED`, else 0.
@@ -88,7 +89,7 @@ fn take_token(now: u64, s: &Settings) -> bool {
 }
 
 #[inline(always)]
-pub fn report(frame: &Frame, key: &FlowKey, r: &Report, now: u64, s: &Settings) {
+pub fn report(frame: &Frame, key: &FlowKey, r: &Report, peer: &mut Peer, now: u64, s: &Settings) {
     let rk = report_key(key, r);
     let mut repeats = 0;
     if let Some(st) = REPORTED.get_ptr_mut(&rk) {
@@ -124,7 +125,7 @@ pub fn report(frame: &Frame, key: &FlowKey, r: &Report, now: u64, s: &Settings) 
         // SAFETY: helper without preconditions.
         ts_ns: unsafe { bpf_ktime_get_ns() },
         key: *key,
-        peer_mask: r.peer_mask,
+        peer_mask: peer.mask(),
         ifindex: frame.ifindex,
         pkt_len: frame.len,
         direction: r.direction as u8,

@@ -18,7 +18,7 @@ use crate::{
     dns::{self, Load},
     events::{self, Report},
     parse::{Frame, L4, Packet, Parse, is_bare_syn},
-    policy::{self, Decision, Gen},
+    policy::{self, Decision, Gen, Peer},
 };
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -123,12 +123,11 @@ fn malformed(
             direction: dir,
             reason: REASON_MALFORMED,
             verdict,
-            peer_mask: policy::peer_mask(g, key),
             slot: 0,
             tcp_flags: pkt.tcp_flags,
             detail: kind as u8,
         };
-        events::report(frame, key, &r, now(), s);
+        events::report(frame, key, &r, &mut Peer::new(g, key), now(), s);
     }
     action(verdict)
 }
@@ -162,16 +161,8 @@ impl Flow<'_> {
 
     /// A new flow initiated in `flow_dir` to `service_port`.
     #[inline(always)]
-    fn decide(&self, flow_dir: u32, service_port: u16, peer_mask: u32) -> Decision {
-        policy::decide(
-            self.g,
-            self.s,
-            self.key,
-            flow_dir,
-            self.proto_idx,
-            service_port,
-            peer_mask,
-        )
+    fn decide(&self, peer: &mut Peer, flow_dir: u32, service_port: u16) -> Decision {
+        policy::decide(self.g, self.s, peer, flow_dir, self.proto_idx, service_port)
     }
 }
 
@@ -194,7 +185,16 @@ fn ip(frame: &Frame, dir: u32, g: Gen, s: &Settings, pkt: &Packet, load: &impl L
         key,
         now: now(),
     };
-    let action = match conntrack::lookup(key, dir, pkt.tcp_flags, flow.now, s) {
+    // A bare SYN opens a connection: the policy decides it, whatever
+    // conntrack holds (a retransmission of an allowed SYN is allowed again;
+    // its insert finds the entry). A SYN flood pays no conntrack lookup.
+    let hit = if pkt.l4 == L4::Tcp && is_bare_syn(pkt.tcp_flags) {
+        None
+    } else {
+        conntrack::lookup(key, flow.now, s)
+    };
+    // One call site each: inlined twice, `untracked` doubled the program.
+    let action = match hit {
         Some(hit) => tracked(&flow, hit, load),
         None => untracked(&flow),
     };
@@ -256,10 +256,10 @@ fn untracked(flow: &Flow) -> Action {
     let dir = flow.dir;
     let pkt = flow.pkt;
     let s = flow.s;
-    let peer_mask = policy::peer_mask(flow.g, flow.key);
+    let mut peer = Peer::new(flow.g, flow.key);
     let has_ports = pkt.l4 == L4::Tcp || pkt.l4 == L4::Udp;
     let first = if has_ports {
-        flow.decide(dir, pkt.dport, peer_mask)
+        flow.decide(&mut peer, dir, pkt.dport)
     } else {
         Decision::NO_RULE
     };
@@ -271,10 +271,10 @@ fn untracked(flow: &Flow) -> Action {
     // reported as such rather than as a new flow (or an alert).
     let reason = if pkt.l4 == L4::Tcp
         && !is_bare_syn(pkt.tcp_flags)
-        && flow.decide(opposite(dir), pkt.sport, peer_mask).allowed()
+        && flow.decide(&mut peer, opposite(dir), pkt.sport).allowed()
     {
         REASON_UNTRACKED_REPLY
-    } else if dir != DIR_INGRESS && peer_mask & s.no_initiate_mask != 0 {
+    } else if dir != DIR_INGRESS && peer.mask() & s.no_initiate_mask != 0 {
         REASON_OUTBOUND_TO_WORKSTATION
     } else {
         first.reason
@@ -284,12 +284,11 @@ fn untracked(flow: &Flow) -> Action {
         direction: dir,
         reason,
         verdict,
-        peer_mask,
         slot: first.slot,
         tcp_flags: pkt.tcp_flags,
         detail: 0,
     };
-    events::report(flow.frame, flow.key, &r, flow.now, s);
+    events::report(flow.frame, flow.key, &r, &mut peer, flow.now, s);
     if verdict == VERDICT_DROP {
         flow.count(first.port_idx, 0, VERDICT_DROP);
         return Action::Drop;

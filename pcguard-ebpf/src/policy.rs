@@ -64,6 +64,35 @@ impl Decision {
     }
 }
 
+/// The remote end of a flow, whose static class mask (an LPM lookup) is
+/// looked up at most once, and only when something needs it: a packet to
+/// a port no rule covers, whose report is suppressed, never pays for it.
+pub struct Peer<'a> {
+    g: Gen,
+    key: &'a FlowKey,
+    /// The mask once looked up, else `NOT_YET`. (Not an `Option<u32>`: its
+    /// payload is undefined while `None`, and LLVM may move that undefined
+    /// value through a register the verifier then finds uninitialized.)
+    mask: u64,
+}
+
+const NOT_YET: u64 = u64::MAX;
+
+impl<'a> Peer<'a> {
+    #[inline(always)]
+    pub fn new(g: Gen, key: &'a FlowKey) -> Self {
+        Self { g, key, mask: NOT_YET }
+    }
+
+    #[inline(always)]
+    pub fn mask(&mut self) -> u32 {
+        if self.mask == NOT_YET {
+            self.mask = peer_mask(self.g, self.key) as u64;
+        }
+        self.mask as u32
+    }
+}
+
 /// Peer class mask of the remote address in generation `g` (0 when no
 /// prefix matches).
 #[inline(always)]
@@ -109,17 +138,16 @@ fn lowest_bit(mut m: u32) -> u32 {
 }
 
 /// Decides a new flow initiated in `flow_dir` to `service_port` with
-/// generation `g`'s tables (`s` its settings), for a remote end (of `key`)
-/// whose static class mask is `peer_mask`.
+/// generation `g`'s tables (`s` its settings), for the remote end `peer`
+/// (whose classes are looked up only if a rule covers the port).
 #[inline(always)]
 pub fn decide(
     g: Gen,
     s: &Settings,
-    key: &FlowKey,
+    peer: &mut Peer,
     flow_dir: u32,
     proto_idx: u32,
     service_port: u16,
-    peer_mask: u32,
 ) -> Decision {
     let idx = port_table_index(flow_dir, proto_idx, service_port);
     let Some(entry) = PORTS.get(ports_index(g.0, idx)) else {
@@ -143,9 +171,9 @@ pub fn decide(
     let Some(slot) = SLOTS.get(slots_index(g.0, slot_id as u32)) else {
         return not_allowed(REASON_NO_RULE);
     };
-    let mut m = peer_mask & slot.allowed_mask;
+    let mut m = peer.mask() & slot.allowed_mask;
     if m == 0 && slot.allowed_mask & s.learned_mask != 0 {
-        m = learned_mask(g, key) & slot.allowed_mask;
+        m = learned_mask(g, peer.key) & slot.allowed_mask;
     }
     if m == 0 {
         return not_allowed(REASON_PEER_NOT_ALLOWED);

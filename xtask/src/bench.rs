@@ -685,7 +685,7 @@ impl Bench {
         let first = "allowed SYN, first packet (policy + ct insert)";
         self.first_packet(first, xdp, &syn, XDP_PASS, &key, (Hook::Tc, &synack), hit)?;
 
-        let repeat_syn = "allowed SYN, retransmitted (ct hit)";
+        let repeat_syn = "allowed SYN again (policy; ct entry exists)";
         self.repeated(repeat_syn, xdp, &syn, XDP_PASS, "")?;
 
         let to_9999 = tcp4(WORKSTATION, SERVER, CLIENT_PORT + 1, 9999, TCP_SYN);
