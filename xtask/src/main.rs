@@ -7,7 +7,9 @@
 //! * `demo`  — deps + build + a lab of network namespaces, pcguard with the
 //!   lab policy, sample traffic, then status, metrics and the audit log.
 //! * `lab up|down` — the lab topology alone, to experiment by hand.
-//! * `bench` — ns/packet of the XDP program via BPF_PROG_TEST_RUN.
+//! * `bench` — ns/packet of the XDP program via BPF_PROG_TEST_RUN;
+//!   `bench --compare`: pcguard side by side with no filter, nftables and
+//!   xdp-filter on a veth pair (docs/performance.md).
 
 use std::{
     path::{Path, PathBuf},
@@ -18,6 +20,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod compare;
 mod demo;
 
 #[derive(Parser)]
@@ -70,6 +73,22 @@ enum Task {
         /// while optimizing); the verdict cases still assert.
         #[arg(long)]
         quick: bool,
+        /// Instead: pcguard on each hook side by side with no filter,
+        /// nftables and xdp-filter (SYN flood, connection rate, iperf3,
+        /// test-run), interleaved rounds, a markdown table of medians and
+        /// ratios (release build).
+        #[arg(long)]
+        compare: bool,
+        /// With --compare: the short asserted version `cargo xtask test`
+        /// runs (debug build).
+        #[arg(long, requires = "compare")]
+        smoke: bool,
+        /// With --compare: rounds (each runs every receiver once).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// With --compare: seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
     },
 }
 
@@ -95,7 +114,23 @@ fn main() -> Result<()> {
             build(false)?;
             bench::verifier_counts(&ebpf_object("debug")?)
         }
-        Task::Bench { iterations, quick } => {
+        Task::Bench { compare: true, smoke: true, .. } => {
+            build(false)?;
+            compare::smoke(&workspace_root(), target_dir().join("debug/pcguard"))
+        }
+        Task::Bench { compare: true, rounds, seconds, .. } => {
+            build(true)?;
+            let root = workspace_root();
+            let opts = compare::Options {
+                rounds,
+                seconds,
+                ..compare::Options::full(target_dir().join("release/pcguard"))
+            };
+            let report = compare::run(&root, &opts)?;
+            println!("{}", compare::render(&report, &opts));
+            Ok(())
+        }
+        Task::Bench { iterations, quick, .. } => {
             build(false)?;
             bench::run(&ebpf_object("debug")?, iterations, quick)
         }
@@ -221,6 +256,9 @@ fn test(unit_only: bool) -> Result<()> {
     // The data path on crafted packets (BPF_PROG_TEST_RUN): verdicts,
     // counters and events of every path, asserted.
     bench::run(&ebpf_object("debug")?, 1000, false)?;
+    // The side-by-side comparison, short: each hook drops a real SYN flood
+    // and passes real connections next to no filter and xdp-filter.
+    compare::smoke(&workspace_root(), target_dir().join("debug/pcguard"))?;
     // End-to-end tests: one lab at a time (2-core machines, shared CPU time).
     run(cargo().args(["test", "-p", "pcguard-tests", "--tests", "--", "--test-threads=1"]))
 }
@@ -245,9 +283,7 @@ fn lab(action: &str, prefix: &str) -> Result<()> {
 /// optimizes it; the newest
 /// `<target>/<profile>/build/pcguard-*/out/pcguard-ebpf`).
 fn ebpf_object(profile: &str) -> Result<PathBuf> {
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
-    let build_dir = target.join(profile).join("build");
+    let build_dir = target_dir().join(profile).join("build");
     std::fs::read_dir(&build_dir)
         .with_context(|| format!("reading {}", build_dir.display()))?
         .filter_map(|e| e.ok())
@@ -256,4 +292,9 @@ fn ebpf_object(profile: &str) -> Result<PathBuf> {
         .filter(|p| p.is_file())
         .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
         .with_context(|| format!("no eBPF object under {}", build_dir.display()))
+}
+
+/// Cargo's target directory.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
 }
