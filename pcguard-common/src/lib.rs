@@ -16,7 +16,7 @@
 //! | `SETTINGS`      | Array (2 entries)    | generation           | [`Settings`]   |
 //! | `CONNTRACK`     | LruHash              | [`FlowKey`]          | [`CtEntry`]    |
 //! | `CT_NEW`        | LruHash              | [`FlowKey`]          | [`CtEntry`]    |
-//! | `REPORTED`      | LruHash              | [`ReportKey`]        | [`ReportState`]|
+//! | `REPORTED`      | Array (2-way sets)   | [`report_set`]       | [`ReportSlot`] |
 //! | `EVENT_LIMITER` | PerCpuArray (1)      | 0                    | [`TokenBucket`]|
 //! | `PORT_COUNTERS` | PerCpuArray          | [`port_counter_index`] | [`Counters`] |
 //! | `RULE_COUNTERS` | PerCpuArray          | [`rule_counter_index`] | [`Counters`] |
@@ -275,7 +275,8 @@ pub struct Settings {
 /// `local` is this host, `remote` the peer, whatever the packet direction.
 /// IPv4 addresses are stored in the first 4 bytes of the address arrays,
 /// the rest zero. Addresses are in network byte order; ports in host order.
-#[repr(C)]
+/// Aligned to 8, so the kernel copies and compares it in u64 words.
+#[repr(C, align(8))]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub family: u8,
@@ -462,12 +463,12 @@ pub struct FlowEvent {
     pub repeats: u32,
 }
 
-/// Key of `REPORTED`: what one unexpected-flow report stands for — a
-/// remote address trying one destination port for one reason, with one
-/// verdict — so a flood
-/// of new source ports (or sequence numbers) from one address is one
-/// report per interval, with a count.
-#[repr(C)]
+/// What one unexpected-flow report stands for — a remote address trying
+/// one destination port for one reason, with one verdict — so a flood of
+/// new source ports (or sequence numbers) from one address is one report
+/// per interval, with a count. Aligned to 8: the kernel hashes and
+/// compares it as three u64 words ([`ReportKey::words`]).
+#[repr(C, align(8))]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ReportKey {
     pub family: u8,
@@ -484,10 +485,49 @@ pub struct ReportKey {
     pub remote_addr: [u8; 16],
 }
 
-/// Value of `REPORTED`.
+impl ReportKey {
+    /// The key as three native-endian u64 words (its 24 bytes in order).
+    #[inline(always)]
+    pub fn words(&self) -> [u64; 3] {
+        // SAFETY: 24 bytes of plain data without padding, aligned to 8.
+        unsafe { core::mem::transmute_copy(self) }
+    }
+
+    /// Whether this key's words are `w` (three compares, where `==` on
+    /// arrays becomes a `memcmp` call in BPF).
+    #[inline(always)]
+    pub fn is(&self, w: &[u64; 3]) -> bool {
+        let k = self.words();
+        (k[0] ^ w[0]) | (k[1] ^ w[1]) | (k[2] ^ w[2]) == 0
+    }
+}
+
+/// Index of the first of the two `REPORTED` slots (one set) that may hold
+/// the key whose [`ReportKey::words`] are `w`: a multiply-xorshift hash
+/// (Fibonacci hashing, Knuth TAOCP 6.4), a
+/// few instructions in the kernel where the LRU hash map's lookup cost ~16
+/// ns per dropped packet. Collisions only cost extra report attempts
+/// (which the event budget bounds): a set holds its two most recently
+/// reported keys.
+#[inline(always)]
+pub const fn report_set(w: &[u64; 3]) -> u32 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h = w[0].wrapping_mul(K);
+    h = (h ^ (h >> 29) ^ w[1]).wrapping_mul(K);
+    h = (h ^ (h >> 29) ^ w[2]).wrapping_mul(K);
+    // The top bits: the only ones every input bit reaches.
+    ((h >> (64 - REPORTED_SET_BITS)) as u32) << 1
+}
+
+/// log2 of the number of `REPORTED` sets.
+const REPORTED_SET_BITS: u32 = REPORTED_ENTRIES.trailing_zeros() - 1;
+
+/// Value of `REPORTED`: a key and its last report. A zeroed slot matches
+/// no key (family 0 is no family).
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
-pub struct ReportState {
+pub struct ReportSlot {
+    pub key: ReportKey,
     /// `bpf_ktime_get_coarse_ns` of the last report.
     pub last_ns: u64,
     /// Packets suppressed since then (sent with the next report; counted
@@ -588,7 +628,7 @@ pub const CONNTRACK_ENTRIES: u32 = 262_144;
 /// Default capacity of `CT_NEW` (flows that have not been answered yet;
 /// `[conntrack] new_entries`). A flood of new flows churns this table only.
 pub const CT_NEW_ENTRIES: u32 = 65_536;
-/// Capacity of `REPORTED`.
+/// Slots of `REPORTED` (a power of two: 32,768 sets of two).
 pub const REPORTED_ENTRIES: u32 = 65_536;
 /// Prefixes per address family of one policy (one generation).
 pub const PEER_ENTRIES: u32 = 16_384;
@@ -625,7 +665,7 @@ pub const EVENTS_BYTES: u32 = 1 << 20;
 /// meaning of their fields). Bump it whenever any of them changes: a daemon
 /// finding maps pinned under another version does not adopt them (it
 /// creates a new set and swaps the programs), and `status` names both.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// `TC_RERUN` entries: each TC program's own (the program runs itself again
 /// after pulling headers into the skb's linear part).
@@ -665,7 +705,7 @@ pub const MAP_LAYOUTS: [MapLayout; 19] = [
     layout::<u32, Settings>(names::SETTINGS, NUM_GENERATIONS),
     layout::<FlowKey, CtEntry>(names::CONNTRACK, CONNTRACK_ENTRIES),
     layout::<FlowKey, CtEntry>(names::CT_NEW, CT_NEW_ENTRIES),
-    layout::<ReportKey, ReportState>(names::REPORTED, REPORTED_ENTRIES),
+    layout::<u32, ReportSlot>(names::REPORTED, REPORTED_ENTRIES),
     layout::<u32, TokenBucket>(names::EVENT_LIMITER, 1),
     layout::<u32, Counters>(names::PORT_COUNTERS, PORT_COUNTER_ENTRIES),
     layout::<u32, Counters>(names::RULE_COUNTERS, RULE_COUNTER_ENTRIES),
@@ -753,7 +793,7 @@ mod pod {
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for ReportKey {}
-    unsafe impl aya::Pod for ReportState {}
+    unsafe impl aya::Pod for ReportSlot {}
     unsafe impl aya::Pod for TokenBucket {}
     unsafe impl aya::Pod for DnsMessage {}
     unsafe impl aya::Pod for DnsPendingKey {}
@@ -784,6 +824,67 @@ mod tests {
         assert_eq!(Malformed::try_from(200), Err(200));
     }
 
+    /// Sets taken and the fullest set's load for `keys`.
+    fn spread(keys: impl Iterator<Item = ReportKey>) -> (usize, usize) {
+        let mut load = [0u32; (REPORTED_ENTRIES / 2) as usize];
+        for k in keys {
+            let set = report_set(&k.words());
+            assert_eq!(set % 2, 0, "a set starts on an even slot");
+            assert!(set + 1 < REPORTED_ENTRIES);
+            load[(set / 2) as usize] += 1;
+        }
+        (load.iter().filter(|&&n| n > 0).count(), load.iter().copied().max().unwrap_or(0) as usize)
+    }
+
+    #[test]
+    fn report_sets_spread_like_random() {
+        // 10,000 keys in 32,768 sets: a random function takes ~8,600 sets
+        // and puts at most ~6 keys in one.
+        let v4 = |i: u32, port: u16| ReportKey {
+            family: FAMILY_V4,
+            proto: 6,
+            port,
+            verdict: 1,
+            remote_addr: {
+                let mut a = [0u8; 16];
+                a[..4].copy_from_slice(&(0x0a64_0000u32 + i).to_be_bytes());
+                a
+            },
+            ..Default::default()
+        };
+        let (sets, max) = spread((0..10_000).map(|i| v4(i, 9191)));
+        assert!(sets > 8_300 && max <= 7, "addresses of one /16: {sets} sets, max {max}");
+        let (sets, max) = spread((0..10_000).map(|p| v4(1, p as u16)));
+        assert!(sets > 8_300 && max <= 7, "ports of one address: {sets} sets, max {max}");
+        let v6 = |i: u32| ReportKey {
+            family: FAMILY_V6,
+            proto: 17,
+            port: 53,
+            remote_addr: {
+                let mut a = [0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                a[12..].copy_from_slice(&i.to_be_bytes());
+                a
+            },
+            ..Default::default()
+        };
+        let (sets, max) = spread((0..10_000).map(v6));
+        assert!(sets > 8_300 && max <= 7, "IPv6 addresses of one /96: {sets} sets, max {max}");
+    }
+
+    #[test]
+    fn report_key_words_are_its_bytes() {
+        let k = ReportKey { family: 4, proto: 6, direction: 1, reason: 2, port: 0x1234, verdict: 1, _pad: 0, remote_addr: [7; 16] };
+        let w = k.words();
+        let mut bytes = [0u8; 24];
+        for (i, word) in w.iter().enumerate() {
+            bytes[i * 8..i * 8 + 8].copy_from_slice(&word.to_ne_bytes());
+        }
+        assert_eq!(&bytes[..4], &[4, 6, 1, 2]);
+        assert_eq!(&bytes[4..6], &0x1234u16.to_ne_bytes());
+        assert_eq!(&bytes[6..8], &[1, 0]);
+        assert_eq!(&bytes[8..], &[7; 16]);
+    }
+
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<PortEntry>(), 4);
@@ -792,7 +893,9 @@ mod tests {
         assert_eq!(size_of::<CtEntry>(), 16);
         assert_eq!(size_of::<Settings>(), 16 + 32 + 8);
         assert_eq!(size_of::<ReportKey>(), 8 + 16);
-        assert_eq!(size_of::<ReportState>(), 16);
+        assert_eq!(size_of::<ReportSlot>(), 24 + 16);
+        assert_eq!(align_of::<ReportKey>(), 8);
+        assert_eq!(align_of::<FlowKey>(), 8);
         assert_eq!(size_of::<DnsMessage>(), 8 + 16 + 8 + DNS_PAYLOAD_MAX);
         assert_eq!(size_of::<FlowEvent>(), 8 + 40 + 12 + 4 + 2 + 2 + 4);
         assert_eq!(size_of::<DnsPendingKey>(), 40 + 8);

@@ -6,7 +6,7 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use pcguard_common::{
-    DIR_INGRESS, FlowEvent, FlowKey, ReportKey, ReportState, STAT_EVENTS_DROPPED,
+    DIR_INGRESS, FlowEvent, FlowKey, ReportKey, ReportSlot, STAT_EVENTS_DROPPED, report_set,
     STAT_EVENTS_RATE_LIMITED, STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, Settings,
 };
 
@@ -88,13 +88,44 @@ fn take_token(now: u64, s: &Settings) -> bool {
     true
 }
 
+/// The slot of `REPORTED` holding key `w`, else the one to record it in
+/// (the set's older slot; an empty one is oldest), and whether it holds
+/// `w`.
+#[inline(always)]
+fn report_slot(w: &[u64; 3]) -> Option<(*mut ReportSlot, bool)> {
+    let set = report_set(w);
+    let a = REPORTED.get_ptr_mut(set)?;
+    let b = REPORTED.get_ptr_mut(set | 1)?;
+    // SAFETY: map value pointers, valid for the duration of the program.
+    let holds = |p: *mut ReportSlot| unsafe { (*p).key.is(w) };
+    if holds(a) {
+        return Some((a, true));
+    }
+    if holds(b) {
+        return Some((b, true));
+    }
+    // SAFETY: as above.
+    let older = unsafe {
+        if (*b).last_ns < (*a).last_ns {
+            b
+        } else {
+            a
+        }
+    };
+    Some((older, false))
+}
+
 #[inline(always)]
 pub fn report(frame: &Frame, key: &FlowKey, r: &Report, peer: &mut Peer, now: u64, s: &Settings) {
     let rk = report_key(key, r);
+    let w = rk.words();
+    let Some((slot, held)) = report_slot(&w) else {
+        return;
+    };
+    // SAFETY: map value pointer, valid for the duration of the program.
+    let st = unsafe { &mut *slot };
     let mut repeats = 0;
-    if let Some(st) = REPORTED.get_ptr_mut(&rk) {
-        // SAFETY: map value pointer, valid for the duration of the program.
-        let st = unsafe { &mut *st };
+    if held {
         if now.saturating_sub(st.last_ns) < s.report_interval_ns {
             // Not atomic (Rust offers no atomic add on BPF): two CPUs
             // counting the same key at once may lose one; a count, not a
@@ -111,7 +142,7 @@ pub fn report(frame: &Frame, key: &FlowKey, r: &Report, peer: &mut Peer, now: u6
         stat(STAT_EVENTS_RATE_LIMITED);
         return;
     }
-    let Some(mut slot) = EVENTS.reserve::<FlowEvent>(0) else {
+    let Some(mut event) = EVENTS.reserve::<FlowEvent>(0) else {
         // Not marked as reported: a later packet retries once the daemon
         // has drained the ring.
         stat(STAT_EVENTS_DROPPED);
@@ -120,7 +151,7 @@ pub fn report(frame: &Frame, key: &FlowKey, r: &Report, peer: &mut Peer, now: u6
     // LLVM turns the runs of zero bytes (`_pad`, constant-zero fields) into
     // a small `memset` call, which aya links as a static BPF subprogram: fine
     // on this rate-limited path.
-    slot.write(FlowEvent {
+    event.write(FlowEvent {
         // Precise, as the contract says (`now` is the coarse clock).
         // SAFETY: helper without preconditions.
         ts_ns: unsafe { bpf_ktime_get_ns() },
@@ -137,12 +168,13 @@ pub fn report(frame: &Frame, key: &FlowKey, r: &Report, peer: &mut Peer, now: u6
         _pad: 0,
         repeats,
     });
-    slot.submit(0);
-    // Failure only means the key may be reported again: nothing to do.
-    let state = ReportState {
+    event.submit(0);
+    // Not atomic: two CPUs recording two keys in one slot at once may leave
+    // a mix of both, which matches neither (each is reported again).
+    *st = ReportSlot {
+        key: rk,
         last_ns: now,
         repeats: 0,
     };
-    let _ = REPORTED.insert(&rk, &state, 0);
     stat(STAT_EVENTS_SENT);
 }

@@ -458,6 +458,13 @@ impl Daemon {
                 cfg.interfaces
             );
         }
+        if cfg.ingress_hook != self.cfg.ingress_hook {
+            warn!(
+                "ingress_hook changed ({} -> {}); the interfaces keep their hooks until restart",
+                self.cfg.ingress_hook.as_str(),
+                cfg.ingress_hook.as_str()
+            );
+        }
         if self.opts.metrics_listen.is_none() && cfg.metrics_listen() != self.metrics_addr {
             warn!(
                 "metrics.listen changed to {}; still serving on {} until restart",

@@ -160,9 +160,12 @@ fn sighup_reloads_and_a_bad_config_keeps_the_running_policy() -> Result<()> {
     let mut web = env.lab.run_in("ws", move || std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)))??;
 
     // The site rule comes before the catalog rules: every rule id shifts.
-    env.write_config(&lab_config("enforce", ALLOW_9999))?;
+    // The new ingress hook waits for a restart, and the log says so.
+    env.write_config(&with_hook(&lab_config("enforce", ALLOW_9999), "xdp"))?;
     daemon.signal(libc::SIGHUP)?;
     wait_metric(&daemon, "pcguard_reloads_total", &[("result", "success")], 1.0)?;
+    assert!(daemon.log_text().contains("ingress_hook changed (auto -> xdp)"), "{}", daemon.log_text());
+    assert_eq!(m(&daemon.scrape()?, "pcguard_interface_info", &[("interface", SERVER_IF), ("ingress_hook", "tc")]), 1.0);
     let rule = |text: &str, id| m(text, "pcguard_rule_packets_total", &[("rule", id), ("direction", "ingress")]);
     let before = daemon.scrape()?;
     // ...keeps passing and is still counted under its own rule.

@@ -27,7 +27,8 @@ use pcguard_common::{
     MODE_MONITOR, Malformed, PROTO_IDX_TCP, PROTO_IDX_UDP, PortEntry, PortSlot, REASON_MALFORMED,
     REASON_NO_RULE, REASON_OUTBOUND_TO_WORKSTATION, REASON_PEER_NOT_ALLOWED,
     REASON_UNTRACKED_REPLY, STAT_DNS_ANSWERS, STAT_DNS_ANSWERS_DROPPED, STAT_DNS_QUERIES,
-    STAT_DNS_UNSOLICITED, STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, Settings, VERDICT_ALLOW, names,
+    ReportKey, STAT_DNS_UNSOLICITED, STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, Settings, VERDICT_ALLOW,
+    VERDICT_DROP, names, report_set,
     peer_key_v4, peer_key_v6, port_counter_index, port_table_index, ports_index,
     rule_counter_index, slots_index,
 };
@@ -1180,7 +1181,62 @@ impl Bench {
             s.event_rate = 1000;
             s.event_burst = 1000;
             s.report_interval_ns = 60 * SEC;
-        })
+        })?;
+        self.report_set_cases()
+    }
+
+    /// `REPORTED` holds two keys per set: three sources whose keys share a
+    /// set, and the third evicts the older of the first two, which is then
+    /// reported again; the other stays suppressed.
+    fn report_set_cases(&mut self) -> anyhow::Result<()> {
+        let xdp = Hook::Xdp;
+        let port = 9995;
+        let key = |addr: [u8; 4]| {
+            let mut remote_addr = [0; 16];
+            remote_addr[..4].copy_from_slice(&addr);
+            ReportKey {
+                family: FAMILY_V4,
+                proto: IPPROTO_TCP,
+                direction: DIR_INGRESS as u8,
+                reason: REASON_NO_RULE,
+                port,
+                verdict: VERDICT_DROP as u8,
+                _pad: 0,
+                remote_addr,
+            }
+        };
+        // Three addresses of 172.17.0.0/16 in one set (there are many).
+        let mut by_set = std::collections::HashMap::<u32, Vec<[u8; 4]>>::new();
+        let same = (0..=u16::MAX)
+            .map(|i| [172, 17, (i >> 8) as u8, i as u8])
+            .find_map(|a| {
+                let v = by_set.entry(report_set(&key(a).words())).or_default();
+                v.push(a);
+                (v.len() == 3).then(|| v.clone())
+            })
+            .context("no three addresses share a set")?;
+        let (a, b, c) = (same[0], same[1], same[2]);
+        self.drain_events()?;
+        // Tokens again after the budget of three above (1000/s).
+        std::thread::sleep(Duration::from_millis(20));
+        let step = |bench: &mut Self, what: &str, src: [u8; 4], want: usize| -> anyhow::Result<()> {
+            let syn = tcp4(src, SERVER, 5000, port, TCP_SYN);
+            bench.once(what, xdp, &syn, XDP_DROP)?;
+            let got = bench.drain_events()?;
+            ensure!(got == want, "{what}: {got} reports, want {want}");
+            if want == 1 {
+                let e = bench.events.last().context("no event")?;
+                ensure!(e.key.remote_addr[..4] == src, "{what}: report of {:?}", &e.key.remote_addr[..4]);
+            }
+            Ok(())
+        };
+        step(self, "first key of a set", a, 1)?;
+        step(self, "second key of the set", b, 1)?;
+        step(self, "first key again (held)", a, 0)?;
+        step(self, "third key evicts the older", c, 1)?;
+        step(self, "second key still held", b, 0)?;
+        step(self, "evicted key is reported again", a, 1)?;
+        Ok(())
     }
 
     /// No adoption: a packet of a flow conntrack does not hold passes only

@@ -48,7 +48,12 @@ const DENIED_PORT: u16 = 9999;
 pub enum Receiver {
     None,
     Nftables,
+    /// One stateless rule at the netdev ingress hook: the cheapest drop
+    /// the kernel's own filters make (not an allowlist).
+    NftNetdev,
     XdpFilter,
+    /// xdp-filter in generic mode: what generic XDP costs any program.
+    XdpFilterSkb,
     PcguardXdp,
     PcguardXdpSkb,
     PcguardTc,
@@ -61,7 +66,9 @@ impl Receiver {
         match self {
             Receiver::None => "no filter",
             Receiver::Nftables => "nftables (pcguard render nftables)",
+            Receiver::NftNetdev => "nftables netdev ingress, 1 drop rule",
             Receiver::XdpFilter => "xdp-filter (deny + allowed ports)",
+            Receiver::XdpFilterSkb => "xdp-filter, generic XDP",
             Receiver::PcguardXdp => "pcguard, native XDP",
             Receiver::PcguardXdpSkb => "pcguard, generic XDP (--xdp-skb)",
             Receiver::PcguardTc => "pcguard, TC ingress",
@@ -89,8 +96,18 @@ impl Options {
         use Receiver::*;
         Self {
             rounds: 3,
-            seconds: 5,
-            receivers: vec![None, Nftables, XdpFilter, PcguardXdp, PcguardXdpSkb, PcguardTc, PcguardXdpLarge],
+            seconds: 3,
+            receivers: vec![
+                None,
+                Nftables,
+                NftNetdev,
+                XdpFilter,
+                XdpFilterSkb,
+                PcguardXdp,
+                PcguardXdpSkb,
+                PcguardTc,
+                PcguardXdpLarge,
+            ],
             pcguard,
         }
     }
@@ -342,8 +359,19 @@ impl Filter {
                 std::fs::write(&file, ruleset)?;
                 t.run(RX, "nft", &["-f", &file.to_string_lossy()])?;
             }
-            Receiver::XdpFilter => {
-                t.run(RX, "xdp-filter", &["load", "--mode", "native", "--policy", "deny", RX_IF])?;
+            Receiver::NftNetdev => {
+                let file = work.join("netdev.nft");
+                std::fs::write(
+                    &file,
+                    format!(
+                        "table netdev compare {{\n  chain ingress {{\n    type filter hook ingress device \"{RX_IF}\" priority -500;\n    tcp dport {DENIED_PORT} drop\n  }}\n}}\n"
+                    ),
+                )?;
+                t.run(RX, "nft", &["-f", &file.to_string_lossy()])?;
+            }
+            Receiver::XdpFilter | Receiver::XdpFilterSkb => {
+                let mode = if r == Receiver::XdpFilter { "native" } else { "skb" };
+                t.run(RX, "xdp-filter", &["load", "--mode", mode, "--policy", "deny", RX_IF])?;
                 for port in [WEB_PORT, IPERF_PORT] {
                     t.run(RX, "xdp-filter", &["port", &port.to_string(), "--mode", "dst", "--proto", "tcp"])?;
                 }
@@ -411,10 +439,10 @@ impl Filter {
     fn detach(mut self, t: &Topology) -> Result<()> {
         match self.receiver {
             Receiver::None => {}
-            Receiver::Nftables => {
+            Receiver::Nftables | Receiver::NftNetdev => {
                 t.run(RX, "nft", &["flush", "ruleset"])?;
             }
-            Receiver::XdpFilter => {
+            Receiver::XdpFilter | Receiver::XdpFilterSkb => {
                 t.run(RX, "xdp-filter", &["unload", RX_IF])?;
             }
             _ => {

@@ -87,7 +87,7 @@ enum Task {
         #[arg(long, default_value_t = 3)]
         rounds: u32,
         /// With --compare: seconds per measurement.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 3)]
         seconds: u32,
     },
 }
