@@ -164,6 +164,8 @@ const APT_PACKAGES: &[&str] = &[
     "netsniff-ng",
     "iperf3",
     "xdp-tools",
+    // Test-runs of attached programs in the compare bench.
+    "bpftool",
 ];
 
 /// PATH with LLVM 22 first, for bpf-linker and everything that runs it.
