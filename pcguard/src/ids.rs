@@ -15,7 +15,8 @@ use std::collections::HashMap;
 use log::warn;
 use pcguard_common::{MAX_PORT_LABELS, MAX_RULES, NUM_PORT_PROTOS};
 
-use crate::policy::{CompiledPolicy, Direction, Protocol, RuleInfo, RuleOrigin};
+use crate::model::{Direction, Protocol};
+use crate::policy::{CompiledPolicy, RuleInfo, RuleOrigin};
 
 /// Numbers handed out so far (0 is reserved: no rule / `other`).
 #[derive(Debug, Default)]

@@ -18,6 +18,7 @@ pub mod flows;
 pub mod gate;
 pub mod ids;
 pub mod metrics;
+pub mod model;
 pub mod seed;
 pub mod sockdiag;
 pub mod state;

@@ -6,6 +6,7 @@ use super::compiled::{CompiledPolicy, RuleInfo, RuleOrigin};
 use super::ports::{Labels, tables};
 use super::{lpm, ports};
 use crate::config::CLASS_ANY_NAME;
+use crate::model::{Direction, Protocol};
 use pcguard_common::{CLASS_ANY, CLASS_ANY_BIT, MAX_CLASSES, MAX_PORT_LABELS, MAX_RULES, PEER_ENTRIES};
 use std::fmt;
 
@@ -165,7 +166,7 @@ fn class_mask(p: &Policy, names: &[impl AsRef<str>]) -> u32 {
 fn resolver_mask(p: &Policy) -> u32 {
     p.rules
         .iter()
-        .filter(|r| r.direction == super::Direction::Outbound && r.protocol == super::Protocol::Udp)
+        .filter(|r| r.direction == Direction::Outbound && r.protocol == Protocol::Udp)
         .filter(|r| r.ports.iter().any(|range| range.contains(53)))
         .fold(0, |m, r| m | rule_mask(p, r))
         & !CLASS_ANY
@@ -189,8 +190,8 @@ fn placeholder_rule() -> RuleInfo {
     RuleInfo {
         id: "none".to_string(),
         description: "no rule".to_string(),
-        direction: super::Direction::Inbound,
-        protocol: super::Protocol::Tcp,
+        direction: Direction::Inbound,
+        protocol: Protocol::Tcp,
         ports: Vec::new(),
         peers: Vec::new(),
         fqdns: Vec::new(),

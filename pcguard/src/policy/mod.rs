@@ -3,15 +3,12 @@
 //! dense tables the kernel reads (docs/datapath.md).
 
 mod build;
-pub mod cidr;
 mod classes;
 mod compile;
 pub mod compiled;
 mod lpm;
 mod ports;
-pub mod portspec;
 mod report;
-pub(crate) mod table;
 
 pub use build::{Policy, PolicyClass, build};
 pub use classes::ClassInfo;

@@ -7,7 +7,8 @@
 //! slots are shared.
 
 use super::compile::PolicyError;
-use super::compiled::{Direction, PortRange, Protocol, RuleInfo};
+use super::compiled::RuleInfo;
+use crate::model::{Direction, PortRange, Protocol};
 use pcguard_common::{MAX_CLASSES, MAX_SLOTS, PortEntry, PortSlot, port_table_index};
 use std::collections::{BTreeSet, HashMap};
 

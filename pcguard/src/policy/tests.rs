@@ -1,6 +1,6 @@
-use super::cidr::Cidr;
 use super::*;
 use crate::config::{self, SiteConfig};
+use crate::model::{Cidr, Direction, Protocol};
 use pcguard_common::*;
 use std::collections::HashSet;
 use std::net::IpAddr;
