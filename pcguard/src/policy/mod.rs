@@ -6,14 +6,16 @@ mod build;
 mod classes;
 mod compile;
 pub mod compiled;
+mod error;
 mod lpm;
 mod ports;
 mod report;
 
 pub use build::{Policy, PolicyClass, build};
 pub use classes::ClassInfo;
-pub use compile::{PolicyError, compile_policy};
+pub use compile::compile_policy;
 pub use compiled::*;
+pub use error::PolicyError;
 pub use report::{check_report, origin_name, rule_table, rules_json};
 
 use crate::config::SiteConfig;

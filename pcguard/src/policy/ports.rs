@@ -6,8 +6,8 @@
 //! the first rule (in priority order) that allows that class; identical
 //! slots are shared.
 
-use super::compile::PolicyError;
 use super::compiled::RuleInfo;
+use super::error::PolicyError;
 use crate::model::{Direction, PortRange, Protocol};
 use pcguard_common::{MAX_CLASSES, MAX_SLOTS, PortEntry, PortSlot, port_table_index};
 use std::collections::{BTreeSet, HashMap};
