@@ -3,7 +3,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
@@ -19,7 +19,7 @@ use tokio::{
 };
 
 use crate::{
-    config::{self, SiteConfig},
+    config::SiteConfig,
     counters::Labels,
     datapath::{Datapath, MapSizes},
     dns::{Accepted, FqdnClasses, Guard, Handled, LearnReport, Learner, Limits, QueryTable, Refusal, Seen},
@@ -104,13 +104,6 @@ fn mode_name(m: u8) -> &'static str {
     if m == pcguard_common::MODE_MONITOR { "monitor" } else { "enforce" }
 }
 
-/// Loads and compiles a config file: nothing touches the kernel here.
-pub fn load_policy(path: &Path) -> Result<(SiteConfig, CompiledPolicy)> {
-    let cfg = config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let policy = policy::compile(&cfg).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    Ok((cfg, policy))
-}
-
 /// How the daemon's main loop ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Exit {
@@ -169,7 +162,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     {
         bail!("pcguard is already running (pid {}, state in {})", other.pid, opts.run_dir.display());
     }
-    let (cfg, compiled) = load_policy(&opts.config)?;
+    let (cfg, compiled) = policy::load(&opts.config)?;
     let mut ids = StableIds::default();
     let compiled = ids.stabilize(&compiled);
     let settings = daemon_settings(&cfg, &compiled, &opts)?;
@@ -449,7 +442,7 @@ impl Daemon {
     }
 
     fn try_reload(&mut self) -> Result<()> {
-        let (cfg, compiled) = load_policy(&self.opts.config)?;
+        let (cfg, compiled) = policy::load(&self.opts.config)?;
         let compiled = self.ids.stabilize(&compiled);
         if cfg.interfaces != self.cfg.interfaces {
             bail!(
