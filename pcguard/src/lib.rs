@@ -16,7 +16,6 @@ pub mod datapath;
 pub mod dns;
 pub mod flows;
 pub mod gate;
-pub mod ids;
 pub mod metrics;
 pub mod model;
 pub mod seed;

@@ -1,17 +1,21 @@
 //! Typed [`Policy`] -> [`CompiledPolicy`]: class bits, LPM prefixes, port
-//! tables, counter labels and settings, within the map limits.
+//! tables, counter labels and settings, within the map limits; rule ids and
+//! port label indexes from the [`StableIds`] of earlier policies.
 
 use super::build::{Policy, PolicyClass};
 use super::compiled::{CompiledPolicy, RuleInfo, RuleOrigin};
 use super::error::PolicyError;
+use super::ids::StableIds;
 use super::ports::{Labels, tables};
 use super::{lpm, ports};
 use crate::config::CLASS_ANY_NAME;
 use crate::model::{Direction, Protocol};
 use pcguard_common::{CLASS_ANY, CLASS_ANY_BIT, MAX_CLASSES, MAX_PORT_LABELS, MAX_RULES, PEER_ENTRIES};
 
-/// Compiles a typed policy.
-pub fn compile_policy(p: &Policy) -> Result<CompiledPolicy, PolicyError> {
+/// Compiles a typed policy, numbering its rules and port labels with `ids`
+/// (fresh ids: rule id = priority position). `ids` keeps the numbers of
+/// the policy only when it compiles.
+pub fn compile_policy(p: &Policy, ids: &mut StableIds) -> Result<CompiledPolicy, PolicyError> {
     check_limit(p.rules.len(), MAX_RULES as usize - 1, |count, max| {
         PolicyError::TooManyRules { count, max }
     })?;
@@ -41,28 +45,33 @@ pub fn compile_policy(p: &Policy) -> Result<CompiledPolicy, PolicyError> {
             }
         })?;
     }
-    let t = tables(&p.rules, &masks, &labels)?;
+    let rules: Vec<RuleInfo> = std::iter::once(placeholder_rule())
+        .chain(p.rules.iter().cloned())
+        .collect();
+    let port_labels = [
+        labels[0].names(),
+        labels[1].names(),
+        vec!["other".to_string()],
+    ];
+    let numbers = ids.number(&rules, &port_labels);
+    let t = tables(&p.rules, &masks, &labels, &numbers)?;
     let mut settings = p.settings;
     settings.no_initiate_mask = class_mask(p, &["workstations", "secondary_servers"]);
     settings.resolver_mask = resolver_mask(p);
     settings.learned_mask = learned_mask(p);
     settings.ready = 1;
-    Ok(CompiledPolicy {
+    let compiled = CompiledPolicy {
         settings,
         ports: t.ports,
         slots: t.slots,
         peers_v4,
         peers_v6,
-        rules: std::iter::once(placeholder_rule())
-            .chain(p.rules.iter().cloned())
-            .collect(),
-        port_labels: [
-            labels[0].names(),
-            labels[1].names(),
-            vec!["other".to_string()],
-        ],
+        rules: numbers.place_rules(&rules),
+        port_labels: numbers.place_labels(&port_labels),
         classes: class_names(&p.classes),
-    })
+    };
+    ids.keep(numbers);
+    Ok(compiled)
 }
 
 fn check_limit(
