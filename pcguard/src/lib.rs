@@ -3,6 +3,8 @@
 //!
 //! Pipeline: `catalog` -> `config` -> `policy` (pure, unit-tested) ->
 //! `datapath` (BPF maps) ; `flows` (audit log) ; `metrics` (Prometheus).
+//! Under them all, `model`: the vocabulary they share (directions,
+//! protocols, port ranges, CIDRs).
 
 pub mod attach;
 pub mod auditlog;
