@@ -164,8 +164,7 @@ fn intern(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::RuleOrigin;
-    use crate::policy::StableIds;
+    use crate::policy::{RuleOrigin, StableIds};
 
     fn rule(id: String, ports: Vec<PortRange>) -> RuleInfo {
         RuleInfo {
@@ -207,8 +206,12 @@ mod tests {
             .map(|i| if i < usize::from(blocks) { 1 } else { 2 })
             .collect();
         let labels = [Labels(Vec::new()), Labels(Vec::new())];
-        let numbered: Vec<RuleInfo> = std::iter::once(rule("none".into(), Vec::new())).chain(rules.iter().cloned()).collect();
-        let numbers = StableIds::default().number(&numbered, &std::array::from_fn(|_| vec!["other".to_string()]));
+        // Fresh ids: rule id = position, after the placeholder.
+        let numbered: Vec<RuleInfo> = std::iter::once(rule("none".into(), Vec::new()))
+            .chain(rules.iter().cloned())
+            .collect();
+        let no_labels = std::array::from_fn(|_| vec!["other".to_string()]);
+        let numbers = StableIds::default().number(&numbered, &no_labels);
         let Err(e) = tables(&rules, &masks, &labels, &numbers) else {
             panic!("1600 slots fit in {MAX_SLOTS}")
         };
@@ -218,7 +221,13 @@ mod tests {
                 max: MAX_SLOTS as usize - 1
             }
         );
-        let fits = tables(&rules[..usize::from(blocks) + 20], &masks, &labels, &numbers).unwrap();
+        let fits = tables(
+            &rules[..usize::from(blocks) + 20],
+            &masks,
+            &labels,
+            &numbers,
+        )
+        .unwrap();
         // 40 blocks x (20 ports with a b rule + the rest sharing one slot).
         assert_eq!(fits.slots.len(), 1 + 40 * 20 + 40);
     }
