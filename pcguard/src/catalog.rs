@@ -2,10 +2,7 @@
 //! (`pcguard/data/catalog.toml`), each with the fragment of the PaperCut
 //! document (`docs/papercut-ports.txt`) it comes from.
 
-use crate::policy::cidr::Cidr;
-use crate::policy::portspec::{first_overlap, format_ports};
-use crate::policy::table;
-use crate::policy::{Direction, PortRange, Protocol};
+use crate::model::{Cidr, Direction, PortRange, Protocol, first_overlap, format_ports, table};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashSet};
 use std::sync::OnceLock;

@@ -10,7 +10,7 @@ mod rules;
 mod span;
 
 use crate::catalog::{Catalog, Service};
-use crate::policy::{Direction, PortRange, Protocol};
+use crate::model::{Cidr, Direction, PortRange, Protocol};
 use raw::{RawConfig, Seconds, SpannedList};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use toml::Spanned;
 
-pub use crate::policy::cidr::Cidr;
 pub use raw::parse_duration;
 
 pub const DEFAULT_AUDIT_PATH: &str = "/var/log/pcguard/flows.jsonl";

@@ -3,7 +3,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
@@ -19,15 +19,14 @@ use tokio::{
 };
 
 use crate::{
-    config::{self, SiteConfig},
+    config::SiteConfig,
     counters::Labels,
     datapath::{Datapath, MapSizes},
     dns::{Accepted, FqdnClasses, Guard, Handled, LearnReport, Learner, Limits, QueryTable, Refusal, Seen},
     flows::{AuditLog, AuditRecord, DnsRefusal, KeyedLimit},
     gate::AuditGate,
-    ids::StableIds,
     metrics::{Metrics, PolicyInfo},
-    policy::{self, CompiledPolicy},
+    policy::{self, CompiledPolicy, StableIds},
     state::{State, unix_now},
 };
 
@@ -104,13 +103,6 @@ fn mode_name(m: u8) -> &'static str {
     if m == pcguard_common::MODE_MONITOR { "monitor" } else { "enforce" }
 }
 
-/// Loads and compiles a config file: nothing touches the kernel here.
-pub fn load_policy(path: &Path) -> Result<(SiteConfig, CompiledPolicy)> {
-    let cfg = config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let policy = policy::compile(&cfg).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    Ok((cfg, policy))
-}
-
 /// How the daemon's main loop ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Exit {
@@ -169,9 +161,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     {
         bail!("pcguard is already running (pid {}, state in {})", other.pid, opts.run_dir.display());
     }
-    let (cfg, compiled) = load_policy(&opts.config)?;
     let mut ids = StableIds::default();
-    let compiled = ids.stabilize(&compiled);
+    let (cfg, compiled) = policy::load(&opts.config, &mut ids)?;
     let settings = daemon_settings(&cfg, &compiled, &opts)?;
     if settings.interfaces.is_empty() {
         bail!("{}: no interfaces configured", opts.config.display());
@@ -182,16 +173,18 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics listener {addr}"))?;
 
     let mut dp = Datapath::load(&opts.bpffs_dir, &MapSizes::of(&cfg))?;
-    let compiled = if dp.adopted() {
+    let compiled = match dp.adopted().then(|| State::read(&opts.run_dir)) {
         // Keep the numbering the running policy's conntrack entries and
-        // counters carry.
-        match State::read(&opts.run_dir) {
-            Ok(previous) => ids = StableIds::from_labels(&previous.labels),
-            Err(e) => warn!("no state of the earlier daemon ({e:#}): rule ids are numbered afresh"),
+        // counters carry: compile again with it.
+        Some(Ok(previous)) => {
+            ids = StableIds::from_names(&previous.labels.rules, &previous.labels.port_labels);
+            policy::compile_with(&cfg, &mut ids).map_err(|e| anyhow::anyhow!("{}: {e}", opts.config.display()))?
         }
-        ids.stabilize(&compiled)
-    } else {
-        compiled
+        Some(Err(e)) => {
+            warn!("no state of the earlier daemon ({e:#}): rule ids are numbered afresh");
+            compiled
+        }
+        None => compiled,
     };
     // The policy is complete in the maps before the programs see a packet,
     // and so are the connections already open that it allows (unless the
@@ -449,8 +442,7 @@ impl Daemon {
     }
 
     fn try_reload(&mut self) -> Result<()> {
-        let (cfg, compiled) = load_policy(&self.opts.config)?;
-        let compiled = self.ids.stabilize(&compiled);
+        let (cfg, compiled) = policy::load(&self.opts.config, &mut self.ids)?;
         if cfg.interfaces != self.cfg.interfaces {
             bail!(
                 "interfaces changed ({:?} -> {:?}); restart pcguard to attach to a different set",

@@ -18,7 +18,7 @@ use pcguard_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{CompiledPolicy, Direction};
+use crate::{model::Direction, policy::CompiledPolicy};
 
 /// Reason labels (metrics and audit), by `REASON_*` value.
 pub fn reason_name(reason: u8) -> &'static str {

@@ -3,6 +3,8 @@
 //!
 //! Pipeline: `catalog` -> `config` -> `policy` (pure, unit-tested) ->
 //! `datapath` (BPF maps) ; `flows` (audit log) ; `metrics` (Prometheus).
+//! Under them all, `model`: the vocabulary they share (directions,
+//! protocols, port ranges, CIDRs).
 
 pub mod attach;
 pub mod auditlog;
@@ -16,8 +18,8 @@ pub mod datapath;
 pub mod dns;
 pub mod flows;
 pub mod gate;
-pub mod ids;
 pub mod metrics;
+pub mod model;
 pub mod seed;
 pub mod sockdiag;
 pub mod state;

@@ -177,7 +177,7 @@ fn real_main(cli: Cli) -> Result<()> {
             rt.block_on(daemon::run(opts))
         }
         Command::Check { config, format } => {
-            let (cfg, policy) = daemon::load_policy(&config)?;
+            let (cfg, policy) = pcguard::policy::load(&config, &mut pcguard::policy::StableIds::default())?;
             match format {
                 Format::Table => print!("{}", pcguard::policy::check_report(&cfg, &policy)),
                 Format::Json => println!("{}", serde_json::to_string_pretty(&pcguard::policy::rules_json(&policy))?),
@@ -209,7 +209,7 @@ fn real_main(cli: Cli) -> Result<()> {
             flows::follow(&path, &filter, lines, !no_follow, json, std::io::stdout().lock())
         }
         Command::Render { target: RenderTarget::Nftables { config } } => {
-            let (cfg, policy) = daemon::load_policy(&config)?;
+            let (cfg, policy) = pcguard::policy::load(&config, &mut pcguard::policy::StableIds::default())?;
             print!("{}", pcguard::render::nftables_on(&policy, &cfg.interfaces));
             Ok(())
         }

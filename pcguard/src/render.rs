@@ -6,7 +6,8 @@
 //! (direction, protocol, port).
 
 use crate::config::SiteConfig;
-use crate::policy::{self, ClassInfo, CompiledPolicy, Direction, PolicyError, PortRange, Protocol};
+use crate::model::{Direction, PortRange, Protocol};
+use crate::policy::{self, ClassInfo, CompiledPolicy, PolicyError};
 use pcguard_common::{CLASS_ANY_BIT, MAX_CLASSES, MODE_ENFORCE, NUM_PORT_PROTOS};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

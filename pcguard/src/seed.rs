@@ -14,7 +14,8 @@ use std::net::{IpAddr, SocketAddr};
 use pcguard_common::{CT_STATE_OPEN, CtEntry, FAMILY_V4, FAMILY_V6, FlowKey, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
-    policy::{Allowed, CompiledPolicy, Protocol},
+    model::Protocol,
+    policy::{Allowed, CompiledPolicy},
     sockdiag::Connection,
 };
 
@@ -103,7 +104,7 @@ fn addr_bytes(a: SocketAddr) -> (u8, [u8; 16]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config, policy::Direction};
+    use crate::{config, model::Direction};
     use pcguard_common::{DIR_EGRESS, DIR_INGRESS};
 
     const LAB: &str = include_str!("../../examples/lab.toml");

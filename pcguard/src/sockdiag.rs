@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use log::{debug, warn};
 
-use crate::policy::{Direction, Protocol};
+use crate::model::{Direction, Protocol};
 
 /// `SOCK_DIAG_BY_FAMILY` (`linux/sock_diag.h`): the request and reply type.
 const SOCK_DIAG_BY_FAMILY: u16 = 20;

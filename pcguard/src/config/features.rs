@@ -3,9 +3,9 @@
 //! feature has the peers it needs.
 
 use super::raw::RawConfig;
-use super::{Cidr, ConfigError, Ctx, Role, service_peers};
+use super::{ConfigError, Ctx, Role, service_peers};
 use crate::catalog::Catalog;
-use crate::policy::PortRange;
+use crate::model::{Cidr, PortRange};
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use toml::Value;

@@ -2,7 +2,7 @@
 //! validation. Values that semantic errors point at are `Spanned`.
 
 use super::{Mode, Role};
-use crate::policy::{Direction, PortRange, Protocol};
+use crate::model::{Direction, PortRange, Protocol};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 use std::collections::BTreeMap;

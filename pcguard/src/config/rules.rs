@@ -2,9 +2,9 @@
 //! rules of a table claiming the same port for the same peer class.
 
 use super::raw::RawRule;
-use super::{CLASS_ANY_NAME, Cidr, ConfigError, Ctx, SiteRule};
+use super::{CLASS_ANY_NAME, ConfigError, Ctx, SiteRule};
 use crate::catalog::Catalog;
-use crate::policy::portspec::first_overlap;
+use crate::model::{Cidr, first_overlap};
 use std::collections::{BTreeMap, HashSet};
 
 /// Names used by the compiled policy itself (rule 0, the `other` label).

@@ -1,11 +1,11 @@
 //! Site config + catalog -> typed [`Policy`]: the enabled rules in priority
 //! order and the peer classes with their addresses.
 
-use super::cidr::Cidr;
 use super::classes::unique;
 use super::compiled::{RuleInfo, RuleOrigin};
 use crate::catalog::{Catalog, Service};
 use crate::config::{SiteConfig, SiteRule};
+use crate::model::Cidr;
 use pcguard_common::Settings;
 use std::collections::BTreeSet;
 use std::time::Duration;

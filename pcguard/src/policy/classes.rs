@@ -3,8 +3,8 @@
 //! nested prefixes include the bits of the prefixes containing them), its
 //! FQDNs those of the rules allowing it.
 
-use super::cidr::Cidr;
 use super::compiled::{CompiledPolicy, PeerPrefix};
+use crate::model::Cidr;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

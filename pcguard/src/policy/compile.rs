@@ -1,81 +1,21 @@
 //! Typed [`Policy`] -> [`CompiledPolicy`]: class bits, LPM prefixes, port
-//! tables, counter labels and settings, within the map limits.
+//! tables, counter labels and settings, within the map limits; rule ids and
+//! port label indexes from the [`StableIds`] of earlier policies.
 
 use super::build::{Policy, PolicyClass};
 use super::compiled::{CompiledPolicy, RuleInfo, RuleOrigin};
+use super::error::PolicyError;
+use super::ids::StableIds;
 use super::ports::{Labels, tables};
 use super::{lpm, ports};
 use crate::config::CLASS_ANY_NAME;
+use crate::model::{Direction, Protocol};
 use pcguard_common::{CLASS_ANY, CLASS_ANY_BIT, MAX_CLASSES, MAX_PORT_LABELS, MAX_RULES, PEER_ENTRIES};
-use std::fmt;
 
-/// The policy does not fit the kernel tables.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PolicyError {
-    TooManyRules {
-        count: usize,
-        max: usize,
-    },
-    TooManyClasses {
-        count: usize,
-        max: usize,
-    },
-    TooManySlots {
-        max: usize,
-    },
-    TooManyPortLabels {
-        protocol: &'static str,
-        count: usize,
-        max: usize,
-    },
-    TooManyPrefixes {
-        family: &'static str,
-        count: usize,
-        max: usize,
-    },
-}
-
-impl fmt::Display for PolicyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PolicyError::TooManyRules { count, max } => {
-                write!(
-                    f,
-                    "too many rules: {count} (at most {max}); disable features or merge site rules"
-                )
-            }
-            PolicyError::TooManyClasses { count, max } => {
-                write!(
-                    f,
-                    "too many peer classes with addresses: {count} (at most {max} besides `any`)"
-                )
-            }
-            PolicyError::TooManySlots { max } => write!(
-                f,
-                "too many distinct port/peer combinations (at most {max} slots); merge site rules or ports"
-            ),
-            PolicyError::TooManyPortLabels {
-                protocol,
-                count,
-                max,
-            } => write!(
-                f,
-                "too many distinct {protocol} ports and ranges: {count} (at most {max}); use ranges in site rules"
-            ),
-            PolicyError::TooManyPrefixes { family, count, max } => {
-                write!(
-                    f,
-                    "too many {family} prefixes in [peers]: {count} (at most {max})"
-                )
-            }
-        }
-    }
-}
-
-impl std::error::Error for PolicyError {}
-
-/// Compiles a typed policy.
-pub fn compile_policy(p: &Policy) -> Result<CompiledPolicy, PolicyError> {
+/// Compiles a typed policy, numbering its rules and port labels with `ids`
+/// (fresh ids: rule id = priority position). `ids` keeps the numbers of
+/// the policy only when it compiles.
+pub fn compile_policy(p: &Policy, ids: &mut StableIds) -> Result<CompiledPolicy, PolicyError> {
     check_limit(p.rules.len(), MAX_RULES as usize - 1, |count, max| {
         PolicyError::TooManyRules { count, max }
     })?;
@@ -105,28 +45,33 @@ pub fn compile_policy(p: &Policy) -> Result<CompiledPolicy, PolicyError> {
             }
         })?;
     }
-    let t = tables(&p.rules, &masks, &labels)?;
+    let rules: Vec<RuleInfo> = std::iter::once(placeholder_rule())
+        .chain(p.rules.iter().cloned())
+        .collect();
+    let port_labels = [
+        labels[0].names(),
+        labels[1].names(),
+        vec!["other".to_string()],
+    ];
+    let numbers = ids.number(&rules, &port_labels);
+    let t = tables(&p.rules, &masks, &labels, &numbers)?;
     let mut settings = p.settings;
     settings.no_initiate_mask = class_mask(p, &["workstations", "secondary_servers"]);
     settings.resolver_mask = resolver_mask(p);
     settings.learned_mask = learned_mask(p);
     settings.ready = 1;
-    Ok(CompiledPolicy {
+    let compiled = CompiledPolicy {
         settings,
         ports: t.ports,
         slots: t.slots,
         peers_v4,
         peers_v6,
-        rules: std::iter::once(placeholder_rule())
-            .chain(p.rules.iter().cloned())
-            .collect(),
-        port_labels: [
-            labels[0].names(),
-            labels[1].names(),
-            vec!["other".to_string()],
-        ],
+        rules: numbers.place_rules(&rules),
+        port_labels: numbers.place_labels(&port_labels),
         classes: class_names(&p.classes),
-    })
+    };
+    ids.keep(numbers);
+    Ok(compiled)
 }
 
 fn check_limit(
@@ -165,7 +110,7 @@ fn class_mask(p: &Policy, names: &[impl AsRef<str>]) -> u32 {
 fn resolver_mask(p: &Policy) -> u32 {
     p.rules
         .iter()
-        .filter(|r| r.direction == super::Direction::Outbound && r.protocol == super::Protocol::Udp)
+        .filter(|r| r.direction == Direction::Outbound && r.protocol == Protocol::Udp)
         .filter(|r| r.ports.iter().any(|range| range.contains(53)))
         .fold(0, |m, r| m | rule_mask(p, r))
         & !CLASS_ANY
@@ -189,8 +134,8 @@ fn placeholder_rule() -> RuleInfo {
     RuleInfo {
         id: "none".to_string(),
         description: "no rule".to_string(),
-        direction: super::Direction::Inbound,
-        protocol: super::Protocol::Tcp,
+        direction: Direction::Inbound,
+        protocol: Protocol::Tcp,
         ports: Vec::new(),
         peers: Vec::new(),
         fqdns: Vec::new(),

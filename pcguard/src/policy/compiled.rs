@@ -3,85 +3,9 @@
 //! Produced by `policy::compile` (pure), consumed by `datapath` (writes the
 //! maps), `metrics` (labels), `render` (nftables) and `check` (rule table).
 
+use crate::model::{Direction, PortRange, Protocol};
 use pcguard_common::{MAX_SLOTS, PortEntry, PortSlot, Settings, port_table_index};
-use serde::{Deserialize, Serialize};
-
-/// Direction a rule's flows are initiated in.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    /// Peers connect to this server (service port = local port).
-    Inbound,
-    /// This server connects to peers (service port = remote port).
-    Outbound,
-}
-
-impl Direction {
-    /// `pcguard_common::DIR_INGRESS` / `DIR_EGRESS`.
-    pub fn dir_index(self) -> u32 {
-        match self {
-            Direction::Inbound => pcguard_common::DIR_INGRESS,
-            Direction::Outbound => pcguard_common::DIR_EGRESS,
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Inbound => "inbound",
-            Direction::Outbound => "outbound",
-        }
-    }
-}
-
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    /// `pcguard_common::PROTO_IDX_TCP` / `PROTO_IDX_UDP`.
-    pub fn proto_index(self) -> u32 {
-        match self {
-            Protocol::Tcp => pcguard_common::PROTO_IDX_TCP,
-            Protocol::Udp => pcguard_common::PROTO_IDX_UDP,
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        }
-    }
-}
-
-/// Inclusive port range; a single port has `start == end`.
-/// Deserializes from a port number (`9191`) or a string (`"9191"`,
-/// `"49152-65535"`); see `policy::portspec`.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct PortRange {
-    pub start: u16,
-    pub end: u16,
-}
-
-impl PortRange {
-    pub fn single(p: u16) -> Self {
-        Self { start: p, end: p }
-    }
-    pub fn contains(&self, p: u16) -> bool {
-        self.start <= p && p <= self.end
-    }
-}
-
-impl std::fmt::Display for PortRange {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.start == self.end {
-            write!(f, "{}", self.start)
-        } else {
-            write!(f, "{}-{}", self.start, self.end)
-        }
-    }
-}
+use serde::Serialize;
 
 /// Where a compiled rule came from.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]

@@ -3,8 +3,8 @@
 //! the longest match, so that match must carry all the classes the address
 //! belongs to).
 
-use super::cidr::Cidr;
 use super::compiled::PeerPrefix;
+use crate::model::Cidr;
 use pcguard_common::CLASS_ANY;
 use std::collections::BTreeMap;
 

@@ -6,8 +6,10 @@
 //! the first rule (in priority order) that allows that class; identical
 //! slots are shared.
 
-use super::compile::PolicyError;
-use super::compiled::{Direction, PortRange, Protocol, RuleInfo};
+use super::compiled::RuleInfo;
+use super::error::PolicyError;
+use super::ids::Numbering;
+use crate::model::{Direction, PortRange, Protocol};
 use pcguard_common::{MAX_CLASSES, MAX_SLOTS, PortEntry, PortSlot, port_table_index};
 use std::collections::{BTreeSet, HashMap};
 
@@ -39,7 +41,8 @@ impl Labels {
             .collect()
     }
 
-    /// The narrowest label containing `port` (lowest start on ties), or 0.
+    /// The position of the narrowest label containing `port` (lowest start
+    /// on ties), or 0 (`other`).
     pub fn index(&self, port: u16) -> u16 {
         let best = self
             .0
@@ -57,12 +60,14 @@ pub struct Tables {
     pub slots: Vec<PortSlot>,
 }
 
-/// Builds the tables. `rules[i]` has rule id `i + 1` and class mask
-/// `masks[i]`; `labels` is indexed by protocol index.
+/// Builds the tables. `rules[i]` has class mask `masks[i]` and rule id
+/// `numbers.rules[i + 1]`; `labels` is indexed by protocol index, label
+/// position `l` of protocol `p` has index `numbers.labels[p][l]`.
 pub fn tables(
     rules: &[RuleInfo],
     masks: &[u32],
     labels: &[Labels; 2],
+    numbers: &Numbering,
 ) -> Result<Tables, PolicyError> {
     let mut t = Tables {
         ports: Vec::new(),
@@ -76,8 +81,9 @@ pub fn tables(
                 .zip(masks)
                 .enumerate()
                 .filter(|(_, (r, _))| r.direction == dir && r.protocol == proto)
-                .map(|(i, (r, m))| ((i + 1) as u16, r, *m))
+                .map(|(i, (r, m))| (numbers.rules[i + 1], r, *m))
                 .collect();
+            let label_ids = &numbers.labels[proto.proto_index() as usize];
             let labels = &labels[proto.proto_index() as usize];
             for seg in segments(&members, labels) {
                 let slot = slot_for(&members, seg.start);
@@ -87,7 +93,7 @@ pub fn tables(
                 let slot_id = intern(&mut t.slots, &mut dedup, slot)?;
                 let entry = PortEntry {
                     slot: slot_id,
-                    port_idx: labels.index(seg.start),
+                    port_idx: label_ids[usize::from(labels.index(seg.start))],
                 };
                 let base = port_table_index(dir.dir_index(), proto.proto_index(), 0);
                 t.ports
@@ -158,11 +164,11 @@ fn intern(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::RuleOrigin;
+    use crate::policy::{RuleOrigin, StableIds};
 
-    fn rule(ports: Vec<PortRange>) -> RuleInfo {
+    fn rule(id: String, ports: Vec<PortRange>) -> RuleInfo {
         RuleInfo {
-            id: "r".into(),
+            id,
             description: String::new(),
             direction: Direction::Inbound,
             protocol: Protocol::Tcp,
@@ -179,13 +185,17 @@ mod tests {
         // port has its own (a_i, b_j) pair, so every slot is distinct.
         let blocks = 40u16;
         let a = (0..blocks).map(|i| {
-            rule(vec![PortRange {
-                start: 1 + i * blocks,
-                end: (i + 1) * blocks,
-            }])
+            rule(
+                format!("a{i}"),
+                vec![PortRange {
+                    start: 1 + i * blocks,
+                    end: (i + 1) * blocks,
+                }],
+            )
         });
         let b = (0..blocks).map(|j| {
             rule(
+                format!("b{j}"),
                 (0..blocks)
                     .map(|i| PortRange::single(1 + i * blocks + j))
                     .collect(),
@@ -196,7 +206,13 @@ mod tests {
             .map(|i| if i < usize::from(blocks) { 1 } else { 2 })
             .collect();
         let labels = [Labels(Vec::new()), Labels(Vec::new())];
-        let Err(e) = tables(&rules, &masks, &labels) else {
+        // Fresh ids: rule id = position, after the placeholder.
+        let numbered: Vec<RuleInfo> = std::iter::once(rule("none".into(), Vec::new()))
+            .chain(rules.iter().cloned())
+            .collect();
+        let no_labels = std::array::from_fn(|_| vec!["other".to_string()]);
+        let numbers = StableIds::default().number(&numbered, &no_labels);
+        let Err(e) = tables(&rules, &masks, &labels, &numbers) else {
             panic!("1600 slots fit in {MAX_SLOTS}")
         };
         assert_eq!(
@@ -205,7 +221,13 @@ mod tests {
                 max: MAX_SLOTS as usize - 1
             }
         );
-        let fits = tables(&rules[..usize::from(blocks) + 20], &masks, &labels).unwrap();
+        let fits = tables(
+            &rules[..usize::from(blocks) + 20],
+            &masks,
+            &labels,
+            &numbers,
+        )
+        .unwrap();
         // 40 blocks x (20 ports with a b rule + the rest sharing one slot).
         assert_eq!(fits.slots.len(), 1 + 40 * 20 + 40);
     }

@@ -1,10 +1,9 @@
 //! `pcguard check`: the effective rules of a compiled policy as text.
 
 use super::classes::ClassInfo;
-use super::compiled::{CompiledPolicy, Direction, RuleInfo, RuleOrigin};
-use super::portspec::format_ports;
-use super::table;
+use super::compiled::{CompiledPolicy, RuleInfo, RuleOrigin};
 use crate::config::SiteConfig;
+use crate::model::{Direction, format_ports, table};
 use pcguard_common::MODE_ENFORCE;
 use std::collections::HashSet;
 

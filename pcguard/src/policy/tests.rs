@@ -1,6 +1,6 @@
-use super::cidr::Cidr;
 use super::*;
 use crate::config::{self, SiteConfig};
+use crate::model::{Cidr, Direction, Protocol};
 use pcguard_common::*;
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -478,7 +478,7 @@ fn too_many_prefixes() {
     let hosts = (0..PEER_ENTRIES)
         .map(|i| Cidr::containing(IpAddr::from([10, 0, (i >> 8) as u8, i as u8]), 32));
     policy.classes[0].cidrs.extend(hosts);
-    let e = compile_policy(&policy).unwrap_err();
+    let e = compile_policy(&policy, &mut StableIds::default()).unwrap_err();
     let max = PEER_ENTRIES as usize;
     assert_eq!(
         e,
@@ -489,7 +489,7 @@ fn too_many_prefixes() {
         }
     );
     policy.classes[0].cidrs.truncate(max - 1);
-    assert_eq!(compile_policy(&policy).unwrap().peers_v4.len(), max);
+    assert_eq!(compile_policy(&policy, &mut StableIds::default()).unwrap().peers_v4.len(), max);
 }
 
 #[test]

@@ -1,10 +1,38 @@
-//! Parsing port specifications (`9191`, `"9191"`, `"49152-65535"`) into
-//! [`PortRange`], for the catalog and the site config.
+//! Port ranges, and parsing port specifications (`9191`, `"9191"`,
+//! `"49152-65535"`) into them, for the catalog and the site config.
 
-use super::compiled::PortRange;
+use serde::Serialize;
 use serde::de::{self, Deserialize, Deserializer, Visitor};
 use std::fmt;
 use std::str::FromStr;
+
+/// Inclusive port range; a single port has `start == end`.
+/// Deserializes from a port number (`9191`) or a string (`"9191"`,
+/// `"49152-65535"`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PortRange {
+    pub start: u16,
+    pub end: u16,
+}
+
+impl PortRange {
+    pub fn single(p: u16) -> Self {
+        Self { start: p, end: p }
+    }
+    pub fn contains(&self, p: u16) -> bool {
+        self.start <= p && p <= self.end
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.start == self.end {
+            write!(f, "{}", self.start)
+        } else {
+            write!(f, "{}-{}", self.start, self.end)
+        }
+    }
+}
 
 impl FromStr for PortRange {
     type Err = String;
