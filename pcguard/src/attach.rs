@@ -329,7 +329,7 @@ fn wait_for_interface(name: &str, wait: std::time::Duration) -> Result<u32> {
     let deadline = std::time::Instant::now() + wait;
     let mut warned = false;
     loop {
-        match crate::datapath::ifindex(name) {
+        match crate::sys::ifindex(name) {
             Ok(i) => return Ok(i),
             Err(e) if std::time::Instant::now() >= deadline => return Err(e),
             Err(_) => {

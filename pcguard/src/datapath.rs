@@ -7,13 +7,12 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    ffi::CString,
     net::IpAddr,
     path::Path,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf,
     maps::{Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, RingBuf, lpm_trie::Key},
@@ -109,7 +108,9 @@ impl Datapath {
     /// stays active and is read back, so the next apply writes only what
     /// differs.
     pub fn load(bpffs_dir: &Path, sizes: &MapSizes) -> Result<Self> {
-        bump_memlock_rlimit();
+        if let Err(e) = crate::sys::raise_memlock_rlimit() {
+            debug!("raising RLIMIT_MEMLOCK failed: {e}");
+        }
         let crate::attach::Loaded { ebpf, pins, adopted } = crate::attach::load(OBJECT, bpffs_dir, sizes)?;
         let mut dp = Self {
             ebpf,
@@ -385,7 +386,7 @@ impl Datapath {
     /// clock. `BPF_NOEXIST`: an entry conntrack already holds (the
     /// programs', once attached) is left as it is.
     pub fn seed_conntrack(&mut self, seeds: &[Seed]) -> Result<SeedStats> {
-        let now = ktime_coarse_ns();
+        let now = crate::sys::ktime_coarse_ns();
         let mut map: BpfHashMap<&mut MapData, FlowKey, CtEntry> = BpfHashMap::try_from(self.map_mut(names::CONNTRACK)?)?;
         let mut stats = SeedStats::default();
         for seed in seeds {
@@ -653,48 +654,6 @@ where
         out.push(PeerPrefix { addr, prefix_len: key.prefix_len() - GEN_PREFIX_BITS, mask });
     }
     Ok(out)
-}
-
-/// Interface index by name.
-pub fn ifindex(name: &str) -> Result<u32> {
-    let c = CString::new(name)?;
-    // SAFETY: c is a valid NUL-terminated string.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if idx == 0 {
-        bail!("interface {name} not found: {}", std::io::Error::last_os_error());
-    }
-    Ok(idx)
-}
-
-/// Interface name by index (for audit records), `None` if it is gone.
-pub fn ifname(index: u32) -> Option<String> {
-    let mut buf = [0u8; libc::IF_NAMESIZE];
-    // SAFETY: buf has IF_NAMESIZE bytes as if_indextoname requires.
-    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr().cast()) };
-    if p.is_null() {
-        return None;
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    Some(String::from_utf8_lossy(&buf[..end]).into_owned())
-}
-
-/// Now on the clock the programs age conntrack entries with
-/// (`bpf_ktime_get_coarse_ns`: `CLOCK_MONOTONIC_COARSE`).
-pub fn ktime_coarse_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid out pointer; the clock exists on every kernel that
-    // runs the programs (2.6.32+).
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn bump_memlock_rlimit() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
-    // SAFETY: plain syscall with a valid pointer. Kernels >= 5.11 account BPF
-    // memory to the cgroup and ignore this limit.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        debug!("raising RLIMIT_MEMLOCK failed: {}", std::io::Error::last_os_error());
-    }
 }
 
 #[cfg(test)]
