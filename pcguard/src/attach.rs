@@ -14,6 +14,9 @@
 //!   older version) are unpinned: only the old programs used them.
 //! * Detach (`pcguard detach`, or a daemon run with `--detach-on-exit`):
 //!   unpinning the links detaches the programs.
+//!
+//! Below `datapath` (which drives it): imports `pins` and `sys`, never
+//! `datapath`.
 
 use std::{collections::BTreeSet, path::Path};
 
