@@ -14,6 +14,9 @@
 //!   older version) are unpinned: only the old programs used them.
 //! * Detach (`pcguard detach`, or a daemon run with `--detach-on-exit`):
 //!   unpinning the links detaches the programs.
+//!
+//! Below `datapath` (which drives it): imports `pins` and `sys`, never
+//! `datapath`.
 
 use std::{collections::BTreeSet, path::Path};
 
@@ -329,7 +332,7 @@ fn wait_for_interface(name: &str, wait: std::time::Duration) -> Result<u32> {
     let deadline = std::time::Instant::now() + wait;
     let mut warned = false;
     loop {
-        match crate::datapath::ifindex(name) {
+        match crate::sys::ifindex(name) {
             Ok(i) => return Ok(i),
             Err(e) if std::time::Instant::now() >= deadline => return Err(e),
             Err(_) => {

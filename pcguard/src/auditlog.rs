@@ -6,7 +6,7 @@ use std::{
     ffi::CString,
     fs::{File, OpenOptions},
     io::Write,
-    os::{fd::AsRawFd, unix::fs::OpenOptionsExt},
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
 };
 
@@ -20,30 +20,18 @@ pub const DIR_MODE: u32 = 0o750;
 /// The group id of `name`, or an error naming it.
 pub fn group_id(name: &str) -> Result<u32> {
     let c = CString::new(name).context("group name contains a NUL byte")?;
-    // SAFETY: a NUL-terminated name; the result points into libc's static
-    // storage and is read at once (the daemon does not call getgrnam from
-    // two threads).
-    let gr = unsafe { libc::getgrnam(c.as_ptr()) };
-    if gr.is_null() {
-        bail!("no group named \"{name}\" on this system");
+    match crate::sys::group_id(&c) {
+        Some(gid) => Ok(gid),
+        None => bail!("no group named \"{name}\" on this system"),
     }
-    // SAFETY: non-null result of getgrnam.
-    Ok(unsafe { (*gr).gr_gid })
 }
 
 /// Sets `file`'s mode and (when given) group, whatever they were: a file
 /// made by an earlier version, or by hand, gets the same access.
 pub fn restrict(file: &File, mode: u32, gid: Option<u32>) -> Result<()> {
-    // SAFETY: an open fd; plain syscalls.
-    unsafe {
-        if libc::fchmod(file.as_raw_fd(), mode) != 0 {
-            return Err(std::io::Error::last_os_error()).context("fchmod");
-        }
-        if let Some(gid) = gid
-            && libc::fchown(file.as_raw_fd(), u32::MAX, gid) != 0
-        {
-            return Err(std::io::Error::last_os_error()).context("fchown");
-        }
+    crate::sys::fchmod(file, mode).context("fchmod")?;
+    if let Some(gid) = gid {
+        crate::sys::fchown_group(file, gid).context("fchown")?;
     }
     Ok(())
 }

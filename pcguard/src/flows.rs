@@ -136,7 +136,7 @@ impl AuditRecord {
             remote: Endpoint { addr: addr(k.family, &k.remote_addr), port: k.remote_port },
             peer_classes: class_names(policy, ev.peer_mask),
             port_rules: slot_rules(policy, ev.slot),
-            interface: crate::datapath::ifname(ev.ifindex).unwrap_or_else(|| ev.ifindex.to_string()),
+            interface: crate::sys::ifname(ev.ifindex).unwrap_or_else(|| ev.ifindex.to_string()),
             tcp_flags: tcp_flags(ev.tcp_flags),
             packet_bytes: ev.pkt_len,
             dns_name: None,
@@ -279,10 +279,7 @@ fn slot_rules(policy: &CompiledPolicy, slot: u16) -> Vec<String> {
 
 /// Converts a `bpf_ktime_get_ns()` timestamp to wall-clock time.
 pub fn ktime_to_system(ts_ns: u64) -> SystemTime {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid out pointer; CLOCK_MONOTONIC is what bpf_ktime_get_ns uses.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let now_ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    let now_ns = crate::sys::monotonic_ns();
     SystemTime::now() - Duration::from_nanos(now_ns.saturating_sub(ts_ns))
 }
 

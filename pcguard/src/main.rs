@@ -13,6 +13,7 @@ use pcguard::{
     flows,
     state::{DEFAULT_RUN_DIR, State},
     status,
+    sys,
 };
 
 /// eBPF/XDP port policy enforcer and traffic monitor for PaperCut NG/MF servers.
@@ -213,8 +214,8 @@ fn real_main(cli: Cli) -> Result<()> {
             print!("{}", pcguard::render::nftables_on(&policy, &cfg.interfaces));
             Ok(())
         }
-        Command::Confirm { run_dir } => signal_daemon(&run_dir, libc::SIGUSR1, "confirm"),
-        Command::Reload { run_dir } => signal_daemon(&run_dir, libc::SIGHUP, "reload"),
+        Command::Confirm { run_dir } => signal_daemon(&run_dir, sys::SIGUSR1, "confirm"),
+        Command::Reload { run_dir } => signal_daemon(&run_dir, sys::SIGHUP, "reload"),
         Command::Detach { bpffs_dir, run_dir } => {
             if pcguard::attach::detach_dir(&bpffs_dir)? {
                 State::remove(&run_dir);
@@ -227,7 +228,7 @@ fn real_main(cli: Cli) -> Result<()> {
     }
 }
 
-fn signal_daemon(run_dir: &Path, sig: libc::c_int, what: &str) -> Result<()> {
+fn signal_daemon(run_dir: &Path, sig: sys::Signal, what: &str) -> Result<()> {
     let state = State::read(run_dir)?;
     if !state.is_live() {
         bail!("pcguard (pid {}) is not running", state.pid);
@@ -236,9 +237,9 @@ fn signal_daemon(run_dir: &Path, sig: libc::c_int, what: &str) -> Result<()> {
         println!("nothing to confirm: the running policy is already confirmed");
         return Ok(());
     }
-    // SAFETY: sending a signal to a pid read from our own state file.
-    if unsafe { libc::kill(state.pid as libc::pid_t, sig) } != 0 {
-        bail!("signalling pid {}: {}", state.pid, std::io::Error::last_os_error());
+    // A pid read from our own state file.
+    if let Err(e) = sys::kill(state.pid, sig) {
+        bail!("signalling pid {}: {e}", state.pid);
     }
     println!("{what} sent to pcguard (pid {})", state.pid);
     Ok(())

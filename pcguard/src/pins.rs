@@ -21,10 +21,10 @@
 //! so the directory checked is the directory used.
 
 use std::{
-    ffi::{CStr, CString, OsStr},
+    ffi::{CString, OsStr},
     io,
     os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
+        fd::{AsFd, AsRawFd, OwnedFd},
         unix::ffi::OsStrExt,
     },
     path::{Component, Path, PathBuf},
@@ -54,31 +54,8 @@ fn cstring(name: &OsStr) -> Result<CString> {
     CString::new(name.as_bytes()).with_context(|| format!("{name:?} contains a NUL byte"))
 }
 
-/// `openat(dir, name, O_DIRECTORY | O_NOFOLLOW)`.
-fn open_dir_at(dir: libc::c_int, name: &CStr) -> io::Result<OwnedFd> {
-    // SAFETY: a valid directory fd (or AT_FDCWD) and a NUL-terminated name.
-    let fd = unsafe {
-        libc::openat(dir, name.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
-    // SAFETY: all-zero is a valid stat; fd is open.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd and out pointer.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st)
-}
-
 fn explain_open_error(e: io::Error, path: &Path) -> anyhow::Error {
-    if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::ENOTDIR) {
+    if sys::is_symlink_or_not_dir(&e) {
         anyhow::anyhow!(
             "{} is a symlink or not a directory: refusing to use it for pins (remove it, or choose another --bpffs-dir)",
             path.display()
@@ -97,7 +74,7 @@ impl PinDir {
             bail!("the bpffs directory must be an absolute path, not {}", path.display());
         }
         let root = cstring(OsStr::new("/"))?;
-        let mut fd = open_dir_at(libc::AT_FDCWD, &root).context("opening /")?;
+        let mut fd = sys::open_dir_at(None, &root).context("opening /")?;
         let mut so_far = PathBuf::from("/");
         let comps: Vec<Component> = path.components().collect();
         for (i, c) in comps.iter().enumerate() {
@@ -110,17 +87,15 @@ impl PinDir {
             so_far.push(name);
             let cname = cstring(name)?;
             let last = i + 1 == comps.len();
-            fd = match open_dir_at(fd.as_raw_fd(), &cname) {
+            fd = match sys::open_dir_at(Some(fd.as_fd()), &cname) {
                 Ok(next) => next,
-                Err(e) if last && e.raw_os_error() == Some(libc::ENOENT) => {
-                    // SAFETY: valid directory fd and NUL-terminated name.
-                    if unsafe { libc::mkdirat(fd.as_raw_fd(), cname.as_ptr(), 0o700) } != 0 {
-                        let e = io::Error::last_os_error();
-                        if e.raw_os_error() != Some(libc::EEXIST) {
-                            return Err(e).with_context(|| format!("creating {}", so_far.display()));
-                        }
+                Err(e) if last && e.kind() == io::ErrorKind::NotFound => {
+                    if let Err(e) = sys::mkdir_at(fd.as_fd(), &cname, 0o700)
+                        && e.kind() != io::ErrorKind::AlreadyExists
+                    {
+                        return Err(e).with_context(|| format!("creating {}", so_far.display()));
                     }
-                    open_dir_at(fd.as_raw_fd(), &cname).map_err(|e| explain_open_error(e, &so_far))?
+                    sys::open_dir_at(Some(fd.as_fd()), &cname).map_err(|e| explain_open_error(e, &so_far))?
                 }
                 Err(e) => return Err(explain_open_error(e, &so_far)),
             };
@@ -132,24 +107,23 @@ impl PinDir {
 
     /// On bpffs, owned by this user, no group or other write.
     fn check(&self) -> Result<()> {
-        let st = fstat(&self.fd)?;
+        let st = sys::owner(self.fd.as_fd())?;
         if !sys::fd_is_bpffs(&self.fd) {
             bail!("{} is not on a bpffs mount", self.path.display());
         }
-        // SAFETY: no preconditions.
-        let euid = unsafe { libc::geteuid() };
-        if st.st_uid != euid {
+        let euid = sys::geteuid();
+        if st.uid != euid {
             bail!(
                 "{} is owned by uid {}, not by this user (uid {euid}): refusing to use it for pins",
                 self.path.display(),
-                st.st_uid
+                st.uid
             );
         }
-        if st.st_mode & 0o022 != 0 {
+        if st.mode & 0o022 != 0 {
             bail!(
                 "{} is writable by group or others (mode {:o}): refusing to use it for pins",
                 self.path.display(),
-                st.st_mode & 0o7777
+                st.mode & 0o7777
             );
         }
         Ok(())
@@ -162,10 +136,8 @@ impl PinDir {
     /// Takes the directory's exclusive lock (held as long as this value):
     /// one daemon per pin directory. Fails at once if another holds it.
     pub fn lock(&self) -> Result<()> {
-        // SAFETY: valid fd.
-        if unsafe { libc::flock(self.fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        if let Err(e) = sys::try_lock_exclusive(self.fd.as_fd()) {
+            if e.kind() == io::ErrorKind::WouldBlock {
                 bail!(
                     "another pcguard daemon is running on {} (it holds the directory's lock): stop it first, or use another --bpffs-dir",
                     self.path.display()
@@ -178,14 +150,7 @@ impl PinDir {
 
     /// Whether another process holds the lock (a live daemon).
     pub fn is_locked_by_other(&self) -> bool {
-        // SAFETY: valid fd; a shared non-blocking probe, released at once.
-        unsafe {
-            if libc::flock(self.fd.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 {
-                return true;
-            }
-            libc::flock(self.fd.as_raw_fd(), libc::LOCK_UN);
-        }
-        false
+        sys::is_locked_by_other(self.fd.as_fd())
     }
 
     /// The path through which `name` in this directory is pinned or opened:
@@ -198,14 +163,11 @@ impl PinDir {
     pub fn subdir(&self, name: &str) -> Result<PinDir> {
         let cname = cstring(OsStr::new(name))?;
         let path = self.path.join(name);
-        let fd = match open_dir_at(self.fd.as_raw_fd(), &cname) {
+        let fd = match sys::open_dir_at(Some(self.fd.as_fd()), &cname) {
             Ok(fd) => fd,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                // SAFETY: valid directory fd and NUL-terminated name.
-                if unsafe { libc::mkdirat(self.fd.as_raw_fd(), cname.as_ptr(), 0o700) } != 0 {
-                    return Err(io::Error::last_os_error()).with_context(|| format!("creating {}", path.display()));
-                }
-                open_dir_at(self.fd.as_raw_fd(), &cname).map_err(|e| explain_open_error(e, &path))?
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                sys::mkdir_at(self.fd.as_fd(), &cname, 0o700).with_context(|| format!("creating {}", path.display()))?;
+                sys::open_dir_at(Some(self.fd.as_fd()), &cname).map_err(|e| explain_open_error(e, &path))?
             }
             Err(e) => return Err(explain_open_error(e, &path)),
         };
@@ -217,13 +179,13 @@ impl PinDir {
     /// The subdirectory `name` if it exists.
     pub fn existing_subdir(&self, name: &str) -> Result<Option<PinDir>> {
         let cname = cstring(OsStr::new(name))?;
-        match open_dir_at(self.fd.as_raw_fd(), &cname) {
+        match sys::open_dir_at(Some(self.fd.as_fd()), &cname) {
             Ok(fd) => {
                 let dir = PinDir { fd, path: self.path.join(name) };
                 dir.check()?;
                 Ok(Some(dir))
             }
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(explain_open_error(e, &self.path.join(name))),
         }
     }
@@ -248,13 +210,11 @@ impl PinDir {
     /// Removes the pin `name` (a file on bpffs); absent is fine.
     pub fn remove(&self, name: &str) -> Result<()> {
         let cname = cstring(OsStr::new(name))?;
-        // SAFETY: valid directory fd and NUL-terminated name; unlinkat never
-        // follows a symlink in its last component.
-        if unsafe { libc::unlinkat(self.fd.as_raw_fd(), cname.as_ptr(), 0) } != 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::ENOENT) {
-                return Err(e).with_context(|| format!("removing {}", self.path.join(name).display()));
-            }
+        // unlinkat never follows a symlink in its last component.
+        if let Err(e) = sys::unlink_at(self.fd.as_fd(), &cname)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            return Err(e).with_context(|| format!("removing {}", self.path.join(name).display()));
         }
         Ok(())
     }
@@ -268,12 +228,10 @@ impl PinDir {
         }
         drop(sub);
         let cname = cstring(OsStr::new(name))?;
-        // SAFETY: valid directory fd and NUL-terminated name.
-        if unsafe { libc::unlinkat(self.fd.as_raw_fd(), cname.as_ptr(), libc::AT_REMOVEDIR) } != 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::ENOENT) {
-                return Err(e).with_context(|| format!("removing {}", self.path.join(name).display()));
-            }
+        if let Err(e) = sys::rmdir_at(self.fd.as_fd(), &cname)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            return Err(e).with_context(|| format!("removing {}", self.path.join(name).display()));
         }
         Ok(())
     }

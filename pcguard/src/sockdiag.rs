@@ -13,14 +13,17 @@ use std::{
     collections::HashSet,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, OwnedFd},
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
 use log::{debug, warn};
 
-use crate::model::{Direction, Protocol};
+use crate::{
+    model::{Direction, Protocol},
+    sys,
+};
 
 /// `SOCK_DIAG_BY_FAMILY` (`linux/sock_diag.h`): the request and reply type.
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -252,49 +255,14 @@ fn dump_once(family: u8, ipproto: u8, states: u32) -> Result<(Vec<DiagSocket>, b
 }
 
 fn netlink_socket() -> Result<OwnedFd> {
-    // SAFETY: plain syscall; the fd is owned right below.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error()).context("opening a NETLINK_SOCK_DIAG socket");
-    }
-    // SAFETY: fd is a new descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let tv = libc::timeval { tv_sec: RECV_TIMEOUT.as_secs() as libc::time_t, tv_usec: 0 };
-    // SAFETY: valid fd; tv is a timeval of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error()).context("setting SO_RCVTIMEO on the netlink socket");
-    }
+    let fd = sys::netlink_socket(libc::NETLINK_SOCK_DIAG).context("opening a NETLINK_SOCK_DIAG socket")?;
+    sys::set_recv_timeout(fd.as_fd(), RECV_TIMEOUT).context("setting SO_RCVTIMEO on the netlink socket")?;
     Ok(fd)
 }
 
 fn send_request(fd: &OwnedFd, req: &[u8]) -> Result<()> {
-    // SAFETY: sockaddr_nl is plain data; all zero but the family = the kernel.
-    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    // SAFETY: valid fd; req and kernel are valid for the lengths passed.
-    let n = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            req.as_ptr().cast(),
-            req.len(),
-            0,
-            (&kernel as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error()).context("sending the socket dump request");
-    }
-    if n as usize != req.len() {
+    let n = sys::netlink_send_to_kernel(fd.as_fd(), req).context("sending the socket dump request")?;
+    if n != req.len() {
         bail!("socket dump request sent short ({n} of {} bytes)", req.len());
     }
     Ok(())
@@ -304,16 +272,11 @@ fn send_request(fd: &OwnedFd, req: &[u8]) -> Result<()> {
 /// kernel return its full length).
 fn recv(fd: &OwnedFd, buf: &mut [u8]) -> Result<usize> {
     loop {
-        // SAFETY: valid fd; buf is writable for its length.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_TRUNC) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e).context("reading the socket dump");
-        }
-        let n = n as usize;
+        let n = match sys::recv_datagram(fd.as_fd(), buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("reading the socket dump"),
+        };
         if n > buf.len() {
             bail!("socket dump datagram of {n} bytes truncated to {}", buf.len());
         }
