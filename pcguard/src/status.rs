@@ -5,12 +5,12 @@ use std::{fmt::Write as _, path::Path};
 
 use anyhow::{Context as _, Result, bail};
 use pcguard_common::{
-    Counters, NUM_VERDICTS, STAT_EVENTS_DROPPED, STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, STAT_MALFORMED, STAT_NON_IP,
+    Counters, STAT_EVENTS_DROPPED, STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, STAT_MALFORMED, STAT_NON_IP, Verdict,
 };
 use serde_json::json;
 
 use crate::{
-    counters::{DIRECTION_NAMES, PROTOCOL_NAMES, PinnedCounters, Snapshot, VERDICT_NAMES},
+    counters::{PinnedCounters, Snapshot},
     state::State,
 };
 
@@ -50,18 +50,18 @@ fn is_permission_error(e: &anyhow::Error) -> bool {
 pub fn to_json(state: &State, snap: Option<&Snapshot>) -> serde_json::Value {
     let counters = |c: &Counters| {
         let mut m = serde_json::Map::new();
-        for (v, verdict) in VERDICT_NAMES.iter().enumerate() {
-            m.insert(verdict.to_string(), json!({"packets": c.packets[v], "bytes": c.bytes[v]}));
+        for v in Verdict::ALL {
+            m.insert(v.as_str().to_string(), json!({"packets": c.packets[v as usize], "bytes": c.bytes[v as usize]}));
         }
         serde_json::Value::Object(m)
     };
     let snap_json = snap.map(|s| {
         json!({
             "ports": s.ports.iter().filter(|p| nonzero(&p.counters)).map(|p| json!({
-                "direction": DIRECTION_NAMES[p.direction], "protocol": PROTOCOL_NAMES[p.protocol],
+                "direction": p.direction.as_str(), "protocol": p.protocol.as_str(),
                 "port": p.port, "counters": counters(&p.counters)})).collect::<Vec<_>>(),
             "rules": s.rules.iter().filter(|r| nonzero(&r.counters)).map(|r| json!({
-                "rule": r.rule, "direction": DIRECTION_NAMES[r.direction], "counters": counters(&r.counters)})).collect::<Vec<_>>(),
+                "rule": r.rule, "direction": r.direction.as_str(), "counters": counters(&r.counters)})).collect::<Vec<_>>(),
             "conntrack_entries": s.tables.map(|t| t.conntrack()),
             "conntrack_established": s.tables.map(|t| t.established),
             "conntrack_new": s.tables.map(|t| t.new),
@@ -122,25 +122,25 @@ pub fn render(state: &State, snap: Option<&Snapshot>) -> String {
     };
     let header = |out: &mut String, first: &str| {
         let _ = write!(out, "\n{first}");
-        for v in VERDICT_NAMES {
-            let _ = write!(out, " {:>12} {:>12}", format!("{v}-pkts"), "bytes");
+        for v in Verdict::ALL {
+            let _ = write!(out, " {:>12} {:>12}", format!("{}-pkts", v.as_str()), "bytes");
         }
         let _ = writeln!(out);
     };
     let row = |out: &mut String, first: String, c: &Counters| {
         let _ = write!(out, "{first}");
-        for v in 0..NUM_VERDICTS {
-            let _ = write!(out, " {:>12} {:>12}", c.packets[v], c.bytes[v]);
+        for v in Verdict::ALL {
+            let _ = write!(out, " {:>12} {:>12}", c.packets[v as usize], c.bytes[v as usize]);
         }
         let _ = writeln!(out);
     };
     header(&mut out, &format!("{:<8} {:<6} {:<12}", "DIR", "PROTO", "PORT"));
     for p in s.ports.iter().filter(|p| nonzero(&p.counters)) {
-        row(&mut out, format!("{:<8} {:<6} {:<12}", DIRECTION_NAMES[p.direction], PROTOCOL_NAMES[p.protocol], p.port), &p.counters);
+        row(&mut out, format!("{:<8} {:<6} {:<12}", p.direction.as_str(), p.protocol.as_str(), p.port), &p.counters);
     }
     header(&mut out, &format!("{:<28} {:<8}", "RULE", "DIR"));
     for r in s.rules.iter().filter(|r| nonzero(&r.counters)) {
-        row(&mut out, format!("{:<28} {:<8}", r.rule, DIRECTION_NAMES[r.direction]), &r.counters);
+        row(&mut out, format!("{:<28} {:<8}", r.rule, r.direction.as_str()), &r.counters);
     }
     let t = s.tables.unwrap_or_default();
     let _ = writeln!(
