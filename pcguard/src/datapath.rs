@@ -25,7 +25,7 @@ use pcguard_common::{
 };
 use crate::{
     dns::LearnedWrite,
-    policy::{CompiledPolicy, PeerPrefix},
+    policy::{CompiledPolicy, PeerPrefix, PolicySettings},
     seed::Seed,
 };
 
@@ -352,12 +352,9 @@ impl Datapath {
                 .with_context(|| format!("writing PORTS[{idx}] of generation {generation}"))?;
         }
         stats.ports = ports.len();
-        let mut settings: Settings = new.settings;
-        settings.ready = 1;
         // The event budget is per CPU in the kernel (a bucket each).
         let cpus = aya::util::nr_cpus().unwrap_or(1).max(1) as u32;
-        settings.event_rate = new.settings.event_rate.div_ceil(cpus);
-        settings.event_burst = new.settings.event_burst.div_ceil(cpus);
+        let settings = kernel_settings(&new.settings, cpus);
         let mut array: Array<&mut MapData, Settings> = Array::try_from(self.map_mut(names::SETTINGS)?)?;
         array.set(generation, settings, 0).with_context(|| format!("writing SETTINGS[{generation}]"))?;
         Ok(())
@@ -423,10 +420,10 @@ impl Datapath {
     }
 
     /// Reads back what generation `generation` of the policy tables holds:
-    /// for a daemon that adopts maps another process wrote.
+    /// for a daemon that adopts maps another process wrote. Not its
+    /// settings: every write of a generation writes them whole.
     fn read_generation(&self, generation: u32) -> Result<CompiledPolicy> {
-        let settings: Array<&MapData, Settings> = Array::try_from(self.map(names::SETTINGS)?)?;
-        let mut held = CompiledPolicy { settings: settings.get(&generation, 0)?, ..Default::default() };
+        let mut held = CompiledPolicy::default();
         let slots: Array<&MapData, PortSlot> = Array::try_from(self.map(names::SLOTS)?)?;
         for i in 0..pcguard_common::MAX_SLOTS {
             held.slots.push(slots.get(&slots_index(generation, i), 0)?);
@@ -451,6 +448,28 @@ impl Datapath {
     }
 }
 
+
+/// The kernel's encoding of `s` for `SETTINGS` (marked ready): modes as
+/// their codes, durations in nanoseconds, the event budget divided between
+/// `cpus` (a bucket each).
+fn kernel_settings(s: &PolicySettings, cpus: u32) -> Settings {
+    let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    Settings {
+        ingress_mode: s.ingress_mode as u8,
+        egress_mode: s.egress_mode as u8,
+        allow_icmp: u8::from(s.allow_icmp),
+        ready: 1,
+        no_initiate_mask: s.no_initiate_mask,
+        resolver_mask: s.resolver_mask,
+        learned_mask: s.learned_mask,
+        tcp_timeout_ns: ns(s.tcp_timeout),
+        tcp_closing_timeout_ns: ns(s.tcp_closing_timeout),
+        udp_timeout_ns: ns(s.udp_timeout),
+        report_interval_ns: ns(s.report_interval),
+        event_rate: s.event_rate.div_ceil(cpus),
+        event_burst: s.event_burst.div_ceil(cpus),
+    }
+}
 
 /// The address of a `LEARNED` key.
 fn learned_addr(k: &LearnedKey) -> IpAddr {
@@ -812,5 +831,45 @@ mod tests {
         assert!(is_not_found(&syscall(std::io::ErrorKind::NotFound)));
         assert!(!is_not_found(&syscall(std::io::ErrorKind::PermissionDenied)));
         assert!(!is_not_found(&MapError::OutOfBounds { index: 1, max_entries: 1 }));
+    }
+
+    #[test]
+    fn settings_are_encoded_for_the_kernel_only_here() {
+        use pcguard_common::{MODE_ENFORCE, MODE_MONITOR, Mode};
+        let s = PolicySettings {
+            ingress_mode: Mode::Monitor,
+            egress_mode: Mode::Enforce,
+            allow_icmp: true,
+            no_initiate_mask: 0b11,
+            resolver_mask: 0b100,
+            learned_mask: 0b1000,
+            tcp_timeout: Duration::from_secs(600),
+            tcp_closing_timeout: Duration::from_millis(1500),
+            udp_timeout: Duration::MAX,
+            report_interval: Duration::from_secs(60),
+            event_rate: 1000,
+            event_burst: 999,
+        };
+        let k = kernel_settings(&s, 4);
+        assert_eq!(
+            k,
+            Settings {
+                ingress_mode: MODE_MONITOR,
+                egress_mode: MODE_ENFORCE,
+                allow_icmp: 1,
+                ready: 1,
+                no_initiate_mask: 0b11,
+                resolver_mask: 0b100,
+                learned_mask: 0b1000,
+                tcp_timeout_ns: 600_000_000_000,
+                tcp_closing_timeout_ns: 1_500_000_000,
+                udp_timeout_ns: u64::MAX,
+                report_interval_ns: 60_000_000_000,
+                event_rate: 250,
+                event_burst: 250,
+            }
+        );
+        let k = kernel_settings(&PolicySettings::default(), 1);
+        assert_eq!((k.ingress_mode, k.egress_mode, k.allow_icmp, k.ready), (MODE_ENFORCE, MODE_ENFORCE, 0, 1));
     }
 }

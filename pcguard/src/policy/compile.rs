@@ -106,11 +106,10 @@ pub fn compile_policy(p: &Policy) -> Result<CompiledPolicy, PolicyError> {
         })?;
     }
     let t = tables(&p.rules, &masks, &labels)?;
-    let mut settings = p.settings;
+    let mut settings = p.settings.clone();
     settings.no_initiate_mask = class_mask(p, &["workstations", "secondary_servers"]);
     settings.resolver_mask = resolver_mask(p);
     settings.learned_mask = learned_mask(p);
-    settings.ready = 1;
     Ok(CompiledPolicy {
         settings,
         ports: t.ports,

@@ -5,7 +5,6 @@ use super::compiled::{CompiledPolicy, Direction, RuleInfo, RuleOrigin};
 use super::portspec::format_ports;
 use super::table;
 use crate::config::SiteConfig;
-use pcguard_common::MODE_ENFORCE;
 use std::collections::HashSet;
 
 /// CIDRs shown per class in the rule table before "+N more".
@@ -25,9 +24,9 @@ pub fn rule_table(p: &CompiledPolicy) -> String {
         .collect();
     let mut out = format!(
         "ingress {}, egress {}, ICMP {}\n\n",
-        mode_name(p.settings.ingress_mode),
-        mode_name(p.settings.egress_mode),
-        if p.settings.allow_icmp == 1 {
+        p.settings.ingress_mode.as_str(),
+        p.settings.egress_mode.as_str(),
+        if p.settings.allow_icmp {
             "allowed"
         } else {
             "subject to policy"
@@ -74,14 +73,6 @@ fn effective_rules(p: &CompiledPolicy) -> HashSet<usize> {
         .collect()
 }
 
-fn mode_name(mode: u8) -> &'static str {
-    if mode == MODE_ENFORCE {
-        "enforce"
-    } else {
-        "monitor"
-    }
-}
-
 fn rule_row(
     p: &CompiledPolicy,
     classes: &[ClassInfo],
@@ -112,8 +103,8 @@ fn rule_row(
 fn rule_mode(p: &CompiledPolicy, r: &RuleInfo) -> &'static str {
     match (r.origin, r.direction) {
         (RuleOrigin::AlwaysAllow, _) => "always",
-        (_, Direction::Inbound) => mode_name(p.settings.ingress_mode),
-        (_, Direction::Outbound) => mode_name(p.settings.egress_mode),
+        (_, Direction::Inbound) => p.settings.ingress_mode.as_str(),
+        (_, Direction::Outbound) => p.settings.egress_mode.as_str(),
     }
 }
 
@@ -144,9 +135,9 @@ pub fn rules_json(p: &CompiledPolicy) -> serde_json::Value {
         .filter_map(|(name, _)| name.as_deref())
         .collect();
     serde_json::json!({
-        "ingress_mode": mode_name(p.settings.ingress_mode),
-        "egress_mode": mode_name(p.settings.egress_mode),
-        "allow_icmp": p.settings.allow_icmp == 1,
+        "ingress_mode": p.settings.ingress_mode.as_str(),
+        "egress_mode": p.settings.egress_mode.as_str(),
+        "allow_icmp": p.settings.allow_icmp,
         "no_initiate": no_initiate,
         "rules": rules,
         "classes": p.class_info(),
