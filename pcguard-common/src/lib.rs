@@ -793,8 +793,8 @@ const fn layout<K, V>(name: &'static str, max_entries: u32) -> MapLayout {
 }
 
 /// Every map of the object, with its key and value sizes: checked against
-/// the built object by a test, and against pinned maps before a daemon
-/// adopts them.
+/// the built object by a test (`pcguard/tests/object_layouts.rs`, which
+/// parses it), and against pinned maps before a daemon adopts them.
 pub const MAP_LAYOUTS: [MapLayout; 19] = [
     layout::<u32, u32>(names::ACTIVE, 1),
     layout::<u32, PortEntry>(names::PORTS, PORTS_ENTRIES),
