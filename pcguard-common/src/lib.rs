@@ -1,8 +1,9 @@
 //! Types shared by the pcguard kernel programs and the userspace daemon.
 //!
 //! Everything here is `#[repr(C)]` plain data: map keys, map values, event
-//! records and the constants that size and index the maps. No logic lives here
-//! beyond trivial index arithmetic that both sides must agree on.
+//! records, the kernel codes (below) and the constants that size and index
+//! the maps. No logic lives here beyond trivial index arithmetic that both
+//! sides must agree on.
 //!
 //! # Map layout (the contract between `pcguard-ebpf` and `pcguard::datapath`)
 //!
@@ -43,33 +44,34 @@
 //! `g * MAX_SLOTS`; the LPM keys start with a byte holding the generation
 //! (its 8 bits are part of every prefix, see [`GEN_PREFIX_BITS`]);
 //! `SETTINGS[g]` is generation `g`'s settings.
+//!
+//! # Kernel codes
+//!
+//! The small numbers the programs put in maps and records (packet
+//! directions, counter protocol indexes, verdicts, modes, reasons, what was
+//! malformed) are each defined once, here, as a `#[repr(u8)]` enum made by
+//! `kernel_codes!`: its `as_str` is the stable name userspace shows in audit
+//! records, metric labels and `status`, `TryFrom<u8>` decodes a value read
+//! from the kernel (an unknown value is `Err(value)`, named [`UNKNOWN`] by
+//! `name_of`), and `ALL` lists every value in numeric order.
+//!
+//! Values are part of the contract ([`ABI_VERSION`]): a value is never
+//! renumbered or reused, and a retired value stays reserved (a comment in
+//! its enum says so), as Cilium does with its drop reasons
+//! (bpf/lib/drop_reasons.h). Names are part of the audit and metrics
+//! interface: they never change either. The programs work on the plain
+//! integers (`REASON_NO_RULE`, `VERDICT_DROP`, ...), which are derived from
+//! the enums: the map fields and the codegen stay integers, the definition
+//! stays one. [`PacketDir`], [`ProtoIndex`] and [`Verdict`] index tables:
+//! their values are dense, from 0.
 #![no_std]
-
-// # Kernel codes
-//
-// The small numbers the programs put in maps and records (packet
-// directions, counter protocol indexes, verdicts, modes, reasons, what was
-// malformed) are each defined once, here, as a `#[repr(u8)]` enum made by
-// `kernel_codes!`: its `as_str` is the stable name userspace shows in audit
-// records, metric labels and `status`, `TryFrom<u8>` decodes a value read
-// from the kernel (an unknown value is `Err(value)`, named [`UNKNOWN`] by
-// `name_of`), and `ALL` lists every value in numeric order.
-//
-// Values are part of the contract ([`ABI_VERSION`]): a value is never
-// renumbered or reused, and a retired value stays reserved (a comment in
-// its enum says so), as Cilium does with its drop reasons
-// (bpf/lib/drop_reasons.h). Names are part of the audit and metrics
-// interface: they never change either. The programs work on the plain
-// integers (`REASON_NO_RULE`, `VERDICT_DROP`, ...), which are derived from
-// the enums: the map fields and the codegen stay integers, the definition
-// stays one.
 
 /// What userspace calls a kernel value that no code of its family has (a
 /// record from a newer object, or a corrupted one).
 pub const UNKNOWN: &str = "unknown";
 
 /// Defines a kernel code family: the enum, `ALL`, `as_str`, `name_of` and
-/// `TryFrom<u8>` (see "Kernel codes" above).
+/// `TryFrom<u8>` (see "Kernel codes" in the crate docs).
 macro_rules! kernel_codes {
     (
         $(#[$meta:meta])*
