@@ -1,8 +1,9 @@
 //! Types shared by the pcguard kernel programs and the userspace daemon.
 //!
 //! Everything here is `#[repr(C)]` plain data: map keys, map values, event
-//! records and the constants that size and index the maps. No logic lives here
-//! beyond trivial index arithmetic that both sides must agree on.
+//! records, the kernel codes (below) and the constants that size and index
+//! the maps. No logic lives here beyond trivial index arithmetic that both
+//! sides must agree on.
 //!
 //! # Map layout (the contract between `pcguard-ebpf` and `pcguard::datapath`)
 //!
@@ -43,23 +44,126 @@
 //! `g * MAX_SLOTS`; the LPM keys start with a byte holding the generation
 //! (its 8 bits are part of every prefix, see [`GEN_PREFIX_BITS`]);
 //! `SETTINGS[g]` is generation `g`'s settings.
+//!
+//! # Kernel codes
+//!
+//! The small numbers the programs put in maps and records (packet
+//! directions, counter protocol indexes, verdicts, modes, reasons, what was
+//! malformed) are each defined once, here, as a `#[repr(u8)]` enum made by
+//! `kernel_codes!`: its `as_str` is the stable name userspace shows in audit
+//! records, metric labels and `status`, `TryFrom<u8>` decodes a value read
+//! from the kernel (an unknown value is `Err(value)`, named [`UNKNOWN`] by
+//! `name_of`), and `ALL` lists every value in numeric order.
+//!
+//! Values are part of the contract ([`ABI_VERSION`]): a value is never
+//! renumbered or reused, and a retired value stays reserved (a comment in
+//! its enum says so), as Cilium does with its drop reasons
+//! (bpf/lib/drop_reasons.h). Names are part of the audit and metrics
+//! interface: they never change either. The programs work on the plain
+//! integers (`REASON_NO_RULE`, `VERDICT_DROP`, ...), which are derived from
+//! the enums: the map fields and the codegen stay integers, the definition
+//! stays one. [`PacketDir`], [`ProtoIndex`] and [`Verdict`] index tables:
+//! their values are dense, from 0.
 #![no_std]
 
-/// Directions. For counters: the direction the packet travels. For rules and
-/// conntrack: the direction the flow was initiated in.
-pub const DIR_INGRESS: u32 = 0;
-pub const DIR_EGRESS: u32 = 1;
-pub const NUM_DIRS: u32 = 2;
+/// What userspace calls a kernel value that no code of its family has (a
+/// record from a newer object, or a corrupted one).
+pub const UNKNOWN: &str = "unknown";
 
-/// Protocol indexes used by the dense tables. ICMP and anything else that is
-/// IP but not TCP/UDP is counted under `PROTO_IDX_OTHER` with port index 0.
-pub const PROTO_IDX_TCP: u32 = 0;
-pub const PROTO_IDX_UDP: u32 = 1;
-pub const PROTO_IDX_OTHER: u32 = 2;
+/// Defines a kernel code family: the enum, `ALL`, `as_str`, `name_of` and
+/// `TryFrom<u8>` (see "Kernel codes" in the crate docs).
+macro_rules! kernel_codes {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $(
+                $(#[$vmeta:meta])*
+                $variant:ident = $value:literal => $str:literal,
+            )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr(u8)]
+        #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name {
+            $(
+                $(#[$vmeta])*
+                $variant = $value,
+            )+
+        }
+
+        impl $name {
+            /// Every value, in numeric order.
+            pub const ALL: [$name; [$($value),+].len()] = [$($name::$variant),+];
+
+            /// Stable name, for audit records and metric labels.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $str,)+
+                }
+            }
+
+            /// The name of kernel value `v`: [`UNKNOWN`] for a value of no
+            /// code of this family.
+            pub fn name_of(v: u8) -> &'static str {
+                match Self::try_from(v) {
+                    Ok(c) => c.as_str(),
+                    Err(_) => UNKNOWN,
+                }
+            }
+        }
+
+        impl TryFrom<u8> for $name {
+            type Error = u8;
+            fn try_from(v: u8) -> Result<Self, u8> {
+                match v {
+                    $($value => Ok($name::$variant),)+
+                    _ => Err(v),
+                }
+            }
+        }
+    };
+}
+
+kernel_codes! {
+    /// Ingress or egress: for counters, events and reports the direction the
+    /// packet travels at the hook that sees it; for the port table and
+    /// conntrack ([`CtEntry::flow_dir`]) the direction the flow was
+    /// initiated in (ingress: a peer opened it). Not the userspace policy's
+    /// `Direction` (inbound/outbound), which is a rule's. Dense: indexes
+    /// the port table and the counters ([`NUM_DIRS`]).
+    pub enum PacketDir {
+        /// Into this host (XDP, or TC ingress).
+        Ingress = 0 => "ingress",
+        /// Out of this host (TC egress).
+        Egress = 1 => "egress",
+    }
+}
+
+/// [`PacketDir`] values, as the programs use them.
+pub const DIR_INGRESS: u32 = PacketDir::Ingress as u32;
+pub const DIR_EGRESS: u32 = PacketDir::Egress as u32;
+pub const NUM_DIRS: u32 = PacketDir::ALL.len() as u32;
+
+kernel_codes! {
+    /// Protocol indexes of the dense tables (port table, counters). ICMP and
+    /// anything else that is IP but not TCP/UDP is counted under `Other`
+    /// with port index 0. Dense ([`NUM_COUNTER_PROTOS`]).
+    pub enum ProtoIndex {
+        Tcp = 0 => "tcp",
+        Udp = 1 => "udp",
+        Other = 2 => "other",
+    }
+}
+
+/// [`ProtoIndex`] values, as the programs use them.
+pub const PROTO_IDX_TCP: u32 = ProtoIndex::Tcp as u32;
+pub const PROTO_IDX_UDP: u32 = ProtoIndex::Udp as u32;
+pub const PROTO_IDX_OTHER: u32 = ProtoIndex::Other as u32;
 /// Protocols with a port table (TCP and UDP).
 pub const NUM_PORT_PROTOS: u32 = 2;
 /// Protocol indexes used by counters.
-pub const NUM_COUNTER_PROTOS: u32 = 3;
+pub const NUM_COUNTER_PROTOS: u32 = ProtoIndex::ALL.len() as u32;
 
 /// IP protocol numbers.
 pub const IPPROTO_ICMP: u8 = 1;
@@ -148,16 +252,32 @@ pub const MAX_RULES: u32 = 512;
 /// Maximum number of counter port labels per protocol; index 0 is `other`.
 pub const MAX_PORT_LABELS: u32 = 512;
 
-/// Verdict indexes in [`Counters`].
-/// Passed because a rule (or a tracked flow) allows it.
-pub const VERDICT_ALLOW: usize = 0;
-/// Dropped by policy (enforce mode) or because it is malformed.
-pub const VERDICT_DROP: usize = 1;
-/// Would have been dropped, passed because the direction is in monitor mode.
-pub const VERDICT_MONITOR: usize = 2;
-/// Not subject to the port policy (ICMP, non-first fragments).
-pub const VERDICT_BYPASS: usize = 3;
-pub const NUM_VERDICTS: usize = 4;
+kernel_codes! {
+    /// What happened to a packet: the index of its [`Counters`] entry, and
+    /// [`FlowEvent::verdict`] / [`ReportKey::verdict`] (`Drop` or
+    /// `Monitor`) of a report. Dense ([`NUM_VERDICTS`]).
+    pub enum Verdict {
+        /// Passed because a rule (or a tracked flow) allows it.
+        Allow = 0 => "allowed",
+        /// Dropped by policy (enforce mode) or because it is malformed.
+        Drop = 1 => "dropped",
+        /// Would have been dropped, passed because the direction is in
+        /// monitor mode.
+        Monitor = 2 => "would_drop",
+        /// Not subject to the port policy (ICMP, non-first fragments).
+        Bypass = 3 => "bypassed",
+    }
+}
+
+/// [`Verdict`] values, as the programs use them (indexes in [`Counters`]).
+pub const VERDICT_ALLOW: usize = Verdict::Allow as usize;
+pub const VERDICT_DROP: usize = Verdict::Drop as usize;
+pub const VERDICT_MONITOR: usize = Verdict::Monitor as usize;
+pub const VERDICT_BYPASS: usize = Verdict::Bypass as usize;
+pub const NUM_VERDICTS: usize = Verdict::ALL.len();
+// The programs mask a verdict with `NUM_VERDICTS - 1` to prove the index
+// in bounds.
+const _: () = assert!(NUM_VERDICTS.is_power_of_two());
 
 /// Packets and bytes per verdict.
 #[repr(C)]
@@ -221,9 +341,30 @@ pub const STAT_EVENTS_RATE_LIMITED: u32 = 12;
 pub const STAT_CT_PROMOTED: u32 = 13;
 pub const NUM_STATS: u32 = 14;
 
-/// Modes in [`Settings`].
-pub const MODE_ENFORCE: u8 = 0;
-pub const MODE_MONITOR: u8 = 1;
+kernel_codes! {
+    /// What happens to a new flow no rule allows, per direction
+    /// ([`Settings::ingress_mode`], [`Settings::egress_mode`]). Also the
+    /// site config's `mode` / `egress_mode` (its names are the config's
+    /// values).
+    #[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize), serde(rename_all = "lowercase"))]
+    pub enum Mode {
+        /// Dropped (and reported).
+        Enforce = 0 => "enforce",
+        /// Passed and reported (dry run).
+        Monitor = 1 => "monitor",
+    }
+}
+
+/// The mode of a zeroed [`Settings`].
+impl Default for Mode {
+    fn default() -> Self {
+        Mode::Enforce
+    }
+}
+
+/// [`Mode`] values, as the programs use them.
+pub const MODE_ENFORCE: u8 = Mode::Enforce as u8;
+pub const MODE_MONITOR: u8 = Mode::Monitor as u8;
 
 /// Global settings written by the daemon, one per generation
 /// (`SETTINGS[generation]`).
@@ -318,111 +459,72 @@ pub struct CtEntry {
     pub _pad: u8,
 }
 
-/// Reasons a flow is unexpected.
-/// No rule covers the (protocol, port).
-pub const REASON_NO_RULE: u8 = 1;
-/// A rule covers the port, but not for the peer's class.
-pub const REASON_PEER_NOT_ALLOWED: u8 = 2;
-/// The server initiated a flow to a workstation or secondary server.
-pub const REASON_OUTBOUND_TO_WORKSTATION: u8 = 3;
-/// Headers truncated or invalid ([`FlowEvent::detail`] says how).
-pub const REASON_MALFORMED: u8 = 4;
-/// A TCP packet other than a bare SYN of a flow conntrack does not hold,
-/// which would be a reply of a flow a rule allows in the other direction.
-/// pcguard never adopts such a packet as a reply (it could open or inject
-/// into a flow the policy forbids): it is dropped, and reported with this
-/// reason rather than as a new flow.
-pub const REASON_UNTRACKED_REPLY: u8 = 5;
-pub const NUM_REASONS: u8 = 6;
-
-/// What made a packet malformed ([`FlowEvent::detail`] of a
-/// `REASON_MALFORMED` report). Values are never renumbered; retired ones
-/// stay reserved.
-#[repr(u8)]
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
-pub enum Malformed {
-    /// The Ethernet header or a VLAN tag is cut short.
-    L2Truncated = 1,
-    /// More VLAN tags than the parser walks ([`MAX_VLAN_TAGS`]).
-    TooManyVlanTags = 2,
-    /// The IP header is cut short, or its version does not match the
-    /// ethertype.
-    IpTruncated = 3,
-    /// IPv4 IHL below 5, or the header runs past the total length.
-    BadIpHeaderLength = 4,
-    /// The IPv4 total length or IPv6 payload length is beyond the frame,
-    /// or below the header (IPv6 payload length 0: a jumbogram).
-    BadIpLength = 5,
-    /// More IPv6 extension headers than the parser walks.
-    Ipv6ChainTooLong = 6,
-    /// An IPv6 extension header runs past the datagram (for a first
-    /// fragment: the header chain is not complete in it, RFC 7112).
-    Ipv6ChainTruncated = 7,
-    /// The TCP or UDP header is not complete inside the datagram (for a
-    /// first fragment: a tiny fragment, RFC 1858).
-    L4Truncated = 8,
-    /// TCP data offset below 5 words.
-    BadTcpOffset = 9,
-    /// A non-first fragment that would overlap the transport header of the
-    /// first one (TCP fragment offset 1 or 2, RFC 1858 / RFC 3128).
-    FragmentOverlap = 10,
-    /// A second IPv6 fragment header in one chain.
-    DuplicateFragmentHeader = 11,
-    /// UDP length field below 8, or (unfragmented) beyond the datagram.
-    BadUdpLength = 12,
-    /// An IPv6 hop-by-hop options header anywhere but directly after the
-    /// IPv6 header (RFC 8200 section 4.1).
-    Ipv6HopByHopNotFirst = 13,
-}
-
-impl Malformed {
-    pub const ALL: [Malformed; 13] = [
-        Malformed::L2Truncated,
-        Malformed::TooManyVlanTags,
-        Malformed::IpTruncated,
-        Malformed::BadIpHeaderLength,
-        Malformed::BadIpLength,
-        Malformed::Ipv6ChainTooLong,
-        Malformed::Ipv6ChainTruncated,
-        Malformed::L4Truncated,
-        Malformed::BadTcpOffset,
-        Malformed::FragmentOverlap,
-        Malformed::DuplicateFragmentHeader,
-        Malformed::BadUdpLength,
-        Malformed::Ipv6HopByHopNotFirst,
-    ];
-
-    /// Stable name, for audit records and metric labels.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Malformed::L2Truncated => "l2_truncated",
-            Malformed::TooManyVlanTags => "too_many_vlan_tags",
-            Malformed::IpTruncated => "ip_truncated",
-            Malformed::BadIpHeaderLength => "bad_ip_header_length",
-            Malformed::BadIpLength => "bad_ip_length",
-            Malformed::Ipv6ChainTooLong => "ipv6_chain_too_long",
-            Malformed::Ipv6ChainTruncated => "ipv6_chain_truncated",
-            Malformed::L4Truncated => "l4_truncated",
-            Malformed::BadTcpOffset => "bad_tcp_offset",
-            Malformed::FragmentOverlap => "fragment_overlap",
-            Malformed::DuplicateFragmentHeader => "duplicate_fragment_header",
-            Malformed::BadUdpLength => "bad_udp_length",
-            Malformed::Ipv6HopByHopNotFirst => "ipv6_hop_by_hop_not_first",
-        }
+kernel_codes! {
+    /// Why a flow is unexpected ([`FlowEvent::reason`],
+    /// [`ReportKey::reason`]). 0 is no reason (the policy allows the flow).
+    pub enum Reason {
+        /// No rule covers the (protocol, port).
+        NoRule = 1 => "no_rule",
+        /// A rule covers the port, but not for the peer's class.
+        PeerNotAllowed = 2 => "peer_not_allowed",
+        /// The server initiated a flow to a workstation or secondary server.
+        OutboundToWorkstation = 3 => "outbound_to_workstation",
+        /// Headers truncated or invalid ([`FlowEvent::detail`] says how).
+        Malformed = 4 => "malformed",
+        /// A TCP packet other than a bare SYN of a flow conntrack does not
+        /// hold, which would be a reply of a flow a rule allows in the other
+        /// direction. pcguard never adopts such a packet as a reply (it could
+        /// open or inject into a flow the policy forbids): it is dropped, and
+        /// reported with this reason rather than as a new flow.
+        UntrackedReply = 5 => "untracked_reply",
     }
 }
 
-impl TryFrom<u8> for Malformed {
-    type Error = u8;
-    fn try_from(v: u8) -> Result<Self, u8> {
-        let mut i = 0;
-        while i < Self::ALL.len() {
-            if Self::ALL[i] as u8 == v {
-                return Ok(Self::ALL[i]);
-            }
-            i += 1;
-        }
-        Err(v)
+/// [`Reason`] values, as the programs use them.
+pub const REASON_NO_RULE: u8 = Reason::NoRule as u8;
+pub const REASON_PEER_NOT_ALLOWED: u8 = Reason::PeerNotAllowed as u8;
+pub const REASON_OUTBOUND_TO_WORKSTATION: u8 = Reason::OutboundToWorkstation as u8;
+pub const REASON_MALFORMED: u8 = Reason::Malformed as u8;
+pub const REASON_UNTRACKED_REPLY: u8 = Reason::UntrackedReply as u8;
+/// One past the highest reason.
+pub const NUM_REASONS: u8 = Reason::ALL[Reason::ALL.len() - 1] as u8 + 1;
+
+kernel_codes! {
+    /// What made a packet malformed ([`FlowEvent::detail`] of a
+    /// `REASON_MALFORMED` report).
+    pub enum Malformed {
+        /// The Ethernet header or a VLAN tag is cut short.
+        L2Truncated = 1 => "l2_truncated",
+        /// More VLAN tags than the parser walks ([`MAX_VLAN_TAGS`]).
+        TooManyVlanTags = 2 => "too_many_vlan_tags",
+        /// The IP header is cut short, or its version does not match the
+        /// ethertype.
+        IpTruncated = 3 => "ip_truncated",
+        /// IPv4 IHL below 5, or the header runs past the total length.
+        BadIpHeaderLength = 4 => "bad_ip_header_length",
+        /// The IPv4 total length or IPv6 payload length is beyond the frame,
+        /// or below the header (IPv6 payload length 0: a jumbogram).
+        BadIpLength = 5 => "bad_ip_length",
+        /// More IPv6 extension headers than the parser walks.
+        Ipv6ChainTooLong = 6 => "ipv6_chain_too_long",
+        /// An IPv6 extension header runs past the datagram (for a first
+        /// fragment: the header chain is not complete in it, RFC 7112).
+        Ipv6ChainTruncated = 7 => "ipv6_chain_truncated",
+        /// The TCP or UDP header is not complete inside the datagram (for a
+        /// first fragment: a tiny fragment, RFC 1858).
+        L4Truncated = 8 => "l4_truncated",
+        /// TCP data offset below 5 words.
+        BadTcpOffset = 9 => "bad_tcp_offset",
+        /// A non-first fragment that would overlap the transport header of the
+        /// first one (TCP fragment offset 1 or 2, RFC 1858 / RFC 3128).
+        FragmentOverlap = 10 => "fragment_overlap",
+        /// A second IPv6 fragment header in one chain.
+        DuplicateFragmentHeader = 11 => "duplicate_fragment_header",
+        /// UDP length field below 8, or (unfragmented) beyond the datagram.
+        BadUdpLength = 12 => "bad_udp_length",
+        /// An IPv6 hop-by-hop options header anywhere but directly after the
+        /// IPv6 header (RFC 8200 section 4.1).
+        Ipv6HopByHopNotFirst = 13 => "ipv6_hop_by_hop_not_first",
     }
 }
 
@@ -693,8 +795,8 @@ const fn layout<K, V>(name: &'static str, max_entries: u32) -> MapLayout {
 }
 
 /// Every map of the object, with its key and value sizes: checked against
-/// the built object by a test, and against pinned maps before a daemon
-/// adopts them.
+/// the built object by a test (`pcguard/tests/object_layouts.rs`, which
+/// parses it), and against pinned maps before a daemon adopts them.
 pub const MAP_LAYOUTS: [MapLayout; 19] = [
     layout::<u32, u32>(names::ACTIVE, 1),
     layout::<u32, PortEntry>(names::PORTS, PORTS_ENTRIES),
@@ -824,6 +926,99 @@ mod tests {
         assert_eq!(Malformed::try_from(200), Err(200));
     }
 
+    /// Every code of a family: decodes from its value, `ALL` in numeric
+    /// order without duplicates, names distinct; `name_of` a value no code
+    /// has is `UNKNOWN`.
+    macro_rules! check_family {
+        ($family:ident) => {{
+            let all = $family::ALL;
+            for (i, c) in all.iter().enumerate() {
+                assert_eq!($family::try_from(*c as u8), Ok(*c), "{}", stringify!($family));
+                assert_eq!($family::name_of(*c as u8), c.as_str());
+                assert_ne!(c.as_str(), UNKNOWN);
+                if i > 0 {
+                    assert!((all[i - 1] as u8) < *c as u8, "{}::ALL out of order", stringify!($family));
+                }
+                for other in &all[..i] {
+                    assert_ne!(other.as_str(), c.as_str(), "{}: two codes named alike", stringify!($family));
+                }
+            }
+            let past = all[all.len() - 1] as u8 + 1;
+            assert_eq!($family::try_from(past), Err(past));
+            assert_eq!($family::name_of(past), UNKNOWN);
+            assert_eq!($family::name_of(u8::MAX), UNKNOWN);
+        }};
+    }
+
+    #[test]
+    fn code_families_round_trip() {
+        check_family!(PacketDir);
+        check_family!(ProtoIndex);
+        check_family!(Verdict);
+        check_family!(Mode);
+        check_family!(Reason);
+        check_family!(Malformed);
+        // 0 is no reason, no malformation.
+        assert_eq!(Reason::name_of(0), UNKNOWN);
+        assert_eq!(Malformed::name_of(0), UNKNOWN);
+    }
+
+    /// The values and names are the contract (the kernel's integers, the
+    /// audit records' and metric labels' strings): a change here is an ABI
+    /// or interface change, not a refactoring.
+    #[test]
+    fn codes_keep_their_values_and_names() {
+        let dirs: [(PacketDir, u8, &str); 2] = [(PacketDir::Ingress, 0, "ingress"), (PacketDir::Egress, 1, "egress")];
+        for (c, v, n) in dirs {
+            assert_eq!((c as u8, c.as_str()), (v, n));
+        }
+        let protos = [(ProtoIndex::Tcp, 0, "tcp"), (ProtoIndex::Udp, 1, "udp"), (ProtoIndex::Other, 2, "other")];
+        for (c, v, n) in protos {
+            assert_eq!((c as u8, c.as_str()), (v, n));
+        }
+        let verdicts = [
+            (Verdict::Allow, 0, "allowed"),
+            (Verdict::Drop, 1, "dropped"),
+            (Verdict::Monitor, 2, "would_drop"),
+            (Verdict::Bypass, 3, "bypassed"),
+        ];
+        for (c, v, n) in verdicts {
+            assert_eq!((c as u8, c.as_str()), (v, n));
+        }
+        for (c, v, n) in [(Mode::Enforce, 0, "enforce"), (Mode::Monitor, 1, "monitor")] {
+            assert_eq!((c as u8, c.as_str()), (v, n));
+        }
+        let reasons = [
+            (Reason::NoRule, 1, "no_rule"),
+            (Reason::PeerNotAllowed, 2, "peer_not_allowed"),
+            (Reason::OutboundToWorkstation, 3, "outbound_to_workstation"),
+            (Reason::Malformed, 4, "malformed"),
+            (Reason::UntrackedReply, 5, "untracked_reply"),
+        ];
+        for (c, v, n) in reasons {
+            assert_eq!((c as u8, c.as_str()), (v, n));
+        }
+        assert_eq!((Malformed::L2Truncated as u8, Malformed::Ipv6HopByHopNotFirst as u8), (1, 13));
+        assert_eq!(Malformed::L4Truncated.as_str(), "l4_truncated");
+        assert_eq!(NUM_REASONS, 6);
+        assert_eq!(Mode::default(), Mode::Enforce, "a zeroed Settings enforces");
+    }
+
+    #[test]
+    fn dense_codes_index_their_tables() {
+        for (i, d) in PacketDir::ALL.iter().enumerate() {
+            assert_eq!(*d as usize, i);
+        }
+        for (i, p) in ProtoIndex::ALL.iter().enumerate() {
+            assert_eq!(*p as usize, i);
+        }
+        for (i, v) in Verdict::ALL.iter().enumerate() {
+            assert_eq!(*v as usize, i);
+        }
+        assert_eq!((NUM_DIRS, NUM_COUNTER_PROTOS, NUM_VERDICTS), (2, 3, 4));
+        assert!(NUM_PORT_PROTOS <= NUM_COUNTER_PROTOS && PROTO_IDX_OTHER >= NUM_PORT_PROTOS);
+    }
+
     /// Sets taken and the fullest set's load for `keys`.
     fn spread(keys: impl Iterator<Item = ReportKey>) -> (usize, usize) {
         let mut load = [0u32; (REPORTED_ENTRIES / 2) as usize];
@@ -885,6 +1080,27 @@ mod tests {
         assert_eq!(&bytes[8..], &[7; 16]);
     }
 
+    /// Size of the field `get` reads.
+    fn field_size<T, F>(_get: fn(&T) -> &F) -> usize {
+        size_of::<F>()
+    }
+
+    /// `fields!(T, size, f @ offset, ...)`, every field of `T` in order:
+    /// each is at its offset, right after the one before, and the last
+    /// ends at `size`, the size of `T`.
+    macro_rules! fields {
+        ($t:ty, $size:expr, $($f:ident @ $off:expr),+ $(,)?) => {{
+            let mut end = 0;
+            $(
+                assert_eq!(core::mem::offset_of!($t, $f), $off, concat!(stringify!($t), ".", stringify!($f)));
+                assert_eq!(end, $off, concat!("padding before ", stringify!($t), ".", stringify!($f)));
+                end = $off + field_size(|x: &$t| &x.$f);
+            )+
+            assert_eq!(end, $size, concat!("padding at the end of ", stringify!($t)));
+            assert_eq!(size_of::<$t>(), $size, stringify!($t));
+        }};
+    }
+
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<PortEntry>(), 4);
@@ -901,6 +1117,65 @@ mod tests {
         assert_eq!(size_of::<DnsPendingKey>(), 40 + 8);
         assert_eq!(size_of::<LearnedKey>(), 20);
         assert_eq!(size_of::<Counters>(), 16 * NUM_VERDICTS);
+
+        // Every field of every shared struct where the other side reads it,
+        // and nothing between or after the fields.
+        fields!(PortEntry, 4, slot @ 0, port_idx @ 2);
+        fields!(PortSlot, 4 + 2 * MAX_CLASSES, allowed_mask @ 0, rule_by_class @ 4);
+        fields!(Counters, 16 * NUM_VERDICTS, packets @ 0, bytes @ 8 * NUM_VERDICTS);
+        fields!(
+            Settings,
+            56,
+            ingress_mode @ 0,
+            egress_mode @ 1,
+            allow_icmp @ 2,
+            ready @ 3,
+            no_initiate_mask @ 4,
+            resolver_mask @ 8,
+            learned_mask @ 12,
+            tcp_timeout_ns @ 16,
+            tcp_closing_timeout_ns @ 24,
+            udp_timeout_ns @ 32,
+            report_interval_ns @ 40,
+            event_rate @ 48,
+            event_burst @ 52,
+        );
+        fields!(FlowKey, 40, family @ 0, proto @ 1, _pad @ 2, local_port @ 4, remote_port @ 6, local_addr @ 8, remote_addr @ 24);
+        fields!(CtEntry, 16, last_seen_ns @ 0, rule @ 8, port_idx @ 10, flow_dir @ 12, state @ 13, flags @ 14, _pad @ 15);
+        fields!(
+            FlowEvent,
+            72,
+            ts_ns @ 0,
+            key @ 8,
+            peer_mask @ 48,
+            ifindex @ 52,
+            pkt_len @ 56,
+            direction @ 60,
+            reason @ 61,
+            verdict @ 62,
+            tcp_flags @ 63,
+            slot @ 64,
+            detail @ 66,
+            _pad @ 67,
+            repeats @ 68,
+        );
+        fields!(ReportKey, 24, family @ 0, proto @ 1, direction @ 2, reason @ 3, port @ 4, verdict @ 6, _pad @ 7, remote_addr @ 8);
+        fields!(ReportSlot, 40, key @ 0, last_ns @ 24, repeats @ 32);
+        fields!(TokenBucket, 16, tokens @ 0, last_ns @ 8);
+        fields!(
+            DnsMessage,
+            32 + DNS_PAYLOAD_MAX,
+            ts_ns @ 0,
+            resolver @ 8,
+            family @ 24,
+            kind @ 25,
+            len @ 26,
+            orig_len @ 28,
+            server_port @ 30,
+            payload @ 32,
+        );
+        fields!(DnsPendingKey, 48, flow @ 0, txid @ 40, _pad @ 42);
+        fields!(LearnedKey, 20, generation @ 0, family @ 1, _pad @ 2, addr @ 4);
     }
 
     #[test]

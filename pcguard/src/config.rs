@@ -88,32 +88,9 @@ impl IngressHook {
     }
 }
 
-/// What happens to a new flow no rule allows.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Dropped (and reported).
-    Enforce,
-    /// Passed and reported (dry run).
-    Monitor,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Enforce => "enforce",
-            Mode::Monitor => "monitor",
-        }
-    }
-
-    /// `pcguard_common::MODE_ENFORCE` / `MODE_MONITOR`.
-    pub fn to_setting(self) -> u8 {
-        match self {
-            Mode::Enforce => pcguard_common::MODE_ENFORCE,
-            Mode::Monitor => pcguard_common::MODE_MONITOR,
-        }
-    }
-}
+/// What happens to a new flow no rule allows (`mode`, `egress_mode`): the
+/// kernel's code, whose names are the config's values.
+pub use pcguard_common::Mode;
 
 /// A `[[rule]]` or `[[always_allow.rule]]` of the site config.
 #[derive(Clone, Debug, PartialEq, Eq)]

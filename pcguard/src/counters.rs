@@ -6,16 +6,10 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use pcguard_common::{
-    Counters, CtEntry, FlowKey, LearnedKey, NUM_DIRS, NUM_STATS, NUM_VERDICTS, names, port_counter_index, rule_counter_index,
+    Counters, CtEntry, FlowKey, LearnedKey, NUM_STATS, NUM_VERDICTS, PacketDir, ProtoIndex, names, port_counter_index,
+    rule_counter_index,
 };
 use serde::{Deserialize, Serialize};
-
-/// Names of the verdict indexes, as used in metric labels and tables.
-pub const VERDICT_NAMES: [&str; NUM_VERDICTS] = ["allowed", "dropped", "would_drop", "bypassed"];
-/// Names of the packet directions (counter index order).
-pub const DIRECTION_NAMES: [&str; NUM_DIRS as usize] = ["ingress", "egress"];
-/// Names of the counter protocol indexes.
-pub const PROTOCOL_NAMES: [&str; 3] = ["tcp", "udp", "other"];
 
 /// What the counters need to know about the running policy to be labelled.
 /// Written by the daemon into its state file so `status` can read it too.
@@ -33,11 +27,13 @@ impl Labels {
     }
 }
 
-/// Counters of one (direction, protocol, port label).
+/// Counters of one (direction, protocol, port label). Labelled with the
+/// codes' names (`as_str`); a [`Counters`] is indexed by verdict
+/// (`pcguard_common::Verdict`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortCount {
-    pub direction: usize,
-    pub protocol: usize,
+    pub direction: PacketDir,
+    pub protocol: ProtoIndex,
     pub port: String,
     pub counters: Counters,
 }
@@ -45,7 +41,7 @@ pub struct PortCount {
 /// Counters of one (direction, rule).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuleCount {
-    pub direction: usize,
+    pub direction: PacketDir,
     pub rule: String,
     pub counters: Counters,
 }
@@ -120,8 +116,8 @@ impl PinnedCounters {
     /// whatever the size of conntrack.
     pub fn snapshot(&self, labels: &Labels) -> Result<Snapshot> {
         let mut snap = Snapshot::default();
-        for dir in 0..NUM_DIRS {
-            for (proto, ports) in labels.port_labels.iter().enumerate() {
+        for dir in PacketDir::ALL {
+            for (proto, ports) in ProtoIndex::ALL.into_iter().zip(&labels.port_labels) {
                 // Index 0 ("other") exists even for a policy without labels.
                 let n = ports.len().max(1);
                 for idx in 0..n {
@@ -129,13 +125,13 @@ impl PinnedCounters {
                     if port.is_empty() {
                         continue; // a label of an earlier policy (see `ids`)
                     }
-                    let counters = sum_cpus(&self.ports, port_counter_index(dir, proto as u32, idx as u16))?;
-                    snap.ports.push(PortCount { direction: dir as usize, protocol: proto, port, counters });
+                    let counters = sum_cpus(&self.ports, port_counter_index(dir as u32, proto as u32, idx as u16))?;
+                    snap.ports.push(PortCount { direction: dir, protocol: proto, port, counters });
                 }
             }
             for (rule, id) in labels.rules.iter().enumerate().skip(1).filter(|(_, id)| !id.is_empty()) {
-                let counters = sum_cpus(&self.rules, rule_counter_index(dir, rule as u16))?;
-                snap.rules.push(RuleCount { direction: dir as usize, rule: id.clone(), counters });
+                let counters = sum_cpus(&self.rules, rule_counter_index(dir as u32, rule as u16))?;
+                snap.rules.push(RuleCount { direction: dir, rule: id.clone(), counters });
             }
         }
         for (i, s) in snap.stats.iter_mut().enumerate() {

@@ -86,21 +86,17 @@ fn daemon_settings(cfg: &SiteConfig, policy: &CompiledPolicy, opts: &RunOptions)
         metrics_listen: opts.metrics_listen.unwrap_or_else(|| cfg.metrics_listen()),
         audit_log: opts.audit_log.clone().unwrap_or_else(|| cfg.audit_path().to_path_buf()),
         group,
-        report_interval: Duration::from_nanos(policy.settings.report_interval_ns),
+        report_interval: policy.settings.report_interval,
         max_records_per_second: cfg.audit.max_records_per_second,
         info: PolicyInfo {
             labels: Labels::from_policy(policy),
-            mode: mode_name(policy.settings.ingress_mode).into(),
-            egress_mode: mode_name(policy.settings.egress_mode).into(),
+            mode: policy.settings.ingress_mode.as_str().into(),
+            egress_mode: policy.settings.egress_mode.as_str().into(),
             role: cfg.role.as_str().into(),
             rules: policy.rule_count(),
             interfaces: Vec::new(),
         },
     })
-}
-
-fn mode_name(m: u8) -> &'static str {
-    if m == pcguard_common::MODE_MONITOR { "monitor" } else { "enforce" }
 }
 
 /// How the daemon's main loop ended.
@@ -299,9 +295,9 @@ fn seed_existing_connections(dp: &mut Datapath, policy: &CompiledPolicy) {
 }
 
 /// What happens to an existing connection the policy does not allow.
-fn cut_fate(s: &pcguard_common::Settings) -> &'static str {
-    use pcguard_common::MODE_MONITOR;
-    match (s.ingress_mode == MODE_MONITOR, s.egress_mode == MODE_MONITOR) {
+fn cut_fate(s: &policy::PolicySettings) -> &'static str {
+    use pcguard_common::Mode::Monitor;
+    match (s.ingress_mode == Monitor, s.egress_mode == Monitor) {
         (false, false) => "it will be cut (its packets are dropped)",
         (true, true) => "monitor mode: it keeps working, and its packets are reported",
         _ => "its packets are dropped in the enforced direction (it may be cut)",
@@ -695,8 +691,8 @@ impl Daemon {
             abi: pcguard_common::ABI_VERSION,
             adopted: self.dp.adopted(),
             interfaces: self.dp.interfaces().to_vec(),
-            mode: mode_name(s.ingress_mode).into(),
-            egress_mode: mode_name(s.egress_mode).into(),
+            mode: s.ingress_mode.as_str().into(),
+            egress_mode: s.egress_mode.as_str().into(),
             rules: policy.rule_count(),
             policy_loaded_at: self.loaded_at,
             reloads: self.reloads,

@@ -12,34 +12,24 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use pcguard_common::{
-    DIR_INGRESS, FAMILY_V4, FlowEvent, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-    REASON_MALFORMED, REASON_NO_RULE, REASON_OUTBOUND_TO_WORKSTATION, REASON_PEER_NOT_ALLOWED, REASON_UNTRACKED_REPLY,
-    VERDICT_DROP,
+    FAMILY_V4, FlowEvent, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Malformed, PacketDir, Reason, UNKNOWN,
+    Verdict,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{model::Direction, policy::CompiledPolicy};
 
-/// Reason labels (metrics and audit), by `REASON_*` value.
-pub fn reason_name(reason: u8) -> &'static str {
-    match reason {
-        REASON_NO_RULE => "no_rule",
-        REASON_PEER_NOT_ALLOWED => "peer_not_allowed",
-        REASON_OUTBOUND_TO_WORKSTATION => "outbound_to_workstation",
-        REASON_MALFORMED => "malformed",
-        REASON_UNTRACKED_REPLY => "untracked_reply",
-        _ => "unknown",
-    }
-}
-
 /// Reason of an audit record for an address a DNS answer gave one of the
 /// policy's names but that no answer may open (a workstation, this server,
 /// a resolver, loopback, multicast, ...): not learned (`pcguard::dns::guard`).
+/// The kernel's reasons are [`Reason`]s.
 pub const DNS_POISONING: &str = "dns_poisoning";
 
-/// Every reason label, for metrics initialisation.
-pub const REASONS: [&str; 6] =
-    ["no_rule", "peer_not_allowed", "outbound_to_workstation", "malformed", "untracked_reply", DNS_POISONING];
+/// Every reason label (the kernel's, then `dns_poisoning`), for metrics
+/// initialisation.
+pub fn reason_labels() -> impl Iterator<Item = &'static str> {
+    Reason::ALL.into_iter().map(Reason::as_str).chain([DNS_POISONING])
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
@@ -123,14 +113,15 @@ impl AuditRecord {
     /// Builds the record for `ev` using the policy that was running.
     pub fn from_event(ev: &FlowEvent, policy: &CompiledPolicy, seen: SystemTime) -> Self {
         let k = &ev.key;
-        let direction = if ev.direction as u32 == DIR_INGRESS { Direction::Inbound } else { Direction::Outbound };
-        let severity = if ev.reason == REASON_OUTBOUND_TO_WORKSTATION { "alert" } else { "warning" };
+        let reason = Reason::try_from(ev.reason);
+        let severity = if reason == Ok(Reason::OutboundToWorkstation) { "alert" } else { "warning" };
         Self {
             ts: humantime::format_rfc3339_millis(seen).to_string(),
             severity: severity.into(),
-            reason: reason_name(ev.reason).into(),
-            direction: direction.as_str().into(),
-            verdict: if ev.verdict as usize == VERDICT_DROP { "dropped" } else { "would_drop" }.into(),
+            reason: Reason::name_of(ev.reason).into(),
+            direction: flow_direction(ev.direction).into(),
+            // `dropped` (enforce) or `would_drop` (monitor).
+            verdict: Verdict::name_of(ev.verdict).into(),
             protocol: protocol_name(k.proto),
             local: Endpoint { addr: addr(k.family, &k.local_addr), port: k.local_port },
             remote: Endpoint { addr: addr(k.family, &k.remote_addr), port: k.remote_port },
@@ -144,10 +135,8 @@ impl AuditRecord {
             dns_refusal: None,
             suppressed: None,
             repeats: ev.repeats,
-            malformed: (ev.reason == REASON_MALFORMED).then(|| {
-                pcguard_common::Malformed::try_from(ev.detail)
-                    .map(|m| m.as_str().to_string())
-                    .unwrap_or_else(|v| format!("unknown_{v}"))
+            malformed: (reason == Ok(Reason::Malformed)).then(|| {
+                Malformed::try_from(ev.detail).map(|m| m.as_str().to_string()).unwrap_or_else(|v| format!("{UNKNOWN}_{v}"))
             }),
         }
     }
@@ -218,6 +207,17 @@ impl AuditRecord {
 
     fn direction_dst(&self) -> &Endpoint {
         if self.direction == "inbound" { &self.local } else { &self.remote }
+    }
+}
+
+/// The audit direction of a report of a packet that travelled `dir`
+/// ([`PacketDir`]): a flow a peer opens is reported at ingress, one this
+/// server opens at egress.
+fn flow_direction(dir: u8) -> &'static str {
+    match PacketDir::try_from(dir) {
+        Ok(PacketDir::Ingress) => Direction::Inbound.as_str(),
+        Ok(PacketDir::Egress) => Direction::Outbound.as_str(),
+        Err(_) => UNKNOWN,
     }
 }
 
@@ -461,6 +461,52 @@ mod tests {
         assert_eq!((rec.dns_name.as_ref(), rec.suppressed), (None, None));
         assert_eq!(serde_json::to_string(&rec).unwrap(), line, "no new keys in flow records");
         assert!(!rec.human().contains("dns:"));
+    }
+
+    fn event(direction: u8, reason: u8, verdict: u8, detail: u8) -> FlowEvent {
+        let mut key = pcguard_common::FlowKey { family: FAMILY_V4, proto: IPPROTO_TCP, local_port: 9999, remote_port: 40000, ..Default::default() };
+        key.local_addr[..4].copy_from_slice(&[10, 77, 0, 1]);
+        key.remote_addr[..4].copy_from_slice(&[10, 77, 0, 2]);
+        FlowEvent { key, direction, reason, verdict, detail, tcp_flags: 0x02, ..Default::default() }
+    }
+
+    #[test]
+    fn flow_records_name_the_kernel_codes() {
+        use pcguard_common::*;
+        let p = policy();
+        let rec = |ev: FlowEvent| AuditRecord::from_event(&ev, &p, SystemTime::now());
+        let r = rec(event(DIR_INGRESS as u8, REASON_NO_RULE, VERDICT_DROP as u8, 0));
+        assert_eq!(
+            (r.severity.as_str(), r.reason.as_str(), r.direction.as_str(), r.verdict.as_str(), r.malformed),
+            ("warning", "no_rule", "inbound", "dropped", None)
+        );
+        let r = rec(event(DIR_EGRESS as u8, REASON_OUTBOUND_TO_WORKSTATION, VERDICT_MONITOR as u8, 0));
+        assert_eq!(
+            (r.severity.as_str(), r.reason.as_str(), r.direction.as_str(), r.verdict.as_str()),
+            ("alert", "outbound_to_workstation", "outbound", "would_drop")
+        );
+        let r = rec(event(DIR_INGRESS as u8, REASON_MALFORMED, VERDICT_DROP as u8, Malformed::L4Truncated as u8));
+        assert_eq!((r.reason.as_str(), r.malformed.as_deref()), ("malformed", Some("l4_truncated")));
+        for reason in Reason::ALL {
+            assert_eq!(rec(event(0, reason as u8, 1, 0)).reason, reason.as_str());
+        }
+        // Values this build does not know are named so, never taken for
+        // another code.
+        let r = rec(event(7, 200, 9, 0));
+        assert_eq!(
+            (r.severity.as_str(), r.reason.as_str(), r.direction.as_str(), r.verdict.as_str()),
+            ("warning", UNKNOWN, UNKNOWN, UNKNOWN)
+        );
+        let r = rec(event(0, REASON_MALFORMED, 1, 99));
+        assert_eq!(r.malformed.as_deref(), Some("unknown_99"));
+        assert_eq!(reason_labels().collect::<Vec<_>>(), [
+            "no_rule",
+            "peer_not_allowed",
+            "outbound_to_workstation",
+            "malformed",
+            "untracked_reply",
+            "dns_poisoning"
+        ]);
     }
 
     #[test]

@@ -24,7 +24,8 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::counters::{TableSizes, DIRECTION_NAMES, Labels, PROTOCOL_NAMES, PinnedCounters, VERDICT_NAMES};
+use crate::counters::{TableSizes, Labels, PinnedCounters};
+use pcguard_common::Verdict;
 
 type LabelPairs = Vec<(&'static str, String)>;
 
@@ -166,7 +167,7 @@ impl Metrics {
             "Unexpected flows reported (one per flow, not per packet), by reason and flow direction",
             daemon.unexpected_flows.clone(),
         );
-        for reason in crate::flows::REASONS {
+        for reason in crate::flows::reason_labels() {
             for dir in ["inbound", "outbound"] {
                 let _ = daemon.unexpected_flows.get_or_create(&flow_labels(reason, dir));
             }
@@ -254,8 +255,8 @@ impl Collector for KernelCollector {
             .iter()
             .map(|p| {
                 let labels = vec![
-                    ("direction", DIRECTION_NAMES[p.direction].to_string()),
-                    ("protocol", PROTOCOL_NAMES[p.protocol].to_string()),
+                    ("direction", p.direction.as_str().to_string()),
+                    ("protocol", p.protocol.as_str().to_string()),
                     ("port", p.port.clone()),
                 ];
                 (labels, &p.counters)
@@ -266,7 +267,7 @@ impl Collector for KernelCollector {
         let rule_series: Vec<(LabelPairs, &Counters)> = snap
             .rules
             .iter()
-            .map(|r| (vec![("rule", r.rule.clone()), ("direction", DIRECTION_NAMES[r.direction].to_string())], &r.counters))
+            .map(|r| (vec![("rule", r.rule.clone()), ("direction", r.direction.as_str().to_string())], &r.counters))
             .collect();
         encode_counters(&mut encoder, "pcguard_rule_packets", "Packets of flows matched by each rule (catalog id or site rule name), by packet direction and verdict", &rule_series, |c, v| c.packets[v])?;
         encode_counters(&mut encoder, "pcguard_rule_bytes", "Bytes of flows matched by each rule, labelled like pcguard_rule_packets_total", &rule_series, |c, v| c.bytes[v])?;
@@ -331,13 +332,13 @@ fn encode_counters(
 ) -> Result<(), std::fmt::Error> {
     let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
     for (labels, counters) in series {
-        for (v, verdict) in VERDICT_NAMES.iter().enumerate() {
-            let n = value(counters, v);
-            if n == 0 && v != pcguard_common::VERDICT_ALLOW {
+        for verdict in Verdict::ALL {
+            let n = value(counters, verdict as usize);
+            if n == 0 && verdict != Verdict::Allow {
                 continue;
             }
             let mut l = labels.clone();
-            l.push(("verdict", verdict.to_string()));
+            l.push(("verdict", verdict.as_str().to_string()));
             family.encode_family(&l)?.encode_counter::<NoLabelSet, _, u64>(&n, None)?;
         }
     }

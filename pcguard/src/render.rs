@@ -8,7 +8,7 @@
 use crate::config::SiteConfig;
 use crate::model::{Direction, PortRange, Protocol};
 use crate::policy::{self, ClassInfo, CompiledPolicy, PolicyError};
-use pcguard_common::{CLASS_ANY_BIT, MAX_CLASSES, MODE_ENFORCE, NUM_PORT_PROTOS};
+use pcguard_common::{CLASS_ANY_BIT, MAX_CLASSES, Mode, NUM_PORT_PROTOS};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
@@ -85,13 +85,8 @@ struct Tail {
 
 impl Tail {
     fn of(p: &CompiledPolicy, dir: Direction) -> Tail {
-        let mode = if dir == Direction::Inbound {
-            p.settings.ingress_mode
-        } else {
-            p.settings.egress_mode
-        };
         Tail {
-            enforce: mode == MODE_ENFORCE,
+            enforce: p.settings.mode(dir) == Mode::Enforce,
             tag: if dir == Direction::Inbound {
                 "in"
             } else {
@@ -126,7 +121,7 @@ fn chain(
         Direction::Outbound => ("output", "output", "oifname"),
     };
     let ifaces: Vec<String> = interfaces.iter().map(|i| format!("\"{i}\"")).collect();
-    let icmp = if p.settings.allow_icmp == 1 {
+    let icmp = if p.settings.allow_icmp {
         "accept".to_string()
     } else {
         tail.verdict()

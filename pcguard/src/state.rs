@@ -89,3 +89,43 @@ impl State {
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_file_carries_the_abi_version() {
+        let dir = std::env::temp_dir().join(format!("pcguard-state-abi-{}", std::process::id()));
+        let state = State {
+            pid: 1,
+            version: "0.1.0".into(),
+            config: "/etc/pcguard/site.toml".into(),
+            bpffs_dir: None,
+            maps_dir: None,
+            abi: pcguard_common::ABI_VERSION,
+            adopted: false,
+            interfaces: Vec::new(),
+            mode: "enforce".into(),
+            egress_mode: "enforce".into(),
+            rules: 0,
+            policy_loaded_at: 0,
+            reloads: 0,
+            metrics_listen: None,
+            audit_log: None,
+            pending_confirm_until: None,
+            labels: Labels::default(),
+        };
+        state.write(&dir, None).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(State::path(&dir)).unwrap()).unwrap();
+        assert_eq!(json["abi"], pcguard_common::ABI_VERSION);
+        assert_eq!(State::read(&dir).unwrap(), state);
+        // A state file written before the version was recorded reads as 0:
+        // no version this build speaks.
+        let mut old = json.clone();
+        old.as_object_mut().unwrap().remove("abi");
+        std::fs::write(State::path(&dir), serde_json::to_vec(&old).unwrap()).unwrap();
+        assert_eq!(State::read(&dir).unwrap().abi, 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -231,11 +231,13 @@ fn status_and_flows_commands_show_the_running_daemon() -> Result<()> {
     run_sample_probes(&env.lab)?;
     daemon.wait_audit("alerts", |r| r.iter().any(|x| s(x, "reason") == "outbound_to_workstation"))?;
     let status = daemon.cli(&["status"])?;
-    for want in [SERVER_IF, "web-http", "9191", "conntrack entries", "enforce"] {
+    let abi = format!("kernel ABI: v{}\n", pcguard_common::ABI_VERSION);
+    for want in [SERVER_IF, "web-http", "9191", "conntrack entries", "enforce", &abi] {
         assert!(status.contains(want), "status lacks {want}:\n{status}");
     }
     let json: Value = serde_json::from_str(&daemon.cli(&["status", "--format", "json"])?)?;
     assert_eq!(json["state"]["interfaces"][0]["name"], SERVER_IF);
+    assert_eq!(json["state"]["abi"], pcguard_common::ABI_VERSION);
     assert!(json["counters"]["ports"].as_array().unwrap().iter().any(|p| p["port"] == "9191"));
 
     let out = std::process::Command::new(pcguard_bin()?)

@@ -173,3 +173,43 @@ fn a_second_daemon_on_the_same_pins_is_refused() -> Result<()> {
     assert!(ws_reaches(&env.lab, 9191)?);
     Ok(())
 }
+
+/// Pinned maps of another kernel/user contract are never adopted: a daemon
+/// that finds only a map set named for another ABI version (here this
+/// build's set, renamed as an older pcguard would have named it) pins a
+/// set of its own, moves the links to its programs, then unpins the other
+/// set. Its counters start over; enforcement goes on throughout.
+#[test]
+fn a_map_set_of_another_abi_is_not_adopted() -> Result<()> {
+    use pcguard_common::ABI_VERSION;
+    let env = TestLab::up("pr6", tmp(), &lab_config("enforce", ""))?;
+    let _web = TcpServer::start(&env.lab, SERVER, sa(Ipv6Addr::UNSPECIFIED, 9191))?;
+    let _srv = TcpServer::start(&env.lab, SERVER, sa(Ipv6Addr::UNSPECIFIED, 9999))?;
+    let daemon = env.start(&[])?;
+    assert!(ws_reaches(&env.lab, 9191)?);
+    ensure!(web_packets(&daemon)? > 0.0, "no allowed web packets counted");
+    let maps = daemon.maps_dir()?;
+    assert!(daemon.stop()?.success());
+
+    let name = maps.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+    let this = format!("maps-v{ABI_VERSION}-");
+    ensure!(name.starts_with(&this), "map set {name} is not named for ABI {ABI_VERSION}");
+    let older_name = name.replacen(&this, &format!("maps-v{}-", ABI_VERSION - 1), 1);
+    let older = maps.with_file_name(&older_name);
+    std::fs::rename(&maps, &older)?;
+    assert!(!ws_reaches(&env.lab, 9999)?, "enforcement went away with the renamed pins");
+
+    let daemon = env.start(&[])?;
+    let log = daemon.log_text();
+    assert!(!log.contains("adopted the maps"), "maps of ABI {} adopted:\n{log}", ABI_VERSION - 1);
+    assert!(log.contains("pinned new maps in"), "{log}");
+    assert!(log.contains(&format!("unpinning the map set {older_name} of an earlier layout")), "{log}");
+    assert!(!older.exists(), "the other ABI's set is still pinned");
+    assert_eq!(daemon.maps_dir()?, maps);
+    assert_eq!(web_packets(&daemon)?, 0.0, "counters carried over from the other ABI's maps");
+    assert!(ws_reaches(&env.lab, 9191)?);
+    assert!(!ws_reaches(&env.lab, 9999)?);
+    let status = daemon.cli(&["status"])?;
+    assert!(status.contains(&format!("kernel ABI: v{ABI_VERSION}\n")), "{status}");
+    Ok(())
+}

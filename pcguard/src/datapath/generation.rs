@@ -27,7 +27,7 @@ use super::{
 };
 use crate::{
     dns::LearnedWrite,
-    policy::{CompiledPolicy, PeerPrefix},
+    policy::{CompiledPolicy, PeerPrefix, PolicySettings},
 };
 
 /// Counts of map entries written by one
@@ -296,15 +296,34 @@ fn write_generation(
             .with_context(|| format!("writing PORTS[{idx}] of generation {generation}"))?;
     }
     stats.ports = ports.len();
-    let mut settings: Settings = new.settings;
-    settings.ready = 1;
     // The event budget is per CPU in the kernel (a bucket each).
     let cpus = aya::util::nr_cpus().unwrap_or(1).max(1) as u32;
-    settings.event_rate = new.settings.event_rate.div_ceil(cpus);
-    settings.event_burst = new.settings.event_burst.div_ceil(cpus);
+    let settings = kernel_settings(&new.settings, cpus);
     let mut array: Array<&mut MapData, Settings> = Array::try_from(maps::map_mut(ebpf, names::SETTINGS)?)?;
     array.set(generation, settings, 0).with_context(|| format!("writing SETTINGS[{generation}]"))?;
     Ok(())
+}
+
+/// The kernel's encoding of `s` for `SETTINGS` (marked ready): modes as
+/// their codes, durations in nanoseconds, the event budget divided between
+/// `cpus` (a bucket each).
+fn kernel_settings(s: &PolicySettings, cpus: u32) -> Settings {
+    let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    Settings {
+        ingress_mode: s.ingress_mode as u8,
+        egress_mode: s.egress_mode as u8,
+        allow_icmp: u8::from(s.allow_icmp),
+        ready: 1,
+        no_initiate_mask: s.no_initiate_mask,
+        resolver_mask: s.resolver_mask,
+        learned_mask: s.learned_mask,
+        tcp_timeout_ns: ns(s.tcp_timeout),
+        tcp_closing_timeout_ns: ns(s.tcp_closing_timeout),
+        udp_timeout_ns: ns(s.udp_timeout),
+        report_interval_ns: ns(s.report_interval),
+        event_rate: s.event_rate.div_ceil(cpus),
+        event_burst: s.event_burst.div_ceil(cpus),
+    }
 }
 
 /// Applies [`prefix_writes`] to one generation of a trie; `key` makes the
@@ -335,4 +354,53 @@ where
             .with_context(|| format!("inserting peer prefix /{}", p.prefix_len))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use pcguard_common::{MODE_ENFORCE, MODE_MONITOR, Mode, Settings};
+
+    use super::kernel_settings;
+    use crate::policy::PolicySettings;
+
+    #[test]
+    fn settings_are_encoded_for_the_kernel_only_here() {
+        let s = PolicySettings {
+            ingress_mode: Mode::Monitor,
+            egress_mode: Mode::Enforce,
+            allow_icmp: true,
+            no_initiate_mask: 0b11,
+            resolver_mask: 0b100,
+            learned_mask: 0b1000,
+            tcp_timeout: Duration::from_secs(600),
+            tcp_closing_timeout: Duration::from_millis(1500),
+            udp_timeout: Duration::MAX,
+            report_interval: Duration::from_secs(60),
+            event_rate: 1000,
+            event_burst: 999,
+        };
+        let k = kernel_settings(&s, 4);
+        assert_eq!(
+            k,
+            Settings {
+                ingress_mode: MODE_MONITOR,
+                egress_mode: MODE_ENFORCE,
+                allow_icmp: 1,
+                ready: 1,
+                no_initiate_mask: 0b11,
+                resolver_mask: 0b100,
+                learned_mask: 0b1000,
+                tcp_timeout_ns: 600_000_000_000,
+                tcp_closing_timeout_ns: 1_500_000_000,
+                udp_timeout_ns: u64::MAX,
+                report_interval_ns: 60_000_000_000,
+                event_rate: 250,
+                event_burst: 250,
+            }
+        );
+        let k = kernel_settings(&PolicySettings::default(), 1);
+        assert_eq!((k.ingress_mode, k.egress_mode, k.allow_icmp, k.ready), (MODE_ENFORCE, MODE_ENFORCE, 0, 1));
+    }
 }

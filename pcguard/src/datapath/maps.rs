@@ -11,7 +11,7 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, RingBuf},
 };
 use pcguard_common::{
-    CtEntry, FAMILY_V4, FAMILY_V6, FlowKey, GEN_PREFIX_BITS, LearnedKey, PortEntry, PortSlot, Settings, names, ports_index,
+    CtEntry, FAMILY_V4, FAMILY_V6, FlowKey, GEN_PREFIX_BITS, LearnedKey, PortEntry, PortSlot, names, ports_index,
     slots_index,
 };
 
@@ -74,10 +74,10 @@ pub(super) fn seed_conntrack(ebpf: &mut Ebpf, seeds: &[Seed]) -> Result<SeedStat
 }
 
 /// Reads back what generation `generation` of the policy tables holds:
-/// for a daemon that adopts maps another process wrote.
+/// for a daemon that adopts maps another process wrote. Not its settings:
+/// every write of a generation writes them whole.
 pub(super) fn read_generation(ebpf: &Ebpf, generation: u32) -> Result<CompiledPolicy> {
-    let settings: Array<&MapData, Settings> = Array::try_from(map(ebpf, names::SETTINGS)?)?;
-    let mut held = CompiledPolicy { settings: settings.get(&generation, 0)?, ..Default::default() };
+    let mut held = CompiledPolicy::default();
     let slots: Array<&MapData, PortSlot> = Array::try_from(map(ebpf, names::SLOTS)?)?;
     for i in 0..pcguard_common::MAX_SLOTS {
         held.slots.push(slots.get(&slots_index(generation, i), 0)?);

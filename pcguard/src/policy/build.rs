@@ -2,13 +2,11 @@
 //! order and the peer classes with their addresses.
 
 use super::classes::unique;
-use super::compiled::{RuleInfo, RuleOrigin};
+use super::compiled::{PolicySettings, RuleInfo, RuleOrigin};
 use crate::catalog::{Catalog, Service};
 use crate::config::{SiteConfig, SiteRule};
 use crate::model::Cidr;
-use pcguard_common::Settings;
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 /// The typed policy, before it is compiled into tables.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,9 +17,9 @@ pub struct Policy {
     /// Classes with addresses or endpoints, in bit order: catalog classes,
     /// then custom classes by name.
     pub classes: Vec<PolicyClass>,
-    /// Modes, ICMP, timeouts and report interval; `no_initiate_mask` and
-    /// `ready` are set by the compiler.
-    pub settings: Settings,
+    /// Modes, ICMP, timeouts and report interval; the class masks are set
+    /// by the compiler.
+    pub settings: PolicySettings,
     pub notes: Vec<String>,
 }
 
@@ -130,23 +128,18 @@ fn class_of(cfg: &SiteConfig, services: &[&Service], name: &str) -> PolicyClass 
     }
 }
 
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-fn settings(cfg: &SiteConfig) -> Settings {
-    Settings {
-        ingress_mode: cfg.mode.to_setting(),
-        egress_mode: cfg.egress_mode.to_setting(),
-        allow_icmp: u8::from(cfg.allow_icmp),
-        ready: 0,
+fn settings(cfg: &SiteConfig) -> PolicySettings {
+    PolicySettings {
+        ingress_mode: cfg.mode,
+        egress_mode: cfg.egress_mode,
+        allow_icmp: cfg.allow_icmp,
         no_initiate_mask: 0,
         resolver_mask: 0,
         learned_mask: 0,
-        tcp_timeout_ns: nanos(cfg.conntrack.tcp),
-        tcp_closing_timeout_ns: nanos(cfg.conntrack.tcp_closing),
-        udp_timeout_ns: nanos(cfg.conntrack.udp),
-        report_interval_ns: nanos(cfg.audit.report_interval),
+        tcp_timeout: cfg.conntrack.tcp,
+        tcp_closing_timeout: cfg.conntrack.tcp_closing,
+        udp_timeout: cfg.conntrack.udp,
+        report_interval: cfg.audit.report_interval,
         // The whole machine's budget: the datapath divides it between the
         // CPUs when it writes the settings. Twice the records the daemon
         // writes, so that its own dedup and ceiling have room to work.

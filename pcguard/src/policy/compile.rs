@@ -55,11 +55,10 @@ pub fn compile_policy(p: &Policy, ids: &mut StableIds) -> Result<CompiledPolicy,
     ];
     let numbers = ids.number(&rules, &port_labels);
     let t = tables(&p.rules, &masks, &labels, &numbers)?;
-    let mut settings = p.settings;
+    let mut settings = p.settings.clone();
     settings.no_initiate_mask = class_mask(p, &["workstations", "secondary_servers"]);
     settings.resolver_mask = resolver_mask(p);
     settings.learned_mask = learned_mask(p);
-    settings.ready = 1;
     let compiled = CompiledPolicy {
         settings,
         ports: t.ports,

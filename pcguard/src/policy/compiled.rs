@@ -4,8 +4,9 @@
 //! maps), `metrics` (labels), `render` (nftables) and `check` (rule table).
 
 use crate::model::{Direction, PortRange, Protocol};
-use pcguard_common::{MAX_SLOTS, PortEntry, PortSlot, Settings, port_table_index};
+use pcguard_common::{MAX_SLOTS, Mode, PortEntry, PortSlot, port_table_index};
 use serde::Serialize;
+use std::time::Duration;
 
 /// Where a compiled rule came from.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
@@ -59,12 +60,55 @@ pub struct Allowed {
     pub port_idx: u16,
 }
 
+/// The policy's global settings, typed. Only the datapath encodes them
+/// into the kernel's `pcguard_common::Settings` (modes as their codes,
+/// durations in nanoseconds, the event budget per CPU, `ready = 1`), when
+/// it writes the `SETTINGS` entry of the generation it applies the policy
+/// to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicySettings {
+    /// Mode for new inbound flows.
+    pub ingress_mode: Mode,
+    /// Mode for new outbound flows.
+    pub egress_mode: Mode,
+    /// ICMP/ICMPv6 and IGMP pass (counted as bypassed); else they are
+    /// subject to the policy like any packet without a rule.
+    pub allow_icmp: bool,
+    /// Classes the server must never initiate flows to (reported as
+    /// `outbound_to_workstation`).
+    pub no_initiate_mask: u32,
+    /// Classes of the DNS resolvers this server uses.
+    pub resolver_mask: u32,
+    /// Classes DNS answers can give an address (classes with FQDNs).
+    pub learned_mask: u32,
+    /// Idle timeouts of conntrack entries.
+    pub tcp_timeout: Duration,
+    pub tcp_closing_timeout: Duration,
+    pub udp_timeout: Duration,
+    /// A (source, destination port, reason) is reported at most once per
+    /// this interval.
+    pub report_interval: Duration,
+    /// Unexpected-flow events the whole machine may send per second, and
+    /// its burst (the datapath divides both between the CPUs).
+    pub event_rate: u32,
+    pub event_burst: u32,
+}
+
+impl PolicySettings {
+    /// The mode of new flows initiated in `direction`.
+    pub fn mode(&self, direction: Direction) -> Mode {
+        match direction {
+            Direction::Inbound => self.ingress_mode,
+            Direction::Outbound => self.egress_mode,
+        }
+    }
+}
+
 /// The compiled policy.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CompiledPolicy {
-    /// Written to the `SETTINGS` entry of the generation it is applied to
-    /// (with `ready = 1`).
-    pub settings: Settings,
+    /// Written to the `SETTINGS` entry of the generation it is applied to.
+    pub settings: PolicySettings,
     /// Sparse `PORTS` content: (index from `port_table_index`, entry). Every
     /// index not listed is `PortEntry::default()` (no rule).
     pub ports: Vec<(u32, PortEntry)>,

@@ -4,7 +4,6 @@ use super::classes::ClassInfo;
 use super::compiled::{CompiledPolicy, RuleInfo, RuleOrigin};
 use crate::config::SiteConfig;
 use crate::model::{Direction, format_ports, table};
-use pcguard_common::MODE_ENFORCE;
 use std::collections::HashSet;
 
 /// CIDRs shown per class in the rule table before "+N more".
@@ -24,9 +23,9 @@ pub fn rule_table(p: &CompiledPolicy) -> String {
         .collect();
     let mut out = format!(
         "ingress {}, egress {}, ICMP {}\n\n",
-        mode_name(p.settings.ingress_mode),
-        mode_name(p.settings.egress_mode),
-        if p.settings.allow_icmp == 1 {
+        p.settings.ingress_mode.as_str(),
+        p.settings.egress_mode.as_str(),
+        if p.settings.allow_icmp {
             "allowed"
         } else {
             "subject to policy"
@@ -73,14 +72,6 @@ fn effective_rules(p: &CompiledPolicy) -> HashSet<usize> {
         .collect()
 }
 
-fn mode_name(mode: u8) -> &'static str {
-    if mode == MODE_ENFORCE {
-        "enforce"
-    } else {
-        "monitor"
-    }
-}
-
 fn rule_row(
     p: &CompiledPolicy,
     classes: &[ClassInfo],
@@ -111,8 +102,8 @@ fn rule_row(
 fn rule_mode(p: &CompiledPolicy, r: &RuleInfo) -> &'static str {
     match (r.origin, r.direction) {
         (RuleOrigin::AlwaysAllow, _) => "always",
-        (_, Direction::Inbound) => mode_name(p.settings.ingress_mode),
-        (_, Direction::Outbound) => mode_name(p.settings.egress_mode),
+        (_, Direction::Inbound) => p.settings.ingress_mode.as_str(),
+        (_, Direction::Outbound) => p.settings.egress_mode.as_str(),
     }
 }
 
@@ -143,9 +134,9 @@ pub fn rules_json(p: &CompiledPolicy) -> serde_json::Value {
         .filter_map(|(name, _)| name.as_deref())
         .collect();
     serde_json::json!({
-        "ingress_mode": mode_name(p.settings.ingress_mode),
-        "egress_mode": mode_name(p.settings.egress_mode),
-        "allow_icmp": p.settings.allow_icmp == 1,
+        "ingress_mode": p.settings.ingress_mode.as_str(),
+        "egress_mode": p.settings.egress_mode.as_str(),
+        "allow_icmp": p.settings.allow_icmp,
         "no_initiate": no_initiate,
         "rules": rules,
         "classes": p.class_info(),

@@ -124,14 +124,14 @@ fn lab_verdicts() {
 #[test]
 fn lab_settings_classes_and_limits_of_tables() {
     let p = lab();
-    let s = p.settings;
+    let s = p.settings.clone();
     assert_eq!(
-        (s.ingress_mode, s.egress_mode, s.allow_icmp, s.ready),
-        (MODE_ENFORCE, MODE_ENFORCE, 1, 1)
+        (s.ingress_mode, s.egress_mode, s.allow_icmp),
+        (Mode::Enforce, Mode::Enforce, true)
     );
-    assert_eq!(s.tcp_timeout_ns, 600_000_000_000);
-    assert_eq!(s.udp_timeout_ns, 30_000_000_000);
-    assert_eq!(s.report_interval_ns, 60_000_000_000);
+    assert_eq!(s.tcp_timeout, std::time::Duration::from_secs(600));
+    assert_eq!(s.udp_timeout, std::time::Duration::from_secs(30));
+    assert_eq!(s.report_interval, std::time::Duration::from_secs(60));
     let names: Vec<&str> = p.classes.iter().flatten().map(String::as_str).collect();
     assert_eq!(
         names,
@@ -347,7 +347,11 @@ fn database_port_override_and_monitor_modes() {
     let s = p.settings;
     assert_eq!(
         (s.ingress_mode, s.egress_mode, s.allow_icmp),
-        (MODE_MONITOR, MODE_ENFORCE, 0)
+        (Mode::Monitor, Mode::Enforce, false)
+    );
+    assert_eq!(
+        (s.mode(Direction::Inbound), s.mode(Direction::Outbound)),
+        (Mode::Monitor, Mode::Enforce)
     );
 }
 
