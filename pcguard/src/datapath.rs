@@ -449,6 +449,15 @@ impl Datapath {
     fn map(&self, name: &str) -> Result<&Map> {
         self.ebpf.map(name).ok_or_else(|| anyhow!("map {name} missing from object"))
     }
+
+    /// The loaded object, for tests and the bench: they test-run the
+    /// programs (`BPF_PROG_TEST_RUN`) on crafted packets and read or write
+    /// maps the way no config can (pcguard-tests' kernel tests). The daemon
+    /// never uses it; writes through it bypass what this `Datapath` knows
+    /// the maps hold.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
 }
 
 
