@@ -5,11 +5,13 @@
 //! and `kernel`, the harness of the kernel verdict tests (the programs
 //! test-run on crafted packets, no lab).
 //!
-//! Everything is re-exported here: tests `use pcguard_tests::*;`.
+//! Everything but `kernel` is re-exported here: tests `use
+//! pcguard_tests::*;`.
 
 pub mod attacks;
 pub mod daemon;
 pub mod dns;
+pub mod kernel;
 pub mod lab;
 pub mod metrics;
 pub mod traffic;
