@@ -251,7 +251,7 @@ fn build(release: bool) -> Result<()> {
 
 fn test(unit_only: bool) -> Result<()> {
     build(false)?;
-    run(cargo().args(["test", "-p", "pcguard-common", "-p", "pcguard-ebpf", "-p", "pcguard", "-p", "xtask"]))?;
+    run(cargo().args(["test", "-p", "pcguard-common", "-p", "pcguard-ebpf", "-p", "pcguard", "-p", "pcguard-testkit", "-p", "xtask"]))?;
     if unit_only {
         return Ok(());
     }
