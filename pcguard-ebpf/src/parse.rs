@@ -586,83 +586,44 @@ mod tests {
         }
     }
 
+    // The frames: pcguard-testkit's builders, the kernel tests' and the
+    // bench's too.
+    use pcguard_testkit::frame as tk;
+
+    /// Addresses of `ipv6`'s frames: 1..=16 and 0xe1..=0xf0.
+    const SRC6: [u8; 16] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
+    const DST6: [u8; 16] = [
+        0xe1, 0xe2, 0xe3, 0xe4, 0xe5, 0xe6, 0xe7, 0xe8, 0xe9, 0xea, 0xeb, 0xec, 0xed, 0xee, 0xef, 0xf0,
+    ];
+
     fn eth(tags: &[u16], ethertype: u16) -> Vec<u8> {
-        let mut f = vec![0u8; 12];
-        for tpid in tags {
-            f.extend_from_slice(&tpid.to_be_bytes());
-            f.extend_from_slice(&[0, 100]);
-        }
-        f.extend_from_slice(&ethertype.to_be_bytes());
-        f
+        tk::eth_tagged(tags, ethertype)
     }
 
     fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-        let mut t = vec![0u8; 20];
-        t[..2].copy_from_slice(&sport.to_be_bytes());
-        t[2..4].copy_from_slice(&dport.to_be_bytes());
-        t[12] = 5 << 4;
-        t[13] = flags;
-        t
-    }
-
-    /// The IPv4 header and `l4`, total length = their length.
-    fn ipv4_packet(options: u8, frag: u16, proto: u8, l4: &[u8]) -> Vec<u8> {
-        let hlen = 20 + options as usize * 4;
-        let total = (hlen + l4.len()) as u16;
-        let mut f = vec![0x45 + options, 0];
-        f.extend_from_slice(&total.to_be_bytes());
-        f.extend_from_slice(&[0, 0]);
-        f.extend_from_slice(&frag.to_be_bytes());
-        f.extend_from_slice(&[64, proto, 0, 0]);
-        f.extend_from_slice(&SRC4);
-        f.extend_from_slice(&DST4);
-        f.extend(std::iter::repeat_n(1u8, options as usize * 4));
-        f.extend_from_slice(l4);
-        f
+        tk::tcp(sport, dport, flags)
     }
 
     /// IPv4 in Ethernet with `options` 4-byte words of options and `frag`
     /// as frag_off.
     fn ipv4(options: u8, frag: u16, proto: u8, l4: &[u8]) -> Vec<u8> {
-        let mut f = eth(&[], ETH_P_IP);
-        f.extend(ipv4_packet(options, frag, proto, l4));
-        f
+        tk::Ipv4 { options, frag_off: frag, ..tk::Ipv4::new(SRC4, DST4, proto) }.frame(l4)
     }
 
     /// Sets the IPv4 total length of an Ethernet frame built by `ipv4`.
-    fn set_total(mut f: Vec<u8>, total: u16) -> Vec<u8> {
-        f[16..18].copy_from_slice(&total.to_be_bytes());
-        f
+    fn set_total(f: Vec<u8>, total: u16) -> Vec<u8> {
+        tk::set_ipv4_total(f, total)
     }
 
     /// IPv6 whose next-header chain is `chain` (each an extension header
     /// type, the last the transport protocol), with `l4` after it; the
     /// payload length covers the chain and `l4`.
     fn ipv6(chain: &[u8], frag_off: u16, l4: &[u8]) -> Vec<u8> {
-        let mut f = eth(&[], ETH_P_IPV6);
-        f.extend_from_slice(&[0x60, 0, 0, 0, 0, 0, chain[0], 64]);
-        f.extend((1..=16).map(|i| i as u8));
-        f.extend((1..=16).map(|i| 0xe0 + i as u8));
-        for w in chain.windows(2) {
-            match w[0] {
-                NEXTHDR_FRAGMENT => {
-                    f.extend_from_slice(&[w[1], 0]);
-                    f.extend_from_slice(&frag_off.to_be_bytes());
-                    f.extend_from_slice(&[0; 4]);
-                }
-                // hdrlen 1: 16 bytes.
-                _ => f.extend([w[1], 1].into_iter().chain(std::iter::repeat_n(0, 14))),
-            }
-        }
-        f.extend_from_slice(l4);
-        let payload = (f.len() - 14 - 40) as u16;
-        f[18..20].copy_from_slice(&payload.to_be_bytes());
-        f
+        tk::ipv6_chain(SRC6, DST6, chain, frag_off, l4)
     }
 
-    fn set_payload_len(mut f: Vec<u8>, len: u16) -> Vec<u8> {
-        f[18..20].copy_from_slice(&len.to_be_bytes());
-        f
+    fn set_payload_len(f: Vec<u8>, len: u16) -> Vec<u8> {
+        tk::set_ipv6_payload_len(f, len)
     }
 
     #[test]
@@ -794,9 +755,7 @@ mod tests {
 
     /// A UDP header whose length field is `len`, then `payload`.
     fn udp(sport: u16, dport: u16, len: u16, payload: &[u8]) -> Vec<u8> {
-        let mut u = [sport, dport, len, 0].map(u16::to_be_bytes).concat();
-        u.extend_from_slice(payload);
-        u
+        tk::udp_with_len(sport, dport, len, payload)
     }
 
     #[test]

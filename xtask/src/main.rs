@@ -251,17 +251,17 @@ fn build(release: bool) -> Result<()> {
 
 fn test(unit_only: bool) -> Result<()> {
     build(false)?;
-    run(cargo().args(["test", "-p", "pcguard-common", "-p", "pcguard-ebpf", "-p", "pcguard", "-p", "xtask"]))?;
+    run(cargo().args(["test", "-p", "pcguard-common", "-p", "pcguard-ebpf", "-p", "pcguard", "-p", "pcguard-testkit", "-p", "xtask"]))?;
     if unit_only {
         return Ok(());
     }
-    // The data path on crafted packets (BPF_PROG_TEST_RUN): verdicts,
-    // counters and events of every path, asserted.
-    bench::run(&ebpf_object("debug")?, 1000, false)?;
     // The side-by-side comparison, short: each hook drops a real SYN flood
     // and passes real connections next to no filter and xdp-filter.
     compare::smoke(&workspace_root(), target_dir().join("debug/pcguard"))?;
-    // End-to-end tests: one lab at a time (2-core machines, shared CPU time).
+    // The kernel tests (tests/tests/kernel: the programs on crafted packets
+    // with BPF_PROG_TEST_RUN, verdicts, counters, events and conntrack of
+    // every path asserted), then the end-to-end tests: one lab at a time
+    // (2-core machines, shared CPU time).
     run(cargo().args(["test", "-p", "pcguard-tests", "--tests", "--", "--test-threads=1"]))
 }
 

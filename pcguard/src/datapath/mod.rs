@@ -183,4 +183,13 @@ impl Datapath {
     pub fn switch_back(&mut self) -> Result<()> {
         self.generations.switch_back(&mut self.ebpf)
     }
+
+    /// The loaded object, for tests and the bench: they test-run the
+    /// programs (`BPF_PROG_TEST_RUN`) on crafted packets and read or write
+    /// maps the way no config can (pcguard-tests' kernel tests). The daemon
+    /// never uses it; writes through it bypass what this `Datapath` knows
+    /// the maps hold.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
 }
