@@ -182,6 +182,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
         None => compiled,
     };
+    // The labels the metrics and the state file give rule ids are those of
+    // the numbering just chosen.
+    let settings = daemon_settings(&cfg, &compiled, &opts)?;
     // The policy is complete in the maps before the programs see a packet,
     // and so are the connections already open that it allows (unless the
     // conntrack of an earlier daemon was adopted: it has them).

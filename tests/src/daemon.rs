@@ -78,7 +78,8 @@ impl Daemon {
             })
             .map(|(_, a)| *a)
             .collect();
-        let _ = std::fs::remove_file(run_dir.join("state.json"));
+        // The state file stays: a daemon that adopts the pins of an earlier
+        // one reads its rule numbering from it, as after a real crash.
         let server_ns = lab.ns_path(SERVER);
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", server_ns.display()))
@@ -108,7 +109,15 @@ impl Daemon {
 
     fn wait_started(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.run_dir.join("state.json").exists() {
+        // Started: the state file names this process.
+        let pid = u64::from(self.child.id());
+        let written_by_us = || -> bool {
+            std::fs::read_to_string(self.run_dir.join("state.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .is_some_and(|v| v["pid"].as_u64() == Some(pid))
+        };
+        while !written_by_us() {
             if let Some(status) = self.child.try_wait()? {
                 bail!("pcguard exited with {status}:\n{}", self.log_text());
             }

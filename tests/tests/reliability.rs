@@ -71,6 +71,33 @@ fn crash_and_restarts_let_nothing_through_and_keep_flows() -> Result<()> {
     Ok(())
 }
 
+/// A daemon restarted after a reload (whose site rule, listed first, would
+/// renumber every rule of a fresh compile) adopts the dead daemon's
+/// numbering, and its metrics name the rules as the kernel counts them.
+#[test]
+fn a_restart_after_a_reload_labels_rules_as_the_kernel_counts_them() -> Result<()> {
+    let env = TestLab::up("pr6", tmp(), &lab_config("enforce", ""))?;
+    let _web = TcpServer::start(&env.lab, SERVER, sa(Ipv6Addr::UNSPECIFIED, 9191))?;
+    let daemon = env.start(&[])?;
+    env.write_config(&lab_config("enforce", ALLOW_9999))?;
+    daemon.signal(libc::SIGHUP)?;
+    wait_until("the reload to apply", Duration::from_secs(10), || Ok(daemon.log_text().contains("reload applied")))?;
+    daemon.kill()?;
+    let daemon = env.start(&[])?;
+    let log = daemon.log_text();
+    assert!(log.contains("adopted the maps pinned in"), "{log}");
+    let rule = |text: &str, id| m(text, "pcguard_rule_packets_total", &[("rule", id), ("direction", "ingress")]);
+    let before = daemon.scrape()?;
+    for _ in 0..3 {
+        assert!(ws_reaches(&env.lab, 9191)?, "web blocked after the restart");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let after = daemon.scrape()?;
+    assert!(rule(&after, "web-http") - rule(&before, "web-http") >= 6.0, "web traffic not counted as web-http:\n{after}");
+    assert_eq!(rule(&after, "legacy-9999"), rule(&before, "legacy-9999"), "web traffic counted as legacy-9999:\n{after}");
+    Ok(())
+}
+
 /// A reload whose last step fails (the audit log cannot be created)
 /// changes nothing: the would-be new port stays closed; the next valid
 /// reload applies.
