@@ -4,10 +4,8 @@ use aya_build::Toolchain;
 /// Builds the eBPF object (pcguard-ebpf, bpfel-unknown-none, nightly + build-std)
 /// into OUT_DIR so the daemon can embed it.
 fn main() -> anyhow::Result<()> {
-    let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
-        .no_deps()
-        .exec()
-        .context("MetadataCommand::exec")?;
+    let cargo_metadata::Metadata { packages, .. } =
+        cargo_metadata::MetadataCommand::new().no_deps().exec().context("MetadataCommand::exec")?;
     let ebpf = packages
         .into_iter()
         .find(|p| p.name.as_str() == "pcguard-ebpf")

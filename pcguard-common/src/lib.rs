@@ -904,8 +904,9 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use core::mem::size_of;
+
+    use super::*;
 
     #[test]
     fn every_pinned_map_has_a_layout() {
@@ -1068,7 +1069,16 @@ mod tests {
 
     #[test]
     fn report_key_words_are_its_bytes() {
-        let k = ReportKey { family: 4, proto: 6, direction: 1, reason: 2, port: 0x1234, verdict: 1, _pad: 0, remote_addr: [7; 16] };
+        let k = ReportKey {
+            family: 4,
+            proto: 6,
+            direction: 1,
+            reason: 2,
+            port: 0x1234,
+            verdict: 1,
+            _pad: 0,
+            remote_addr: [7; 16],
+        };
         let w = k.words();
         let mut bytes = [0u8; 24];
         for (i, word) in w.iter().enumerate() {

@@ -10,9 +10,8 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, maps::LruHashMap};
 use pcguard_common::{
-    CT_FLAG_REPLIED, CT_STATE_CLOSING, CT_STATE_OPEN, CtEntry, DIR_EGRESS, DIR_INGRESS, FlowKey,
-    IPPROTO_TCP, IPPROTO_UDP, STAT_CT_CREATED, STAT_CT_EXPIRED, STAT_CT_INSERT_FAILED,
-    STAT_CT_PROMOTED, Settings,
+    CT_FLAG_REPLIED, CT_STATE_CLOSING, CT_STATE_OPEN, CtEntry, DIR_EGRESS, DIR_INGRESS, FlowKey, IPPROTO_TCP,
+    IPPROTO_UDP, STAT_CT_CREATED, STAT_CT_EXPIRED, STAT_CT_INSERT_FAILED, STAT_CT_PROMOTED, Settings,
 };
 
 use crate::{
@@ -33,16 +32,8 @@ pub struct Key(pub FlowKey);
 #[inline(always)]
 pub fn flow_key(pkt: &Packet, dir: u32) -> Key {
     let ingress = dir == DIR_INGRESS;
-    let (local_port, remote_port) = if ingress {
-        (pkt.dport, pkt.sport)
-    } else {
-        (pkt.sport, pkt.dport)
-    };
-    let (local, remote) = if ingress {
-        (pkt.dst, pkt.src)
-    } else {
-        (pkt.src, pkt.dst)
-    };
+    let (local_port, remote_port) = if ingress { (pkt.dport, pkt.sport) } else { (pkt.sport, pkt.dport) };
+    let (local, remote) = if ingress { (pkt.dst, pkt.src) } else { (pkt.src, pkt.dst) };
     Key(FlowKey {
         family: pkt.family,
         proto: pkt.proto,
@@ -130,10 +121,7 @@ pub fn lookup(key: &FlowKey, now: u64, s: &Settings) -> Option<Hit> {
 /// server's own queries do.
 #[inline(always)]
 pub fn refreshes(key: &FlowKey, dir: u32, flow_dir: u32) -> bool {
-    !(dir == DIR_INGRESS
-        && flow_dir == DIR_EGRESS
-        && key.proto == IPPROTO_UDP
-        && key.remote_port == DNS_PORT)
+    !(dir == DIR_INGRESS && flow_dir == DIR_EGRESS && key.proto == IPPROTO_UDP && key.remote_port == DNS_PORT)
 }
 
 /// Whether a `CT_NEW` flow is established once a packet travelling in
@@ -192,10 +180,7 @@ pub fn touch(key: &FlowKey, hit: Hit, dir: u32, tcp_flags: u8, now: u64, refresh
 /// entry stays where it is (and is tried again on its next packet).
 #[inline(always)]
 fn promote(key: &FlowKey, e: &CtEntry) {
-    let entry = CtEntry {
-        flags: e.flags & !CT_FLAG_REPLIED,
-        ..*e
-    };
+    let entry = CtEntry { flags: e.flags & !CT_FLAG_REPLIED, ..*e };
     if CONNTRACK.insert(key, &entry, 0).is_ok() {
         let _ = CT_NEW.remove(key);
         stat(STAT_CT_PROMOTED);
@@ -210,15 +195,8 @@ fn promote(key: &FlowKey, e: &CtEntry) {
 /// against its direction, or one another CPU just created) is kept.
 #[inline(always)]
 pub fn insert(key: &FlowKey, flow_dir: u32, rule: u16, port_idx: u16, flags: u8, now: u64) {
-    let entry = CtEntry {
-        last_seen_ns: now,
-        rule,
-        port_idx,
-        flow_dir: flow_dir as u8,
-        state: CT_STATE_OPEN,
-        flags,
-        _pad: 0,
-    };
+    let entry =
+        CtEntry { last_seen_ns: now, rule, port_idx, flow_dir: flow_dir as u8, state: CT_STATE_OPEN, flags, _pad: 0 };
     match CT_NEW.insert(key, &entry, BPF_NOEXIST as u64) {
         Ok(()) => stat(STAT_CT_CREATED),
         Err(e) if e == -EEXIST => {}
@@ -231,10 +209,7 @@ mod tests {
     use super::*;
 
     fn key(proto: u8) -> FlowKey {
-        FlowKey {
-            proto,
-            ..Default::default()
-        }
+        FlowKey { proto, ..Default::default() }
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! need no atomics; userspace sums the CPUs.
 
 use pcguard_common::{
-    Counters, IPPROTO_TCP, IPPROTO_UDP, MAX_PORT_LABELS, MAX_RULES, NUM_VERDICTS, PROTO_IDX_OTHER,
-    PROTO_IDX_TCP, PROTO_IDX_UDP, port_counter_index, rule_counter_index,
+    Counters, IPPROTO_TCP, IPPROTO_UDP, MAX_PORT_LABELS, MAX_RULES, NUM_VERDICTS, PROTO_IDX_OTHER, PROTO_IDX_TCP,
+    PROTO_IDX_UDP, port_counter_index, rule_counter_index,
 };
 
 use crate::maps::{PORT_COUNTERS, RULE_COUNTERS, STATS};
@@ -47,21 +47,9 @@ fn add(counters: Option<*mut Counters>, verdict: usize, bytes: u32) {
 /// landing in another protocol's or direction's entries.
 #[inline(always)]
 pub fn count(dir: u32, proto_idx: u32, port_idx: u16, rule: u16, verdict: usize, bytes: u32) {
-    let label = if (port_idx as u32) < MAX_PORT_LABELS {
-        port_idx
-    } else {
-        0
-    };
-    add(
-        PORT_COUNTERS.get_ptr_mut(port_counter_index(dir, proto_idx, label)),
-        verdict,
-        bytes,
-    );
+    let label = if (port_idx as u32) < MAX_PORT_LABELS { port_idx } else { 0 };
+    add(PORT_COUNTERS.get_ptr_mut(port_counter_index(dir, proto_idx, label)), verdict, bytes);
     if rule != 0 && (rule as u32) < MAX_RULES {
-        add(
-            RULE_COUNTERS.get_ptr_mut(rule_counter_index(dir, rule)),
-            verdict,
-            bytes,
-        );
+        add(RULE_COUNTERS.get_ptr_mut(rule_counter_index(dir, rule)), verdict, bytes);
     }
 }

@@ -20,9 +20,8 @@ use core::{ffi::c_void, ptr::addr_of_mut};
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use pcguard_common::{
-    DIR_EGRESS, DNS_KIND_ANSWER, DNS_KIND_QUERY, DNS_PAYLOAD_MAX, DnsMessage, DnsPendingKey,
-    FlowKey, STAT_DNS_ANSWERS, STAT_DNS_ANSWERS_DROPPED, STAT_DNS_QUERIES, STAT_DNS_UNSOLICITED,
-    Settings,
+    DIR_EGRESS, DNS_KIND_ANSWER, DNS_KIND_QUERY, DNS_PAYLOAD_MAX, DnsMessage, DnsPendingKey, FlowKey, STAT_DNS_ANSWERS,
+    STAT_DNS_ANSWERS_DROPPED, STAT_DNS_QUERIES, STAT_DNS_UNSOLICITED, Settings,
 };
 
 use crate::{
@@ -67,14 +66,7 @@ pub struct DnsCopy {
 /// `g`'s resolvers. The LPM lookup comes last: every other packet (the hot
 /// path of tracked flows) pays only the comparisons before it.
 #[inline(always)]
-fn candidate(
-    pkt: &Packet,
-    key: &FlowKey,
-    g: Gen,
-    s: &Settings,
-    kind: u8,
-    now: u64,
-) -> Option<DnsCopy> {
+fn candidate(pkt: &Packet, key: &FlowKey, g: Gen, s: &Settings, kind: u8, now: u64) -> Option<DnsCopy> {
     let query = kind == DNS_KIND_QUERY;
     let resolver_port = if query { pkt.dport } else { pkt.sport };
     if pkt.l4 != L4::Udp
@@ -106,14 +98,7 @@ pub fn query(pkt: &Packet, key: &FlowKey, g: Gen, s: &Settings, now: u64) -> Opt
 /// At ingress, on a valid conntrack hit of a flow initiated in `flow_dir`:
 /// a possible answer of a resolver to one of this server's queries.
 #[inline(always)]
-pub fn answer(
-    pkt: &Packet,
-    key: &FlowKey,
-    flow_dir: u32,
-    g: Gen,
-    s: &Settings,
-    now: u64,
-) -> Option<DnsCopy> {
+pub fn answer(pkt: &Packet, key: &FlowKey, flow_dir: u32, g: Gen, s: &Settings, now: u64) -> Option<DnsCopy> {
     if flow_dir != DIR_EGRESS {
         return None;
     }
@@ -122,11 +107,7 @@ pub fn answer(
 
 #[inline(always)]
 fn pending_key(key: &FlowKey, txid: u16) -> DnsPendingKey {
-    DnsPendingKey {
-        flow: *key,
-        txid,
-        _pad: [0; 6],
-    }
+    DnsPendingKey { flow: *key, txid, _pad: [0; 6] }
 }
 
 /// Reads the candidate's DNS header with `load(off, dst, n)` (the hook's
@@ -215,11 +196,7 @@ fn copy(frame_len: u32, c: &DnsCopy, load: &impl Load) {
         return;
     }
     entry.submit(0);
-    stat(if c.kind == DNS_KIND_QUERY {
-        STAT_DNS_QUERIES
-    } else {
-        STAT_DNS_ANSWERS
-    });
+    stat(if c.kind == DNS_KIND_QUERY { STAT_DNS_QUERIES } else { STAT_DNS_ANSWERS });
 }
 
 #[cfg(test)]

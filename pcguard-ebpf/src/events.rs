@@ -6,8 +6,8 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use pcguard_common::{
-    DIR_INGRESS, FlowEvent, FlowKey, ReportKey, ReportSlot, STAT_EVENTS_DROPPED, report_set,
-    STAT_EVENTS_RATE_LIMITED, STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, Settings,
+    DIR_INGRESS, FlowEvent, FlowKey, ReportKey, ReportSlot, STAT_EVENTS_DROPPED, STAT_EVENTS_RATE_LIMITED,
+    STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, Settings, report_set,
 };
 
 use crate::{
@@ -45,11 +45,7 @@ fn report_key(key: &FlowKey, r: &Report) -> ReportKey {
         direction: r.direction as u8,
         reason: r.reason,
         // The destination port: the service the packet tried.
-        port: if r.direction == DIR_INGRESS {
-            key.local_port
-        } else {
-            key.remote_port
-        },
+        port: if r.direction == DIR_INGRESS { key.local_port } else { key.remote_port },
         verdict: r.verdict as u8,
         _pad: 0,
         remote_addr: key.remote_addr,
@@ -105,13 +101,7 @@ fn report_slot(w: &[u64; 3]) -> Option<(*mut ReportSlot, bool)> {
         return Some((b, true));
     }
     // SAFETY: as above.
-    let older = unsafe {
-        if (*b).last_ns < (*a).last_ns {
-            b
-        } else {
-            a
-        }
-    };
+    let older = unsafe { if (*b).last_ns < (*a).last_ns { b } else { a } };
     Some((older, false))
 }
 
@@ -171,10 +161,6 @@ pub fn report(frame: &Frame, key: &FlowKey, r: &Report, peer: &mut Peer, now: u6
     event.submit(0);
     // Not atomic: two CPUs recording two keys in one slot at once may leave
     // a mix of both, which matches neither (each is reported again).
-    *st = ReportSlot {
-        key: rk,
-        last_ns: now,
-        repeats: 0,
-    };
+    *st = ReportSlot { key: rk, last_ns: now, repeats: 0 };
     stat(STAT_EVENTS_SENT);
 }

@@ -42,12 +42,7 @@ const TC_PULL_LEN: u32 = 512;
 #[xdp]
 pub fn pcguard_ingress(ctx: XdpContext) -> u32 {
     let (data, end) = (ctx.data(), ctx.data_end());
-    let frame = Frame {
-        data,
-        end,
-        len: (end - data) as u32,
-        ifindex: ctx.ingress_ifindex() as u32,
-    };
+    let frame = Frame { data, end, len: (end - data) as u32, ifindex: ctx.ingress_ifindex() as u32 };
     let mut pkt = Packet::EMPTY;
     let parsed = parse_into(&frame, &mut pkt);
     // SAFETY: the XDP context of this run; `dns::handle` bounds the ranges
@@ -63,12 +58,7 @@ pub fn pcguard_ingress(ctx: XdpContext) -> u32 {
 fn tc_frame(ctx: &TcContext) -> Frame {
     // SAFETY: the context pointer is valid for the duration of the program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    Frame {
-        data: ctx.data(),
-        end: ctx.data_end(),
-        len: ctx.len(),
-        ifindex,
-    }
+    Frame { data: ctx.data(), end: ctx.data_end(), len: ctx.len(), ifindex }
 }
 
 /// The TC programs' body, for packets travelling in `dir`; `rerun` is
@@ -87,11 +77,7 @@ fn tc_run(ctx: &TcContext, dir: u32, rerun: u32) -> i32 {
     // call fails, the packet is judged as parsed: malformed, which fails
     // closed.
     let linear = (frame.end - frame.data) as u32;
-    let want = if frame.len < TC_PULL_LEN {
-        frame.len
-    } else {
-        TC_PULL_LEN
-    };
+    let want = if frame.len < TC_PULL_LEN { frame.len } else { TC_PULL_LEN };
     if matches!(parsed, Parse::Malformed { .. }) && linear < want && ctx.pull_data(want).is_ok() {
         // SAFETY: a tail call with the program's own context; on failure
         // it returns and the program continues.

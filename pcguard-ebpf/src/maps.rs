@@ -8,10 +8,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use pcguard_common::{
-    CONNTRACK_ENTRIES, CT_NEW_ENTRIES, Counters, CtEntry, DNS_MESSAGES_BYTES, DNS_PENDING_ENTRIES,
-    DnsPendingKey, EVENTS_BYTES, FlowKey, LEARNED_ENTRIES, LearnedKey, NUM_GENERATIONS, NUM_STATS,
-    PEER_TRIE_ENTRIES, PORT_COUNTER_ENTRIES, PORTS_ENTRIES, PortEntry, PortSlot, REPORTED_ENTRIES,
-    RULE_COUNTER_ENTRIES, ReportSlot, SLOTS_ENTRIES, Settings, TokenBucket,
+    CONNTRACK_ENTRIES, CT_NEW_ENTRIES, Counters, CtEntry, DNS_MESSAGES_BYTES, DNS_PENDING_ENTRIES, DnsPendingKey,
+    EVENTS_BYTES, FlowKey, LEARNED_ENTRIES, LearnedKey, NUM_GENERATIONS, NUM_STATS, PEER_TRIE_ENTRIES,
+    PORT_COUNTER_ENTRIES, PORTS_ENTRIES, PortEntry, PortSlot, REPORTED_ENTRIES, RULE_COUNTER_ENTRIES, ReportSlot,
+    SLOTS_ENTRIES, Settings, TokenBucket,
 };
 
 /// The policy generation packets use (0 or 1), one entry: read once per
@@ -43,16 +43,14 @@ pub static SETTINGS: Array<Settings> = Array::with_max_entries(NUM_GENERATIONS, 
 /// Normalized flow key -> conntrack entry, for established flows (both
 /// ends spoke): only other established flows can evict one.
 #[map]
-pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
-    LruHashMap::with_max_entries(CONNTRACK_ENTRIES, 0);
+pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> = LruHashMap::with_max_entries(CONNTRACK_ENTRIES, 0);
 
 /// Normalized flow key -> conntrack entry, for flows not answered yet. A
 /// flood of new flows (spoofed SYNs, scans) churns this table only. One
 /// LRU list per CPU (`BPF_F_NO_COMMON_LRU`): under a flood, every insert
 /// evicts, and a list shared by the CPUs serializes them on its lock.
 #[map]
-pub static CT_NEW: LruHashMap<FlowKey, CtEntry> =
-    LruHashMap::with_max_entries(CT_NEW_ENTRIES, BPF_F_NO_COMMON_LRU);
+pub static CT_NEW: LruHashMap<FlowKey, CtEntry> = LruHashMap::with_max_entries(CT_NEW_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 /// The last report of each recently reported key (remote address,
 /// destination port, reason, ...): sets of two slots, the set chosen by
@@ -67,13 +65,11 @@ pub static EVENT_LIMITER: PerCpuArray<TokenBucket> = PerCpuArray::with_max_entri
 
 /// Packets/bytes per (packet direction, protocol, port label) and verdict.
 #[map]
-pub static PORT_COUNTERS: PerCpuArray<Counters> =
-    PerCpuArray::with_max_entries(PORT_COUNTER_ENTRIES, 0);
+pub static PORT_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(PORT_COUNTER_ENTRIES, 0);
 
 /// Packets/bytes per (packet direction, rule) and verdict.
 #[map]
-pub static RULE_COUNTERS: PerCpuArray<Counters> =
-    PerCpuArray::with_max_entries(RULE_COUNTER_ENTRIES, 0);
+pub static RULE_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(RULE_COUNTER_ENTRIES, 0);
 
 /// `STAT_*` event counters.
 #[map]
@@ -93,8 +89,7 @@ pub static LEARNED: HashMap<LearnedKey, u32> = HashMap::with_max_entries(LEARNED
 /// server sent that have not been answered yet. An answer is copied only
 /// if it removes its query's entry (one answer per query).
 #[map]
-pub static DNS_PENDING: LruHashMap<DnsPendingKey, u64> =
-    LruHashMap::with_max_entries(DNS_PENDING_ENTRIES, 0);
+pub static DNS_PENDING: LruHashMap<DnsPendingKey, u64> = LruHashMap::with_max_entries(DNS_PENDING_ENTRIES, 0);
 
 /// DNS queries to and answers from resolvers (`DnsMessage`), in order.
 #[map]

@@ -17,8 +17,8 @@
 //! touch packet memory.
 
 use pcguard_common::{
-    FAMILY_V4, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IGMP, IPPROTO_TCP, IPPROTO_UDP,
-    MAX_IPV6_EXT_HDRS, MAX_VLAN_TAGS, Malformed,
+    FAMILY_V4, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IGMP, IPPROTO_TCP, IPPROTO_UDP, MAX_IPV6_EXT_HDRS,
+    MAX_VLAN_TAGS, Malformed,
 };
 
 const ETH_HLEN: usize = 14;
@@ -205,11 +205,7 @@ impl<const N: usize> Hdr<N> {
         // SAFETY: `Bounds::hdr` checked that N bytes are inside the packet.
         unsafe {
             let p = self.0.add(I).cast::<T>();
-            if cfg!(target_arch = "bpf") {
-                p.read()
-            } else {
-                p.read_unaligned()
-            }
+            if cfg!(target_arch = "bpf") { p.read() } else { p.read_unaligned() }
         }
     }
 
@@ -228,14 +224,7 @@ impl<const N: usize> Hdr<N> {
     fn v4_addr<const I: usize>(self) -> Addr {
         let word = self.at::<I, u32>() as u64;
         // The address bytes must land in bytes 0..4 of the first word.
-        [
-            if cfg!(target_endian = "little") {
-                word
-            } else {
-                word << 32
-            },
-            0,
-        ]
+        [if cfg!(target_endian = "little") { word } else { word << 32 }, 0]
     }
 
     /// An IPv6 address at byte `I`.
@@ -284,11 +273,7 @@ impl Bounds {
 /// than the call costs).
 #[inline(never)]
 pub fn parse_into(frame: &Frame, p: &mut Packet) -> Parse {
-    let pkt = Bounds {
-        data: frame.data,
-        end: frame.end,
-        ip_end: frame.len as usize,
-    };
+    let pkt = Bounds { data: frame.data, end: frame.end, ip_end: frame.len as usize };
     let (ethertype, off) = match l2(pkt) {
         Ok((ethertype, ETH_HLEN)) => (ethertype, ETH_HLEN),
         // Tagged: at most 14 + 4 * MAX_VLAN_TAGS = 46 < 64.
@@ -382,10 +367,7 @@ fn ipv4(pkt: Bounds, off: usize, p: &mut Packet) -> Parse {
     if hlen < IPV4_HLEN || hlen > total {
         return malformed(Malformed::BadIpHeaderLength, true);
     }
-    let pkt = Bounds {
-        ip_end: off + total,
-        ..pkt
-    };
+    let pkt = Bounds { ip_end: off + total, ..pkt };
     let frag = ip.be16::<6>();
     let frag_offset = frag & IPV4_FRAG_OFFSET_MASK;
     if frag_offset != 0 {
@@ -411,10 +393,7 @@ fn later_fragment(p: &mut Packet, frag_offset: u16) -> Parse {
 
 #[inline(always)]
 fn is_ipv6_ext(nexthdr: u8) -> bool {
-    matches!(
-        nexthdr,
-        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT
-    )
+    matches!(nexthdr, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT)
 }
 
 #[inline(always)]
@@ -432,10 +411,7 @@ fn ipv6(pkt: Bounds, off: usize, p: &mut Packet) -> Parse {
     if payload == 0 || off + IPV6_HLEN + payload > pkt.ip_end {
         return malformed(Malformed::BadIpLength, true);
     }
-    let pkt = Bounds {
-        ip_end: off + IPV6_HLEN + payload,
-        ..pkt
-    };
+    let pkt = Bounds { ip_end: off + IPV6_HLEN + payload, ..pkt };
     let mut off = off + IPV6_HLEN;
     let mut fragmented = false;
     // At most MAX_IPV6_EXT_HDRS headers: a constant bound keeps the walk
@@ -531,11 +507,7 @@ fn transport(pkt: Bounds, off: usize, p: &mut Packet, icmp: u8, fragmented: bool
             p.payload_off = payload_off as u16;
             p.payload_claimed = (ulen - UDP_HLEN) as u16;
             let held = in_datagram - UDP_HLEN;
-            p.payload_len = if held < ulen - UDP_HLEN {
-                held as u16
-            } else {
-                (ulen - UDP_HLEN) as u16
-            };
+            p.payload_len = if held < ulen - UDP_HLEN { held as u16 } else { (ulen - UDP_HLEN) as u16 };
         }
         proto if proto == icmp => p.l4 = L4::Icmp,
         // IPv4 multicast group management (router queries, reports) is
@@ -560,12 +532,7 @@ mod tests {
 
     fn parsed(frame: &[u8]) -> Parsed {
         let data = frame.as_ptr() as usize;
-        let f = Frame {
-            data,
-            end: data + frame.len(),
-            len: frame.len() as u32,
-            ifindex: 0,
-        };
+        let f = Frame { data, end: data + frame.len(), len: frame.len() as u32, ifindex: 0 };
         parse(&f)
     }
 
@@ -592,9 +559,8 @@ mod tests {
 
     /// Addresses of `ipv6`'s frames: 1..=16 and 0xe1..=0xf0.
     const SRC6: [u8; 16] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
-    const DST6: [u8; 16] = [
-        0xe1, 0xe2, 0xe3, 0xe4, 0xe5, 0xe6, 0xe7, 0xe8, 0xe9, 0xea, 0xeb, 0xec, 0xed, 0xee, 0xef, 0xf0,
-    ];
+    const DST6: [u8; 16] =
+        [0xe1, 0xe2, 0xe3, 0xe4, 0xe5, 0xe6, 0xe7, 0xe8, 0xe9, 0xea, 0xeb, 0xec, 0xed, 0xee, 0xef, 0xf0];
 
     fn eth(tags: &[u16], ethertype: u16) -> Vec<u8> {
         tk::eth_tagged(tags, ethertype)
@@ -638,12 +604,7 @@ mod tests {
 
     #[test]
     fn ipv4_options_are_skipped() {
-        let p = ip(&ipv4(
-            2,
-            0,
-            IPPROTO_UDP,
-            &[0x1f, 0x90, 0x23, 0xe7, 0, 8, 0, 0],
-        ));
+        let p = ip(&ipv4(2, 0, IPPROTO_UDP, &[0x1f, 0x90, 0x23, 0xe7, 0, 8, 0, 0]));
         assert!(p.l4 == L4::Udp);
         assert_eq!((p.sport, p.dport), (8080, 9191));
     }
@@ -655,17 +616,11 @@ mod tests {
         assert_eq!(malformed(&short_ihl), (Malformed::BadIpHeaderLength, true));
         // Options past the total length.
         let options_past_total = set_total(ipv4(2, 0, IPPROTO_TCP, &[]), 24);
-        assert_eq!(
-            malformed(&options_past_total),
-            (Malformed::BadIpHeaderLength, true)
-        );
+        assert_eq!(malformed(&options_past_total), (Malformed::BadIpHeaderLength, true));
         let mut version = ipv4(0, 0, IPPROTO_TCP, &tcp(1, 2, 0));
         version[14] = 0x65;
         assert_eq!(malformed(&version), (Malformed::IpTruncated, false));
-        assert_eq!(
-            malformed(&ipv4(0, 0, IPPROTO_TCP, &[])[..14 + 19]),
-            (Malformed::IpTruncated, false)
-        );
+        assert_eq!(malformed(&ipv4(0, 0, IPPROTO_TCP, &[])[..14 + 19]), (Malformed::IpTruncated, false));
     }
 
     #[test]
@@ -696,10 +651,7 @@ mod tests {
         let mut t = tcp(40000, 9191, TCP_SYN);
         t[12] = 8 << 4;
         t.extend([1, 1, 1, 1]);
-        assert_eq!(
-            malformed(&ipv4(0, IPV4_MF, IPPROTO_TCP, &t)),
-            (Malformed::L4Truncated, true)
-        );
+        assert_eq!(malformed(&ipv4(0, IPV4_MF, IPPROTO_TCP, &t)), (Malformed::L4Truncated, true));
         t.extend([1; 8]);
         assert_eq!(ip(&ipv4(0, IPV4_MF, IPPROTO_TCP, &t)).dport, 9191);
         // A UDP first fragment holds part of the payload its header claims.
@@ -731,22 +683,10 @@ mod tests {
     fn transport_headers() {
         let mut doff = tcp(1, 2, 0);
         doff[12] = 4 << 4;
-        assert_eq!(
-            malformed(&ipv4(0, 0, IPPROTO_TCP, &doff)),
-            (Malformed::BadTcpOffset, true)
-        );
-        assert_eq!(
-            malformed(&ipv4(0, 0, IPPROTO_TCP, &tcp(1, 2, 0)[..19])),
-            (Malformed::L4Truncated, true)
-        );
-        assert_eq!(
-            malformed(&ipv4(0, 0, IPPROTO_UDP, &[0; 7])),
-            (Malformed::L4Truncated, true)
-        );
-        assert_eq!(
-            malformed(&ipv4(0, 0, IPPROTO_UDP, &udp(1, 2, 7, &[]))),
-            (Malformed::BadUdpLength, true)
-        );
+        assert_eq!(malformed(&ipv4(0, 0, IPPROTO_TCP, &doff)), (Malformed::BadTcpOffset, true));
+        assert_eq!(malformed(&ipv4(0, 0, IPPROTO_TCP, &tcp(1, 2, 0)[..19])), (Malformed::L4Truncated, true));
+        assert_eq!(malformed(&ipv4(0, 0, IPPROTO_UDP, &[0; 7])), (Malformed::L4Truncated, true));
+        assert_eq!(malformed(&ipv4(0, 0, IPPROTO_UDP, &udp(1, 2, 7, &[]))), (Malformed::BadUdpLength, true));
         assert!(ip(&ipv4(0, 0, IPPROTO_ICMP, &[8, 0, 0, 0])).l4 == L4::Icmp);
         assert!(ip(&ipv4(0, 0, IPPROTO_ICMPV6, &[128, 0, 0, 0])).l4 == L4::Other);
         assert!(ip(&ipv4(0, 0, IPPROTO_IGMP, &[0x16, 0, 0, 0])).l4 == L4::Icmp);
@@ -762,10 +702,7 @@ mod tests {
     fn udp_payload_offset_and_length() {
         let dns = udp(53, 40000, 8 + 5, &[1, 2, 3, 4, 5]);
         let p = ip(&ipv4(0, 0, IPPROTO_UDP, &dns));
-        assert_eq!(
-            (p.sport, p.payload_off, p.payload_len),
-            (53, 14 + 20 + 8, 5)
-        );
+        assert_eq!((p.sport, p.payload_off, p.payload_len), (53, 14 + 20 + 8, 5));
         let p = ip(&ipv4(2, IPV4_MF, IPPROTO_UDP, &dns));
         assert_eq!((p.payload_off, p.payload_len), (14 + 28 + 8, 5));
         let mut tagged = eth(&[ETH_P_8021Q], ETH_P_IP);
@@ -796,20 +733,14 @@ mod tests {
         let mut f = eth(&vec![ETH_P_8021Q; MAX_VLAN_TAGS + 1], ETH_P_IP);
         f.extend_from_slice(inner);
         assert_eq!(malformed(&f), (Malformed::TooManyVlanTags, false));
-        assert_eq!(
-            malformed(&eth(&[ETH_P_8021Q], ETH_P_IP)[..16]),
-            (Malformed::L2Truncated, false)
-        );
+        assert_eq!(malformed(&eth(&[ETH_P_8021Q], ETH_P_IP)[..16]), (Malformed::L2Truncated, false));
     }
 
     #[test]
     fn layer_2() {
         assert!(matches!(parsed(&eth(&[], 0x0806)), Parsed::NonIp));
         assert_eq!(malformed(&[0u8; 13]), (Malformed::L2Truncated, false));
-        assert_eq!(
-            malformed(&eth(&[], ETH_P_IP)),
-            (Malformed::IpTruncated, false)
-        );
+        assert_eq!(malformed(&eth(&[], ETH_P_IP)), (Malformed::IpTruncated, false));
     }
 
     #[test]
@@ -825,10 +756,7 @@ mod tests {
         let esp = ip(&ipv6(&[50], 0, &[0; 8]));
         assert!(esp.l4 == L4::Other && esp.proto == 50);
         let hop_later = [NEXTHDR_DEST, NEXTHDR_HOP, IPPROTO_TCP];
-        assert_eq!(
-            malformed(&ipv6(&hop_later, 0, &tcp(1, 2, TCP_SYN))),
-            (Malformed::Ipv6HopByHopNotFirst, true)
-        );
+        assert_eq!(malformed(&ipv6(&hop_later, 0, &tcp(1, 2, TCP_SYN))), (Malformed::Ipv6HopByHopNotFirst, true));
     }
 
     #[test]
@@ -836,19 +764,10 @@ mod tests {
         let frame = ipv6(&[NEXTHDR_DEST, IPPROTO_TCP], 0, &tcp(1, 22, TCP_SYN));
         assert_eq!(malformed(&set_payload_len(frame.clone(), 0)).0, Malformed::BadIpLength);
         let payload = (frame.len() - 54) as u16;
-        assert_eq!(
-            malformed(&set_payload_len(frame.clone(), payload + 1)).0,
-            Malformed::BadIpLength
-        );
+        assert_eq!(malformed(&set_payload_len(frame.clone(), payload + 1)).0, Malformed::BadIpLength);
         // The chain ends past the payload: its next header is padding.
-        assert_eq!(
-            malformed(&set_payload_len(frame.clone(), 8)).0,
-            Malformed::Ipv6ChainTruncated
-        );
-        assert_eq!(
-            malformed(&set_payload_len(frame.clone(), 16 + 8)).0,
-            Malformed::L4Truncated
-        );
+        assert_eq!(malformed(&set_payload_len(frame.clone(), 8)).0, Malformed::Ipv6ChainTruncated);
+        assert_eq!(malformed(&set_payload_len(frame.clone(), 16 + 8)).0, Malformed::L4Truncated);
         let mut padded = frame.clone();
         padded.extend([0xee; 20]);
         assert_eq!(ip(&padded).dport, 22);
@@ -869,19 +788,13 @@ mod tests {
         let cut = set_payload_len(whole.clone(), 8 + 8);
         assert_eq!(malformed(&cut).0, Malformed::Ipv6ChainTruncated);
         let two = [NEXTHDR_FRAGMENT, NEXTHDR_FRAGMENT, IPPROTO_UDP];
-        assert_eq!(
-            malformed(&ipv6(&two, 1, &udp(1, 2, 8, &[]))).0,
-            Malformed::DuplicateFragmentHeader
-        );
+        assert_eq!(malformed(&ipv6(&two, 1, &udp(1, 2, 8, &[]))).0, Malformed::DuplicateFragmentHeader);
         let tcp_overlap = ipv6(&[NEXTHDR_FRAGMENT, IPPROTO_TCP], 2 << 3, &[0; 16]);
         assert_eq!(malformed(&tcp_overlap).0, Malformed::FragmentOverlap);
         let eight = [[NEXTHDR_DEST; MAX_IPV6_EXT_HDRS].as_slice(), &[IPPROTO_TCP]].concat();
         assert!(ip(&ipv6(&eight, 0, &tcp(1, 2, 0))).l4 == L4::Tcp);
         let nine = [[NEXTHDR_DEST; MAX_IPV6_EXT_HDRS + 1].as_slice(), &[IPPROTO_TCP]].concat();
-        assert_eq!(
-            malformed(&ipv6(&nine, 0, &tcp(1, 2, 0))),
-            (Malformed::Ipv6ChainTooLong, true)
-        );
+        assert_eq!(malformed(&ipv6(&nine, 0, &tcp(1, 2, 0))), (Malformed::Ipv6ChainTooLong, true));
         let mut cut = ipv6(&[NEXTHDR_HOP, IPPROTO_TCP], 0, &[]);
         cut.truncate(14 + 40 + 1);
         assert_eq!(malformed(&cut).0, Malformed::BadIpLength);

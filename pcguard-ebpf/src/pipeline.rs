@@ -7,9 +7,9 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use pcguard_common::{
-    CT_FLAG_MONITORED, DIR_INGRESS, FlowKey, MODE_MONITOR, Malformed, PROTO_IDX_OTHER,
-    REASON_MALFORMED, REASON_OUTBOUND_TO_WORKSTATION, REASON_UNTRACKED_REPLY, STAT_MALFORMED,
-    STAT_NON_IP, Settings, VERDICT_ALLOW, VERDICT_BYPASS, VERDICT_DROP, VERDICT_MONITOR,
+    CT_FLAG_MONITORED, DIR_INGRESS, FlowKey, MODE_MONITOR, Malformed, PROTO_IDX_OTHER, REASON_MALFORMED,
+    REASON_OUTBOUND_TO_WORKSTATION, REASON_UNTRACKED_REPLY, STAT_MALFORMED, STAT_NON_IP, Settings, VERDICT_ALLOW,
+    VERDICT_BYPASS, VERDICT_DROP, VERDICT_MONITOR,
 };
 
 use crate::{
@@ -45,25 +45,13 @@ fn opposite(dir: u32) -> u32 {
 /// mode value other than monitor fails closed), monitor otherwise.
 #[inline(always)]
 fn unexpected_verdict(s: &Settings, dir: u32) -> usize {
-    let mode = if dir == DIR_INGRESS {
-        s.ingress_mode
-    } else {
-        s.egress_mode
-    };
-    if mode == MODE_MONITOR {
-        VERDICT_MONITOR
-    } else {
-        VERDICT_DROP
-    }
+    let mode = if dir == DIR_INGRESS { s.ingress_mode } else { s.egress_mode };
+    if mode == MODE_MONITOR { VERDICT_MONITOR } else { VERDICT_DROP }
 }
 
 #[inline(always)]
 fn action(verdict: usize) -> Action {
-    if verdict == VERDICT_DROP {
-        Action::Drop
-    } else {
-        Action::Pass
-    }
+    if verdict == VERDICT_DROP { Action::Drop } else { Action::Pass }
 }
 
 /// The verdict for a frame parsed (`parsed`) into `pkt`. `load` is the
@@ -107,14 +95,7 @@ fn bypass(frame: &Frame, dir: u32, proto_idx: u32) -> Action {
 }
 
 #[inline(always)]
-fn malformed(
-    frame: &Frame,
-    dir: u32,
-    g: Gen,
-    s: &Settings,
-    kind: Malformed,
-    pkt: Option<&Packet>,
-) -> Action {
+fn malformed(frame: &Frame, dir: u32, g: Gen, s: &Settings, kind: Malformed, pkt: Option<&Packet>) -> Action {
     let verdict = unexpected_verdict(s, dir);
     count(dir, PROTO_IDX_OTHER, 0, 0, verdict, frame.len);
     if let Some(pkt) = pkt {
@@ -149,14 +130,7 @@ struct Flow<'a> {
 impl Flow<'_> {
     #[inline(always)]
     fn count(&self, port_idx: u16, rule: u16, verdict: usize) {
-        count(
-            self.dir,
-            self.proto_idx,
-            port_idx,
-            rule,
-            verdict,
-            self.frame.len,
-        );
+        count(self.dir, self.proto_idx, port_idx, rule, verdict, self.frame.len);
     }
 
     /// A new flow initiated in `flow_dir` to `service_port`.
@@ -175,24 +149,11 @@ fn ip(frame: &Frame, dir: u32, g: Gen, s: &Settings, pkt: &Packet, load: &impl L
         _ => {}
     }
     let key = &conntrack::flow_key(pkt, dir).0;
-    let flow = Flow {
-        frame,
-        dir,
-        g,
-        s,
-        pkt,
-        proto_idx,
-        key,
-        now: now(),
-    };
+    let flow = Flow { frame, dir, g, s, pkt, proto_idx, key, now: now() };
     // A bare SYN opens a connection: the policy decides it, whatever
     // conntrack holds (a retransmission of an allowed SYN is allowed again;
     // its insert finds the entry). A SYN flood pays no conntrack lookup.
-    let hit = if pkt.l4 == L4::Tcp && is_bare_syn(pkt.tcp_flags) {
-        None
-    } else {
-        conntrack::lookup(key, flow.now, s)
-    };
+    let hit = if pkt.l4 == L4::Tcp && is_bare_syn(pkt.tcp_flags) { None } else { conntrack::lookup(key, flow.now, s) };
     // One call site each: inlined twice, `untracked` doubled the program.
     let action = match hit {
         Some(hit) => tracked(&flow, hit, load),
@@ -217,11 +178,7 @@ fn tracked(flow: &Flow, hit: Hit, load: &impl Load) -> Action {
         let e = &*hit.entry;
         (e.port_idx, e.rule, e.flags, e.flow_dir as u32)
     };
-    let verdict = if flags & CT_FLAG_MONITORED != 0 {
-        VERDICT_MONITOR
-    } else {
-        VERDICT_ALLOW
-    };
+    let verdict = if flags & CT_FLAG_MONITORED != 0 { VERDICT_MONITOR } else { VERDICT_ALLOW };
     flow.count(port_idx, rule, verdict);
     let refresh = conntrack::refreshes(flow.key, flow.dir, flow_dir);
     conntrack::touch(flow.key, hit, flow.dir, flow.pkt.tcp_flags, flow.now, refresh);
@@ -236,11 +193,7 @@ fn tracked(flow: &Flow, hit: Hit, load: &impl Load) -> Action {
 /// Tracks a new flow initiated in `flow_dir` and passes the packet.
 #[inline(always)]
 fn track(flow: &Flow, flow_dir: u32, d: &Decision, verdict: usize) -> Action {
-    let flags = if verdict == VERDICT_MONITOR {
-        CT_FLAG_MONITORED
-    } else {
-        0
-    };
+    let flags = if verdict == VERDICT_MONITOR { CT_FLAG_MONITORED } else { 0 };
     conntrack::insert(flow.key, flow_dir, d.rule, d.port_idx, flags, flow.now);
     flow.count(d.port_idx, d.rule, verdict);
     Action::Pass
@@ -258,11 +211,7 @@ fn untracked(flow: &Flow) -> Action {
     let s = flow.s;
     let mut peer = Peer::new(flow.g, flow.key);
     let has_ports = pkt.l4 == L4::Tcp || pkt.l4 == L4::Udp;
-    let first = if has_ports {
-        flow.decide(&mut peer, dir, pkt.dport)
-    } else {
-        Decision::NO_RULE
-    };
+    let first = if has_ports { flow.decide(&mut peer, dir, pkt.dport) } else { Decision::NO_RULE };
     if first.allowed() {
         return track(flow, dir, &first, VERDICT_ALLOW);
     }
@@ -280,14 +229,7 @@ fn untracked(flow: &Flow) -> Action {
         first.reason
     };
     let verdict = unexpected_verdict(s, dir);
-    let r = Report {
-        direction: dir,
-        reason,
-        verdict,
-        slot: first.slot,
-        tcp_flags: pkt.tcp_flags,
-        detail: 0,
-    };
+    let r = Report { direction: dir, reason, verdict, slot: first.slot, tcp_flags: pkt.tcp_flags, detail: 0 };
     events::report(flow.frame, flow.key, &r, &mut peer, flow.now, s);
     if verdict == VERDICT_DROP {
         flow.count(first.port_idx, 0, VERDICT_DROP);

@@ -6,9 +6,8 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use pcguard_common::{
-    FAMILY_V4, FlowKey, GEN_PREFIX_BITS, LearnedKey, MAX_CLASSES, MAX_SLOTS, NUM_GENERATIONS,
-    REASON_NO_RULE, REASON_PEER_NOT_ALLOWED, Settings, peer_key_v4, peer_key_v6,
-    port_table_index, ports_index, slots_index,
+    FAMILY_V4, FlowKey, GEN_PREFIX_BITS, LearnedKey, MAX_CLASSES, MAX_SLOTS, NUM_GENERATIONS, REASON_NO_RULE,
+    REASON_PEER_NOT_ALLOWED, Settings, peer_key_v4, peer_key_v6, port_table_index, ports_index, slots_index,
 };
 
 use crate::maps::{ACTIVE, LEARNED, PEERS_V4, PEERS_V6, PORTS, SETTINGS, SLOTS};
@@ -51,12 +50,7 @@ pub struct Decision {
 
 impl Decision {
     /// No rule covers the packet (protocols without a port table).
-    pub const NO_RULE: Self = Self {
-        reason: REASON_NO_RULE,
-        rule: 0,
-        port_idx: 0,
-        slot: 0,
-    };
+    pub const NO_RULE: Self = Self { reason: REASON_NO_RULE, rule: 0, port_idx: 0, slot: 0 };
 
     #[inline(always)]
     pub fn allowed(&self) -> bool {
@@ -111,12 +105,7 @@ pub fn peer_mask(g: Gen, key: &FlowKey) -> u32 {
 /// none).
 #[inline(always)]
 fn learned_mask(g: Gen, key: &FlowKey) -> u32 {
-    let k = LearnedKey {
-        generation: g.0 as u8,
-        family: key.family,
-        _pad: [0; 2],
-        addr: key.remote_addr,
-    };
+    let k = LearnedKey { generation: g.0 as u8, family: key.family, _pad: [0; 2], addr: key.remote_addr };
     // SAFETY: plain u32 value.
     unsafe { LEARNED.get(&k) }.copied().unwrap_or(0)
 }
@@ -141,25 +130,13 @@ fn lowest_bit(mut m: u32) -> u32 {
 /// generation `g`'s tables (`s` its settings), for the remote end `peer`
 /// (whose classes are looked up only if a rule covers the port).
 #[inline(always)]
-pub fn decide(
-    g: Gen,
-    s: &Settings,
-    peer: &mut Peer,
-    flow_dir: u32,
-    proto_idx: u32,
-    service_port: u16,
-) -> Decision {
+pub fn decide(g: Gen, s: &Settings, peer: &mut Peer, flow_dir: u32, proto_idx: u32, service_port: u16) -> Decision {
     let idx = port_table_index(flow_dir, proto_idx, service_port);
     let Some(entry) = PORTS.get(ports_index(g.0, idx)) else {
         return Decision::NO_RULE;
     };
     let (slot_id, port_idx) = (entry.slot, entry.port_idx);
-    let not_allowed = |reason| Decision {
-        reason,
-        rule: 0,
-        port_idx,
-        slot: slot_id,
-    };
+    let not_allowed = |reason| Decision { reason, rule: 0, port_idx, slot: slot_id };
     if slot_id == 0 {
         return not_allowed(REASON_NO_RULE);
     }
@@ -180,12 +157,7 @@ pub fn decide(
     }
     // The mask keeps the index provably inside `rule_by_class` (no panic path).
     let class = lowest_bit(m) as usize & (MAX_CLASSES - 1);
-    Decision {
-        reason: 0,
-        rule: slot.rule_by_class[class],
-        port_idx,
-        slot: slot_id,
-    }
+    Decision { reason: 0, rule: slot.rule_by_class[class], port_idx, slot: slot_id }
 }
 
 #[cfg(test)]

@@ -387,7 +387,10 @@ fn attach_xdp(
             Ok(id) => (id, XdpAttachMode::Driver),
             Err(e) if allow_skb => {
                 warn!("native XDP on {ifname} failed ({e}); attaching generic (skb) XDP, which is slower");
-                (prog.attach(ifname, XdpMode::Skb).with_context(|| format!("attaching XDP to {ifname}"))?, XdpAttachMode::Skb)
+                (
+                    prog.attach(ifname, XdpMode::Skb).with_context(|| format!("attaching XDP to {ifname}"))?,
+                    XdpAttachMode::Skb,
+                )
             }
             Err(e) => return Err(anyhow::Error::new(e).context(format!("native XDP on {ifname}"))),
         }

@@ -93,7 +93,11 @@ impl AuditLog {
             Ok(n) if n == line.len() => Ok(()),
             Ok(n) => {
                 self.take_back(before);
-                bail!("writing {}: only {n} of {} bytes fit (file system full?); the record was taken back", self.path.display(), line.len())
+                bail!(
+                    "writing {}: only {n} of {} bytes fit (file system full?); the record was taken back",
+                    self.path.display(),
+                    line.len()
+                )
             }
             Err(e) => {
                 self.take_back(before);

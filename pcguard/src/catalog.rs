@@ -2,10 +2,14 @@
 //! (`pcguard/data/catalog.toml`), each with the fragment of the PaperCut
 //! document (`docs/papercut-ports.txt`) it comes from.
 
-use crate::model::{Cidr, Direction, PortRange, Protocol, first_overlap, format_ports, table};
+use std::{
+    collections::{BTreeSet, HashSet},
+    sync::OnceLock,
+};
+
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeSet, HashSet};
-use std::sync::OnceLock;
+
+use crate::model::{Cidr, Direction, PortRange, Protocol, first_overlap, format_ports, table};
 
 /// The PaperCut document "What ports does PaperCut use?", verbatim.
 pub const DOCUMENT: &str = include_str!("../../docs/papercut-ports.txt");
@@ -94,23 +98,13 @@ impl Catalog {
     /// by unit tests, so a failure here is a build defect).
     pub fn builtin() -> &'static Catalog {
         static CATALOG: OnceLock<Catalog> = OnceLock::new();
-        CATALOG
-            .get_or_init(|| parse(CATALOG_TOML).unwrap_or_else(|e| panic!("built-in catalog: {e}")))
+        CATALOG.get_or_init(|| parse(CATALOG_TOML).unwrap_or_else(|e| panic!("built-in catalog: {e}")))
     }
 
     /// The catalog as an aligned text table (`pcguard catalog`).
     pub fn render_table(&self) -> String {
         let rows: Vec<Vec<String>> = self.services.iter().map(table_row).collect();
-        let headers = [
-            "ID",
-            "DIR",
-            "PROTO",
-            "PORTS",
-            "PEERS",
-            "FEATURES",
-            "DOC",
-            "ENDPOINTS",
-        ];
+        let headers = ["ID", "DIR", "PROTO", "PORTS", "PEERS", "FEATURES", "DOC", "ENDPOINTS"];
         table::aligned(&headers, &rows)
     }
 
@@ -135,27 +129,18 @@ impl Catalog {
 
     /// Every feature key used by a service.
     pub fn feature_keys(&self) -> BTreeSet<&str> {
-        self.services
-            .iter()
-            .flat_map(|s| s.features.iter().map(String::as_str))
-            .collect()
+        self.services.iter().flat_map(|s| s.features.iter().map(String::as_str)).collect()
     }
 
     /// The values of a namespaced feature (`mfd` -> `brother`, `canon`, ...),
     /// sorted.
     pub fn feature_values(&self, namespace: &str) -> Vec<&str> {
         let prefix = format!("{namespace}:");
-        self.feature_keys()
-            .into_iter()
-            .filter_map(|k| k.strip_prefix(prefix.as_str()))
-            .collect()
+        self.feature_keys().into_iter().filter_map(|k| k.strip_prefix(prefix.as_str())).collect()
     }
 
     /// Services enabled by `key`, in catalog order.
-    pub fn services_with_feature<'a>(
-        &'a self,
-        key: &'a str,
-    ) -> impl Iterator<Item = &'a Service> + 'a {
+    pub fn services_with_feature<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a Service> + 'a {
         self.services.iter().filter(move |s| s.has_feature(key))
     }
 
@@ -165,8 +150,7 @@ impl Catalog {
             if !ids.insert(s.id.as_str()) {
                 return Err(format!("service {}: duplicate id", s.id));
             }
-            self.validate_service(s)
-                .map_err(|e| format!("service {}: {e}", s.id))?;
+            self.validate_service(s).map_err(|e| format!("service {}: {e}", s.id))?;
         }
         Ok(())
     }
@@ -189,9 +173,9 @@ impl Catalog {
         }
         match (&s.source, s.from_document) {
             (None, true) => Err("a service from the document needs its source".into()),
-            (Some(src), _) if !DOCUMENT.contains(src.as_str()) => Err(format!(
-                "source is not a verbatim fragment of the document: {src:?}"
-            )),
+            (Some(src), _) if !DOCUMENT.contains(src.as_str()) => {
+                Err(format!("source is not a verbatim fragment of the document: {src:?}"))
+            }
             _ => Ok(()),
         }
     }
@@ -201,9 +185,7 @@ fn is_kebab_case(id: &str) -> bool {
     !id.is_empty()
         && !id.starts_with('-')
         && !id.ends_with('-')
-        && id
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 fn table_row(s: &Service) -> Vec<String> {
@@ -246,8 +228,9 @@ fn service_json(s: &Service) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use std::path::Path;
+
+    use super::*;
 
     /// Numbers in the document that are not ports: an error code
     /// (`0×0000011b`), a version (`version 24`), a model (`Ethernet 241`)
@@ -266,9 +249,7 @@ mod tests {
         Catalog::builtin().services.iter().any(|s| {
             s.from_document
                 && proto.is_none_or(|p| p == s.protocol)
-                && s.ports
-                    .iter()
-                    .any(|r| u32::from(r.start) <= port && port <= u32::from(r.end))
+                && s.ports.iter().any(|r| u32::from(r.start) <= port && port <= u32::from(r.end))
         })
     }
 
@@ -283,15 +264,9 @@ mod tests {
     fn every_port_of_the_document_is_covered() {
         let numbers = document_numbers();
         assert!(numbers.contains(&9191) && numbers.contains(&49152));
-        let missing: Vec<u32> = numbers
-            .iter()
-            .copied()
-            .filter(|n| !NOT_PORTS.contains(n) && !covered(*n, None))
-            .collect();
-        assert!(
-            missing.is_empty(),
-            "ports of the document without a catalog entry: {missing:?}"
-        );
+        let missing: Vec<u32> =
+            numbers.iter().copied().filter(|n| !NOT_PORTS.contains(n) && !covered(*n, None)).collect();
+        assert!(missing.is_empty(), "ports of the document without a catalog entry: {missing:?}");
     }
 
     #[test]
@@ -307,9 +282,7 @@ mod tests {
             if let Some(src) = &s.source {
                 assert!(DOCUMENT.contains(src.as_str()), "{}: {src:?}", s.id);
             }
-            assert!(
-                s.from_document || s.source.is_none() || s.note.is_some() || s.id == "admin-ssh"
-            );
+            assert!(s.from_document || s.source.is_none() || s.note.is_some() || s.id == "admin-ssh");
         }
     }
 
@@ -317,11 +290,7 @@ mod tests {
     fn docs_list_every_service() {
         let doc = include_str!("../../docs/catalog.md");
         for s in &Catalog::builtin().services {
-            assert!(
-                doc.contains(&format!("| `{}`", s.id)),
-                "docs/catalog.md lacks {}",
-                s.id
-            );
+            assert!(doc.contains(&format!("| `{}`", s.id)), "docs/catalog.md lacks {}", s.id);
         }
     }
 
@@ -329,10 +298,7 @@ mod tests {
     fn document_copy_matches_shared_original() {
         let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/papercut-ports.txt");
         match std::fs::read_to_string(&shared) {
-            Ok(original) => assert_eq!(
-                original, DOCUMENT,
-                "docs/papercut-ports.txt differs from {shared:?}"
-            ),
+            Ok(original) => assert_eq!(original, DOCUMENT, "docs/papercut-ports.txt differs from {shared:?}"),
             Err(_) => eprintln!("skipped: {} not present", shared.display()),
         }
     }
@@ -342,16 +308,8 @@ mod tests {
         let c = Catalog::builtin();
         let check = |id: &str, dir, proto, ports: &str, peer: &str| {
             let s = c.service(id).unwrap_or_else(|| panic!("{id} missing"));
-            assert_eq!(
-                (s.direction, s.protocol, format_ports(&s.ports)),
-                (dir, proto, ports.to_string()),
-                "{id}"
-            );
-            assert!(
-                s.peers.iter().any(|p| p == peer),
-                "{id} peers {:?}",
-                s.peers
-            );
+            assert_eq!((s.direction, s.protocol, format_ports(&s.ports)), (dir, proto, ports.to_string()), "{id}");
+            assert!(s.peers.iter().any(|p| p == peer), "{id} peers {:?}", s.peers);
         };
         use Direction::*;
         use Protocol::*;
@@ -365,14 +323,8 @@ mod tests {
         check("ad-rpc-dynamic", Outbound, Tcp, "49152-65535", "directory");
         check("db-postgresql", Outbound, Tcp, "5432", "database");
         check("netbios-udp", Inbound, Udp, "137, 138", "workstations");
-        assert_eq!(
-            c.service("ges").unwrap().fqdns,
-            vec!["mf.cloud.papercut.com"]
-        );
-        assert_eq!(
-            c.service("email-sendgrid").unwrap().ips,
-            vec!["168.245.53.86"]
-        );
+        assert_eq!(c.service("ges").unwrap().fqdns, vec!["mf.cloud.papercut.com"]);
+        assert_eq!(c.service("email-sendgrid").unwrap().ips, vec!["168.245.53.86"]);
         assert!(!c.service("admin-ssh").unwrap().from_document);
         assert!(c.service("admin-ssh").unwrap().always_allow);
     }
@@ -380,21 +332,10 @@ mod tests {
     #[test]
     fn feature_values_list_vendors() {
         let vendors = Catalog::builtin().feature_values("mfd");
-        for v in [
-            "brother",
-            "hp",
-            "konica-minolta",
-            "toshiba-sdk1",
-            "vcc",
-            "xerox",
-        ] {
+        for v in ["brother", "hp", "konica-minolta", "toshiba-sdk1", "vcc", "xerox"] {
             assert!(vendors.contains(&v), "{v}");
         }
-        assert!(
-            Catalog::builtin()
-                .feature_values("database")
-                .contains(&"postgresql")
-        );
+        assert!(Catalog::builtin().feature_values("database").contains(&"postgresql"));
     }
 
     #[test]
@@ -413,26 +354,10 @@ features = ["f"]
 "#;
         let with = |extra: &str| parse(&format!("{base}{extra}"));
         assert!(with("ports = [1]\nsource = \"9191 for HTTP connections\"").is_ok());
-        assert!(
-            with("ports = [1]\nsource = \"not in the document\"")
-                .unwrap_err()
-                .contains("verbatim")
-        );
-        assert!(
-            with("ports = [1]")
-                .unwrap_err()
-                .contains("needs its source")
-        );
-        assert!(
-            with("ports = [1, \"1-5\"]\nfrom_document = false")
-                .unwrap_err()
-                .contains("overlap")
-        );
-        assert!(
-            with("ports = [1]\nfrom_document = false\nbogus = 1")
-                .unwrap_err()
-                .contains("bogus")
-        );
+        assert!(with("ports = [1]\nsource = \"not in the document\"").unwrap_err().contains("verbatim"));
+        assert!(with("ports = [1]").unwrap_err().contains("needs its source"));
+        assert!(with("ports = [1, \"1-5\"]\nfrom_document = false").unwrap_err().contains("overlap"));
+        assert!(with("ports = [1]\nfrom_document = false\nbogus = 1").unwrap_err().contains("bogus"));
     }
 
     #[test]
@@ -440,13 +365,8 @@ features = ["f"]
         let c = Catalog::builtin();
         let t = c.render_table();
         assert!(t.starts_with("ID"));
-        let line = t
-            .lines()
-            .find(|l| l.starts_with("ad-rpc-dynamic "))
-            .unwrap();
-        assert!(
-            line.contains("outbound") && line.contains("49152-65535") && line.contains("directory")
-        );
+        let line = t.lines().find(|l| l.starts_with("ad-rpc-dynamic ")).unwrap();
+        assert!(line.contains("outbound") && line.contains("49152-65535") && line.contains("directory"));
         assert_eq!(t.lines().count(), c.services.len() + 1);
         let j = c.to_json();
         let svc = j["services"].as_array().unwrap();
@@ -454,11 +374,6 @@ features = ["f"]
         let ges = svc.iter().find(|s| s["id"] == "ges").unwrap();
         assert_eq!(ges["ports"], serde_json::json!(["443"]));
         assert_eq!(ges["direction"], "outbound");
-        assert!(
-            ges["source"]
-                .as_str()
-                .unwrap()
-                .contains("mf.cloud.papercut.com")
-        );
+        assert!(ges["source"].as_str().unwrap().contains("mf.cloud.papercut.com"));
     }
 }

@@ -9,19 +9,24 @@ mod raw;
 mod rules;
 mod span;
 
-use crate::catalog::{Catalog, Service};
-use crate::model::{Cidr, Direction, PortRange, Protocol};
-use raw::{RawConfig, Seconds, SpannedList};
-use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::fmt;
-use std::net::SocketAddr;
-use std::ops::Range;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
-use toml::Spanned;
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    fmt,
+    net::SocketAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 pub use raw::parse_duration;
+use raw::{RawConfig, Seconds, SpannedList};
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::{
+    catalog::{Catalog, Service},
+    model::{Cidr, Direction, PortRange, Protocol},
+};
 
 pub const DEFAULT_AUDIT_PATH: &str = "/var/log/pcguard/flows.jsonl";
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9750";
@@ -183,10 +188,7 @@ impl SiteConfig {
 
     /// Catalog services enabled by the features, in catalog order.
     pub fn enabled_services(&self) -> impl Iterator<Item = &'static Service> + '_ {
-        Catalog::builtin()
-            .services
-            .iter()
-            .filter(|s| s.features.iter().any(|f| self.features.contains(f)))
+        Catalog::builtin().services.iter().filter(|s| s.features.iter().any(|f| self.features.contains(f)))
     }
 
     /// The classes of `service` this site can use (see [`service_peers`]).
@@ -196,10 +198,7 @@ impl SiteConfig {
 
     /// The ports of an enabled service, after overrides.
     pub fn service_ports(&self, service: &Service) -> Vec<PortRange> {
-        self.port_overrides
-            .get(&service.id)
-            .cloned()
-            .unwrap_or_else(|| service.ports.clone())
+        self.port_overrides.get(&service.id).cloned().unwrap_or_else(|| service.ports.clone())
     }
 }
 
@@ -207,12 +206,7 @@ impl SiteConfig {
 /// `peers`, or, for a service with documented endpoints (cloud FQDNs /
 /// IPs), its own class.
 pub fn service_peers(peers: &BTreeMap<String, Vec<Cidr>>, service: &Service) -> Vec<String> {
-    service
-        .peers
-        .iter()
-        .filter(|c| peers.contains_key(*c) || service.has_endpoints())
-        .cloned()
-        .collect()
+    service.peers.iter().filter(|c| peers.contains_key(*c) || service.has_endpoints()).cloned().collect()
 }
 
 /// A config problem: `file:line: key: message`.
@@ -265,13 +259,7 @@ pub fn parse(text: &str, origin: &str) -> Result<SiteConfig, ConfigError> {
     let peers = parse_peers(&ctx, &raw)?;
     let mut names = HashSet::new();
     let rules = rules::validate(&ctx, &raw.rules, "rule", &peers, &mut names)?;
-    let always_allow = rules::validate(
-        &ctx,
-        &raw.always_allow.rules,
-        "always_allow.rule",
-        &peers,
-        &mut names,
-    )?;
+    let always_allow = rules::validate(&ctx, &raw.always_allow.rules, "always_allow.rule", &peers, &mut names)?;
     check_custom_classes(&ctx, &raw, &rules, &always_allow)?;
     let resolved = features::resolve(&ctx, &raw, &peers)?;
     let mode = *raw.mode.get_ref();
@@ -292,21 +280,13 @@ pub fn parse(text: &str, origin: &str) -> Result<SiteConfig, ConfigError> {
         rules,
         always_allow,
         conntrack: ConntrackTimeouts {
-            tcp: ctx.duration(
-                &raw.conntrack.tcp_timeout,
-                "conntrack.tcp_timeout",
-                DEFAULT_TCP_TIMEOUT,
-            )?,
+            tcp: ctx.duration(&raw.conntrack.tcp_timeout, "conntrack.tcp_timeout", DEFAULT_TCP_TIMEOUT)?,
             tcp_closing: ctx.duration(
                 &raw.conntrack.tcp_closing_timeout,
                 "conntrack.tcp_closing_timeout",
                 DEFAULT_TCP_CLOSING_TIMEOUT,
             )?,
-            udp: ctx.duration(
-                &raw.conntrack.udp_timeout,
-                "conntrack.udp_timeout",
-                DEFAULT_UDP_TIMEOUT,
-            )?,
+            udp: ctx.duration(&raw.conntrack.udp_timeout, "conntrack.udp_timeout", DEFAULT_UDP_TIMEOUT)?,
             max_entries: ctx.count(
                 &raw.conntrack.max_entries,
                 "conntrack.max_entries",
@@ -321,11 +301,7 @@ pub fn parse(text: &str, origin: &str) -> Result<SiteConfig, ConfigError> {
             )?,
         },
         audit: AuditConfig {
-            path: raw
-                .audit
-                .path
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_AUDIT_PATH)),
+            path: raw.audit.path.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_AUDIT_PATH)),
             report_interval: ctx.duration(
                 &raw.audit.report_interval,
                 "audit.report_interval",
@@ -345,17 +321,18 @@ pub fn parse(text: &str, origin: &str) -> Result<SiteConfig, ConfigError> {
                         && name.len() <= 32
                         && name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
                     if !valid {
-                        return Err(ctx.error(Some(g.span()), "audit.group", format!("\"{name}\" is not a group name")));
+                        return Err(ctx.error(
+                            Some(g.span()),
+                            "audit.group",
+                            format!("\"{name}\" is not a group name"),
+                        ));
                     }
                     Some(name.clone())
                 }
             },
         },
         metrics: MetricsConfig {
-            listen: raw
-                .metrics
-                .listen
-                .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
+            listen: raw.metrics.listen.unwrap_or_else(|| DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
         },
         notes,
     })
@@ -368,12 +345,7 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn error(
-        &self,
-        span: Option<Range<usize>>,
-        key: impl Into<String>,
-        message: impl Into<String>,
-    ) -> ConfigError {
+    fn error(&self, span: Option<Range<usize>>, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
         ConfigError {
             origin: self.origin.to_string(),
             line: span::line_of_span(self.text, span),
@@ -387,21 +359,13 @@ impl Ctx<'_> {
     /// the key at the error).
     fn toml_error(&self, e: &toml::de::Error, syntax: bool) -> ConfigError {
         let start = e.span().map(|s| s.start).unwrap_or(0);
-        let (table, key) = if syntax {
-            span::statement_at(self.text, start)
-        } else {
-            span::key_at(self.text, start)
-        };
+        let (table, key) = if syntax { span::statement_at(self.text, start) } else { span::key_at(self.text, start) };
         let mut message = e.message().trim().replace('\n', "; ");
         if message.is_empty() {
             message = "invalid TOML".to_string();
         }
         // A missing field is reported on its table, not on the last key.
-        let key = if message.starts_with("missing field") {
-            table
-        } else {
-            span::join_key(&table, &key)
-        };
+        let key = if message.starts_with("missing field") { table } else { span::join_key(&table, &key) };
         self.error(e.span(), key, message)
     }
 
@@ -416,11 +380,9 @@ impl Ctx<'_> {
         match value {
             None => Ok(default),
             Some(v) if (min..=max).contains(v.get_ref()) => Ok(*v.get_ref() as u32),
-            Some(v) => Err(self.error(
-                Some(v.span()),
-                key,
-                format!("{} is out of range ({min} to {max})", v.get_ref()),
-            )),
+            Some(v) => {
+                Err(self.error(Some(v.span()), key, format!("{} is out of range ({min} to {max})", v.get_ref())))
+            }
         }
     }
 
@@ -432,9 +394,7 @@ impl Ctx<'_> {
     ) -> Result<Duration, ConfigError> {
         match value {
             None => Ok(default),
-            Some(v) if v.get_ref().0.is_zero() => {
-                Err(self.error(Some(v.span()), key, "must be greater than 0"))
-            }
+            Some(v) if v.get_ref().0.is_zero() => Err(self.error(Some(v.span()), key, "must be greater than 0")),
             Some(v) => Ok(v.get_ref().0),
         }
     }
@@ -457,11 +417,7 @@ fn check_line_endings(ctx: &Ctx) -> Result<(), ConfigError> {
 
 fn parse_interfaces(ctx: &Ctx, list: &SpannedList) -> Result<Vec<String>, ConfigError> {
     if list.get_ref().is_empty() {
-        return Err(ctx.error(
-            Some(list.span()),
-            "interfaces",
-            "at least one interface is required",
-        ));
+        return Err(ctx.error(Some(list.span()), "interfaces", "at least one interface is required"));
     }
     let mut seen = HashSet::new();
     for name in list.get_ref() {
@@ -490,10 +446,7 @@ fn parse_peers(ctx: &Ctx, raw: &RawConfig) -> Result<BTreeMap<String, Vec<Cidr>>
         check_class_name(ctx, name, &key)?;
         let mut parsed = BTreeSet::new();
         for c in cidrs {
-            let cidr = c
-                .get_ref()
-                .parse::<Cidr>()
-                .map_err(|e| ctx.error(Some(c.span()), key.as_str(), e))?;
+            let cidr = c.get_ref().parse::<Cidr>().map_err(|e| ctx.error(Some(c.span()), key.as_str(), e))?;
             parsed.insert(cidr);
         }
         if !parsed.is_empty() {
@@ -506,20 +459,11 @@ fn parse_peers(ctx: &Ctx, raw: &RawConfig) -> Result<BTreeMap<String, Vec<Cidr>>
 fn check_class_name(ctx: &Ctx, name: &Spanned<String>, key: &str) -> Result<(), ConfigError> {
     let n = name.get_ref();
     let well_formed = n.starts_with(|c: char| c.is_ascii_lowercase())
-        && n.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if n == CLASS_ANY_NAME {
-        Err(ctx.error(
-            Some(name.span()),
-            key,
-            "\"any\" is built in (every address) and takes no CIDRs",
-        ))
+        Err(ctx.error(Some(name.span()), key, "\"any\" is built in (every address) and takes no CIDRs"))
     } else if !well_formed {
-        Err(ctx.error(
-            Some(name.span()),
-            key,
-            "class names are lowercase letters, digits and '_'",
-        ))
+        Err(ctx.error(Some(name.span()), key, "class names are lowercase letters, digits and '_'"))
     } else {
         Ok(())
     }
@@ -534,11 +478,7 @@ fn check_custom_classes(
     always: &[SiteRule],
 ) -> Result<(), ConfigError> {
     let builtin = Catalog::builtin().class_names();
-    let used: HashSet<&str> = rules
-        .iter()
-        .chain(always)
-        .flat_map(|r| r.peers.iter().map(String::as_str))
-        .collect();
+    let used: HashSet<&str> = rules.iter().chain(always).flat_map(|r| r.peers.iter().map(String::as_str)).collect();
     for name in raw.peers.keys() {
         let n = name.get_ref().as_str();
         if !builtin.contains(&n) && !used.contains(n) {

@@ -97,7 +97,10 @@ impl PinnedCounters {
         };
         let max = |name: &str| -> Result<u32> {
             let path = dir.join(name);
-            Ok(MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?.info()?.max_entries())
+            Ok(MapData::from_pin(&path)
+                .with_context(|| format!("opening pinned map {}", path.display()))?
+                .info()?
+                .max_entries())
         };
         Ok(Self {
             capacity: (max(names::CONNTRACK)?, max(names::CT_NEW)?),
@@ -146,7 +149,9 @@ impl PinnedCounters {
     /// slow for every scrape of a full table: the daemon samples it in the
     /// background.
     pub fn table_sizes(&self) -> Result<TableSizes> {
-        let count = |m: &HashMap<MapData, FlowKey, CtEntry>, max: u32| (m.keys().filter(|k| k.is_ok()).count() as u64).min(u64::from(max));
+        let count = |m: &HashMap<MapData, FlowKey, CtEntry>, max: u32| {
+            (m.keys().filter(|k| k.is_ok()).count() as u64).min(u64::from(max))
+        };
         let mut sizes = TableSizes {
             established: count(&self.conntrack, self.capacity.0),
             new: count(&self.ct_new, self.capacity.1),

@@ -9,8 +9,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use log::{debug, error, info, warn};
 use aya::maps::{MapData, RingBuf};
+use log::{debug, error, info, warn};
 use pcguard_common::{DnsMessage, FlowEvent, names};
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -166,7 +166,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let audit = AuditLog::open(&settings.audit_log, settings.group)?;
     // Bind before touching the kernel, so a busy port fails cleanly.
     let addr = settings.metrics_listen;
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics listener {addr}"))?;
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics listener {addr}"))?;
 
     let mut dp = Datapath::load(&opts.bpffs_dir, &MapSizes::of(&cfg))?;
     let compiled = match dp.adopted().then(|| State::read(&opts.run_dir)) {
@@ -213,7 +214,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let fqdns = FqdnClasses::of(&compiled);
     let mut guard = Guard::default();
     if let Err(e) = guard.refresh() {
-        warn!("reading this server's addresses: {e}; only the policy's classes and special addresses guard DNS learning");
+        warn!(
+            "reading this server's addresses: {e}; only the policy's classes and special addresses guard DNS learning"
+        );
     }
     let limits = Limits { min_ttl: opts.dns_min_ttl.unwrap_or(crate::dns::MIN_TTL), ..Limits::default() };
     let mut daemon = Daemon {
@@ -223,7 +226,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         policy: Arc::new(RwLock::new(compiled)),
         metrics,
         audit: Arc::new(Mutex::new(audit)),
-        gate: Arc::new(Mutex::new(AuditGate::new(settings.report_interval, settings.max_records_per_second, Instant::now()))),
+        gate: Arc::new(Mutex::new(AuditGate::new(
+            settings.report_interval,
+            settings.max_records_per_second,
+            Instant::now(),
+        ))),
         kernel_held: (0, 0),
         reloads: 0,
         loaded_at,
@@ -543,7 +550,9 @@ impl Daemon {
             None if self.dp.adopted() => {
                 // The policy before this start is the earlier daemon's: still
                 // whole in the generation this start switched away from.
-                warn!("policy not confirmed in time: switching back to the policy enforced before this start, and exiting");
+                warn!(
+                    "policy not confirmed in time: switching back to the policy enforced before this start, and exiting"
+                );
                 self.dp.switch_back()?;
                 Ok(Some(Exit::Stop))
             }
@@ -625,7 +634,8 @@ impl Daemon {
             self.dp.stat(pcguard_common::STAT_EVENTS_DROPPED).unwrap_or(self.kernel_held.1),
         );
         let delta = (kernel.0.saturating_sub(self.kernel_held.0), kernel.1.saturating_sub(self.kernel_held.1));
-        let Some(summary) = self.gate.lock().unwrap().summary(Instant::now(), std::time::SystemTime::now(), delta) else {
+        let Some(summary) = self.gate.lock().unwrap().summary(Instant::now(), std::time::SystemTime::now(), delta)
+        else {
             return;
         };
         self.kernel_held = kernel;
@@ -701,9 +711,10 @@ impl Daemon {
             reloads: self.reloads,
             metrics_listen: Some(self.metrics_addr.to_string()),
             audit_log: Some(self.audit.lock().unwrap().path().to_path_buf()),
-            pending_confirm_until: self.pending.as_ref().map(|p| {
-                unix_now() + p.deadline.saturating_duration_since(Instant::now()).as_secs()
-            }),
+            pending_confirm_until: self
+                .pending
+                .as_ref()
+                .map(|p| unix_now() + p.deadline.saturating_duration_since(Instant::now()).as_secs()),
             labels: Labels::from_policy(&policy),
         };
         state.write(&self.opts.run_dir, self.group)

@@ -12,8 +12,8 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use pcguard_common::{
-    FAMILY_V4, FlowEvent, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Malformed, PacketDir, Reason, UNKNOWN,
-    Verdict,
+    FAMILY_V4, FlowEvent, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Malformed, PacketDir, Reason,
+    UNKNOWN, Verdict,
 };
 use serde::{Deserialize, Serialize};
 
@@ -136,7 +136,9 @@ impl AuditRecord {
             suppressed: None,
             repeats: ev.repeats,
             malformed: (reason == Ok(Reason::Malformed)).then(|| {
-                Malformed::try_from(ev.detail).map(|m| m.as_str().to_string()).unwrap_or_else(|v| format!("{UNKNOWN}_{v}"))
+                Malformed::try_from(ev.detail)
+                    .map(|m| m.as_str().to_string())
+                    .unwrap_or_else(|v| format!("{UNKNOWN}_{v}"))
             }),
         }
     }
@@ -147,7 +149,8 @@ impl AuditRecord {
     /// unspecified address). Nothing was dropped: the address was
     /// `not_learned`.
     pub fn from_dns_refusal(r: &DnsRefusal, policy: &CompiledPolicy, seen: SystemTime) -> Self {
-        let local = if r.resolver.is_ipv4() { IpAddr::V4(Ipv4Addr::UNSPECIFIED) } else { IpAddr::V6(Ipv6Addr::UNSPECIFIED) };
+        let local =
+            if r.resolver.is_ipv4() { IpAddr::V4(Ipv4Addr::UNSPECIFIED) } else { IpAddr::V6(Ipv6Addr::UNSPECIFIED) };
         Self {
             ts: humantime::format_rfc3339_millis(seen).to_string(),
             severity: "alert".into(),
@@ -247,7 +250,8 @@ fn protocol_name(proto: u8) -> String {
 }
 
 fn tcp_flags(f: u8) -> String {
-    const NAMES: [(u8, &str); 6] = [(0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"), (0x20, "URG")];
+    const NAMES: [(u8, &str); 6] =
+        [(0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"), (0x20, "URG")];
     NAMES.iter().filter(|(bit, _)| f & bit != 0).map(|(_, n)| *n).collect::<Vec<_>>().join("|")
 }
 
@@ -367,7 +371,11 @@ pub fn follow(path: &Path, filter: &Filter, tail: usize, follow: bool, json: boo
     let print = |out: &mut dyn Write, line: &str| -> Result<()> {
         let Ok(rec) = serde_json::from_str::<AuditRecord>(line) else { return Ok(()) };
         if filter.matches(&rec) {
-            if json { writeln!(out, "{}", line.trim_end())? } else { writeln!(out, "{}", rec.human())? }
+            if json {
+                writeln!(out, "{}", line.trim_end())?
+            } else {
+                writeln!(out, "{}", rec.human())?
+            }
             out.flush()?;
         }
         Ok(())
@@ -446,9 +454,17 @@ mod tests {
         assert_eq!(json["suppressed"], 2);
         assert_eq!((json["remote"]["addr"].as_str(), json["remote"]["port"].as_u64()), (Some("10.0.0.53"), Some(53)));
         assert!(json["peer_classes"].as_array().unwrap().iter().any(|c| c == "dns"), "{json}");
-        assert!(rec.human().contains("dns: mf.cloud.papercut.com -> 10.1.2.3 (local_class), 2 more suppressed"), "{}", rec.human());
+        assert!(
+            rec.human().contains("dns: mf.cloud.papercut.com -> 10.1.2.3 (local_class), 2 more suppressed"),
+            "{}",
+            rec.human()
+        );
         // `pcguard flows --addr` finds it by the refused address too.
-        let filter = Filter { addr: Some("10.1.2.3".parse().unwrap()), reason: Some(DNS_POISONING.into()), ..Default::default() };
+        let filter = Filter {
+            addr: Some("10.1.2.3".parse().unwrap()),
+            reason: Some(DNS_POISONING.into()),
+            ..Default::default()
+        };
         assert!(filter.matches(&rec));
         // Round trip through the log.
         assert_eq!(serde_json::from_value::<AuditRecord>(json).unwrap(), rec);
@@ -464,7 +480,13 @@ mod tests {
     }
 
     fn event(direction: u8, reason: u8, verdict: u8, detail: u8) -> FlowEvent {
-        let mut key = pcguard_common::FlowKey { family: FAMILY_V4, proto: IPPROTO_TCP, local_port: 9999, remote_port: 40000, ..Default::default() };
+        let mut key = pcguard_common::FlowKey {
+            family: FAMILY_V4,
+            proto: IPPROTO_TCP,
+            local_port: 9999,
+            remote_port: 40000,
+            ..Default::default()
+        };
         key.local_addr[..4].copy_from_slice(&[10, 77, 0, 1]);
         key.remote_addr[..4].copy_from_slice(&[10, 77, 0, 2]);
         FlowEvent { key, direction, reason, verdict, detail, tcp_flags: 0x02, ..Default::default() }
@@ -499,14 +521,10 @@ mod tests {
         );
         let r = rec(event(0, REASON_MALFORMED, 1, 99));
         assert_eq!(r.malformed.as_deref(), Some("unknown_99"));
-        assert_eq!(reason_labels().collect::<Vec<_>>(), [
-            "no_rule",
-            "peer_not_allowed",
-            "outbound_to_workstation",
-            "malformed",
-            "untracked_reply",
-            "dns_poisoning"
-        ]);
+        assert_eq!(
+            reason_labels().collect::<Vec<_>>(),
+            ["no_rule", "peer_not_allowed", "outbound_to_workstation", "malformed", "untracked_reply", "dns_poisoning"]
+        );
     }
 
     #[test]

@@ -262,7 +262,8 @@ impl AuditGate {
             self.since = now;
             return None;
         }
-        let counts = |b: &BoundedCounts<String>| b.top().into_iter().map(|(key, records)| Count { key, records }).collect();
+        let counts =
+            |b: &BoundedCounts<String>| b.top().into_iter().map(|(key, records)| Count { key, records }).collect();
         let rec = SummaryRecord {
             ts: humantime::format_rfc3339_millis(wall).to_string(),
             event: "audit_summary",
@@ -271,7 +272,12 @@ impl AuditGate {
             deduplicated: self.deduplicated,
             over_ceiling: self.over_ceiling,
             by_reason: counts(&self.by_reason),
-            top_sources: self.sources.top().into_iter().map(|(a, records)| Count { key: a.to_string(), records }).collect(),
+            top_sources: self
+                .sources
+                .top()
+                .into_iter()
+                .map(|(a, records)| Count { key: a.to_string(), records })
+                .collect(),
             top_ports: counts(&self.ports),
             distinct_sources: self.sources.counts.len(),
             more_sources: self.sources.others,

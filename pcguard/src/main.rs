@@ -12,8 +12,7 @@ use pcguard::{
     datapath::DEFAULT_BPFFS_DIR,
     flows,
     state::{DEFAULT_RUN_DIR, State},
-    status,
-    sys,
+    status, sys,
 };
 
 /// eBPF/XDP port policy enforcer and traffic monitor for PaperCut NG/MF servers.
@@ -162,7 +161,17 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run { config, bpffs_dir, detach_on_exit, run_dir, xdp_skb, metrics_listen, audit_log, confirm_within, dns_min_ttl } => {
+        Command::Run {
+            config,
+            bpffs_dir,
+            detach_on_exit,
+            run_dir,
+            xdp_skb,
+            metrics_listen,
+            audit_log,
+            confirm_within,
+            dns_min_ttl,
+        } => {
             let opts = RunOptions {
                 config,
                 bpffs_dir,
@@ -201,7 +210,19 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Flows { log, run_dir, lines, no_follow, json, reason, direction, severity, peer_class, port, addr } => {
+        Command::Flows {
+            log,
+            run_dir,
+            lines,
+            no_follow,
+            json,
+            reason,
+            direction,
+            severity,
+            peer_class,
+            port,
+            addr,
+        } => {
             let path = match log {
                 Some(p) => p,
                 None => State::read(&run_dir)?.audit_log.context("the running daemon has no audit log")?,

@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use anyhow::Result;
 use log::{debug, warn};
 use pcguard_common::{
-    Counters, STAT_CT_CREATED, STAT_CT_EXPIRED, STAT_CT_INSERT_FAILED, STAT_CT_PROMOTED, STAT_DNS_ANSWERS, STAT_DNS_ANSWERS_DROPPED,
-    STAT_DNS_QUERIES, STAT_DNS_UNSOLICITED, STAT_EVENTS_DROPPED, STAT_EVENTS_RATE_LIMITED,
-    STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, STAT_MALFORMED, STAT_NON_IP,
+    Counters, STAT_CT_CREATED, STAT_CT_EXPIRED, STAT_CT_INSERT_FAILED, STAT_CT_PROMOTED, STAT_DNS_ANSWERS,
+    STAT_DNS_ANSWERS_DROPPED, STAT_DNS_QUERIES, STAT_DNS_UNSOLICITED, STAT_EVENTS_DROPPED, STAT_EVENTS_RATE_LIMITED,
+    STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, STAT_MALFORMED, STAT_NON_IP, Verdict,
 };
 use prometheus_client::{
     collector::Collector,
@@ -24,8 +24,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::counters::{TableSizes, Labels, PinnedCounters};
-use pcguard_common::Verdict;
+use crate::counters::{Labels, PinnedCounters, TableSizes};
 
 type LabelPairs = Vec<(&'static str, String)>;
 
@@ -49,7 +48,16 @@ pub struct DaemonMetrics {
 /// refusals, and `overload` (accepted, but the daemon was too far behind).
 pub const DNS_ANSWER_REFUSALS: [&str; 8] = {
     let r = crate::dns::Refused::ALL;
-    [r[0].as_str(), r[1].as_str(), r[2].as_str(), r[3].as_str(), r[4].as_str(), r[5].as_str(), r[6].as_str(), "overload"]
+    [
+        r[0].as_str(),
+        r[1].as_str(),
+        r[2].as_str(),
+        r[3].as_str(),
+        r[4].as_str(),
+        r[5].as_str(),
+        r[6].as_str(),
+        "overload",
+    ]
 };
 
 impl DaemonMetrics {
@@ -176,7 +184,11 @@ impl Metrics {
         for ok in [true, false] {
             let _ = daemon.reloads.get_or_create(&reload_labels(ok));
         }
-        registry.register("pcguard_audit_write_errors", "Audit records that could not be written", daemon.audit_write_errors.clone());
+        registry.register(
+            "pcguard_audit_write_errors",
+            "Audit records that could not be written",
+            daemon.audit_write_errors.clone(),
+        );
         registry.register(
             "pcguard_audit_held_back",
             "Unexpected-flow records not written on their own (repeats, or over the records-per-second ceiling); summary records count them",
@@ -262,30 +274,86 @@ impl Collector for KernelCollector {
                 (labels, &p.counters)
             })
             .collect();
-        encode_counters(&mut encoder, "pcguard_packets", "Packets seen by the data path, by packet direction, protocol, service port (policy ports, else other) and verdict", &port_series, |c, v| c.packets[v])?;
-        encode_counters(&mut encoder, "pcguard_bytes", "Bytes (frame length) seen by the data path, labelled like pcguard_packets_total", &port_series, |c, v| c.bytes[v])?;
+        encode_counters(
+            &mut encoder,
+            "pcguard_packets",
+            "Packets seen by the data path, by packet direction, protocol, service port (policy ports, else other) and verdict",
+            &port_series,
+            |c, v| c.packets[v],
+        )?;
+        encode_counters(
+            &mut encoder,
+            "pcguard_bytes",
+            "Bytes (frame length) seen by the data path, labelled like pcguard_packets_total",
+            &port_series,
+            |c, v| c.bytes[v],
+        )?;
         let rule_series: Vec<(LabelPairs, &Counters)> = snap
             .rules
             .iter()
             .map(|r| (vec![("rule", r.rule.clone()), ("direction", r.direction.as_str().to_string())], &r.counters))
             .collect();
-        encode_counters(&mut encoder, "pcguard_rule_packets", "Packets of flows matched by each rule (catalog id or site rule name), by packet direction and verdict", &rule_series, |c, v| c.packets[v])?;
-        encode_counters(&mut encoder, "pcguard_rule_bytes", "Bytes of flows matched by each rule, labelled like pcguard_rule_packets_total", &rule_series, |c, v| c.bytes[v])?;
+        encode_counters(
+            &mut encoder,
+            "pcguard_rule_packets",
+            "Packets of flows matched by each rule (catalog id or site rule name), by packet direction and verdict",
+            &rule_series,
+            |c, v| c.packets[v],
+        )?;
+        encode_counters(
+            &mut encoder,
+            "pcguard_rule_bytes",
+            "Bytes of flows matched by each rule, labelled like pcguard_rule_packets_total",
+            &rule_series,
+            |c, v| c.bytes[v],
+        )?;
         let stats = [
             ("pcguard_non_ip_packets", "Non-IP frames seen at ingress (always passed)", STAT_NON_IP),
             ("pcguard_malformed_packets", "Packets with truncated or invalid headers", STAT_MALFORMED),
-            ("pcguard_events_dropped", "Unexpected-flow events lost because the ring buffer was full", STAT_EVENTS_DROPPED),
+            (
+                "pcguard_events_dropped",
+                "Unexpected-flow events lost because the ring buffer was full",
+                STAT_EVENTS_DROPPED,
+            ),
             ("pcguard_events_sent", "Unexpected-flow events sent to the daemon", STAT_EVENTS_SENT),
-            ("pcguard_events_suppressed", "Packets of already reported unexpected flows (not reported again)", STAT_EVENTS_SUPPRESSED),
+            (
+                "pcguard_events_suppressed",
+                "Packets of already reported unexpected flows (not reported again)",
+                STAT_EVENTS_SUPPRESSED,
+            ),
             ("pcguard_conntrack_created", "Conntrack entries created", STAT_CT_CREATED),
             ("pcguard_conntrack_expired", "Conntrack entries removed on close or idle timeout", STAT_CT_EXPIRED),
             ("pcguard_conntrack_insert_failures", "Conntrack inserts that failed", STAT_CT_INSERT_FAILED),
-            ("pcguard_dns_answers", "DNS answers of the configured resolvers to a pending query, copied for DNS-aware egress", STAT_DNS_ANSWERS),
-            ("pcguard_dns_answers_dropped", "DNS queries and answers lost because their ring buffer was full", STAT_DNS_ANSWERS_DROPPED),
-            ("pcguard_dns_queries", "DNS queries of this server to its resolvers, copied for DNS-aware egress", STAT_DNS_QUERIES),
-            ("pcguard_dns_unsolicited_answers", "Packets from a resolver's port 53 to a DNS flow of this server that answer no pending query (not copied)", STAT_DNS_UNSOLICITED),
-            ("pcguard_events_rate_limited", "Unexpected-flow reports not sent because the kernel's event budget was used up", STAT_EVENTS_RATE_LIMITED),
-            ("pcguard_conntrack_promoted", "Flows moved from the new-flow table to the established table", STAT_CT_PROMOTED),
+            (
+                "pcguard_dns_answers",
+                "DNS answers of the configured resolvers to a pending query, copied for DNS-aware egress",
+                STAT_DNS_ANSWERS,
+            ),
+            (
+                "pcguard_dns_answers_dropped",
+                "DNS queries and answers lost because their ring buffer was full",
+                STAT_DNS_ANSWERS_DROPPED,
+            ),
+            (
+                "pcguard_dns_queries",
+                "DNS queries of this server to its resolvers, copied for DNS-aware egress",
+                STAT_DNS_QUERIES,
+            ),
+            (
+                "pcguard_dns_unsolicited_answers",
+                "Packets from a resolver's port 53 to a DNS flow of this server that answer no pending query (not copied)",
+                STAT_DNS_UNSOLICITED,
+            ),
+            (
+                "pcguard_events_rate_limited",
+                "Unexpected-flow reports not sent because the kernel's event budget was used up",
+                STAT_EVENTS_RATE_LIMITED,
+            ),
+            (
+                "pcguard_conntrack_promoted",
+                "Flows moved from the new-flow table to the established table",
+                STAT_CT_PROMOTED,
+            ),
         ];
         for (name, help, idx) in stats {
             let c = prometheus_client::metrics::counter::ConstCounter::new(snap.stats[idx as usize]);
@@ -349,15 +417,17 @@ fn encode_const_info(encoder: &mut DescriptorEncoder, info: &PolicyInfo) -> Resu
     let build = vec![("version", env!("CARGO_PKG_VERSION").to_string())];
     let mut m = encoder.encode_descriptor("pcguard_build", "pcguard build information", None, MetricType::Info)?;
     m.encode_info(&build)?;
-    let policy: LabelPairs = vec![
-        ("mode", info.mode.clone()),
-        ("egress_mode", info.egress_mode.clone()),
-        ("role", info.role.clone()),
-    ];
+    let policy: LabelPairs =
+        vec![("mode", info.mode.clone()), ("egress_mode", info.egress_mode.clone()), ("role", info.role.clone())];
     let mut m = encoder.encode_descriptor("pcguard_policy", "The running policy", None, MetricType::Info)?;
     m.encode_info(&policy)?;
     let g = prometheus_client::metrics::gauge::ConstGauge::new(info.rules as i64);
-    g.encode(encoder.encode_descriptor("pcguard_policy_rules", "Rules in the running policy", None, g.metric_type())?)?;
+    g.encode(encoder.encode_descriptor(
+        "pcguard_policy_rules",
+        "Rules in the running policy",
+        None,
+        g.metric_type(),
+    )?)?;
     if !info.interfaces.is_empty() {
         let mut m = encoder.encode_descriptor(
             "pcguard_interface",
@@ -416,7 +486,9 @@ async fn handle(mut stream: TcpStream, metrics: &Metrics) -> Result<()> {
             let body = tokio::task::block_in_place(|| metrics.encode());
             ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
         }
-        ("GET" | "HEAD", "/" | "/healthz") => ("200 OK", "text/plain; charset=utf-8", "pcguard: see /metrics\n".to_string()),
+        ("GET" | "HEAD", "/" | "/healthz") => {
+            ("200 OK", "text/plain; charset=utf-8", "pcguard: see /metrics\n".to_string())
+        }
         ("GET" | "HEAD", _) => ("404 Not Found", "text/plain; charset=utf-8", "not found\n".to_string()),
         _ => ("405 Method Not Allowed", "text/plain; charset=utf-8", "method not allowed\n".to_string()),
     };

@@ -166,7 +166,8 @@ impl PinDir {
         let fd = match sys::open_dir_at(Some(self.fd.as_fd()), &cname) {
             Ok(fd) => fd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                sys::mkdir_at(self.fd.as_fd(), &cname, 0o700).with_context(|| format!("creating {}", path.display()))?;
+                sys::mkdir_at(self.fd.as_fd(), &cname, 0o700)
+                    .with_context(|| format!("creating {}", path.display()))?;
                 sys::open_dir_at(Some(self.fd.as_fd()), &cname).map_err(|e| explain_open_error(e, &path))?
             }
             Err(e) => return Err(explain_open_error(e, &path)),
@@ -193,8 +194,7 @@ impl PinDir {
     /// Names in this directory.
     pub fn entries(&self) -> Result<Vec<String>> {
         // Read through /proc/self/fd: the directory this fd is, not a path.
-        let list = std::fs::read_dir(self.pin_path(""))
-            .with_context(|| format!("listing {}", self.path.display()))?;
+        let list = std::fs::read_dir(self.pin_path("")).with_context(|| format!("listing {}", self.path.display()))?;
         let mut names = Vec::new();
         for e in list {
             names.push(e?.file_name().to_string_lossy().into_owned());

@@ -103,9 +103,10 @@ fn addr_bytes(a: SocketAddr) -> (u8, [u8; 16]) {
 
 #[cfg(test)]
 mod tests {
+    use pcguard_common::{DIR_EGRESS, DIR_INGRESS};
+
     use super::*;
     use crate::{config, model::Direction};
-    use pcguard_common::{DIR_EGRESS, DIR_INGRESS};
 
     const LAB: &str = include_str!("../../examples/lab.toml");
 
@@ -129,7 +130,10 @@ mod tests {
         let reversed = conn(tcp, inb, "10.77.0.1:389", "10.77.0.5:40001");
         let plan = plan(&p, &[ldap, web, legacy, outsider, reversed]);
         let rule = |s: &Seed| p.rules[usize::from(s.allowed.rule)].id.as_str();
-        assert_eq!(plan.seeds.iter().map(|s| (s.conn, rule(s))).collect::<Vec<_>>(), [(ldap, "ldap"), (web, "web-http")]);
+        assert_eq!(
+            plan.seeds.iter().map(|s| (s.conn, rule(s))).collect::<Vec<_>>(),
+            [(ldap, "ldap"), (web, "web-http")]
+        );
         assert_eq!(plan.not_allowed, [legacy, outsider, reversed]);
     }
 

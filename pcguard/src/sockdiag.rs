@@ -315,7 +315,8 @@ struct Dump {
 /// datagram, a kernel error and a short socket record are errors.
 fn parse_datagram(mut buf: &[u8], seq: u32, dump: &mut Dump) -> Result<()> {
     while !buf.is_empty() && !dump.done {
-        let (Some(len), Some(kind), Some(flags), Some(msg_seq)) = (u32_at(buf, 0), u16_at(buf, 4), u16_at(buf, 6), u32_at(buf, 8))
+        let (Some(len), Some(kind), Some(flags), Some(msg_seq)) =
+            (u32_at(buf, 0), u16_at(buf, 4), u16_at(buf, 6), u32_at(buf, 8))
         else {
             bail!("netlink message header cut short ({} bytes)", buf.len());
         };
@@ -442,7 +443,12 @@ mod tests {
     }
 
     fn diag_v4(state: u8, local: [u8; 4], lport: u16, remote: [u8; 4], rport: u16) -> Vec<u8> {
-        nlmsg(SOCK_DIAG_BY_FAMILY, libc::NLM_F_MULTI as u16, 1, &diag(libc::AF_INET as u8, state, &local, lport, &remote, rport))
+        nlmsg(
+            SOCK_DIAG_BY_FAMILY,
+            libc::NLM_F_MULTI as u16,
+            1,
+            &diag(libc::AF_INET as u8, state, &local, lport, &remote, rport),
+        )
     }
 
     fn done(status: i32) -> Vec<u8> {
@@ -481,7 +487,14 @@ mod tests {
             SOCK_DIAG_BY_FAMILY,
             libc::NLM_F_MULTI as u16,
             1,
-            &diag(libc::AF_INET6 as u8, TCP_ESTABLISHED, &Ipv6Addr::from([0xfd77, 0, 0, 0, 0, 0, 0, 1]).octets(), 9191, &Ipv6Addr::from([0xfd77, 0, 0, 0, 0, 0, 0, 2]).octets(), 50000),
+            &diag(
+                libc::AF_INET6 as u8,
+                TCP_ESTABLISHED,
+                &Ipv6Addr::from([0xfd77, 0, 0, 0, 0, 0, 0, 1]).octets(),
+                9191,
+                &Ipv6Addr::from([0xfd77, 0, 0, 0, 0, 0, 0, 2]).octets(),
+                50000,
+            ),
         );
         second.extend(done(0));
         second.extend(diag_v4(TCP_ESTABLISHED, [1, 1, 1, 1], 1, [2, 2, 2, 2], 2)); // after DONE: ignored
@@ -511,7 +524,12 @@ mod tests {
 
     #[test]
     fn an_interrupted_dump_is_flagged() {
-        let mut d = nlmsg(SOCK_DIAG_BY_FAMILY, (libc::NLM_F_MULTI | libc::NLM_F_DUMP_INTR) as u16, 1, &diag(2, 1, &[1, 2, 3, 4], 1, &[5, 6, 7, 8], 2));
+        let mut d = nlmsg(
+            SOCK_DIAG_BY_FAMILY,
+            (libc::NLM_F_MULTI | libc::NLM_F_DUMP_INTR) as u16,
+            1,
+            &diag(2, 1, &[1, 2, 3, 4], 1, &[5, 6, 7, 8], 2),
+        );
         d.extend(done(0));
         let mut dump = Dump::default();
         parse_datagram(&d, 1, &mut dump).unwrap();
@@ -597,8 +615,8 @@ mod tests {
     #[test]
     fn tcp_connections_on_a_listening_port_are_inbound() {
         let sockets = [
-            sock(TCP_LISTEN, "[::]:9191", "[::]:0"),                                // dual-stack wildcard
-            sock(TCP_LISTEN, "10.77.0.1:9192", "0.0.0.0:0"),                        // one address
+            sock(TCP_LISTEN, "[::]:9191", "[::]:0"),         // dual-stack wildcard
+            sock(TCP_LISTEN, "10.77.0.1:9192", "0.0.0.0:0"), // one address
             sock(TCP_ESTABLISHED, "[::ffff:10.77.0.1]:9191", "[::ffff:10.77.0.2]:50000"), // via [::]
             sock(TCP_ESTABLISHED, "[fd77::1]:9191", "[fd77::2]:50001"),
             sock(TCP_CLOSE_WAIT, "10.77.0.1:9192", "10.77.0.2:50002"),

@@ -2,9 +2,11 @@
 //! where, which policy is loaded and where the maps are pinned. Written
 //! atomically by `pcguard run`, read by `pcguard status`.
 
-use std::path::{Path, PathBuf};
-
-use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+use std::{
+    io::Write as _,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
@@ -71,8 +73,8 @@ impl State {
 
     pub fn read(run_dir: &Path) -> Result<Self> {
         let path = Self::path(run_dir);
-        let text = std::fs::read(&path)
-            .with_context(|| format!("reading {} (is `pcguard run` running?)", path.display()))?;
+        let text =
+            std::fs::read(&path).with_context(|| format!("reading {} (is `pcguard run` running?)", path.display()))?;
         serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
     }
 

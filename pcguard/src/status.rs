@@ -130,7 +130,11 @@ pub fn render(state: &State, snap: Option<&Snapshot>) -> String {
     if let Some(a) = &state.audit_log {
         let _ = writeln!(out, "audit log: {}", a.display());
     }
-    let _ = writeln!(out, "\n{:<12} {:>7} {:<12} {:>8} {:>8}  {}", "INTERFACE", "IFINDEX", "INGRESS", "IN-PROG", "OUT-PROG", "WHY");
+    let _ = writeln!(
+        out,
+        "\n{:<12} {:>7} {:<12} {:>8} {:>8}  {}",
+        "INTERFACE", "IFINDEX", "INGRESS", "IN-PROG", "OUT-PROG", "WHY"
+    );
     for i in &state.interfaces {
         let hook = match i.xdp_mode {
             Some(m) => format!("xdp-{m:?}").to_lowercase(),
@@ -188,9 +192,10 @@ pub fn render(state: &State, snap: Option<&Snapshot>) -> String {
 
 #[cfg(test)]
 mod tests {
+    use pcguard_common::{PacketDir, ProtoIndex};
+
     use super::*;
     use crate::counters::{PortCount, RuleCount};
-    use pcguard_common::{PacketDir, ProtoIndex};
 
     fn state(abi: u32) -> State {
         State {
@@ -221,7 +226,12 @@ mod tests {
         c.packets[Verdict::Monitor as usize] = 2;
         c.bytes[Verdict::Monitor as usize] = 120;
         Snapshot {
-            ports: vec![PortCount { direction: PacketDir::Egress, protocol: ProtoIndex::Udp, port: "53".into(), counters: c }],
+            ports: vec![PortCount {
+                direction: PacketDir::Egress,
+                protocol: ProtoIndex::Udp,
+                port: "53".into(),
+                counters: c,
+            }],
             rules: vec![RuleCount { direction: PacketDir::Ingress, rule: "web-http".into(), counters: c }],
             ..Default::default()
         }
@@ -262,7 +272,10 @@ mod tests {
         );
         assert!(text.contains("(maps of another kernel ABI: counters unavailable)"), "{text}");
         let json = to_json(&state(other), None);
-        assert_eq!((json["abi"]["daemon"].as_u64(), json["abi"]["compatible"].as_bool()), (Some(u64::from(other)), Some(false)));
+        assert_eq!(
+            (json["abi"]["daemon"].as_u64(), json["abi"]["compatible"].as_bool()),
+            (Some(u64::from(other)), Some(false))
+        );
         // A state file from before the ABI was recorded.
         assert!(render(&state(0), None).contains("ABI MISMATCH: the daemon wrote no kernel ABI version"));
     }

@@ -62,9 +62,7 @@ pub fn mount_bpffs(path: &Path) -> io::Result<()> {
     let target = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
     let (source, fstype, data) = (c"bpf", c"bpf", c"mode=0700");
     // SAFETY: NUL-terminated strings; `data` is the file system's options.
-    let rc = unsafe {
-        libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, data.as_ptr().cast())
-    };
+    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, data.as_ptr().cast()) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }

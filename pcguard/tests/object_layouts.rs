@@ -25,7 +25,12 @@ fn object_maps(obj: &Object) -> Vec<(&str, &aya_obj::Map)> {
 fn every_map_of_the_object_has_its_contract_layout() {
     let obj = Object::parse(OBJECT).expect("parsing the eBPF object");
     let maps = object_maps(&obj);
-    assert!(maps.len() >= 10, "only {} maps found in the object: {:?}", maps.len(), obj.maps.keys().collect::<Vec<_>>());
+    assert!(
+        maps.len() >= 10,
+        "only {} maps found in the object: {:?}",
+        maps.len(),
+        obj.maps.keys().collect::<Vec<_>>()
+    );
     let mut wrong = Vec::new();
     for (name, m) in &maps {
         let Some(want) = pcguard_common::map_layout(name) else {
@@ -51,7 +56,13 @@ fn every_map_of_the_object_has_its_contract_layout() {
 #[test]
 fn every_program_of_the_contract_is_in_the_object() {
     let obj = Object::parse(OBJECT).expect("parsing the eBPF object");
-    for name in [pcguard_common::names::XDP_PROG, pcguard_common::names::TC_PROG, pcguard_common::names::TC_INGRESS_PROG] {
-        assert!(obj.programs.contains_key(name), "program {name} missing: {:?}", obj.programs.keys().collect::<Vec<_>>());
+    for name in
+        [pcguard_common::names::XDP_PROG, pcguard_common::names::TC_PROG, pcguard_common::names::TC_INGRESS_PROG]
+    {
+        assert!(
+            obj.programs.contains_key(name),
+            "program {name} missing: {:?}",
+            obj.programs.keys().collect::<Vec<_>>()
+        );
     }
 }

@@ -166,7 +166,9 @@ impl CaseResult {
         let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
         let u = |k: &str| v[k].as_u64().unwrap_or_default();
         let strings = |k: &str| -> Vec<String> {
-            v[k].as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default()
+            v[k].as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+                .unwrap_or_default()
         };
         let delta = v["delta"]
             .as_object()

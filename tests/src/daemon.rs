@@ -165,7 +165,8 @@ impl Daemon {
     pub fn rule_ids(&self) -> Result<Vec<String>> {
         let path = self.run_dir.join("state.json");
         let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
-        let rules = state["labels"]["rules"].as_array().with_context(|| format!("no labels.rules in {}", path.display()))?;
+        let rules =
+            state["labels"]["rules"].as_array().with_context(|| format!("no labels.rules in {}", path.display()))?;
         Ok(rules.iter().map(|r| r.as_str().unwrap_or_default().to_string()).collect())
     }
 
@@ -196,7 +197,11 @@ impl Daemon {
     }
 
     /// Waits until `pred` holds for the audit records.
-    pub fn wait_audit(&self, what: &str, pred: impl Fn(&[serde_json::Value]) -> bool) -> Result<Vec<serde_json::Value>> {
+    pub fn wait_audit(
+        &self,
+        what: &str,
+        pred: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Result<Vec<serde_json::Value>> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let recs = self.audit()?;
@@ -315,7 +320,6 @@ impl TestLab {
         Ok(std::fs::write(&self.config, text)?)
     }
 }
-
 
 /// A site rule that opens UDP 7000 to the workstations: an allowed UDP
 /// service for the adversarial tests (legitimately fragmented datagrams,

@@ -35,9 +35,13 @@ impl DnsServer {
         let sock = lab.run_in(host, || UdpSocket::bind(sa(Ipv6Addr::UNSPECIFIED, 53)))??;
         let silent = Arc::new(AtomicBool::new(false));
         let quiet = silent.clone();
-        let thread = udp_responder(sock, move |query| {
-            if quiet.load(Ordering::Relaxed) { None } else { dns_answer(query, &records) }
-        })?;
+        let thread =
+            udp_responder(
+                sock,
+                move |query| {
+                    if quiet.load(Ordering::Relaxed) { None } else { dns_answer(query, &records) }
+                },
+            )?;
         Ok(Self { silent, _thread: thread })
     }
 
@@ -46,7 +50,6 @@ impl DnsServer {
         self.silent.store(silent, Ordering::Relaxed);
     }
 }
-
 
 /// A query for `name` (type 1 = A, 28 = AAAA).
 pub fn dns_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {

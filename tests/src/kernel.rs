@@ -22,10 +22,9 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use pcguard_common::{
-    CtEntry, Counters, DnsMessage, FAMILY_V4, FlowEvent, FlowKey, IPPROTO_TCP, LearnedKey, NUM_GENERATIONS, Settings,
+    Counters, CtEntry, DnsMessage, FAMILY_V4, FlowEvent, FlowKey, IPPROTO_TCP, LearnedKey, NUM_GENERATIONS, Settings,
     VERDICT_ALLOW, names,
 };
-
 pub use pcguard_testkit::{dns, frame};
 
 // Return codes of the programs.
@@ -425,8 +424,12 @@ pub enum Check<T> {
 impl<T: Target> Check<T> {
     fn check(&self, k: &mut Kernel<T>) -> Result<()> {
         match self {
-            Check::CtNew(key) => ensure!(!k.ct_get(key).context("no new conntrack entry")?.1, "the entry is established, not new"),
-            Check::CtEstablished(key) => ensure!(k.ct_get(key).context("not established")?.1, "not established (still new)"),
+            Check::CtNew(key) => {
+                ensure!(!k.ct_get(key).context("no new conntrack entry")?.1, "the entry is established, not new")
+            }
+            Check::CtEstablished(key) => {
+                ensure!(k.ct_get(key).context("not established")?.1, "not established (still new)")
+            }
             Check::NoCt(key) => ensure!(!k.ct_has(key), "a conntrack entry for {key:?}"),
             Check::Events(want) => {
                 let got = k.drain_events()?;

@@ -31,8 +31,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use crate::daemon::pcguard_bin;
 
 /// A peer of the lab: short name, last address byte.
-pub const PEERS: [(&str, u8); 7] =
-    [("ws", 2), ("mfd", 3), ("sec", 4), ("ldap", 5), ("db", 6), ("adm", 7), ("out", 99)];
+pub const PEERS: [(&str, u8); 7] = [("ws", 2), ("mfd", 3), ("sec", 4), ("ldap", 5), ("db", 6), ("adm", 7), ("out", 99)];
 pub const SERVER: &str = "srv";
 pub const SERVER_IF: &str = "pcg0";
 
@@ -92,7 +91,21 @@ impl Lab {
         // when either the bridge's option or the namespace's sysctl is.
         sh(
             "ip",
-            &["-n", &lan, "link", "set", "br0", "type", "bridge", "nf_call_iptables", "0", "nf_call_ip6tables", "0", "nf_call_arptables", "0"],
+            &[
+                "-n",
+                &lan,
+                "link",
+                "set",
+                "br0",
+                "type",
+                "bridge",
+                "nf_call_iptables",
+                "0",
+                "nf_call_ip6tables",
+                "0",
+                "nf_call_arptables",
+                "0",
+            ],
         )?;
         if Path::new("/proc/sys/net/bridge").exists() {
             for table in ["iptables", "ip6tables", "arptables"] {
@@ -244,7 +257,6 @@ pub fn enter_netns(path: &Path) -> Result<()> {
     Ok(())
 }
 
-
 /// `IpAddr` and port as a `SocketAddr`.
 pub fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
@@ -283,9 +295,26 @@ impl Lab {
         sh("ip", &["netns", "exec", &ns, "nft", "add", "table", "inet", "pcgadv"])?;
         sh(
             "ip",
-            &["netns", "exec", &ns, "nft", "add", "chain", "inet", "pcgadv", "out", "{ type filter hook output priority 0; }"],
+            &[
+                "netns",
+                "exec",
+                &ns,
+                "nft",
+                "add",
+                "chain",
+                "inet",
+                "pcgadv",
+                "out",
+                "{ type filter hook output priority 0; }",
+            ],
         )?;
-        sh("ip", &["netns", "exec", &ns, "nft", "add", "rule", "inet", "pcgadv", "out", "tcp", "flags", "&", "rst", "==", "rst", "drop"])?;
+        sh(
+            "ip",
+            &[
+                "netns", "exec", &ns, "nft", "add", "rule", "inet", "pcgadv", "out", "tcp", "flags", "&", "rst", "==",
+                "rst", "drop",
+            ],
+        )?;
         Ok(())
     }
 }

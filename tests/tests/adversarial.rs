@@ -43,9 +43,8 @@ impl Verdicts {
         // everything that reached a listener is the run's doing.
         let arrivals = sinks.arrivals();
         sinks.clear();
-        let attacker_ip = |family: u8| -> IpAddr {
-            if family == 4 { addr(attacker).into() } else { addr6(attacker).into() }
-        };
+        let attacker_ip =
+            |family: u8| -> IpAddr { if family == 4 { addr(attacker).into() } else { addr6(attacker).into() } };
         let mut breaches = 0;
         for c in &cases {
             let evidence = c.evidence(&arrivals, attacker_ip(c.family));
@@ -70,7 +69,8 @@ impl Verdicts {
     /// Control cases: each must reach its listener (a TCP opening: its
     /// handshake completed and its data arrived).
     fn all_reached(&mut self, what: &str, sinks: &Sinks, attacker: &str, cases: &[CaseResult]) {
-        let ip = |c: &CaseResult| -> IpAddr { if c.family == 4 { addr(attacker).into() } else { addr6(attacker).into() } };
+        let ip =
+            |c: &CaseResult| -> IpAddr { if c.family == 4 { addr(attacker).into() } else { addr6(attacker).into() } };
         let reached = |c: &CaseResult, arrivals: &[Arrival]| {
             c.arrivals(arrivals, ip(c)).iter().any(|a| !a.data.is_empty() && a.port == c.dport)
         };
@@ -148,7 +148,26 @@ fn ingress_crafted_frames_reach_no_listener(hook: &str, prefix: &str) -> Result<
     // A VXLAN endpoint on the server: what is inside the tunnel would arrive
     // on vx0, which pcguard does not watch, if the outer datagram passed.
     let srv = lab.ns(SERVER);
-    sh("ip", &["-n", &srv, "link", "add", "vx0", "type", "vxlan", "id", "42", "dstport", "4789", "local", "10.77.0.1", "dev", SERVER_IF])?;
+    sh(
+        "ip",
+        &[
+            "-n",
+            &srv,
+            "link",
+            "add",
+            "vx0",
+            "type",
+            "vxlan",
+            "id",
+            "42",
+            "dstport",
+            "4789",
+            "local",
+            "10.77.0.1",
+            "dev",
+            SERVER_IF,
+        ],
+    )?;
     sh("ip", &["-n", &srv, "addr", "add", "10.78.0.1/24", "dev", "vx0"])?;
     sh("ip", &["-n", &srv, "link", "set", "vx0", "up"])?;
     let vxlan = json!({"mac": lab.mac(SERVER, "vx0")?, "v4": "10.78.0.1", "src_v4": "10.78.0.2", "vni": 42});
@@ -216,9 +235,11 @@ fn ingress_crafted_frames_reach_no_listener(hook: &str, prefix: &str) -> Result<
         let delta = delivery_delta(&before, &anchor.snmp()?);
         let arrivals = sinks.arrivals();
         sinks.clear();
-        v.check(&format!("{family} fragmented UDP to 7000"), arrivals.iter().any(|a| a.port == 7000 && a.data.len() == 3000), || {
-            format!("the 3000-byte datagram did not arrive whole: {arrivals:?}, counters {delta:?}")
-        });
+        v.check(
+            &format!("{family} fragmented UDP to 7000"),
+            arrivals.iter().any(|a| a.port == 7000 && a.data.len() == 3000),
+            || format!("the 3000-byte datagram did not arrive whole: {arrivals:?}, counters {delta:?}"),
+        );
         let reasm = if to.is_ipv4() { "Ip.ReasmOKs" } else { "Ip6.ReasmOKs" };
         v.check(&format!("{family} fragmented UDP to 7000"), delta.iter().any(|(k, d)| k == reasm && *d == 1), || {
             format!("{reasm} did not count one reassembly: {delta:?}")
@@ -278,12 +299,17 @@ fn fake_replies_from_outbound_peers_reach_no_listener(hook: &str, prefix: &str) 
         let _srv = TcpServer::start(lab, host, sa(std::net::Ipv6Addr::UNSPECIFIED, port))?;
         for to in [sa(addr(host), port), sa(addr6(host), port)] {
             let o = tcp_request(lab, SERVER, to, "outbound", Duration::from_secs(3))?;
-            v.check(&format!("server -> {host} {to}"), o == Outcome::Answered, || format!("allowed outbound flow: {o:?}"));
+            v.check(&format!("server -> {host} {to}"), o == Outcome::Answered, || {
+                format!("allowed outbound flow: {o:?}")
+            });
         }
     }
     let recs = daemon.audit()?;
     for host in ["ldap", "db", "mfd"] {
-        let n = recs.iter().filter(|r| s(r, "reason") == "untracked_reply" && s(&r["remote"], "addr") == addr(host).to_string()).count();
+        let n = recs
+            .iter()
+            .filter(|r| s(r, "reason") == "untracked_reply" && s(&r["remote"], "addr") == addr(host).to_string())
+            .count();
         v.check("audit log", n >= 1, || format!("no untracked_reply record from {host}: {recs:#?}"));
     }
     assert!(daemon.stop()?.success());
@@ -359,9 +385,8 @@ fn egress_frames_from_the_server_reach_no_workstation_listener(hook: &str, prefi
     // pcguard reported them for what they are: malformed frames, fake
     // replies of the web flows, and the server initiating to a workstation.
     let recs = daemon.audit()?;
-    let outbound = |reason: &str| {
-        recs.iter().filter(|r| s(r, "direction") == "outbound" && s(r, "reason") == reason).count()
-    };
+    let outbound =
+        |reason: &str| recs.iter().filter(|r| s(r, "direction") == "outbound" && s(r, "reason") == reason).count();
     for (reason, min) in [("malformed", 5), ("untracked_reply", 2), ("outbound_to_workstation", 2)] {
         let n = outbound(reason);
         v.check("audit log", n >= min, || format!("{n} outbound {reason} records, expected at least {min}"));

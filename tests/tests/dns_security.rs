@@ -210,7 +210,10 @@ fn spoofed_answers_teach_nothing_unless_they_match_a_query_exactly() -> Result<(
     spoof(c.port(), &dns_response(0x6001, GES, TYPE_A, &[(ws, 300)]))?;
     let recs = d.wait_audit("the poisoning alert", |r| r.iter().any(|x| s(x, "reason") == "dns_poisoning"))?;
     let alert = recs.iter().find(|x| s(x, "reason") == "dns_poisoning").expect("found above");
-    assert_eq!((s(alert, "severity"), s(alert, "dns_name"), s(alert, "dns_refusal")), ("alert".into(), GES.into(), "local_class".into()));
+    assert_eq!(
+        (s(alert, "severity"), s(alert, "dns_name"), s(alert, "dns_refusal")),
+        ("alert".into(), GES.into(), "local_class".into())
+    );
     assert_eq!(alert["dns_address"], ws.to_string());
     // ...naming an unclassified address, it is learned: only for the
     // classes of the name that was asked.
@@ -263,7 +266,12 @@ fn answers_naming_forbidden_addresses_are_refused_and_audited() -> Result<()> {
 
     assert_eq!(resolve(lab, SERVER, resolver(), GES, false)?.len(), 4);
     assert_eq!(resolve(lab, SERVER, resolver6, GES, true)?.len(), 4);
-    for (name, v6) in [("lo.papercut.com", false), ("lo.papercut.com", true), ("zero.papercut.com", false), ("mcast.papercut.com", false)] {
+    for (name, v6) in [
+        ("lo.papercut.com", false),
+        ("lo.papercut.com", true),
+        ("zero.papercut.com", false),
+        ("mcast.papercut.com", false),
+    ] {
         assert_eq!(resolve(lab, SERVER, if v6 { resolver6 } else { resolver() }, name, v6)?.len(), 1, "{name}");
     }
     // The same answer again within the report interval: counted, not
@@ -280,11 +288,19 @@ fn answers_naming_forbidden_addresses_are_refused_and_audited() -> Result<()> {
     let alerts = poisoning(&d.audit()?);
     assert_eq!(alerts.len(), forbidden.len(), "one each, the repeated one held back: {alerts:#?}");
     for (name, a, why) in forbidden {
-        let rec = alerts.iter().find(|x| x["dns_address"] == a.to_string()).unwrap_or_else(|| panic!("no alert for {a}"));
+        let rec =
+            alerts.iter().find(|x| x["dns_address"] == a.to_string()).unwrap_or_else(|| panic!("no alert for {a}"));
         assert_eq!((s(rec, "dns_name"), s(rec, "dns_refusal")), (name.to_string(), why.to_string()), "{rec}");
-        assert_eq!((s(rec, "severity"), s(rec, "direction"), s(rec, "verdict")), ("alert".into(), "inbound".into(), "not_learned".into()));
+        assert_eq!(
+            (s(rec, "severity"), s(rec, "direction"), s(rec, "verdict")),
+            ("alert".into(), "inbound".into(), "not_learned".into())
+        );
         let from = if a.is_ipv4() { resolver() } else { resolver6 };
-        assert_eq!((rec["remote"]["addr"].clone(), rec["remote"]["port"].clone()), (Value::from(from.to_string()), Value::from(53)), "{rec}");
+        assert_eq!(
+            (rec["remote"]["addr"].clone(), rec["remote"]["port"].clone()),
+            (Value::from(from.to_string()), Value::from(53)),
+            "{rec}"
+        );
         assert_eq!(rec["suppressed"], 0, "{rec}");
     }
     let before = alerts.len();
@@ -294,7 +310,11 @@ fn answers_naming_forbidden_addresses_are_refused_and_audited() -> Result<()> {
     assert!(https(lab, CLOUD)?, "the real cloud address was learned");
     assert!(https(lab, addr6("out"))?, "over IPv6 too");
     let text = d.scrape()?;
-    assert_eq!(m(&text, "pcguard_unexpected_flows_total", &[("reason", "dns_poisoning")]), forbidden.len() as f64, "{text}");
+    assert_eq!(
+        m(&text, "pcguard_unexpected_flows_total", &[("reason", "dns_poisoning")]),
+        forbidden.len() as f64,
+        "{text}"
+    );
     assert_eq!(m(&text, "pcguard_dns_addresses_refused_total", &[("reason", "local_class")]), 2.0, "{text}");
 
     // After the interval, written again with the number held back.
@@ -302,7 +322,11 @@ fn answers_naming_forbidden_addresses_are_refused_and_audited() -> Result<()> {
     assert_eq!(resolve(lab, SERVER, resolver(), "lo.papercut.com", false)?.len(), 1);
     let recs = d.wait_audit("the next alert", |r| poisoning(r).len() > before)?;
     let last = poisoning(&recs).pop().expect("one more");
-    assert_eq!((last["dns_address"].clone(), last["suppressed"].clone()), (Value::from("127.0.0.1"), Value::from(1)), "{last}");
+    assert_eq!(
+        (last["dns_address"].clone(), last["suppressed"].clone()),
+        (Value::from("127.0.0.1"), Value::from(1)),
+        "{last}"
+    );
 
     // `pcguard flows` filters them like any record.
     let out = std::process::Command::new(pcguard_bin()?)
@@ -310,7 +334,8 @@ fn answers_naming_forbidden_addresses_are_refused_and_audited() -> Result<()> {
         .arg(&d.audit_log)
         .output()?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<Value> = String::from_utf8(out.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let lines: Vec<Value> =
+        String::from_utf8(out.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert_eq!(lines[0]["dns_name"], "mcast.papercut.com");
     assert!(d.log_text().contains("ALERT"), "{}", d.log_text());

@@ -38,8 +38,16 @@ fn enforce_mode_verdicts_counters_and_audit() -> Result<()> {
         r.iter().filter(|x| s(x, "reason") == "outbound_to_workstation").count() >= 2
     })?;
     let count = |f: &dyn Fn(&Value) -> bool| recs.iter().filter(|r| f(r)).count();
-    assert_eq!(count(&|r| s(r, "reason") == "no_rule" && port(r, "local") == 9999 && s(r, "protocol") == "tcp"), 2, "{recs:#?}");
-    assert_eq!(count(&|r| s(r, "reason") == "no_rule" && port(r, "local") == 9191 && s(r, "protocol") == "udp"), 2, "{recs:#?}");
+    assert_eq!(
+        count(&|r| s(r, "reason") == "no_rule" && port(r, "local") == 9999 && s(r, "protocol") == "tcp"),
+        2,
+        "{recs:#?}"
+    );
+    assert_eq!(
+        count(&|r| s(r, "reason") == "no_rule" && port(r, "local") == 9191 && s(r, "protocol") == "udp"),
+        2,
+        "{recs:#?}"
+    );
     let alerts: Vec<&Value> = recs.iter().filter(|r| s(r, "reason") == "outbound_to_workstation").collect();
     assert_eq!(alerts.len(), 2, "{recs:#?}");
     for a in &alerts {
@@ -59,14 +67,56 @@ fn enforce_mode_verdicts_counters_and_audit() -> Result<()> {
     assert_eq!(count(&|r| port(r, "local") == 9192 || port(r, "remote") == 389), 0, "{recs:#?}");
 
     let text = daemon.scrape()?;
-    let allowed_9191 = m(&text, "pcguard_packets_total", &[("direction", "ingress"), ("protocol", "tcp"), ("port", "9191"), ("verdict", "allowed")]);
+    let allowed_9191 = m(
+        &text,
+        "pcguard_packets_total",
+        &[("direction", "ingress"), ("protocol", "tcp"), ("port", "9191"), ("verdict", "allowed")],
+    );
     assert!(allowed_9191 >= 12.0, "ingress 9191 allowed packets: {allowed_9191}\n{text}");
-    assert!(m(&text, "pcguard_packets_total", &[("direction", "egress"), ("protocol", "tcp"), ("port", "9191"), ("verdict", "allowed")]) >= 8.0);
-    assert!(m(&text, "pcguard_packets_total", &[("direction", "egress"), ("protocol", "tcp"), ("port", "389"), ("verdict", "allowed")]) >= 4.0);
-    assert!(m(&text, "pcguard_packets_total", &[("direction", "ingress"), ("protocol", "tcp"), ("port", "389"), ("verdict", "allowed")]) >= 4.0, "LDAP replies counted under the flow's port");
-    assert!(m(&text, "pcguard_packets_total", &[("direction", "ingress"), ("protocol", "tcp"), ("port", "other"), ("verdict", "dropped")]) >= 2.0);
-    assert!(m(&text, "pcguard_packets_total", &[("direction", "egress"), ("protocol", "tcp"), ("port", "other"), ("verdict", "dropped")]) >= 2.0);
-    assert!(m(&text, "pcguard_rule_packets_total", &[("rule", "web-http"), ("direction", "ingress"), ("verdict", "allowed")]) >= 12.0, "{text}");
+    assert!(
+        m(
+            &text,
+            "pcguard_packets_total",
+            &[("direction", "egress"), ("protocol", "tcp"), ("port", "9191"), ("verdict", "allowed")]
+        ) >= 8.0
+    );
+    assert!(
+        m(
+            &text,
+            "pcguard_packets_total",
+            &[("direction", "egress"), ("protocol", "tcp"), ("port", "389"), ("verdict", "allowed")]
+        ) >= 4.0
+    );
+    assert!(
+        m(
+            &text,
+            "pcguard_packets_total",
+            &[("direction", "ingress"), ("protocol", "tcp"), ("port", "389"), ("verdict", "allowed")]
+        ) >= 4.0,
+        "LDAP replies counted under the flow's port"
+    );
+    assert!(
+        m(
+            &text,
+            "pcguard_packets_total",
+            &[("direction", "ingress"), ("protocol", "tcp"), ("port", "other"), ("verdict", "dropped")]
+        ) >= 2.0
+    );
+    assert!(
+        m(
+            &text,
+            "pcguard_packets_total",
+            &[("direction", "egress"), ("protocol", "tcp"), ("port", "other"), ("verdict", "dropped")]
+        ) >= 2.0
+    );
+    assert!(
+        m(
+            &text,
+            "pcguard_rule_packets_total",
+            &[("rule", "web-http"), ("direction", "ingress"), ("verdict", "allowed")]
+        ) >= 12.0,
+        "{text}"
+    );
     // The unexpected-flow counter agrees with the audit log, reason by reason.
     for reason in ["no_rule", "peer_not_allowed", "outbound_to_workstation"] {
         let n = count(&|r| s(r, "reason") == reason) as f64;
@@ -86,7 +136,10 @@ fn enforce_mode_verdicts_counters_and_audit() -> Result<()> {
     })?;
     let text = daemon.scrape()?;
     for table in ["established", "new"] {
-        let (n, cap) = (m(&text, "pcguard_conntrack_entries", &[("table", table)]), m(&text, "pcguard_conntrack_capacity", &[("table", table)]));
+        let (n, cap) = (
+            m(&text, "pcguard_conntrack_entries", &[("table", table)]),
+            m(&text, "pcguard_conntrack_capacity", &[("table", table)]),
+        );
         assert!(cap > 0.0 && n <= cap, "{table}: {n} of {cap}\n{text}");
     }
     assert!(daemon.stop()?.success());
@@ -104,9 +157,16 @@ fn monitor_mode_passes_everything_and_reports_what_enforce_would_drop() -> Resul
     assert!(recs.iter().all(|r| s(r, "verdict") == "would_drop"), "{recs:#?}");
     assert!(recs.iter().any(|r| port(r, "local") == 9999));
     let text = daemon.scrape()?;
-    assert!(m(&text, "pcguard_packets_total", &[("direction", "ingress"), ("port", "other"), ("verdict", "would_drop")]) >= 2.0, "{text}");
+    assert!(
+        m(&text, "pcguard_packets_total", &[("direction", "ingress"), ("port", "other"), ("verdict", "would_drop")])
+            >= 2.0,
+        "{text}"
+    );
     assert_eq!(m(&text, "pcguard_packets_total", &[("verdict", "dropped")]), 0.0, "nothing dropped in monitor mode");
-    assert!(m(&text, "pcguard_packets_total", &[("direction", "egress"), ("verdict", "would_drop")]) >= 2.0, "replies of monitored flows and the server->ws flow");
+    assert!(
+        m(&text, "pcguard_packets_total", &[("direction", "egress"), ("verdict", "would_drop")]) >= 2.0,
+        "replies of monitored flows and the server->ws flow"
+    );
     assert_eq!(m(&text, "pcguard_policy_info", &[("mode", "monitor")]), 1.0);
     assert!(daemon.stop()?.success());
     Ok(())
@@ -139,10 +199,12 @@ fn counters_match_the_udp_traffic_sent_exactly() -> Result<()> {
     let bytes = N * (14 + 20 + 8 + PAYLOAD) + N * (14 + 40 + 8 + PAYLOAD);
     assert_eq!(delta("pcguard_bytes_total"), bytes as f64);
     // Two flows (one per source socket and family), each reported once.
-    let recs = daemon.wait_audit("the two UDP flows", |r| r.iter().filter(|x| port(x, "local") == 9999).count() >= 2)?;
+    let recs =
+        daemon.wait_audit("the two UDP flows", |r| r.iter().filter(|x| port(x, "local") == 9999).count() >= 2)?;
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(daemon.audit()?.iter().filter(|x| port(x, "local") == 9999).count(), 2, "{recs:#?}");
-    let suppressed = m(&after, "pcguard_events_suppressed_total", &[]) - m(&before, "pcguard_events_suppressed_total", &[]);
+    let suppressed =
+        m(&after, "pcguard_events_suppressed_total", &[]) - m(&before, "pcguard_events_suppressed_total", &[]);
     assert_eq!(suppressed, (2 * N - 2) as f64);
     assert!(daemon.stop()?.success());
     Ok(())
@@ -165,7 +227,10 @@ fn sighup_reloads_and_a_bad_config_keeps_the_running_policy() -> Result<()> {
     daemon.signal(libc::SIGHUP)?;
     wait_metric(&daemon, "pcguard_reloads_total", &[("result", "success")], 1.0)?;
     assert!(daemon.log_text().contains("ingress_hook changed (auto -> xdp)"), "{}", daemon.log_text());
-    assert_eq!(m(&daemon.scrape()?, "pcguard_interface_info", &[("interface", SERVER_IF), ("ingress_hook", "tc")]), 1.0);
+    assert_eq!(
+        m(&daemon.scrape()?, "pcguard_interface_info", &[("interface", SERVER_IF), ("ingress_hook", "tc")]),
+        1.0
+    );
     let rule = |text: &str, id| m(text, "pcguard_rule_packets_total", &[("rule", id), ("direction", "ingress")]);
     let before = daemon.scrape()?;
     // ...keeps passing and is still counted under its own rule.
@@ -180,7 +245,10 @@ fn sighup_reloads_and_a_bad_config_keeps_the_running_policy() -> Result<()> {
     assert_eq!(rule(&after, "legacy-9999"), 0.0, "no other rule credited: {after}");
     assert!(ws_reaches(&env.lab, 9999)?, "allowed after reload");
     let text = daemon.scrape()?;
-    assert!(m(&text, "pcguard_rule_packets_total", &[("rule", "legacy-9999"), ("verdict", "allowed")]) >= 1.0, "{text}");
+    assert!(
+        m(&text, "pcguard_rule_packets_total", &[("rule", "legacy-9999"), ("verdict", "allowed")]) >= 1.0,
+        "{text}"
+    );
 
     env.write_config("role = \"primary\"\nthis is not toml\n")?;
     daemon.signal(libc::SIGHUP)?;
@@ -192,7 +260,9 @@ fn sighup_reloads_and_a_bad_config_keeps_the_running_policy() -> Result<()> {
 }
 
 fn wait_metric(d: &Daemon, name: &str, labels: &[(&str, &str)], want: f64) -> Result<()> {
-    wait_until(&format!("{name}{labels:?} = {want}"), Duration::from_secs(10), || Ok(m(&d.scrape()?, name, labels) == want))
+    wait_until(&format!("{name}{labels:?} = {want}"), Duration::from_secs(10), || {
+        Ok(m(&d.scrape()?, name, labels) == want)
+    })
 }
 
 #[test]
@@ -214,7 +284,13 @@ fn sigterm_leaves_enforcement_in_place_and_detach_removes_it() -> Result<()> {
     assert!(ws_reaches(&env.lab, 9191)?, "allowed traffic stopped with the daemon");
     // The explicit off switch.
     let bin = pcguard_bin()?;
-    let out = std::process::Command::new(&bin).arg("detach").arg("--bpffs-dir").arg(&bpffs).arg("--run-dir").arg(&run_dir).output()?;
+    let out = std::process::Command::new(&bin)
+        .arg("detach")
+        .arg("--bpffs-dir")
+        .arg(&bpffs)
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .output()?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let link = sh("ip", &["-n", &env.lab.ns(SERVER), "-d", "link", "show", SERVER_IF])?;
     assert!(!link.contains("xdp"), "XDP detached: {link}");
@@ -245,7 +321,8 @@ fn status_and_flows_commands_show_the_running_daemon() -> Result<()> {
         .arg(&daemon.audit_log)
         .output()?;
     assert!(out.status.success());
-    let lines: Vec<Value> = String::from_utf8(out.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let lines: Vec<Value> =
+        String::from_utf8(out.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
     assert_eq!(lines.len(), 2, "{lines:#?}");
     assert!(lines.iter().all(|l| s(l, "reason") == "outbound_to_workstation"));
     let human = std::process::Command::new(pcguard_bin()?)
@@ -316,13 +393,20 @@ fn dns_answers_for_documented_names_open_the_cloud_rules() -> Result<()> {
     assert_eq!(resolve(&env.lab, SERVER, resolver, "mf.cloud.papercut.com", false)?, vec![cloud4]);
     wait_metric(&daemon, "pcguard_dns_learned_addresses", &[], 1.0)?;
     assert!(https(cloud4)?, "GES reachable once resolved:\n{}", daemon.log_text());
-    assert_eq!(resolve(&env.lab, SERVER, std::net::IpAddr::V6(addr6("ldap")), "mf.cloud.papercut.com", true)?, vec![cloud6]);
+    assert_eq!(
+        resolve(&env.lab, SERVER, std::net::IpAddr::V6(addr6("ldap")), "mf.cloud.papercut.com", true)?,
+        vec![cloud6]
+    );
     wait_metric(&daemon, "pcguard_dns_learned_addresses", &[], 2.0)?;
     assert!(https(cloud6)?, "over IPv6 too");
 
     let text = daemon.scrape()?;
     assert!(m(&text, "pcguard_dns_answers_total", &[]) >= 3.0, "{text}");
-    assert!(m(&text, "pcguard_rule_packets_total", &[("rule", "ges"), ("direction", "egress"), ("verdict", "allowed")]) >= 2.0, "{text}");
+    assert!(
+        m(&text, "pcguard_rule_packets_total", &[("rule", "ges"), ("direction", "egress"), ("verdict", "allowed")])
+            >= 2.0,
+        "{text}"
+    );
     assert!(daemon.log_text().contains("is mf.cloud.papercut.com"), "{}", daemon.log_text());
     // The attempts before the answer were blocked and reported.
     let recs = daemon.audit()?;

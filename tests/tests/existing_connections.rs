@@ -126,12 +126,18 @@ fn connections_open_before_start_keep_working_and_forbidden_ones_are_cut() -> Re
     // (a) The LDAP side sends first (nothing from the server since the
     // programs attached) and the server gets it; then the server answers.
     for (i, (server_end, ldap_end)) in [&mut ldap4, &mut ldap6].into_iter().enumerate() {
-        assert!(tcp_delivers(ldap_end, server_end, b"ldap speaks first", DELIVERY)?, "LDAP -> server, connection {i}\n{log}");
+        assert!(
+            tcp_delivers(ldap_end, server_end, b"ldap speaks first", DELIVERY)?,
+            "LDAP -> server, connection {i}\n{log}"
+        );
         assert!(tcp_delivers(server_end, ldap_end, b"server answers", DELIVERY)?, "server -> LDAP, connection {i}");
     }
     // (b) The server pushes on the idle web connections.
     for (i, (ws_end, server_end)) in [&mut web4, &mut web6].into_iter().enumerate() {
-        assert!(tcp_delivers(server_end, ws_end, b"server push", DELIVERY)?, "server -> workstation, connection {i}\n{log}");
+        assert!(
+            tcp_delivers(server_end, ws_end, b"server push", DELIVERY)?,
+            "server -> workstation, connection {i}\n{log}"
+        );
         assert!(tcp_delivers(ws_end, server_end, b"thanks", DELIVERY)?, "workstation -> server, connection {i}");
     }
     // (d) The LDAP host's datagram reaches the server's connected socket.

@@ -52,7 +52,10 @@ fn audit_lines(d: &Daemon) -> Result<Vec<serde_json::Value>> {
 /// tables, and `extra` appended.
 fn config(audit: &str, conntrack: &str, extra: &str) -> String {
     let base = lab_config("enforce", extra);
-    assert!(base.contains("report_interval = \"60s\"") && base.contains("udp_timeout = 30\n"), "the lab config changed");
+    assert!(
+        base.contains("report_interval = \"60s\"") && base.contains("udp_timeout = 30\n"),
+        "the lab config changed"
+    );
     base.replace("report_interval = \"60s\"", &format!("report_interval = \"60s\"\n{audit}"))
         .replace("udp_timeout = 30\n", &format!("udp_timeout = 30\n{conntrack}\n"))
 }
@@ -75,7 +78,8 @@ fn a_spoofed_syn_flood_keeps_audit_memory_and_scrapes_bounded() -> Result<()> {
     let _web = TcpServer::start(&env.lab, SERVER, sa(Ipv6Addr::UNSPECIFIED, 9192))?;
     let daemon = env.start(&[])?;
     let before = audit_lines(&daemon)?.len();
-    let dropped_before = m(&daemon.scrape()?, "pcguard_packets_total", &[("direction", "ingress"), ("verdict", "dropped")]);
+    let dropped_before =
+        m(&daemon.scrape()?, "pcguard_packets_total", &[("direction", "ingress"), ("verdict", "dropped")]);
     let secs = 20;
     let mut hping = flood(&env.lab, "out", secs, &["-S", "-p", "9999", "--rand-source", &addr(SERVER).to_string()])?;
     let start = Instant::now();
@@ -95,7 +99,8 @@ fn a_spoofed_syn_flood_keeps_audit_memory_and_scrapes_bounded() -> Result<()> {
     // The summaries of the flood's held-back records (one per interval).
     std::thread::sleep(Duration::from_secs(12));
     let text = daemon.scrape()?;
-    let dropped = m(&text, "pcguard_packets_total", &[("direction", "ingress"), ("verdict", "dropped")]) - dropped_before;
+    let dropped =
+        m(&text, "pcguard_packets_total", &[("direction", "ingress"), ("verdict", "dropped")]) - dropped_before;
     let recs = audit_lines(&daemon)?;
     let new = &recs[before..];
     let flows = new.iter().filter(|r| r["event"].is_null()).count() as u64;
@@ -108,10 +113,20 @@ fn a_spoofed_syn_flood_keeps_audit_memory_and_scrapes_bounded() -> Result<()> {
         summaries.len()
     );
     assert!(dropped > 20_000.0, "the flood did not arrive ({dropped} packets dropped)");
-    assert!(flows <= CEILING * (secs + 12) + CEILING, "{flows} flow records in {elapsed:.0} s: over the ceiling of {CEILING}/s");
+    assert!(
+        flows <= CEILING * (secs + 12) + CEILING,
+        "{flows} flow records in {elapsed:.0} s: over the ceiling of {CEILING}/s"
+    );
     assert!(flows >= CEILING * secs / 2, "only {flows} flow records: the ceiling is not what holds them back");
     assert!(!summaries.is_empty(), "no summary of the held-back records");
-    let held: u64 = summaries.iter().map(|s| s["deduplicated"].as_u64().unwrap_or(0) + s["over_ceiling"].as_u64().unwrap_or(0) + s["kernel_rate_limited"].as_u64().unwrap_or(0)).sum();
+    let held: u64 = summaries
+        .iter()
+        .map(|s| {
+            s["deduplicated"].as_u64().unwrap_or(0)
+                + s["over_ceiling"].as_u64().unwrap_or(0)
+                + s["kernel_rate_limited"].as_u64().unwrap_or(0)
+        })
+        .sum();
     assert!(held > 1000, "the summaries count only {held} held-back reports");
     // A summary lists the ports of the records it held back: the flood's
     // (one whose period held back only kernel rate-limited reports, which
@@ -256,27 +271,32 @@ fn the_audit_log_on_a_full_file_system_keeps_whole_lines() -> Result<()> {
     // Leave about 8 KiB: a handful of records fit, the rest does not.
     std::fs::write(fs.join("filler"), vec![0u8; 56 * 1024])?;
     let log = fs.join("flows.jsonl");
-    let daemon = Daemon::start(&env.lab, &env.config, &env.work.join("daemon"), &["--audit-log", &log.to_string_lossy()])?;
-    let mut hping = flood(&env.lab, "out", 3, &["-S", "-p", "9999", "--rand-source", "-i", "u2000", &addr(SERVER).to_string()])?;
+    let daemon =
+        Daemon::start(&env.lab, &env.config, &env.work.join("daemon"), &["--audit-log", &log.to_string_lossy()])?;
+    let mut hping =
+        flood(&env.lab, "out", 3, &["-S", "-p", "9999", "--rand-source", "-i", "u2000", &addr(SERVER).to_string()])?;
     let _ = hping.wait();
     std::thread::sleep(Duration::from_secs(1));
     let errors = m(&daemon.scrape()?, "pcguard_audit_write_errors_total", &[]);
     std::fs::remove_file(fs.join("filler"))?;
     let lines_when_full = std::fs::read_to_string(&log)?.lines().count();
-    let mut hping = flood(&env.lab, "out", 2, &["-S", "-p", "9998", "--rand-source", "-i", "u5000", &addr(SERVER).to_string()])?;
+    let mut hping =
+        flood(&env.lab, "out", 2, &["-S", "-p", "9998", "--rand-source", "-i", "u5000", &addr(SERVER).to_string()])?;
     let _ = hping.wait();
     std::thread::sleep(Duration::from_secs(1));
     let text = std::fs::read_to_string(&log)?;
     for (i, line) in text.lines().enumerate() {
-        serde_json::from_str::<serde_json::Value>(line).with_context(|| format!("line {} is not a whole record: {line:?}", i + 1))?;
+        serde_json::from_str::<serde_json::Value>(line)
+            .with_context(|| format!("line {} is not a whole record: {line:?}", i + 1))?;
     }
     assert!(text.ends_with('\n'), "the file ends inside a record");
     let lines = text.lines().count();
-    println!("full file system: {lines_when_full} records fit, {errors} writes failed; {lines} records after space returned");
+    println!(
+        "full file system: {lines_when_full} records fit, {errors} writes failed; {lines} records after space returned"
+    );
     assert!(errors > 0.0, "the file system never filled up (no write failed)");
     assert!(lines > lines_when_full, "no record was written after space returned");
     assert!(text.lines().any(|l| l.contains("\"port\":9998")), "the records after space returned are missing");
     drop(daemon);
     Ok(())
 }
-

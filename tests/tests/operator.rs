@@ -95,7 +95,10 @@ fn nftables_rendering_gives_the_same_verdicts_as_the_kernel_programs() -> Result
     let probes = sample_probes();
     let _servers = start_probe_servers(&env.lab, &probes)?;
     let run_all = |lab: &Lab| -> Result<Vec<(bool, bool)>> {
-        probes.iter().map(|p| Ok((run_probe(lab, p, false, BLOCKED_TIMEOUT)?, run_probe(lab, p, true, BLOCKED_TIMEOUT)?))).collect()
+        probes
+            .iter()
+            .map(|p| Ok((run_probe(lab, p, false, BLOCKED_TIMEOUT)?, run_probe(lab, p, true, BLOCKED_TIMEOUT)?)))
+            .collect()
     };
     let ns = env.lab.ns(SERVER);
     sh("ip", &["netns", "exec", &ns, "nft", "-f", &ruleset.to_string_lossy()])?;
@@ -147,7 +150,8 @@ fn addr_lo() -> std::net::Ipv4Addr {
 /// Every expression of the shipped dashboard, with Grafana's variables
 /// replaced the way Grafana would for a 5-minute view of all servers.
 fn dashboard_queries() -> Result<Vec<(String, String)>> {
-    let dash: Value = serde_json::from_str(&std::fs::read_to_string(workspace_root().join("deploy/grafana/pcguard.json"))?)?;
+    let dash: Value =
+        serde_json::from_str(&std::fs::read_to_string(workspace_root().join("deploy/grafana/pcguard.json"))?)?;
     let mut out = Vec::new();
     for panel in dash["panels"].as_array().context("panels")? {
         for t in panel["targets"].as_array().context("targets")? {
@@ -196,7 +200,9 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() -> Result<
     let monitor = std::fs::read_to_string(&env.config)?.replace("mode = \"enforce\"", "mode = \"monitor\"");
     env.write_config(&monitor)?;
     daemon.signal(libc::SIGHUP)?;
-    wait_until("the reload to monitor mode", Duration::from_secs(10), || Ok(daemon.log_text().contains("reload applied")))?;
+    wait_until("the reload to monitor mode", Duration::from_secs(10), || {
+        Ok(daemon.log_text().contains("reload applied"))
+    })?;
     run_sample_probes(&env.lab)?;
     // Enough scrapes after the traffic for rate() and increase() to have two samples.
     std::thread::sleep(Duration::from_secs(4));
@@ -213,7 +219,12 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() -> Result<
 #[test]
 fn systemd_unit_is_valid_and_least_privileged() -> Result<()> {
     let unit = std::fs::read_to_string(workspace_root().join("deploy/systemd/pcguard.service"))?;
-    for want in ["CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN", "NoNewPrivileges=yes", "ProtectSystem=strict", "ExecReload=/bin/kill -HUP $MAINPID"] {
+    for want in [
+        "CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+    ] {
         assert!(unit.contains(want), "unit lacks {want}");
     }
     assert!(!unit.contains("CAP_SYS_ADMIN"), "no CAP_SYS_ADMIN");
@@ -222,12 +233,10 @@ fn systemd_unit_is_valid_and_least_privileged() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("pcguard.service");
     std::fs::write(&path, unit.replace("/usr/local/bin/pcguard", &bin.to_string_lossy()))?;
-    let out = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&path).output().context("systemd-analyze")?;
+    let out =
+        Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&path).output().context("systemd-analyze")?;
     let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
-    let problems: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("pcguard.service"))
-        .collect();
+    let problems: Vec<&str> = text.lines().filter(|l| l.contains("pcguard.service")).collect();
     assert!(out.status.success() && problems.is_empty(), "systemd-analyze verify:\n{text}");
     Ok(())
 }

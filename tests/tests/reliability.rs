@@ -93,8 +93,15 @@ fn a_restart_after_a_reload_labels_rules_as_the_kernel_counts_them() -> Result<(
     }
     std::thread::sleep(Duration::from_millis(200));
     let after = daemon.scrape()?;
-    assert!(rule(&after, "web-http") - rule(&before, "web-http") >= 6.0, "web traffic not counted as web-http:\n{after}");
-    assert_eq!(rule(&after, "legacy-9999"), rule(&before, "legacy-9999"), "web traffic counted as legacy-9999:\n{after}");
+    assert!(
+        rule(&after, "web-http") - rule(&before, "web-http") >= 6.0,
+        "web traffic not counted as web-http:\n{after}"
+    );
+    assert_eq!(
+        rule(&after, "legacy-9999"),
+        rule(&before, "legacy-9999"),
+        "web traffic counted as legacy-9999:\n{after}"
+    );
     Ok(())
 }
 
@@ -107,10 +114,8 @@ fn a_failed_reload_changes_nothing_and_the_next_one_applies() -> Result<()> {
     let _srv = TcpServer::start(&env.lab, SERVER, sa(Ipv6Addr::UNSPECIFIED, 9999))?;
     let daemon = env.start(&["--config-audit-log"])?;
     assert!(!ws_reaches(&env.lab, 9999)?);
-    let broken = lab_config("enforce", ALLOW_9999).replace(
-        "path = \"/tmp/pcguard-lab/flows.jsonl\"",
-        "path = \"/proc/pcguard-cannot-be-created/flows.jsonl\"",
-    );
+    let broken = lab_config("enforce", ALLOW_9999)
+        .replace("path = \"/tmp/pcguard-lab/flows.jsonl\"", "path = \"/proc/pcguard-cannot-be-created/flows.jsonl\"");
     assert!(broken.contains("/proc/pcguard-cannot-be-created"), "the lab config's audit path moved");
     env.write_config(&broken)?;
     daemon.signal(libc::SIGHUP)?;
@@ -133,9 +138,8 @@ fn reloads_between_full_peer_tables_never_overflow() -> Result<()> {
     // 16,000 /32 prefixes per config, disjoint between the two; the lab's
     // own workstation is in both.
     let many = |second: u8| -> String {
-        let cidrs: Vec<String> = (0..16_000u32)
-            .map(|i| format!("\"10.{}.{}.{}\"", 100 + second, (i >> 8) & 0xff, i & 0xff))
-            .collect();
+        let cidrs: Vec<String> =
+            (0..16_000u32).map(|i| format!("\"10.{}.{}.{}\"", 100 + second, (i >> 8) & 0xff, i & 0xff)).collect();
         lab_config("enforce", "").replace(
             "workstations = [\"10.77.0.2\", \"fd77::2\"]",
             &format!("workstations = [\"10.77.0.2\", \"fd77::2\", {}]", cidrs.join(", ")),
@@ -151,7 +155,8 @@ fn reloads_between_full_peer_tables_never_overflow() -> Result<()> {
         daemon.signal(libc::SIGHUP)?;
         let want = i + 1;
         wait_until("the reload", Duration::from_secs(30), || {
-            Ok(daemon.log_text().matches("reload applied").count() >= want || daemon.log_text().contains("reload failed"))
+            Ok(daemon.log_text().matches("reload applied").count() >= want
+                || daemon.log_text().contains("reload failed"))
         })?;
         assert!(!daemon.log_text().contains("reload failed"), "reload {want} failed:\n{}", daemon.log_text());
     }

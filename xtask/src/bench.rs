@@ -49,9 +49,7 @@ pub fn run(_obj_path: &Path, iterations: u32, quick: bool) -> anyhow::Result<()>
 /// Loads both programs and prints how many instructions the verifier
 /// processed for each (the kernel's limit is 1,000,000).
 pub fn verifier_counts(obj_path: &Path) -> anyhow::Result<()> {
-    let mut ebpf = EbpfLoader::new()
-        .load_file(obj_path)
-        .with_context(|| format!("loading {}", obj_path.display()))?;
+    let mut ebpf = EbpfLoader::new().load_file(obj_path).with_context(|| format!("loading {}", obj_path.display()))?;
     load_programs(&mut ebpf)?;
     for name in [names::XDP_PROG, names::TC_PROG, names::TC_INGRESS_PROG] {
         let info = program(&mut ebpf, name)?.info()?;
@@ -72,10 +70,9 @@ pub fn verifier_counts(obj_path: &Path) -> anyhow::Result<()> {
 fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     let xdp: &mut Xdp = program(ebpf, names::XDP_PROG)?.try_into()?;
     xdp.load().context("verifier rejected pcguard_ingress")?;
-    for (name, index) in [
-        (names::TC_PROG, pcguard_common::TC_RERUN_EGRESS),
-        (names::TC_INGRESS_PROG, pcguard_common::TC_RERUN_INGRESS),
-    ] {
+    for (name, index) in
+        [(names::TC_PROG, pcguard_common::TC_RERUN_EGRESS), (names::TC_INGRESS_PROG, pcguard_common::TC_RERUN_INGRESS)]
+    {
         let tc: &mut SchedClassifier = program(ebpf, name)?.try_into()?;
         tc.load().with_context(|| format!("verifier rejected {name}"))?;
         let fd = tc.fd()?.try_clone()?;
@@ -86,21 +83,16 @@ fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::programs::Program> {
-    ebpf.program_mut(name)
-        .with_context(|| format!("program {name} not in the object"))
+    ebpf.program_mut(name).with_context(|| format!("program {name} not in the object"))
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
-    ebpf.map_mut(name)
-        .with_context(|| format!("map {name} not in the object"))
+    ebpf.map_mut(name).with_context(|| format!("map {name} not in the object"))
 }
 
 #[cfg(feature = "datapath")]
 mod timed {
-    use std::{
-        path::PathBuf,
-        time::Duration,
-    };
+    use std::{path::PathBuf, time::Duration};
 
     use anyhow::{Context as _, ensure};
     use aya::Ebpf;
@@ -111,8 +103,8 @@ mod timed {
         frame::{TCP_ACK, TCP_SYN, arp, icmp4_echo, ipv6, tcp, tcp4, udp4, vlan},
     };
     use pcguard_tests::kernel::{
-        CLIENT_PORT, CLOUD_HOST, DNS_PORT, HTTPS_PORT, Hook, Kernel, LDAP_SERVER, LDAPS_PORT, OTHER_PORT, POLICY, RESOLVER,
-        SERVER, STRANGER, Target, Verdict, WEB_PORT, WORKSTATION, pin_to_one_cpu, v4_key,
+        CLIENT_PORT, CLOUD_HOST, DNS_PORT, HTTPS_PORT, Hook, Kernel, LDAP_SERVER, LDAPS_PORT, OTHER_PORT, POLICY,
+        RESOLVER, SERVER, STRANGER, Target, Verdict, WEB_PORT, WORKSTATION, pin_to_one_cpu, v4_key,
     };
 
     const PASS: Verdict = Verdict::Pass;
@@ -201,7 +193,14 @@ mod timed {
     impl Bench {
         /// Runs `data` `iterations` times in one test run (the kernel's
         /// average).
-        fn repeated(&mut self, case: &'static str, hook: Hook, data: &[u8], want: Verdict, note: &str) -> anyhow::Result<f64> {
+        fn repeated(
+            &mut self,
+            case: &'static str,
+            hook: Hook,
+            data: &[u8],
+            want: Verdict,
+            note: &str,
+        ) -> anyhow::Result<f64> {
             let (ret, avg) = self.k.test_run(hook, data, self.iterations)?;
             self.k.expect(case, hook, ret, want)?;
             let ns = avg.as_nanos() as f64;
@@ -371,15 +370,29 @@ mod timed {
             self.k.once("DNS query", tc, &query, PASS)?;
             self.k.once("DNS answer", xdp, &answer(&short), PASS)?;
             // A flow to a stranger's port 53, opened in monitor mode.
-            self.k.target.apply(&POLICY.replacen("mode = \"enforce\"\n", "mode = \"enforce\"\negress_mode = \"monitor\"\n", 1))?;
+            self.k.target.apply(&POLICY.replacen(
+                "mode = \"enforce\"\n",
+                "mode = \"enforce\"\negress_mode = \"monitor\"\n",
+                1,
+            ))?;
             ensure!(self.k.settings()?.egress_mode == MODE_MONITOR, "the reload did not monitor egress");
-            self.k.once("DNS query to a stranger, monitor", tc, &udp4(SERVER, STRANGER, CLIENT_PORT, DNS_PORT, &q), PASS)?;
+            self.k.once(
+                "DNS query to a stranger, monitor",
+                tc,
+                &udp4(SERVER, STRANGER, CLIENT_PORT, DNS_PORT, &q),
+                PASS,
+            )?;
             self.k.target.apply(POLICY)?;
             let stranger = udp4(STRANGER, SERVER, DNS_PORT, CLIENT_PORT, &short);
             self.repeated("DNS answer from a non-resolver (timed)", xdp, &stranger, PASS, "ct hit + LPM, no copy")?;
             self.repeated("unsolicited DNS answer (timed)", xdp, &answer(&short), PASS, "ct hit + LPM + pending miss")?;
             self.dns_timed("DNS answer to a pending query (copied)", &query, &answer(&short), 100)?;
-            self.dns_timed("long DNS answer (copy cut at 1 KiB)", &query, &answer(&long), pcguard_common::DNS_PAYLOAD_MAX)?;
+            self.dns_timed(
+                "long DNS answer (copy cut at 1 KiB)",
+                &query,
+                &answer(&long),
+                pcguard_common::DNS_PAYLOAD_MAX,
+            )?;
             self.k.dns_messages()?;
             Ok(())
         }
@@ -416,10 +429,7 @@ mod timed {
         }
 
         fn print(&self) {
-            println!(
-                "{:<48} {:<4} {:<12} {:>9} {:>10}  note",
-                "case", "hook", "action", "runs", "ns/pkt"
-            );
+            println!("{:<48} {:<4} {:<12} {:>9} {:>10}  note", "case", "hook", "action", "runs", "ns/pkt");
             for r in &self.rows {
                 println!(
                     "{:<48} {:<4} {:<12} {:>9} {:>10.1}  {}",

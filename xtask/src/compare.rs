@@ -170,7 +170,12 @@ pub fn run(root: &Path, opts: &Options) -> Result<Report> {
 }
 
 fn which(tool: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {tool}")]).stdout(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }
 
 fn sh(args: &[&str]) -> Result<String> {
@@ -214,8 +219,34 @@ impl Topology {
         t.rx_mac = rx_mac;
         // Static neighbours: no filter has to let ARP through for the
         // figures to mean the same.
-        sh(&["ip", "-n", &t.ns(TX), "neigh", "replace", RX_ADDR, "lladdr", &t.rx_mac, "dev", TX_IF, "nud", "permanent"])?;
-        sh(&["ip", "-n", &t.ns(RX), "neigh", "replace", TX_ADDR, "lladdr", &t.tx_mac, "dev", RX_IF, "nud", "permanent"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &t.ns(TX),
+            "neigh",
+            "replace",
+            RX_ADDR,
+            "lladdr",
+            &t.rx_mac,
+            "dev",
+            TX_IF,
+            "nud",
+            "permanent",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &t.ns(RX),
+            "neigh",
+            "replace",
+            TX_ADDR,
+            "lladdr",
+            &t.tx_mac,
+            "dev",
+            RX_IF,
+            "nud",
+            "permanent",
+        ])?;
         Ok(t)
     }
 
@@ -312,7 +343,8 @@ impl Configs {
         let small = work.join("small.toml");
         std::fs::write(&small, config("HOOK", "", ""))?;
         // 10,000 /32 prefixes in the workstation class, 500 site rules.
-        let peers: String = (0..10_000u32).map(|i| format!(", \"10.{}.{}.{}\"", 100 + i / 65536, (i >> 8) & 0xff, i & 0xff)).collect();
+        let peers: String =
+            (0..10_000u32).map(|i| format!(", \"10.{}.{}.{}\"", 100 + i / 65536, (i >> 8) & 0xff, i & 0xff)).collect();
         let rules: String = (0..500u32)
             .map(|i| {
                 format!(
@@ -328,7 +360,8 @@ impl Configs {
 
     /// `path`'s config with its ingress hook set.
     fn with_hook(path: &Path, hook: &str, work: &Path) -> Result<PathBuf> {
-        let text = std::fs::read_to_string(path)?.replace("ingress_hook = \"HOOK\"", &format!("ingress_hook = \"{hook}\""));
+        let text =
+            std::fs::read_to_string(path)?.replace("ingress_hook = \"HOOK\"", &format!("ingress_hook = \"{hook}\""));
         let out = work.join(format!("{}-{hook}.toml", path.file_stem().unwrap_or_default().to_string_lossy()));
         std::fs::write(&out, text)?;
         Ok(out)
@@ -407,10 +440,15 @@ impl Filter {
                 f.daemon = Some(KillOnDrop(child));
                 let deadline = Instant::now() + Duration::from_secs(60);
                 while !f.run_dir.join("state.json").exists() {
-                    ensure!(Instant::now() < deadline, "pcguard did not start: {}", std::fs::read_to_string(work.join("daemon.log"))?);
+                    ensure!(
+                        Instant::now() < deadline,
+                        "pcguard did not start: {}",
+                        std::fs::read_to_string(work.join("daemon.log"))?
+                    );
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(f.run_dir.join("state.json"))?)?;
+                let state: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(f.run_dir.join("state.json"))?)?;
                 f.prog_id = state["interfaces"][0]["ingress_program_id"].as_u64().map(|i| i as u32);
             }
         }
@@ -451,7 +489,13 @@ impl Filter {
                     let _ = Command::new("kill").arg(d.0.id().to_string()).status();
                     let _ = d.0.wait();
                 }
-                let _ = Command::new(&self.pcguard).arg("detach").arg("--bpffs-dir").arg(&self.bpffs).arg("--run-dir").arg(&self.run_dir).output();
+                let _ = Command::new(&self.pcguard)
+                    .arg("detach")
+                    .arg("--bpffs-dir")
+                    .arg(&self.bpffs)
+                    .arg("--run-dir")
+                    .arg(&self.run_dir)
+                    .output();
             }
         }
         Ok(())
@@ -497,11 +541,27 @@ fn syn_flood(t: &Topology, conf: &Path, secs: u32) -> Result<(f64, f64)> {
     // timeout exits 124 when it stopped trafgen: read the output whatever
     // the status.
     let out = t
-        .cmd(TX, "timeout", &["-s", "INT", &secs.to_string(), "trafgen", "--dev", TX_IF, "--conf", &conf.to_string_lossy(), "--cpus", "1"])
+        .cmd(
+            TX,
+            "timeout",
+            &[
+                "-s",
+                "INT",
+                &secs.to_string(),
+                "trafgen",
+                "--dev",
+                TX_IF,
+                "--conf",
+                &conf.to_string_lossy(),
+                "--cpus",
+                "1",
+            ],
+        )
         .output()
         .context("running trafgen")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    let packets: f64 = field_before(&text, "packets outgoing").with_context(|| format!("trafgen printed no packet count: {text}"))?;
+    let packets: f64 =
+        field_before(&text, "packets outgoing").with_context(|| format!("trafgen printed no packet count: {text}"))?;
     let (sec, usec) = text
         .lines()
         .find(|l| l.contains(" sec, ") && l.contains("usec"))
@@ -555,7 +615,17 @@ fn iperf3(t: &Topology, secs: u32) -> Result<f64> {
 fn test_run_ns(prog_id: u32, frame: &Path) -> Result<f64> {
     let mut best = f64::MAX;
     for _ in 0..3 {
-        let out = sh(&["bpftool", "prog", "run", "id", &prog_id.to_string(), "data_in", &frame.to_string_lossy(), "repeat", "1000000"])?;
+        let out = sh(&[
+            "bpftool",
+            "prog",
+            "run",
+            "id",
+            &prog_id.to_string(),
+            "data_in",
+            &frame.to_string_lossy(),
+            "repeat",
+            "1000000",
+        ])?;
         let ns: f64 = out
             .split("duration (average): ")
             .nth(1)
@@ -619,7 +689,8 @@ fn median(v: impl Iterator<Item = f64>) -> Option<f64> {
 /// The medians, with ratios to the rows operators compare against.
 pub fn render(report: &Report, opts: &Options) -> String {
     let samples = &report.samples;
-    let med = |r: Receiver, f: &dyn Fn(&Sample) -> Option<f64>| samples.get(&r).and_then(|v| median(v.iter().filter_map(f)));
+    let med =
+        |r: Receiver, f: &dyn Fn(&Sample) -> Option<f64>| samples.get(&r).and_then(|v| median(v.iter().filter_map(f)));
     let none_conns = med(Receiver::None, &|s| Some(s.conns_per_s));
     let none_gbits = med(Receiver::None, &|s| Some(s.gbits));
     let nft_pps = med(Receiver::Nftables, &|s| Some(s.syn_pps));

@@ -29,7 +29,14 @@ pub fn run(root: &Path, keep: bool) -> Result<()> {
         let got6 = run_probe(&lab, p, true, Duration::from_secs(1))?;
         let word = |ok: bool| if ok { "passed" } else { "blocked" };
         let flag = if got4 == p.allowed && got6 == p.allowed { "" } else { "  <-- UNEXPECTED" };
-        println!("{:<52} {:>5} {:>9} {:>9} {:>9}{flag}", p.what, format!("{:?}", p.proto).to_lowercase(), word(p.allowed), word(got4), word(got6));
+        println!(
+            "{:<52} {:>5} {:>9} {:>9} {:>9}{flag}",
+            p.what,
+            format!("{:?}", p.proto).to_lowercase(),
+            word(p.allowed),
+            word(got4),
+            word(got6)
+        );
     }
     std::thread::sleep(Duration::from_millis(300));
     println!("\n== pcguard status");
@@ -46,7 +53,10 @@ pub fn run(root: &Path, keep: bool) -> Result<()> {
         println!("{rec}");
     }
     if keep {
-        println!("\nlab and daemon kept; enter the server with: nsenter --net=/run/netns/{}  (Enter to stop)", lab.ns("srv"));
+        println!(
+            "\nlab and daemon kept; enter the server with: nsenter --net=/run/netns/{}  (Enter to stop)",
+            lab.ns("srv")
+        );
         let mut s = String::new();
         std::io::stdin().read_line(&mut s)?;
     }

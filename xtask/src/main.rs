@@ -121,11 +121,8 @@ fn main() -> Result<()> {
         Task::Bench { compare: true, rounds, seconds, .. } => {
             build(true)?;
             let root = workspace_root();
-            let opts = compare::Options {
-                rounds,
-                seconds,
-                ..compare::Options::full(target_dir().join("release/pcguard"))
-            };
+            let opts =
+                compare::Options { rounds, seconds, ..compare::Options::full(target_dir().join("release/pcguard")) };
             let report = compare::run(&root, &opts)?;
             println!("{}", compare::render(&report, &opts));
             Ok(())
@@ -251,7 +248,19 @@ fn build(release: bool) -> Result<()> {
 
 fn test(unit_only: bool) -> Result<()> {
     build(false)?;
-    run(cargo().args(["test", "-p", "pcguard-common", "-p", "pcguard-ebpf", "-p", "pcguard", "-p", "pcguard-testkit", "-p", "xtask"]))?;
+    run(cargo().args([
+        "test",
+        "-p",
+        "pcguard-common",
+        "-p",
+        "pcguard-ebpf",
+        "-p",
+        "pcguard",
+        "-p",
+        "pcguard-testkit",
+        "-p",
+        "xtask",
+    ]))?;
     if unit_only {
         return Ok(());
     }

@@ -38,14 +38,12 @@
 //! `PCGUARD_FUZZ_THREADS` set the run; frame `i` of a run depends only on
 //! the seed and `i`.
 
-use std::cell::Cell;
-use std::fmt::Write as _;
-use std::sync::OnceLock;
+use std::{cell::Cell, fmt::Write as _, sync::OnceLock};
 
 use etherparse::{
-    EtherType, Ethernet2Slice, Ipv4Slice, Ipv6ExtensionSlice, Ipv6FragmentHeaderSlice,
-    Ipv6HeaderSlice, Ipv6RawExtHeaderSlice, Ipv6Slice, SingleVlanSlice, SlicedPacket, TcpSlice,
-    TransportSlice, UdpHeaderSlice, UdpSlice, err,
+    EtherType, Ethernet2Slice, Ipv4Slice, Ipv6ExtensionSlice, Ipv6FragmentHeaderSlice, Ipv6HeaderSlice,
+    Ipv6RawExtHeaderSlice, Ipv6Slice, SingleVlanSlice, SlicedPacket, TcpSlice, TransportSlice, UdpHeaderSlice,
+    UdpSlice, err,
 };
 
 use super::*;
@@ -183,10 +181,7 @@ struct Built {
 
 impl Built {
     fn mark(&mut self, kind: FieldKind) {
-        self.fields.push(Field {
-            off: self.frame.len(),
-            kind,
-        });
+        self.fields.push(Field { off: self.frame.len(), kind });
     }
 
     fn put(&mut self, bytes: &[u8]) {
@@ -241,11 +236,7 @@ const PROTOS: [u8; 20] = [
 ];
 
 fn port(rng: &mut Rng) -> u16 {
-    if rng.chance(50) {
-        rng.pick(&[0, 1, 22, 53, 80, 443, 9191, 40000, 65535])
-    } else {
-        rng.u16()
-    }
+    if rng.chance(50) { rng.pick(&[0, 1, 22, 53, 80, 443, 9191, 40000, 65535]) } else { rng.u16() }
 }
 
 fn gen_frame(rng: &mut Rng) -> Built {
@@ -311,11 +302,7 @@ fn gen_frag(rng: &mut Rng) -> Frag {
     match rng.weighted(&[55, 18, 17, 10]) {
         0 => Frag::None,
         1 => Frag::First,
-        2 => Frag::Later(if rng.chance(50) {
-            rng.range(1, 4) as u16
-        } else {
-            rng.range(1, 0x1fff) as u16
-        }),
+        2 => Frag::Later(if rng.chance(50) { rng.range(1, 4) as u16 } else { rng.range(1, 0x1fff) as u16 }),
         _ => Frag::Atomic,
     }
 }
@@ -358,13 +345,7 @@ fn gen_l4(rng: &mut Rng, b: &mut Built, proto: u8, frag: Frag) {
             b.put(&[(words as u8) << 4]);
             b.mark(FieldKind::TcpFlags);
             let flags = if rng.chance(70) {
-                rng.pick(&[
-                    TCP_SYN,
-                    TCP_SYN | TCP_ACK,
-                    TCP_ACK,
-                    TCP_FIN | TCP_ACK,
-                    TCP_RST,
-                ])
+                rng.pick(&[TCP_SYN, TCP_SYN | TCP_ACK, TCP_ACK, TCP_FIN | TCP_ACK, TCP_RST])
             } else {
                 rng.u8()
             };
@@ -394,11 +375,7 @@ fn gen_l4(rng: &mut Rng, b: &mut Built, proto: u8, frag: Frag) {
         }
         _ => {
             // ICMP, IGMP, anything: sometimes shorter than an ICMP header.
-            let body = if rng.chance(85) {
-                rng.bytes_in(8, 48)
-            } else {
-                rng.bytes_in(0, 7)
-            };
+            let body = if rng.chance(85) { rng.bytes_in(8, 48) } else { rng.bytes_in(0, 7) };
             b.put(&body);
         }
     }
@@ -410,10 +387,7 @@ fn gen_l4(rng: &mut Rng, b: &mut Built, proto: u8, frag: Frag) {
 }
 
 fn checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
-        .sum();
+    let mut sum: u32 = header.chunks(2).map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32).sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -583,20 +557,9 @@ fn mutate_field(rng: &mut Rng, b: &mut Built, f: Field) {
         Some(match f.kind {
             FieldKind::EtherType => {
                 let any = rng.u16();
-                rng.pick(&[
-                    ETH_P_IP,
-                    ETH_P_IPV6,
-                    ETH_P_8021Q,
-                    ETH_P_8021AD,
-                    0x9100,
-                    0x0806,
-                    0x88e5,
-                    any,
-                ])
+                rng.pick(&[ETH_P_IP, ETH_P_IPV6, ETH_P_8021Q, ETH_P_8021AD, 0x9100, 0x0806, 0x88e5, any])
             }
-            FieldKind::Ipv4TotalLen | FieldKind::Ipv6PayloadLen | FieldKind::UdpLen => {
-                mutate_len(rng, v16)
-            }
+            FieldKind::Ipv4TotalLen | FieldKind::Ipv6PayloadLen | FieldKind::UdpLen => mutate_len(rng, v16),
             FieldKind::Ipv4Frag => match rng.below(5) {
                 0 => v16 ^ IPV4_MF,
                 1 => (v16 & !IPV4_FRAG_OFFSET_MASK) | rng.range(1, 3) as u16,
@@ -658,9 +621,7 @@ fn mutate_field(rng: &mut Rng, b: &mut Built, f: Field) {
 /// them hold until bytes are inserted or deleted.
 fn mutate(rng: &mut Rng, b: &mut Built) {
     let n = rng.weighted(&[30, 35, 20, 10, 5]);
-    let mut ops: Vec<usize> = (0..n)
-        .map(|_| rng.weighted(&[45, 20, 8, 10, 5, 6, 6]))
-        .collect();
+    let mut ops: Vec<usize> = (0..n).map(|_| rng.weighted(&[45, 20, 8, 10, 5, 6, 6])).collect();
     ops.sort_unstable();
     for op in ops {
         let len = b.frame.len();
@@ -671,11 +632,7 @@ fn mutate(rng: &mut Rng, b: &mut Built) {
             }
             // A bit flip, mostly in the headers.
             0 | 1 if len > 0 => {
-                let at = if rng.chance(70) {
-                    rng.below(len.min(120))
-                } else {
-                    rng.below(len)
-                };
+                let at = if rng.chance(70) { rng.below(len.min(120)) } else { rng.below(len) };
                 b.frame[at] ^= 1 << rng.below(8);
             }
             2 if len > 0 => {
@@ -684,11 +641,7 @@ fn mutate(rng: &mut Rng, b: &mut Built) {
                 b.frame[at] = rng.pick(&[0, 0xff, 0x80, 0x45, 0x60, any]);
             }
             3 => {
-                let keep = if rng.chance(50) {
-                    len.saturating_sub(rng.range(1, 16))
-                } else {
-                    rng.below(len + 1)
-                };
+                let keep = if rng.chance(50) { len.saturating_sub(rng.range(1, 16)) } else { rng.below(len + 1) };
                 b.frame.truncate(keep);
             }
             4 => {
@@ -770,12 +723,7 @@ impl From<Parsed> for Verdict {
 /// the mapped ones are).
 fn parse_at(data: *const u8, linear: usize, len: usize) -> Verdict {
     let data = data as usize;
-    Verdict::from(parse(&Frame {
-        data,
-        end: data + linear,
-        len: len as u32,
-        ifindex: 0,
-    }))
+    Verdict::from(parse(&Frame { data, end: data + linear, len: len as u32, ifindex: 0 }))
 }
 
 fn pcguard(frame: &[u8]) -> Verdict {
@@ -936,10 +884,7 @@ fn reference(frame: &[u8]) -> Ref {
     };
     let mut r = r;
     let mut inner = eth.payload();
-    while matches!(
-        inner.ether_type,
-        EtherType::VLAN_TAGGED_FRAME | EtherType::PROVIDER_BRIDGING
-    ) {
+    while matches!(inner.ether_type, EtherType::VLAN_TAGGED_FRAME | EtherType::PROVIDER_BRIDGING) {
         match SingleVlanSlice::from_slice(inner.payload) {
             Ok(tag) => {
                 inner = tag.payload();
@@ -1003,14 +948,7 @@ fn ref_ipv4(frame: &[u8], off: usize, mut r: Ref) -> Ref {
     };
     match l4 {
         Ok(l4) => {
-            r.verdict = RefVerdict::Ip(RefPacket {
-                family: FAMILY_V4,
-                src,
-                dst,
-                proto,
-                l4,
-                first_fragment,
-            });
+            r.verdict = RefVerdict::Ip(RefPacket { family: FAMILY_V4, src, dst, proto, l4, first_fragment });
             r
         }
         Err(e) => r.malformed(e),
@@ -1041,11 +979,7 @@ enum Stop {
 /// the walked part, an unchecked out-of-bounds access.)
 fn ipv6_stop(data: &[u8], h: &Ipv6HeaderSlice) -> Option<Stop> {
     let payload_len = h.payload_length() as usize;
-    let end = if payload_len == 0 {
-        data.len()
-    } else {
-        (IPV6_HLEN + payload_len).min(data.len())
-    };
+    let end = if payload_len == 0 { data.len() } else { (IPV6_HLEN + payload_len).min(data.len()) };
     let mut next = h.next_header().0;
     // The byte naming the current header, and where that header starts.
     let (mut at, mut off) = (6, IPV6_HLEN);
@@ -1061,10 +995,7 @@ fn ipv6_stop(data: &[u8], h: &Ipv6HeaderSlice) -> Option<Stop> {
             NEXTHDR_FRAGMENT => {
                 let f = Ipv6FragmentHeaderSlice::from_slice(rest).ok()?;
                 if f.fragment_offset().value() != 0 {
-                    return Some(Stop::Later {
-                        at: off,
-                        proto: f.next_header().0,
-                    });
+                    return Some(Stop::Later { at: off, proto: f.next_header().0 });
                 }
                 (at, next, off) = (off, f.next_header().0, off + f.slice().len());
             }
@@ -1134,14 +1065,7 @@ fn ref_ipv6(frame: &[u8], off: usize, mut r: Ref) -> Ref {
     };
     match l4 {
         Ok(l4) => {
-            r.verdict = RefVerdict::Ip(RefPacket {
-                family: FAMILY_V6,
-                src,
-                dst,
-                proto,
-                l4,
-                first_fragment,
-            });
+            r.verdict = RefVerdict::Ip(RefPacket { family: FAMILY_V6, src, dst, proto, l4, first_fragment });
             r
         }
         Err(e) => r.malformed(e),
@@ -1160,14 +1084,8 @@ fn transport(
 ) -> Result<RefL4, String> {
     match proto {
         IPPROTO_TCP => match TcpSlice::from_slice(payload) {
-            Ok(t) => Ok(RefL4::Tcp {
-                sport: t.source_port(),
-                dport: t.destination_port(),
-                flags: tcp_flags(&t),
-            }),
-            Err(err::tcp::HeaderSliceError::Len(_)) if first_fragment => {
-                Ok(RefL4::TinyFirstFragment)
-            }
+            Ok(t) => Ok(RefL4::Tcp { sport: t.source_port(), dport: t.destination_port(), flags: tcp_flags(&t) }),
+            Err(err::tcp::HeaderSliceError::Len(_)) if first_fragment => Ok(RefL4::TinyFirstFragment),
             Err(e) => Err(format!("tcp: {e}")),
         },
         IPPROTO_UDP if first_fragment => match UdpHeaderSlice::from_slice(payload) {
@@ -1210,20 +1128,11 @@ fn transport(
 }
 
 fn tcp_flags(t: &TcpSlice) -> u8 {
-    [
-        t.fin(),
-        t.syn(),
-        t.rst(),
-        t.psh(),
-        t.ack(),
-        t.urg(),
-        t.ece(),
-        t.cwr(),
-    ]
-    .iter()
-    .enumerate()
-    .map(|(i, &set)| (set as u8) << i)
-    .sum()
+    [t.fin(), t.syn(), t.rst(), t.psh(), t.ack(), t.urg(), t.ece(), t.cwr()]
+        .iter()
+        .enumerate()
+        .map(|(i, &set)| (set as u8) << i)
+        .sum()
 }
 
 /// The harness's layer-by-layer composition must say what etherparse's own
@@ -1246,9 +1155,7 @@ fn check_against_sliced_packet(frame: &[u8], r: &Ref) -> Result<(), String> {
             {
                 Ok(())
             }
-            (RefL4::Tcp { .. } | RefL4::Udp { .. }, _) => {
-                Err(format!("SlicedPacket disagrees: {:?}", s.transport))
-            }
+            (RefL4::Tcp { .. } | RefL4::Udp { .. }, _) => Err(format!("SlicedPacket disagrees: {:?}", s.transport)),
             _ => Ok(()),
         },
         (RefVerdict::Ip(p), Err(e)) if matches!(p.l4, RefL4::Tcp { .. } | RefL4::Udp { .. }) => {
@@ -1285,14 +1192,10 @@ fn stricter(kind: Malformed, r: &Ref) -> Option<&'static str> {
         Malformed::BadIpLength if r.jumbogram => Some("IPv6 jumbogram (payload length 0)"),
         // Same bound as VLAN tags, for the extension-header walk;
         // etherparse walks any number.
-        Malformed::Ipv6ChainTooLong if r.ext_headers > MAX_IPV6_EXT_HDRS => {
-            Some("more than 8 IPv6 extension headers")
-        }
+        Malformed::Ipv6ChainTooLong if r.ext_headers > MAX_IPV6_EXT_HDRS => Some("more than 8 IPv6 extension headers"),
         // RFC 8200 section 4.1: each extension header at most once (but
         // destination options); etherparse accepts several fragment headers.
-        Malformed::DuplicateFragmentHeader if r.frag_headers >= 2 => {
-            Some("two IPv6 fragment headers")
-        }
+        Malformed::DuplicateFragmentHeader if r.frag_headers >= 2 => Some("two IPv6 fragment headers"),
         // RFC 1858 / RFC 3128: a first fragment too small to hold the whole
         // TCP header (or the UDP header) could have its ports or flags
         // rewritten by an overlapping later fragment; etherparse has no
@@ -1302,9 +1205,7 @@ fn stricter(kind: Malformed, r: &Ref) -> Option<&'static str> {
         }
         // RFC 1858 / RFC 3128: a TCP fragment at offset 8 or 16 bytes
         // overlaps the first fragment's TCP header.
-        Malformed::FragmentOverlap
-            if matches!(l4, Some((IPPROTO_TCP, RefL4::Fragment { offset: 1 | 2 }))) =>
-        {
+        Malformed::FragmentOverlap if matches!(l4, Some((IPPROTO_TCP, RefL4::Fragment { offset: 1 | 2 }))) => {
             Some("TCP fragment overlapping the TCP header (RFC 1858)")
         }
         // etherparse reads UDP length 0 as "the rest of the datagram" (the
@@ -1351,16 +1252,11 @@ fn compare(got: &Verdict, r: &Ref) -> Result<Outcome, String> {
     }
     match (got, &r.verdict) {
         (Verdict::NonIp, RefVerdict::NonIp) => Ok(Outcome::NonIp),
-        (Verdict::NonIp, _) => {
-            Err("pcguard passes as non-IP a frame the reference parses as IP".into())
-        }
+        (Verdict::NonIp, _) => Err("pcguard passes as non-IP a frame the reference parses as IP".into()),
         (Verdict::Malformed(..), RefVerdict::Malformed(_)) => Ok(Outcome::BothMalformed),
         (Verdict::Malformed(kind, _), _) => match stricter(*kind, r) {
             Some(class) => Ok(Outcome::Stricter(class)),
-            None => Err(format!(
-                "pcguard says malformed ({}) for no accepted reason",
-                kind.as_str()
-            )),
+            None => Err(format!("pcguard says malformed ({}) for no accepted reason", kind.as_str())),
         },
         (Verdict::Ip(_), RefVerdict::NonIp) => Err("pcguard parses as IP a non-IP frame".into()),
         (Verdict::Ip(_), RefVerdict::Malformed(_)) => {
@@ -1380,18 +1276,10 @@ fn compare_ip(k: &Key, p: &RefPacket) -> Result<Outcome, String> {
     }
     // Fields pcguard fills for TCP only, UDP only.
     let (ports, flags) = ((k.sport, k.dport), k.tcp_flags);
-    let payload = (
-        k.payload_off as usize,
-        k.payload_len as usize,
-        k.payload_claimed as usize,
-    );
+    let payload = (k.payload_off as usize, k.payload_len as usize, k.payload_claimed as usize);
     let no_payload = payload == (0, 0, 0);
     match p.l4 {
-        RefL4::Tcp {
-            sport,
-            dport,
-            flags: f,
-        } => {
+        RefL4::Tcp { sport, dport, flags: f } => {
             if k.l4 != L4::Tcp {
                 diffs.push("transport");
             }
@@ -1405,13 +1293,7 @@ fn compare_ip(k: &Key, p: &RefPacket) -> Result<Outcome, String> {
                 diffs.push("UDP payload of a TCP packet");
             }
         }
-        RefL4::Udp {
-            sport,
-            dport,
-            payload_off,
-            held,
-            claimed,
-        } => {
+        RefL4::Udp { sport, dport, payload_off, held, claimed } => {
             if k.l4 != L4::Udp {
                 diffs.push("transport");
             }
@@ -1425,8 +1307,9 @@ fn compare_ip(k: &Key, p: &RefPacket) -> Result<Outcome, String> {
                 diffs.push("UDP payload offset or lengths");
             }
         }
-        RefL4::TinyFirstFragment => diffs
-            .push("LESS STRICT: pcguard reads a transport header the first fragment does not hold"),
+        RefL4::TinyFirstFragment => {
+            diffs.push("LESS STRICT: pcguard reads a transport header the first fragment does not hold")
+        }
         l4 => {
             let want = match l4 {
                 RefL4::Icmp => L4::Icmp,
@@ -1473,10 +1356,7 @@ fn check_trailer(rng: &mut Rng, frame: &[u8], r: &Ref, got: &Verdict) -> Result<
     }
     let v = pcguard(&other);
     if v != *got {
-        return Err(format!(
-            "other bytes after the datagram ({}): {v:?}",
-            hex(&other[end..])
-        ));
+        return Err(format!("other bytes after the datagram ({}): {v:?}", hex(&other[end..])));
     }
     Ok(())
 }
@@ -1573,15 +1453,8 @@ impl Guarded {
             assert_ne!(base, libc::MAP_FAILED, "mmap");
             let base = base.cast::<u8>();
             assert_eq!(libc::mprotect(base.cast(), page, libc::PROT_NONE), 0);
-            assert_eq!(
-                libc::mprotect(base.add(page + GUARDED_SIZE).cast(), page, libc::PROT_NONE),
-                0
-            );
-            Guarded {
-                base,
-                page,
-                size: GUARDED_SIZE,
-            }
+            assert_eq!(libc::mprotect(base.add(page + GUARDED_SIZE).cast(), page, libc::PROT_NONE), 0);
+            Guarded { base, page, size: GUARDED_SIZE }
         }
     }
 
@@ -1624,13 +1497,7 @@ impl Drop for Guarded {
 /// the end of the skb's head; the program pulls and parses again when the
 /// verdict is malformed): nothing past the `k` bytes is read, and the
 /// verdict is the whole frame's, or malformed.
-fn check_guarded(
-    rng: &mut Rng,
-    g: &mut Guarded,
-    frame: &[u8],
-    r: &Ref,
-    got: &Verdict,
-) -> Result<(), String> {
+fn check_guarded(rng: &mut Rng, g: &mut Guarded, frame: &[u8], r: &Ref, got: &Verdict) -> Result<(), String> {
     let len = frame.len();
     if len > g.size {
         return Ok(());
@@ -1756,21 +1623,12 @@ impl Stats {
                 missing.push(format!("{o:?}"));
             }
         }
-        if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("never reached: {}", missing.join("; ")))
-        }
+        if missing.is_empty() { Ok(()) } else { Err(format!("never reached: {}", missing.join("; "))) }
     }
 }
 
 /// Every check on one frame; `Err` describes the first that failed.
-fn check_frame(
-    rng: &mut Rng,
-    g: &mut Guarded,
-    frame: &[u8],
-    stats: &mut Stats,
-) -> Result<(), String> {
+fn check_frame(rng: &mut Rng, g: &mut Guarded, frame: &[u8], stats: &mut Stats) -> Result<(), String> {
     let got = pcguard(frame);
     let r = reference(frame);
     if let Verdict::Malformed(m, _) = got {
@@ -1859,11 +1717,7 @@ fn parse_agrees_with_etherparse() {
             stats.merge(w.join().expect("fuzz worker panicked"));
         }
     });
-    println!(
-        "parse fuzz: seed {seed:#x}, {:.1} s\n{}",
-        started.elapsed().as_secs_f64(),
-        stats.summary()
-    );
+    println!("parse fuzz: seed {seed:#x}, {:.1} s\n{}", started.elapsed().as_secs_f64(), stats.summary());
     assert!(
         stats.failures == 0,
         "{} of {} frames failed; the first {}:\n\n{}",
@@ -1884,10 +1738,7 @@ fn parse_agrees_with_etherparse() {
 // ---------------------------------------------------------------------------
 
 fn frame_of(hexstr: &str) -> Vec<u8> {
-    (0..hexstr.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hexstr[i..i + 2], 16).unwrap())
-        .collect()
+    (0..hexstr.len()).step_by(2).map(|i| u8::from_str_radix(&hexstr[i..i + 2], 16).unwrap()).collect()
 }
 
 /// Ethernet, IPv4, TCP 40000 -> 22 SYN.
@@ -1904,33 +1755,16 @@ fn the_comparison_catches_disagreements() {
     let r = reference(&frame);
     let good = pcguard(&frame);
     assert_eq!(compare(&good, &r), Ok(Outcome::Agree("tcp")));
-    let Verdict::Ip(k) = good else {
-        panic!("{good:?}")
-    };
+    let Verdict::Ip(k) = good else { panic!("{good:?}") };
     // Each field pcguard reports, wrong.
     let wrong = [
         Key { dport: 23, ..k },
         Key { sport: 1, ..k },
-        Key {
-            tcp_flags: TCP_ACK,
-            ..k
-        },
-        Key {
-            proto: IPPROTO_UDP,
-            ..k
-        },
-        Key {
-            l4: L4::Fragment,
-            ..k
-        },
-        Key {
-            family: FAMILY_V6,
-            ..k
-        },
-        Key {
-            payload_len: 3,
-            ..k
-        },
+        Key { tcp_flags: TCP_ACK, ..k },
+        Key { proto: IPPROTO_UDP, ..k },
+        Key { l4: L4::Fragment, ..k },
+        Key { family: FAMILY_V6, ..k },
+        Key { payload_len: 3, ..k },
         Key { src: [9; 16], ..k },
     ];
     for w in wrong {
@@ -1955,24 +1789,12 @@ fn the_reference_knows_the_stricter_classes() {
     tiny[14 + 3] = 28; // total length
     tiny[14 + 6] = 0x20; // MF
     let r = reference(&tiny);
-    assert!(matches!(
-        r.verdict,
-        RefVerdict::Ip(RefPacket {
-            l4: RefL4::TinyFirstFragment,
-            ..
-        })
-    ));
+    assert!(matches!(r.verdict, RefVerdict::Ip(RefPacket { l4: RefL4::TinyFirstFragment, .. })));
     let got = pcguard(&tiny);
-    assert_eq!(
-        compare(&got, &r),
-        Ok(Outcome::Stricter("tiny first fragment (RFC 1858)"))
-    );
+    assert_eq!(compare(&got, &r), Ok(Outcome::Stricter("tiny first fragment (RFC 1858)")));
     // Unfragmented, the same datagram is malformed for both.
     tiny[14 + 6] = 0;
-    assert_eq!(
-        compare(&pcguard(&tiny), &reference(&tiny)),
-        Ok(Outcome::BothMalformed)
-    );
+    assert_eq!(compare(&pcguard(&tiny), &reference(&tiny)), Ok(Outcome::BothMalformed));
 }
 
 #[test]
@@ -1987,20 +1809,10 @@ fn ipv6_stops_are_translated() {
     f.extend([6, 200, 0, 0, 0, 0, 0, 0]);
     let r = reference(&f);
     assert!(
-        matches!(
-            r.verdict,
-            RefVerdict::Ip(RefPacket {
-                proto: NEXTHDR_DEST,
-                l4: RefL4::Fragment { offset: 2 },
-                ..
-            })
-        ),
+        matches!(r.verdict, RefVerdict::Ip(RefPacket { proto: NEXTHDR_DEST, l4: RefL4::Fragment { offset: 2 }, .. })),
         "{r:?}"
     );
-    assert_eq!(
-        compare(&pcguard(&f), &r),
-        Ok(Outcome::Agree("non-first fragment"))
-    );
+    assert_eq!(compare(&pcguard(&f), &r), Ok(Outcome::Agree("non-first fragment")));
 }
 
 /// A read past the frame's end is caught: a child process reads the byte
@@ -2029,8 +1841,5 @@ fn the_guard_page_catches_a_read_past_the_frame() {
         assert_eq!(libc::WEXITSTATUS(status), GUARD_HIT_EXIT);
     }
     // And the frame itself reads fine there.
-    assert_eq!(
-        g.parse(&frame, frame.len(), frame.len(), true),
-        pcguard(&frame)
-    );
+    assert_eq!(g.parse(&frame, frame.len(), frame.len(), true), pcguard(&frame));
 }

@@ -2,13 +2,18 @@
 //! feature keys, with role defaults and the check that every enabled
 //! feature has the peers it needs.
 
-use super::raw::RawConfig;
-use super::{ConfigError, Ctx, Role, service_peers};
-use crate::catalog::Catalog;
-use crate::model::{Cidr, PortRange};
-use std::collections::{BTreeMap, BTreeSet};
-use std::ops::Range;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ops::Range,
+};
+
 use toml::Value;
+
+use super::{ConfigError, Ctx, Role, raw::RawConfig, service_peers};
+use crate::{
+    catalog::Catalog,
+    model::{Cidr, PortRange},
+};
 
 /// How a `[features]` key's value maps to catalog feature keys.
 #[derive(Copy, Clone)]
@@ -29,10 +34,7 @@ const FEATURES: &[(&str, Kind)] = &[
     ("upstream", Kind::Flag("upstream")),
     ("job_ticketing", Kind::Flag("job_ticketing")),
     ("document_processing", Kind::Flag("document_processing")),
-    (
-        "document_processing_server",
-        Kind::Flag("document_processing_server"),
-    ),
+    ("document_processing_server", Kind::Flag("document_processing_server")),
     ("directory", Kind::List("directory")),
     ("database", Kind::One("database")),
     ("mfd", Kind::List("mfd")),
@@ -95,26 +97,14 @@ struct Setting<'a> {
     explicit: bool,
 }
 
-pub fn resolve(
-    ctx: &Ctx,
-    raw: &RawConfig,
-    peers: &BTreeMap<String, Vec<Cidr>>,
-) -> Result<Resolved, ConfigError> {
+pub fn resolve(ctx: &Ctx, raw: &RawConfig, peers: &BTreeMap<String, Vec<Cidr>>) -> Result<Resolved, ConfigError> {
     let catalog = Catalog::builtin();
     check_keys(ctx, raw)?;
     let defaults = default_table(*raw.role.get_ref());
     let setting = |key: &str| -> Option<Setting> {
         match raw.features.get_key_value(key) {
-            Some((k, v)) => Some(Setting {
-                value: v.get_ref(),
-                span: k.span(),
-                explicit: true,
-            }),
-            None => defaults.get(key).map(|value| Setting {
-                value,
-                span: raw.role.span(),
-                explicit: false,
-            }),
+            Some((k, v)) => Some(Setting { value: v.get_ref(), span: k.span(), explicit: true }),
+            None => defaults.get(key).map(|value| Setting { value, span: raw.role.span(), explicit: false }),
         }
     };
     let mut requests = Vec::new();
@@ -125,11 +115,7 @@ pub fn resolve(
     }
     apply_cloud_regions(ctx, raw, &mut requests)?;
     requests.push(ssh_request(raw));
-    let mut resolved = Resolved {
-        features: BTreeSet::new(),
-        port_overrides: BTreeMap::new(),
-        notes: Vec::new(),
-    };
+    let mut resolved = Resolved { features: BTreeSet::new(), port_overrides: BTreeMap::new(), notes: Vec::new() };
     for r in requests {
         check_peers(ctx, catalog, peers, &r, &mut resolved)?;
     }
@@ -145,30 +131,17 @@ fn default_table(role: Role) -> toml::Table {
 
 fn check_keys(ctx: &Ctx, raw: &RawConfig) -> Result<(), ConfigError> {
     let known = || FEATURES.iter().map(|(k, _)| *k).chain([DATABASE_PORT]);
-    match raw
-        .features
-        .keys()
-        .find(|k| !known().any(|n| n == k.get_ref().as_str()))
-    {
+    match raw.features.keys().find(|k| !known().any(|n| n == k.get_ref().as_str())) {
         Some(k) => Err(ctx.error(
             Some(k.span()),
             format!("features.{}", k.get_ref()),
-            format!(
-                "unknown feature (known: {})",
-                known().collect::<Vec<_>>().join(", ")
-            ),
+            format!("unknown feature (known: {})", known().collect::<Vec<_>>().join(", ")),
         )),
         None => Ok(()),
     }
 }
 
-fn expand(
-    ctx: &Ctx,
-    catalog: &Catalog,
-    key: &str,
-    kind: Kind,
-    s: &Setting,
-) -> Result<Vec<Request>, ConfigError> {
+fn expand(ctx: &Ctx, catalog: &Catalog, key: &str, kind: Kind, s: &Setting) -> Result<Vec<Request>, ConfigError> {
     let full_key = format!("features.{key}");
     let bad = |msg: String| ctx.error(Some(s.span.clone()), full_key.as_str(), msg);
     let request = |label: &str, feature: String| Request {
@@ -180,40 +153,24 @@ fn expand(
     };
     match kind {
         Kind::Flag(feature) => match s.value.as_bool() {
-            Some(on) => Ok(if on {
-                vec![request("", feature.to_string())]
-            } else {
-                vec![]
-            }),
+            Some(on) => Ok(if on { vec![request("", feature.to_string())] } else { vec![] }),
             None => Err(bad("expected true or false".into())),
         },
         Kind::List(ns) => {
-            let items = s
-                .value
-                .as_array()
-                .ok_or_else(|| bad("expected a list of names".into()))?;
+            let items = s.value.as_array().ok_or_else(|| bad("expected a list of names".into()))?;
             items
                 .iter()
                 .map(|v| {
-                    let name = v
-                        .as_str()
-                        .ok_or_else(|| bad("expected a list of names".into()))?;
+                    let name = v.as_str().ok_or_else(|| bad("expected a list of names".into()))?;
                     known_value(catalog, ns, name, &[]).map_err(bad)?;
                     Ok(request(name, format!("{ns}:{name}")))
                 })
                 .collect()
         }
         Kind::One(ns) => {
-            let name = s
-                .value
-                .as_str()
-                .ok_or_else(|| bad("expected a name".into()))?;
+            let name = s.value.as_str().ok_or_else(|| bad("expected a name".into()))?;
             known_value(catalog, ns, name, &NO_DATABASE).map_err(bad)?;
-            Ok(if NO_DATABASE.contains(&name) {
-                vec![]
-            } else {
-                vec![request(name, format!("{ns}:{name}"))]
-            })
+            Ok(if NO_DATABASE.contains(&name) { vec![] } else { vec![request(name, format!("{ns}:{name}"))] })
         }
     }
 }
@@ -224,30 +181,16 @@ fn known_value(catalog: &Catalog, ns: &str, name: &str, extra: &[&str]) -> Resul
         known.retain(|v| *v != "wildcard");
     }
     known.extend(extra);
-    if known.contains(&name) {
-        Ok(())
-    } else {
-        Err(format!(
-            "unknown value \"{name}\" (known: {})",
-            known.join(", ")
-        ))
-    }
+    if known.contains(&name) { Ok(()) } else { Err(format!("unknown value \"{name}\" (known: {})", known.join(", "))) }
 }
 
 /// `cloud_regions` replaces the wildcard endpoint of `cloud_services` with
 /// the regions' specific endpoints.
-fn apply_cloud_regions(
-    ctx: &Ctx,
-    raw: &RawConfig,
-    requests: &mut Vec<Request>,
-) -> Result<(), ConfigError> {
+fn apply_cloud_regions(ctx: &Ctx, raw: &RawConfig, requests: &mut Vec<Request>) -> Result<(), ConfigError> {
     let Some((key, regions)) = raw.features.get_key_value("cloud_regions") else {
         return Ok(());
     };
-    let disabled = raw
-        .features
-        .get("cloud_services")
-        .is_some_and(|v| v.get_ref().as_bool() == Some(false));
+    let disabled = raw.features.get("cloud_services").is_some_and(|v| v.get_ref().as_bool() == Some(false));
     let non_empty = regions.get_ref().as_array().is_some_and(|a| !a.is_empty());
     if disabled && non_empty {
         return Err(ctx.error(
@@ -266,13 +209,7 @@ fn ssh_request(raw: &RawConfig) -> Request {
         None => (raw.role.span(), false, true),
     };
     let feature = if on { "admin_ssh" } else { "" }.to_string();
-    Request {
-        key: "always_allow.ssh".into(),
-        label: String::new(),
-        feature,
-        span,
-        explicit,
-    }
+    Request { key: "always_allow.ssh".into(), label: String::new(), feature, span, explicit }
 }
 
 /// Enables the feature when every (non-optional) service it brings has a
@@ -287,25 +224,19 @@ fn check_peers(
     if r.feature.is_empty() {
         return Ok(());
     }
-    let missing = catalog
-        .services_with_feature(&r.feature)
-        .find(|s| !s.optional_peers && service_peers(peers, s).is_empty());
+    let missing =
+        catalog.services_with_feature(&r.feature).find(|s| !s.optional_peers && service_peers(peers, s).is_empty());
     let Some(service) = missing else {
         out.features.insert(r.feature.clone());
         return Ok(());
     };
     let needs: Vec<String> = service.peers.iter().map(|p| format!("peers.{p}")).collect();
-    let what = if r.label.is_empty() {
-        String::new()
-    } else {
-        format!("\"{}\" ", r.label)
-    };
+    let what = if r.label.is_empty() { String::new() } else { format!("\"{}\" ", r.label) };
     let message = format!("{what}needs {} (for {})", one_of(&needs), service.id);
     if r.explicit {
         return Err(ctx.error(Some(r.span.clone()), r.key.as_str(), message));
     }
-    out.notes
-        .push(format!("{} (default) not enabled: {message}", r.key));
+    out.notes.push(format!("{} (default) not enabled: {message}", r.key));
     Ok(())
 }
 
@@ -332,22 +263,16 @@ fn database_port_override(
         .and_then(|p| u16::try_from(p).ok())
         .filter(|p| *p > 0)
         .ok_or_else(|| bad("expected a port number (1-65535)"))?;
-    let db = out
-        .features
-        .iter()
-        .find(|f| f.starts_with("database:"))
-        .cloned();
+    let db = out.features.iter().find(|f| f.starts_with("database:")).cloned();
     let db = db.ok_or_else(|| bad("needs features.database (an external database)"))?;
     for s in catalog.services_with_feature(&db) {
-        out.port_overrides
-            .insert(s.id.clone(), vec![PortRange::single(port)]);
+        out.port_overrides.insert(s.id.clone(), vec![PortRange::single(port)]);
     }
     Ok(())
 }
 
 fn ssh_port_override(raw: &RawConfig, out: &mut Resolved) {
     if let Some(port) = &raw.always_allow.ssh_port {
-        out.port_overrides
-            .insert("admin-ssh".to_string(), vec![*port.get_ref()]);
+        out.port_overrides.insert("admin-ssh".to_string(), vec![*port.get_ref()]);
     }
 }

@@ -1,16 +1,16 @@
 //! The site config as written (serde, `deny_unknown_fields`), before
 //! validation. Values that semantic errors point at are `Spanned`.
 
+use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::{
+    Deserialize,
+    de::{self, Deserializer, Visitor},
+};
+use toml::Spanned;
+
 use super::{Mode, Role};
 use crate::model::{Direction, PortRange, Protocol};
-use serde::Deserialize;
-use serde::de::{self, Deserializer, Visitor};
-use std::collections::BTreeMap;
-use std::fmt;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
-use toml::Spanned;
 
 pub type SpannedList = Spanned<Vec<Spanned<String>>>;
 
@@ -100,18 +100,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration \"{s}\" (e.g. 30, \"90s\", \"5m\", \"2h\")"))?;
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration \"{s}\" (e.g. 30, \"90s\", \"5m\", \"2h\")"))?;
     let scale = match unit.trim() {
         "" | "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86400,
         u => {
-            return Err(format!(
-                "invalid duration unit \"{u}\" in \"{s}\" (s, m, h or d)"
-            ));
+            return Err(format!("invalid duration unit \"{u}\" in \"{s}\" (s, m, h or d)"));
         }
     };
     Ok(Duration::from_secs(n.saturating_mul(scale)))
@@ -127,9 +123,7 @@ impl Visitor<'_> for SecondsVisitor {
     }
 
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<Seconds, E> {
-        u64::try_from(v)
-            .map(|s| Seconds(Duration::from_secs(s)))
-            .map_err(|_| E::custom("negative duration"))
+        u64::try_from(v).map(|s| Seconds(Duration::from_secs(s))).map_err(|_| E::custom("negative duration"))
     }
 
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Seconds, E> {

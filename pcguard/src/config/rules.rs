@@ -1,11 +1,13 @@
 //! `[[rule]]` and `[[always_allow.rule]]`: names, ports, peers, and no two
 //! rules of a table claiming the same port for the same peer class.
 
-use super::raw::RawRule;
-use super::{CLASS_ANY_NAME, ConfigError, Ctx, SiteRule};
-use crate::catalog::Catalog;
-use crate::model::{Cidr, first_overlap};
 use std::collections::{BTreeMap, HashSet};
+
+use super::{CLASS_ANY_NAME, ConfigError, Ctx, SiteRule, raw::RawRule};
+use crate::{
+    catalog::Catalog,
+    model::{Cidr, first_overlap},
+};
 
 /// Names used by the compiled policy itself (rule 0, the `other` label).
 const RESERVED_NAMES: [&str; 3] = ["none", "other", "any"];
@@ -32,28 +34,16 @@ pub fn validate(
             direction: r.direction,
             protocol: r.protocol,
             ports: r.ports.get_ref().clone(),
-            peers: r
-                .peers
-                .get_ref()
-                .iter()
-                .map(|p| p.get_ref().clone())
-                .collect(),
+            peers: r.peers.get_ref().iter().map(|p| p.get_ref().clone()).collect(),
         });
     }
     Ok(rules)
 }
 
-fn check_name(
-    ctx: &Ctx,
-    r: &RawRule,
-    key: &str,
-    names: &mut HashSet<String>,
-) -> Result<(), ConfigError> {
+fn check_name(ctx: &Ctx, r: &RawRule, key: &str, names: &mut HashSet<String>) -> Result<(), ConfigError> {
     let name = r.name.get_ref();
     let why = if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
     {
         "rule names are lowercase letters, digits, '-' and '_'".to_string()
     } else if Catalog::builtin().service(name).is_some() {
@@ -78,19 +68,10 @@ fn check_ports(ctx: &Ctx, r: &RawRule, key: &str) -> Result<(), ConfigError> {
     Err(ctx.error(Some(r.ports.span()), format!("{key}.ports"), why))
 }
 
-fn check_peers(
-    ctx: &Ctx,
-    r: &RawRule,
-    key: &str,
-    peers: &BTreeMap<String, Vec<Cidr>>,
-) -> Result<(), ConfigError> {
+fn check_peers(ctx: &Ctx, r: &RawRule, key: &str, peers: &BTreeMap<String, Vec<Cidr>>) -> Result<(), ConfigError> {
     let list = r.peers.get_ref();
     if list.is_empty() {
-        return Err(ctx.error(
-            Some(r.peers.span()),
-            format!("{key}.peers"),
-            "at least one peer class is required",
-        ));
+        return Err(ctx.error(Some(r.peers.span()), format!("{key}.peers"), "at least one peer class is required"));
     }
     let builtin = Catalog::builtin().class_names();
     for p in list {
@@ -110,36 +91,16 @@ fn check_peers(
 
 /// Two rules of the same table, direction and protocol may not share a
 /// port for the same peer class: which one counts would be ambiguous.
-fn check_no_conflict(
-    ctx: &Ctx,
-    r: &RawRule,
-    key: &str,
-    earlier: &[SiteRule],
-) -> Result<(), ConfigError> {
-    let classes: HashSet<&str> = r
-        .peers
-        .get_ref()
-        .iter()
-        .map(|p| p.get_ref().as_str())
-        .collect();
-    for other in earlier
-        .iter()
-        .filter(|o| o.direction == r.direction && o.protocol == r.protocol)
-    {
+fn check_no_conflict(ctx: &Ctx, r: &RawRule, key: &str, earlier: &[SiteRule]) -> Result<(), ConfigError> {
+    let classes: HashSet<&str> = r.peers.get_ref().iter().map(|p| p.get_ref().as_str()).collect();
+    for other in earlier.iter().filter(|o| o.direction == r.direction && o.protocol == r.protocol) {
         let shared = other.peers.iter().find(|p| classes.contains(p.as_str()));
-        let overlap = r
-            .ports
-            .get_ref()
-            .iter()
-            .find_map(|a| other.ports.iter().find(|b| a.overlaps(b)).map(|b| (a, b)));
+        let overlap = r.ports.get_ref().iter().find_map(|a| other.ports.iter().find(|b| a.overlaps(b)).map(|b| (a, b)));
         if let (Some(class), Some((a, b))) = (shared, overlap) {
             return Err(ctx.error(
                 Some(r.ports.span()),
                 format!("{key}.ports"),
-                format!(
-                    "port {a} overlaps port {b} of rule \"{}\" for peer class \"{class}\"",
-                    other.name
-                ),
+                format!("port {a} overlaps port {b} of rule \"{}\" for peer class \"{class}\"", other.name),
             ));
         }
     }

@@ -2,17 +2,12 @@
 //! dotted key in effect at an offset (for TOML parse errors, which carry a
 //! span but no key path).
 
-use std::collections::HashMap;
-use std::ops::Range;
+use std::{collections::HashMap, ops::Range};
 
 /// 1-based line number of a byte offset.
 pub fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
+    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
 }
 
 /// 1-based line of the start of a span, if any.
@@ -51,10 +46,7 @@ fn keys_before(text: &str, include: impl Fn(usize) -> bool) -> (String, String) 
         let t = l.trim();
         if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
             let name = name.trim().to_string();
-            let n = arrays
-                .entry(name.clone())
-                .and_modify(|n| *n += 1)
-                .or_insert(0);
+            let n = arrays.entry(name.clone()).and_modify(|n| *n += 1).or_insert(0);
             table = format!("{name}[{n}]");
             key.clear();
         } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
@@ -82,9 +74,7 @@ fn assigned_key(line: &str) -> Option<String> {
     }
     let (k, _) = line.split_once('=')?;
     let k = k.trim();
-    let is_key = !k.is_empty()
-        && k.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_-.\"' ".contains(c));
+    let is_key = !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || "_-.\"' ".contains(c));
     is_key.then(|| k.replace(['"', '\''], ""))
 }
 
@@ -99,19 +89,10 @@ mod tests {
         assert_eq!(line_of(TEXT, 0), 1);
         let cidr = TEXT.find("10.0.0.0").unwrap();
         assert_eq!(line_of(TEXT, cidr), 4);
-        assert_eq!(
-            key_at(TEXT, cidr),
-            ("peers".to_string(), "workstations".to_string())
-        );
+        assert_eq!(key_at(TEXT, cidr), ("peers".to_string(), "workstations".to_string()));
         let ports = TEXT.find("ports").unwrap();
-        assert_eq!(
-            key_at(TEXT, ports),
-            ("rule[1]".to_string(), "ports".to_string())
-        );
-        assert_eq!(
-            key_at(TEXT, TEXT.find("[peers]").unwrap()),
-            ("peers".to_string(), String::new())
-        );
+        assert_eq!(key_at(TEXT, ports), ("rule[1]".to_string(), "ports".to_string()));
+        assert_eq!(key_at(TEXT, TEXT.find("[peers]").unwrap()), ("peers".to_string(), String::new()));
         // A syntax error noticed at the start of the next statement belongs
         // to the one before.
         let unclosed = "[peers]\nworkstations = [\"10.0.0.0/8\"\nadmin = [\"10.1.1.1\"]\n";

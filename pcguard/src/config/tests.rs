@@ -1,5 +1,6 @@
-use super::*;
 use std::path::PathBuf;
+
+use super::*;
 
 const LAB: &str = include_str!("../../../examples/lab.toml");
 
@@ -10,9 +11,7 @@ fn parse_with(body: &str) -> Result<SiteConfig, ConfigError> {
 }
 
 fn error(body: &str) -> String {
-    parse_with(body)
-        .expect_err("config should be rejected")
-        .to_string()
+    parse_with(body).expect_err("config should be rejected").to_string()
 }
 
 fn examples_dir() -> PathBuf {
@@ -34,28 +33,11 @@ fn lab_config_has_what_the_daemon_needs() {
     assert_eq!(cfg.conntrack.tcp_closing, DEFAULT_TCP_CLOSING_TIMEOUT);
     assert_eq!(
         cfg.peers["workstations"],
-        vec![
-            "10.77.0.2/32".parse::<Cidr>().unwrap(),
-            "fd77::2/128".parse().unwrap()
-        ]
+        vec!["10.77.0.2/32".parse::<Cidr>().unwrap(), "fd77::2/128".parse().unwrap()]
     );
     let features: Vec<&str> = cfg.features.iter().map(String::as_str).collect();
-    assert_eq!(
-        features,
-        [
-            "admin_ssh",
-            "database:postgresql",
-            "device_rpc",
-            "directory:ldap",
-            "mfd:hp",
-            "web"
-        ]
-    );
-    assert!(
-        cfg.notes.iter().any(|n| n.contains("features.dns")),
-        "{:?}",
-        cfg.notes
-    );
+    assert_eq!(features, ["admin_ssh", "database:postgresql", "device_rpc", "directory:ldap", "mfd:hp", "web"]);
+    assert!(cfg.notes.iter().any(|n| n.contains("features.dns")), "{:?}", cfg.notes);
 }
 
 #[test]
@@ -81,28 +63,16 @@ fn defaults() {
     assert!(cfg.features.contains("web"));
     // device_rpc is a primary default, skipped (with a note) without devices.
     assert!(!cfg.features.contains("device_rpc"));
-    assert!(
-        cfg.notes
-            .iter()
-            .any(|n| n.contains("features.device_rpc (default) not enabled: needs peers.devices"))
-    );
+    assert!(cfg.notes.iter().any(|n| n.contains("features.device_rpc (default) not enabled: needs peers.devices")));
     // Enforce without admin: lock-out warning.
-    assert!(
-        cfg.notes
-            .iter()
-            .any(|n| n.contains("lock") || n.contains("SSH"))
-    );
+    assert!(cfg.notes.iter().any(|n| n.contains("lock") || n.contains("SSH")));
 }
 
 #[test]
 fn monitor_mode_and_separate_egress_mode() {
-    let text =
-        HEAD.replace("enforce", "monitor") + "egress_mode = \"enforce\"\nallow_icmp = false\n";
+    let text = HEAD.replace("enforce", "monitor") + "egress_mode = \"enforce\"\nallow_icmp = false\n";
     let cfg = parse(&text, "m.toml").unwrap();
-    assert_eq!(
-        (cfg.mode, cfg.egress_mode, cfg.allow_icmp),
-        (Mode::Monitor, Mode::Enforce, false)
-    );
+    assert_eq!((cfg.mode, cfg.egress_mode, cfg.allow_icmp), (Mode::Monitor, Mode::Enforce, false));
     assert!(!cfg.notes.iter().any(|n| n.contains("SSH")));
 }
 
@@ -127,8 +97,7 @@ fn role_defaults_per_role() {
 
 #[test]
 fn explicit_false_overrides_role_default() {
-    let cfg = parse_with("[peers]\nworkstations = [\"192.0.2.0/24\"]\n[features]\nweb = false\n")
-        .unwrap();
+    let cfg = parse_with("[peers]\nworkstations = [\"192.0.2.0/24\"]\n[features]\nweb = false\n").unwrap();
     assert!(!cfg.features.contains("web"));
 }
 
@@ -144,78 +113,41 @@ fn invalid_cidr_names_file_line_and_key() {
     );
     assert_eq!(e.line, Some(9));
     assert!(error("[peers]\ndevices = [\"10.1.2.3/24\"]\n").contains("did you mean 10.1.2.0/24?"));
-    assert!(
-        error("[peers]\ndevices = [\"fe80::zz\"]\n")
-            .contains("site.toml:5: peers.devices: invalid CIDR")
-    );
+    assert!(error("[peers]\ndevices = [\"fe80::zz\"]\n").contains("site.toml:5: peers.devices: invalid CIDR"));
 }
 
 #[test]
 fn unknown_keys_are_rejected_with_their_line() {
-    let e = error(
-        "[peers]\nworkstations = [\"192.0.2.0/24\"]\n\n[audit]\npath = \"/x\"\nrotate = true\n",
-    );
-    assert!(
-        e.starts_with("site.toml:9: audit.rotate: unknown field `rotate`"),
-        "{e}"
-    );
+    let e = error("[peers]\nworkstations = [\"192.0.2.0/24\"]\n\n[audit]\npath = \"/x\"\nrotate = true\n");
+    assert!(e.starts_with("site.toml:9: audit.rotate: unknown field `rotate`"), "{e}");
     let e = error("colour = \"blue\"\n");
-    assert!(
-        e.starts_with("site.toml:4: colour: unknown field `colour`"),
-        "{e}"
-    );
+    assert!(e.starts_with("site.toml:4: colour: unknown field `colour`"), "{e}");
     let e = error("[features]\nweb = true\nprinters = true\n");
-    assert!(
-        e.starts_with("site.toml:6: features.printers: unknown feature"),
-        "{e}"
-    );
+    assert!(e.starts_with("site.toml:6: features.printers: unknown feature"), "{e}");
     let e = error(
         "[[rule]]\nname = \"x\"\ndirection = \"inbound\"\nprotocol = \"tcp\"\nports = [1]\npeers = [\"any\"]\nextra = 1\n",
     );
-    assert!(
-        e.starts_with("site.toml:10: rule[0].extra: unknown field `extra`"),
-        "{e}"
-    );
+    assert!(e.starts_with("site.toml:10: rule[0].extra: unknown field `extra`"), "{e}");
 }
 
 #[test]
 fn syntax_and_type_errors() {
     assert!(error("[peers\n").starts_with("site.toml:4"));
-    let e = parse("interfaces = [\"eth0\"]\nmode = \"enforce\"\n", "x.toml")
-        .unwrap_err()
-        .to_string();
+    let e = parse("interfaces = [\"eth0\"]\nmode = \"enforce\"\n", "x.toml").unwrap_err().to_string();
     assert!(e.contains("missing field `role`"), "{e}");
+    assert!(error("egress_mode = \"log\"\n").starts_with("site.toml:4: egress_mode: unknown variant `log`"));
+    let e = parse(&HEAD.replace("\"primary\"", "\"tertiary\""), "x.toml").unwrap_err().to_string();
+    assert!(e.starts_with("x.toml:1: role: unknown variant `tertiary`"), "{e}");
+    assert!(error("[metrics]\nlisten = \"localhost\"\n").starts_with("site.toml:5: metrics.listen:"));
+    assert!(error("[conntrack]\ntcp_timeout = \"5 weeks\"\n").contains("conntrack.tcp_timeout: invalid duration"));
     assert!(
-        error("egress_mode = \"log\"\n")
-            .starts_with("site.toml:4: egress_mode: unknown variant `log`")
-    );
-    let e = parse(&HEAD.replace("\"primary\"", "\"tertiary\""), "x.toml")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.starts_with("x.toml:1: role: unknown variant `tertiary`"),
-        "{e}"
-    );
-    assert!(
-        error("[metrics]\nlisten = \"localhost\"\n").starts_with("site.toml:5: metrics.listen:")
-    );
-    assert!(
-        error("[conntrack]\ntcp_timeout = \"5 weeks\"\n")
-            .contains("conntrack.tcp_timeout: invalid duration")
-    );
-    assert!(
-        error("[conntrack]\nudp_timeout = 0\n")
-            .contains("site.toml:5: conntrack.udp_timeout: must be greater than 0")
+        error("[conntrack]\nudp_timeout = 0\n").contains("site.toml:5: conntrack.udp_timeout: must be greater than 0")
     );
 }
 
 #[test]
 fn interfaces_are_checked() {
-    let bad = |list: &str| {
-        parse(&HEAD.replace("[\"eth0\"]", list), "i.toml")
-            .unwrap_err()
-            .to_string()
-    };
+    let bad = |list: &str| parse(&HEAD.replace("[\"eth0\"]", list), "i.toml").unwrap_err().to_string();
     assert!(bad("[]").contains("interfaces: at least one interface"));
     assert!(bad("[\"eth0\", \"eth0\"]").contains("\"eth0\": duplicate interface"));
     assert!(bad("[\"a-very-long-interface-name\"]").contains("invalid interface name"));
@@ -224,15 +156,9 @@ fn interfaces_are_checked() {
 #[test]
 fn unknown_vendor_and_feature_values() {
     let e = error("[peers]\ndevices = [\"192.0.2.0/24\"]\n[features]\nmfd = [\"hp\", \"hpx\"]\n");
-    assert!(
-        e.starts_with("site.toml:7: features.mfd: unknown value \"hpx\" (known: brother, canon,"),
-        "{e}"
-    );
+    assert!(e.starts_with("site.toml:7: features.mfd: unknown value \"hpx\" (known: brother, canon,"), "{e}");
     let e = error("[features]\ndatabase = \"mongodb\"\n");
-    assert!(
-        e.contains("features.database: unknown value \"mongodb\""),
-        "{e}"
-    );
+    assert!(e.contains("features.database: unknown value \"mongodb\""), "{e}");
     assert!(error("[features]\nweb = \"yes\"\n").contains("features.web: expected true or false"));
     assert!(error("[features]\nmfd = \"hp\"\n").contains("features.mfd: expected a list of names"));
     let cfg = parse_with("[features]\ndatabase = \"internal\"\nweb = false\n").unwrap();
@@ -241,58 +167,39 @@ fn unknown_vendor_and_feature_values() {
 
 #[test]
 fn feature_without_its_peers_is_an_error() {
-    let e = error(
-        "[peers]\nworkstations = [\"192.0.2.0/24\"]\n\n[features]\nmfd = [\"konica-minolta\"]\n",
-    );
-    assert_eq!(
-        e,
-        "site.toml:8: features.mfd: \"konica-minolta\" needs peers.devices (for konica-minolta-inbound)"
-    );
+    let e = error("[peers]\nworkstations = [\"192.0.2.0/24\"]\n\n[features]\nmfd = [\"konica-minolta\"]\n");
+    assert_eq!(e, "site.toml:8: features.mfd: \"konica-minolta\" needs peers.devices (for konica-minolta-inbound)");
     let e = error("[features]\nweb = true\n");
-    assert!(
-        e.contains(
-            "features.web: needs one of peers.workstations, peers.secondary_servers, peers.admin"
-        ),
-        "{e}"
-    );
-    let e = error(
-        "[peers]\nworkstations = [\"192.0.2.0/24\"]\n[features]\ndirectory = [\"active-directory\"]\n",
-    );
+    assert!(e.contains("features.web: needs one of peers.workstations, peers.secondary_servers, peers.admin"), "{e}");
+    let e = error("[peers]\nworkstations = [\"192.0.2.0/24\"]\n[features]\ndirectory = [\"active-directory\"]\n");
     assert!(e.contains("needs peers.directory (for ad-smb)"), "{e}");
     // Cloud services bring their own endpoints (FQDNs / IPs).
-    let cfg = parse_with("[peers]\nworkstations = [\"192.0.2.0/24\"]\n[features]\nges = true\ncloud_services = true\n").unwrap();
+    let cfg = parse_with("[peers]\nworkstations = [\"192.0.2.0/24\"]\n[features]\nges = true\ncloud_services = true\n")
+        .unwrap();
     assert!(cfg.features.contains("ges") && cfg.features.contains("cloud_services:wildcard"));
     // Universal Print's internal port is optional when there is no other connector.
-    let cfg = parse_with(
-        "[peers]\nworkstations = [\"192.0.2.0/24\"]\n[features]\nuniversal_print = true\n",
-    )
-    .unwrap();
+    let cfg = parse_with("[peers]\nworkstations = [\"192.0.2.0/24\"]\n[features]\nuniversal_print = true\n").unwrap();
     assert!(cfg.features.contains("universal_print"));
 }
 
 #[test]
 fn unknown_and_custom_peer_classes() {
     let e = error("[peers]\nworkstation = [\"192.0.2.0/24\"]\n");
-    assert!(e.starts_with("site.toml:5: peers.workstation: unknown peer class \"workstation\" (built-in classes: workstations,"), "{e}");
     assert!(
-        error("[peers]\nany = [\"192.0.2.0/24\"]\n").contains("peers.any: \"any\" is built in")
+        e.starts_with(
+            "site.toml:5: peers.workstation: unknown peer class \"workstation\" (built-in classes: workstations,"
+        ),
+        "{e}"
     );
+    assert!(error("[peers]\nany = [\"192.0.2.0/24\"]\n").contains("peers.any: \"any\" is built in"));
     assert!(error("[peers]\nBackup = [\"192.0.2.0/24\"]\n").contains("lowercase"));
     let rule = "[[rule]]\nname = \"backup\"\ndirection = \"inbound\"\nprotocol = \"tcp\"\nports = [9102]\npeers = [\"backup\"]\n";
     let cfg = parse_with(&format!("[peers]\nbackup = [\"192.0.2.9\"]\n{rule}")).unwrap();
     assert_eq!(cfg.rules[0].peers, vec!["backup"]);
     let e = error(rule);
-    assert!(
-        e.starts_with(
-            "site.toml:9: rule[0].peers: unknown peer class \"backup\" (define it in [peers])"
-        ),
-        "{e}"
-    );
+    assert!(e.starts_with("site.toml:9: rule[0].peers: unknown peer class \"backup\" (define it in [peers])"), "{e}");
     let e = error(&rule.replace("\"backup\"]", "\"devices\"]"));
-    assert!(
-        e.contains("rule[0].peers: peer class \"devices\" has no addresses in [peers]"),
-        "{e}"
-    );
+    assert!(e.contains("rule[0].peers: peer class \"devices\" has no addresses in [peers]"), "{e}");
 }
 
 fn rule(name: &str, ports: &str, peers: &str) -> String {
@@ -304,36 +211,22 @@ fn rule(name: &str, ports: &str, peers: &str) -> String {
 #[test]
 fn site_rules_are_validated() {
     let peers = "[peers]\nadmin = [\"192.0.2.7\"]\nworkstations = [\"192.0.2.0/24\"]\n";
-    let ok = parse_with(&format!(
-        "{peers}{}",
-        rule("backup", "[9102, \"10000-10010\"]", "[\"admin\"]")
-    ))
-    .unwrap();
-    assert_eq!(
-        ok.rules[0].ports,
-        vec![
-            PortRange::single(9102),
-            PortRange {
-                start: 10000,
-                end: 10010
-            }
-        ]
-    );
-    let e = error(&format!(
-        "{peers}{}",
-        rule("a", "[\"100-200\", 150]", "[\"admin\"]")
-    ));
-    assert!(
-        e.contains("site.toml:11: rule[0].ports: ports 100-200 and 150 overlap"),
-        "{e}"
-    );
+    let ok = parse_with(&format!("{peers}{}", rule("backup", "[9102, \"10000-10010\"]", "[\"admin\"]"))).unwrap();
+    assert_eq!(ok.rules[0].ports, vec![PortRange::single(9102), PortRange { start: 10000, end: 10010 }]);
+    let e = error(&format!("{peers}{}", rule("a", "[\"100-200\", 150]", "[\"admin\"]")));
+    assert!(e.contains("site.toml:11: rule[0].ports: ports 100-200 and 150 overlap"), "{e}");
     let two = format!(
         "{peers}{}{}",
         rule("a", "[\"100-200\"]", "[\"admin\"]"),
         rule("b", "[150]", "[\"workstations\", \"admin\"]")
     );
     let e = error(&two);
-    assert!(e.contains("site.toml:17: rule[1].ports: port 150 overlaps port 100-200 of rule \"a\" for peer class \"admin\""), "{e}");
+    assert!(
+        e.contains(
+            "site.toml:17: rule[1].ports: port 150 overlaps port 100-200 of rule \"a\" for peer class \"admin\""
+        ),
+        "{e}"
+    );
     // Same ports for different classes is fine.
     parse_with(&format!(
         "{peers}{}{}",
@@ -341,31 +234,14 @@ fn site_rules_are_validated() {
         rule("b", "[150]", "[\"workstations\"]")
     ))
     .unwrap();
-    let dup = format!(
-        "{peers}{}{}",
-        rule("a", "[1]", "[\"admin\"]"),
-        rule("a", "[2]", "[\"admin\"]")
-    );
+    let dup = format!("{peers}{}{}", rule("a", "[1]", "[\"admin\"]"), rule("a", "[2]", "[\"admin\"]"));
     assert!(error(&dup).contains("rule[1].name: duplicate rule name \"a\""));
-    assert!(
-        error(&format!(
-            "{peers}{}",
-            rule("web-http", "[1]", "[\"admin\"]")
-        ))
-        .contains("is a catalog service id")
-    );
+    assert!(error(&format!("{peers}{}", rule("web-http", "[1]", "[\"admin\"]"))).contains("is a catalog service id"));
     let reserved = error(&format!("{peers}{}", rule("none", "[1]", "[\"admin\"]")));
-    assert!(
-        reserved.contains("rule[0].name: \"none\" is reserved"),
-        "{reserved}"
-    );
-    assert!(
-        error(&format!("{peers}{}", rule("a", "[]", "[\"admin\"]"))).contains("at least one port")
-    );
+    assert!(reserved.contains("rule[0].name: \"none\" is reserved"), "{reserved}");
+    assert!(error(&format!("{peers}{}", rule("a", "[]", "[\"admin\"]"))).contains("at least one port"));
     assert!(error(&format!("{peers}{}", rule("a", "[0]", "[\"admin\"]"))).contains("port 0"));
-    assert!(
-        error(&format!("{peers}{}", rule("a", "[1]", "[]"))).contains("at least one peer class")
-    );
+    assert!(error(&format!("{peers}{}", rule("a", "[1]", "[]"))).contains("at least one peer class"));
 }
 
 #[test]
@@ -374,73 +250,37 @@ fn always_allow_rules_and_ssh() {
                 [[always_allow.rule]]\nname = \"monitoring\"\ndirection = \"inbound\"\nprotocol = \"tcp\"\nports = [9100]\npeers = [\"admin\"]\n";
     let cfg = parse_with(text).unwrap();
     assert!(cfg.features.contains("admin_ssh"));
-    assert_eq!(
-        cfg.port_overrides["admin-ssh"],
-        vec![PortRange::single(2222)]
-    );
+    assert_eq!(cfg.port_overrides["admin-ssh"], vec![PortRange::single(2222)]);
     assert_eq!(cfg.always_allow[0].name, "monitoring");
     assert!(!cfg.notes.iter().any(|n| n.contains("SSH")));
-    let cfg =
-        parse_with("[peers]\nadmin = [\"192.0.2.7\"]\n[always_allow]\nssh = false\n").unwrap();
+    let cfg = parse_with("[peers]\nadmin = [\"192.0.2.7\"]\n[always_allow]\nssh = false\n").unwrap();
     assert!(!cfg.features.contains("admin_ssh"));
     let e = error("[always_allow]\nssh = true\n");
-    assert!(
-        e.contains("site.toml:5: always_allow.ssh: needs peers.admin (for admin-ssh)"),
-        "{e}"
-    );
+    assert!(e.contains("site.toml:5: always_allow.ssh: needs peers.admin (for admin-ssh)"), "{e}");
 }
 
 #[test]
 fn database_port_and_cloud_regions() {
     let peers = "[peers]\ndatabase = [\"192.0.2.6\"]\n";
-    let cfg = parse_with(&format!(
-        "{peers}[features]\ndatabase = \"sqlserver\"\ndatabase_port = 14330\n"
-    ))
-    .unwrap();
-    assert_eq!(
-        cfg.port_overrides["db-sqlserver"],
-        vec![PortRange::single(14330)]
-    );
+    let cfg = parse_with(&format!("{peers}[features]\ndatabase = \"sqlserver\"\ndatabase_port = 14330\n")).unwrap();
+    assert_eq!(cfg.port_overrides["db-sqlserver"], vec![PortRange::single(14330)]);
+    assert!(error(&format!("{peers}[features]\ndatabase_port = 5433\n")).contains("needs features.database"));
     assert!(
-        error(&format!("{peers}[features]\ndatabase_port = 5433\n"))
-            .contains("needs features.database")
+        error(&format!("{peers}[features]\ndatabase = \"mysql\"\ndatabase_port = 70000\n")).contains("expected a port")
     );
-    assert!(
-        error(&format!(
-            "{peers}[features]\ndatabase = \"mysql\"\ndatabase_port = 70000\n"
-        ))
-        .contains("expected a port")
-    );
-    let cfg =
-        parse_with("[features]\ncloud_services = true\ncloud_regions = [\"au\", \"legacy\"]\n")
-            .unwrap();
-    let cloud: Vec<&str> = cfg
-        .features
-        .iter()
-        .filter(|f| f.starts_with("cloud_services"))
-        .map(String::as_str)
-        .collect();
+    let cfg = parse_with("[features]\ncloud_services = true\ncloud_regions = [\"au\", \"legacy\"]\n").unwrap();
+    let cloud: Vec<&str> =
+        cfg.features.iter().filter(|f| f.starts_with("cloud_services")).map(String::as_str).collect();
     assert_eq!(cloud, ["cloud_services:au", "cloud_services:legacy"]);
-    assert!(
-        error("[features]\ncloud_services = false\ncloud_regions = [\"eu\"]\n")
-            .contains("features.cloud_regions")
-    );
+    assert!(error("[features]\ncloud_services = false\ncloud_regions = [\"eu\"]\n").contains("features.cloud_regions"));
     assert!(error("[features]\ncloud_regions = [\"mars\"]\n").contains("unknown value \"mars\""));
-    assert!(
-        error("[features]\ncloud_regions = [\"wildcard\"]\n")
-            .contains("unknown value \"wildcard\"")
-    );
+    assert!(error("[features]\ncloud_regions = [\"wildcard\"]\n").contains("unknown value \"wildcard\""));
 }
 
 #[test]
 fn load_reports_unreadable_files() {
-    let e = load(Path::new("/nonexistent/pcguard.toml"))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.starts_with("/nonexistent/pcguard.toml: cannot read:"),
-        "{e}"
-    );
+    let e = load(Path::new("/nonexistent/pcguard.toml")).unwrap_err().to_string();
+    assert!(e.starts_with("/nonexistent/pcguard.toml: cannot read:"), "{e}");
 }
 
 #[test]

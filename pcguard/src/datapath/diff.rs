@@ -18,7 +18,8 @@ use crate::{dns::LearnedWrite, policy::PeerPrefix};
 /// `want`: entries to insert or update, then addresses to remove.
 pub(super) fn learned_writes(held: &HashMap<IpAddr, u32>, want: &[(IpAddr, u32)]) -> (Vec<(IpAddr, u32)>, Vec<IpAddr>) {
     let wanted: HashMap<IpAddr, u32> = want.iter().copied().collect();
-    let mut set: Vec<(IpAddr, u32)> = wanted.iter().filter(|(a, b)| held.get(a) != Some(b)).map(|(a, b)| (*a, *b)).collect();
+    let mut set: Vec<(IpAddr, u32)> =
+        wanted.iter().filter(|(a, b)| held.get(a) != Some(b)).map(|(a, b)| (*a, *b)).collect();
     let mut remove: Vec<IpAddr> = held.keys().filter(|a| !wanted.contains_key(a)).copied().collect();
     set.sort();
     remove.sort();
@@ -63,11 +64,13 @@ pub(super) fn prefix_writes<const N: usize>(
     held: &[&[PeerPrefix<N>]],
     new: &[PeerPrefix<N>],
 ) -> (Vec<PeerPrefix<N>>, Vec<([u8; N], u32)>) {
-    let by_key =
-        |ps: &[PeerPrefix<N>]| -> BTreeMap<([u8; N], u32), u32> { ps.iter().map(|p| ((p.addr, p.prefix_len), p.mask)).collect() };
+    let by_key = |ps: &[PeerPrefix<N>]| -> BTreeMap<([u8; N], u32), u32> {
+        ps.iter().map(|p| ((p.addr, p.prefix_len), p.mask)).collect()
+    };
     let held: Vec<_> = held.iter().map(|h| by_key(h)).collect();
     let new = by_key(new);
-    let keys: BTreeSet<([u8; N], u32)> = held.iter().flat_map(|h| h.keys().copied()).chain(new.keys().copied()).collect();
+    let keys: BTreeSet<([u8; N], u32)> =
+        held.iter().flat_map(|h| h.keys().copied()).chain(new.keys().copied()).collect();
     let (mut set, mut remove) = (Vec::new(), Vec::new());
     for key @ (addr, prefix_len) in keys {
         let want = new.get(&key).copied();
@@ -137,7 +140,8 @@ mod tests {
         assert_eq!(port_writes(&[&old], &new), [(1, PortEntry::default()), (3, entry(1)), (4, entry(4))]);
         assert_eq!(port_writes(&[&new], &new), []);
         assert_eq!(slot_writes(&[&[slot(0), slot(1), slot(2)]], &[slot(0), slot(3)]), [(1, slot(3)), (2, slot(0))]);
-        let (set, remove) = prefix_writes(&[&[prefix(1, 32, 1), prefix(2, 32, 2)]], &[prefix(2, 32, 3), prefix(0, 8, 4)]);
+        let (set, remove) =
+            prefix_writes(&[&[prefix(1, 32, 1), prefix(2, 32, 2)]], &[prefix(2, 32, 3), prefix(0, 8, 4)]);
         assert_eq!(set, [prefix(0, 8, 4), prefix(2, 32, 3)]);
         assert_eq!(remove, [([10, 0, 0, 1], 32)]);
     }
@@ -154,7 +158,8 @@ mod tests {
             slot_writes(&[&[slot(0), slot(1)], &[slot(0), slot(2), slot(3)]], &[slot(0), slot(1)]),
             [(1, slot(1)), (2, slot(0))]
         );
-        let (set, remove) = prefix_writes(&[&[prefix(1, 32, 1)], &[prefix(1, 32, 2), prefix(2, 32, 2)]], &[prefix(1, 32, 1)]);
+        let (set, remove) =
+            prefix_writes(&[&[prefix(1, 32, 1)], &[prefix(1, 32, 2), prefix(2, 32, 2)]], &[prefix(1, 32, 1)]);
         assert_eq!((set, remove), (vec![prefix(1, 32, 1)], vec![([10, 0, 0, 2], 32)]));
     }
 
@@ -173,19 +178,28 @@ mod tests {
     #[test]
     fn one_failed_learned_write_never_stops_the_batch_and_absent_keys_count_as_deleted() {
         let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
-        let enoent =
-            || MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_delete_elem", io_error: std::io::ErrorKind::NotFound.into() });
-        let eperm = || MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_elem", io_error: std::io::ErrorKind::PermissionDenied.into() });
+        let enoent = || {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_delete_elem",
+                io_error: std::io::ErrorKind::NotFound.into(),
+            })
+        };
+        let eperm = || {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_update_elem",
+                io_error: std::io::ErrorKind::PermissionDenied.into(),
+            })
+        };
         let mut held: HashMap<IpAddr, u32> =
             [(ip("192.0.2.1"), 1), (ip("192.0.2.2"), 1), (ip("192.0.2.3"), 1), (ip("192.0.2.6"), 1)].into();
         let writes = [
-            LearnedWrite { addr: ip("192.0.2.1"), bits: None },     // the map lost it already: ENOENT
-            LearnedWrite { addr: ip("192.0.2.2"), bits: None },     // fails
-            LearnedWrite { addr: ip("192.0.2.3"), bits: Some(1) },  // held already: no call
-            LearnedWrite { addr: ip("192.0.2.4"), bits: Some(2) },  // fails
+            LearnedWrite { addr: ip("192.0.2.1"), bits: None }, // the map lost it already: ENOENT
+            LearnedWrite { addr: ip("192.0.2.2"), bits: None }, // fails
+            LearnedWrite { addr: ip("192.0.2.3"), bits: Some(1) }, // held already: no call
+            LearnedWrite { addr: ip("192.0.2.4"), bits: Some(2) }, // fails
             LearnedWrite { addr: ip("192.0.2.5"), bits: Some(4) },
-            LearnedWrite { addr: ip("192.0.2.6"), bits: None },     // the map lost it: KeyNotFound
-            LearnedWrite { addr: ip("192.0.2.8"), bits: None },     // not held: no call
+            LearnedWrite { addr: ip("192.0.2.6"), bits: None }, // the map lost it: KeyNotFound
+            LearnedWrite { addr: ip("192.0.2.8"), bits: None }, // not held: no call
         ];
         let mut calls = Vec::new();
         let (done, failed) = write_each(&mut held, &writes, |w| {
@@ -204,7 +218,8 @@ mod tests {
         let want: HashMap<IpAddr, u32> = [(ip("192.0.2.2"), 1), (ip("192.0.2.3"), 1), (ip("192.0.2.5"), 4)].into();
         assert_eq!(held, want);
         // An insert that reports "not found" is a failure, not a success.
-        let (done, failed) = write_each(&mut held, &[LearnedWrite { addr: ip("192.0.2.7"), bits: Some(1) }], |_| Err(enoent()));
+        let (done, failed) =
+            write_each(&mut held, &[LearnedWrite { addr: ip("192.0.2.7"), bits: Some(1) }], |_| Err(enoent()));
         assert_eq!((done.len(), failed.len()), (0, 1));
     }
 }

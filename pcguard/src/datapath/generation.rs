@@ -17,8 +17,8 @@ use aya::{
 };
 use log::{debug, info, warn};
 use pcguard_common::{
-    GEN_PREFIX_BITS, LearnedKey, NUM_GENERATIONS, PortEntry, PortSlot, Settings, names, peer_key_v4, peer_key_v6, ports_index,
-    slots_index,
+    GEN_PREFIX_BITS, LearnedKey, NUM_GENERATIONS, PortEntry, PortSlot, Settings, names, peer_key_v4, peer_key_v6,
+    ports_index, slots_index,
 };
 
 use super::{
@@ -113,7 +113,12 @@ impl Generations {
     /// what differs from what it held), switches `ACTIVE` to it, then
     /// removes the old generation's learned entries: see
     /// [`Datapath::apply`](super::Datapath::apply).
-    pub(super) fn apply(&mut self, ebpf: &mut Ebpf, policy: &CompiledPolicy, learned: &[(IpAddr, u32)]) -> Result<ApplyStats> {
+    pub(super) fn apply(
+        &mut self,
+        ebpf: &mut Ebpf,
+        policy: &CompiledPolicy,
+        learned: &[(IpAddr, u32)],
+    ) -> Result<ApplyStats> {
         let generation = self.active ^ 1;
         // Packets that read the old `ACTIVE` before the last switch may
         // still be using this generation.
@@ -168,9 +173,11 @@ impl Generations {
         let (set, remove) = learned_writes(&self.learned[generation as usize], want);
         let remove: Vec<LearnedWrite> = remove.into_iter().map(|addr| LearnedWrite { addr, bits: None }).collect();
         if let Some((addr, e)) = self.learned_batch(ebpf, generation, &remove)?.1.into_iter().next() {
-            return Err(anyhow::Error::new(e).context(format!("removing the stale learned address {addr} from generation {generation}")));
+            return Err(anyhow::Error::new(e)
+                .context(format!("removing the stale learned address {addr} from generation {generation}")));
         }
-        let set: Vec<LearnedWrite> = set.into_iter().map(|(addr, bits)| LearnedWrite { addr, bits: Some(bits) }).collect();
+        let set: Vec<LearnedWrite> =
+            set.into_iter().map(|(addr, bits)| LearnedWrite { addr, bits: Some(bits) }).collect();
         let (done, failed) = self.learned_batch(ebpf, generation, &set)?;
         stats.learned = done.len();
         stats.learned_failed = failed.len();
@@ -207,7 +214,8 @@ impl Generations {
         if writes.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
-        let mut map: BpfHashMap<&mut MapData, LearnedKey, u32> = BpfHashMap::try_from(maps::map_mut(ebpf, names::LEARNED)?)?;
+        let mut map: BpfHashMap<&mut MapData, LearnedKey, u32> =
+            BpfHashMap::try_from(maps::map_mut(ebpf, names::LEARNED)?)?;
         Ok(write_each(&mut self.learned[generation as usize], writes, |w| {
             let key = learned_key(generation, w.addr);
             match w.bits {
@@ -273,8 +281,10 @@ fn write_generation(
     stats: &mut ApplyStats,
 ) -> Result<()> {
     let slots = slot_writes(&held.iter().map(|p| p.slots.as_slice()).collect::<Vec<_>>(), &new.slots);
-    let (v4_set, v4_del) = prefix_writes(&held.iter().map(|p| p.peers_v4.as_slice()).collect::<Vec<_>>(), &new.peers_v4);
-    let (v6_set, v6_del) = prefix_writes(&held.iter().map(|p| p.peers_v6.as_slice()).collect::<Vec<_>>(), &new.peers_v6);
+    let (v4_set, v4_del) =
+        prefix_writes(&held.iter().map(|p| p.peers_v4.as_slice()).collect::<Vec<_>>(), &new.peers_v4);
+    let (v6_set, v6_del) =
+        prefix_writes(&held.iter().map(|p| p.peers_v6.as_slice()).collect::<Vec<_>>(), &new.peers_v6);
     let ports = port_writes(&held.iter().map(|p| p.ports.as_slice()).collect::<Vec<_>>(), &new.ports);
 
     let mut array: Array<&mut MapData, PortSlot> = Array::try_from(maps::map_mut(ebpf, names::SLOTS)?)?;

@@ -66,7 +66,9 @@ pub(super) fn seed_conntrack(ebpf: &mut Ebpf, seeds: &[Seed]) -> Result<SeedStat
     for seed in seeds {
         match map.insert(seed.flow_key(), seed.entry(now), BPF_NOEXIST) {
             Ok(()) => stats.inserted += 1,
-            Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::AlreadyExists => stats.existing += 1,
+            Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::AlreadyExists => {
+                stats.existing += 1
+            }
             Err(e) => return Err(e).with_context(|| format!("seeding conntrack with {}", seed.conn)),
         }
     }
@@ -182,7 +184,10 @@ mod tests {
             assert_eq!(learned_addr(&learned_key(1, a)), a);
         }
         let k = learned_key(1, "192.0.2.7".parse().unwrap());
-        assert_eq!((k.generation, k.family, k.addr[..4].to_vec(), k.addr[4..].iter().all(|&b| b == 0)), (1, FAMILY_V4, vec![192, 0, 2, 7], true));
+        assert_eq!(
+            (k.generation, k.family, k.addr[..4].to_vec(), k.addr[4..].iter().all(|&b| b == 0)),
+            (1, FAMILY_V4, vec![192, 0, 2, 7], true)
+        );
         let k = learned_key(0, "2001:db8::7".parse().unwrap());
         assert_eq!((k.generation, k.family, k.addr[0], k.addr[15]), (0, FAMILY_V6, 0x20, 7));
     }
@@ -190,7 +195,10 @@ mod tests {
     #[test]
     fn a_delete_of_an_absent_key_is_done_whichever_way_aya_reports_it() {
         let syscall = |kind: std::io::ErrorKind| {
-            MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_delete_elem", io_error: std::io::Error::from(kind) })
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_delete_elem",
+                io_error: std::io::Error::from(kind),
+            })
         };
         assert!(is_not_found(&MapError::KeyNotFound));
         assert!(is_not_found(&syscall(std::io::ErrorKind::NotFound)));

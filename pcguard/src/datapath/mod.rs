@@ -27,6 +27,11 @@ use aya::{
 use log::debug;
 
 use self::generation::Generations;
+pub use self::{
+    generation::ApplyStats,
+    maps::{SeedStats, is_not_found, learned_key, read_record},
+};
+pub use crate::attach::{AttachedInterface, Hook, MapSizes, XdpAttachMode};
 use crate::{
     attach::{self, Loaded, Pins},
     config::IngressHook,
@@ -35,12 +40,6 @@ use crate::{
     seed::Seed,
     sys,
 };
-
-pub use self::{
-    generation::ApplyStats,
-    maps::{SeedStats, is_not_found, learned_key, read_record},
-};
-pub use crate::attach::{AttachedInterface, Hook, MapSizes, XdpAttachMode};
 
 /// The eBPF object built by `build.rs` (pcguard-ebpf, bpfel-unknown-none).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pcguard-ebpf"));

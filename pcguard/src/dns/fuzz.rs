@@ -222,7 +222,8 @@ fn crafted(rng: &mut Rng) -> Vec<u8> {
             let names: Vec<String> = (0..n).map(|i| format!("n{i}.example")).collect();
             let next = |i: usize| if rng.chance(3) { names[0].clone() } else { names[(i + 1) % n].clone() };
             let targets: Vec<String> = (0..n).map(next).collect();
-            let rrs: Vec<build::Rr> = (0..n).map(|i| (names[i].as_str(), TYPE_CNAME, 60, build::name(&targets[i]))).collect();
+            let rrs: Vec<build::Rr> =
+                (0..n).map(|i| (names[i].as_str(), TYPE_CNAME, 60, build::name(&targets[i]))).collect();
             build::response(id, &names[0], TYPE_A, &rrs)
         }
     }

@@ -29,7 +29,8 @@ pub enum Forbidden {
 }
 
 impl Forbidden {
-    pub const ALL: [Forbidden; 4] = [Forbidden::Special, Forbidden::OwnAddress, Forbidden::Resolver, Forbidden::LocalClass];
+    pub const ALL: [Forbidden; 4] =
+        [Forbidden::Special, Forbidden::OwnAddress, Forbidden::Resolver, Forbidden::LocalClass];
 
     /// Label in metrics and audit records.
     pub const fn as_str(self) -> &'static str {
@@ -136,14 +137,40 @@ mod tests {
     #[test]
     fn special_addresses_are_never_learned() {
         for a in [
-            "0.0.0.0", "0.1.2.3", "127.0.0.1", "127.255.0.9", "169.254.1.1", "224.0.0.1", "239.255.255.250",
-            "255.255.255.255", "240.0.0.1", "::", "::1", "fe80::1", "febf::1", "ff02::1", "ff0e::fb",
-            "::ffff:127.0.0.1", "::ffff:0.0.0.0", "::ffff:224.0.0.1", "::ffff:169.254.9.9", "::ffff:255.255.255.255",
+            "0.0.0.0",
+            "0.1.2.3",
+            "127.0.0.1",
+            "127.255.0.9",
+            "169.254.1.1",
+            "224.0.0.1",
+            "239.255.255.250",
+            "255.255.255.255",
+            "240.0.0.1",
+            "::",
+            "::1",
+            "fe80::1",
+            "febf::1",
+            "ff02::1",
+            "ff0e::fb",
+            "::ffff:127.0.0.1",
+            "::ffff:0.0.0.0",
+            "::ffff:224.0.0.1",
+            "::ffff:169.254.9.9",
+            "::ffff:255.255.255.255",
         ] {
             assert!(is_special(ip(a)), "{a}");
             assert_eq!(Guard::default().check(ip(a), &policy()), Some(Forbidden::Special), "{a}");
         }
-        for a in ["203.0.113.7", "10.2.3.4", "169.253.0.1", "223.255.255.255", "2001:db8::7", "fec0::1", "::ffff:203.0.113.7", "::2"] {
+        for a in [
+            "203.0.113.7",
+            "10.2.3.4",
+            "169.253.0.1",
+            "223.255.255.255",
+            "2001:db8::7",
+            "fec0::1",
+            "::ffff:203.0.113.7",
+            "::2",
+        ] {
             assert!(!is_special(ip(a)), "{a}");
         }
     }

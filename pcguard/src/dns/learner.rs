@@ -69,7 +69,11 @@ impl Pattern {
     /// is a suffix of whole labels.
     pub fn matches(&self, name: &str) -> bool {
         match self.0.strip_prefix("*.") {
-            Some(domain) => name.len() > domain.len() + 1 && name.ends_with(domain) && name[..name.len() - domain.len()].ends_with('.'),
+            Some(domain) => {
+                name.len() > domain.len() + 1
+                    && name.ends_with(domain)
+                    && name[..name.len() - domain.len()].ends_with('.')
+            }
             None => self.0 == name,
         }
     }
@@ -314,7 +318,14 @@ impl Learner {
 
     /// The class bits each live address would have under `policy`:
     /// re-derived from its names, 0 when the guard now forbids it.
-    fn rebased_bits(&self, e: &Entry, addr: IpAddr, classes: &FqdnClasses, guard: &Guard, policy: &CompiledPolicy) -> u32 {
+    fn rebased_bits(
+        &self,
+        e: &Entry,
+        addr: IpAddr,
+        classes: &FqdnClasses,
+        guard: &Guard,
+        policy: &CompiledPolicy,
+    ) -> u32 {
         if e.bits == 0 || guard.check(addr, policy).is_some() {
             return 0;
         }
@@ -496,7 +507,10 @@ mod tests {
         let classes = FqdnClasses::of(&p);
         let t0 = Instant::now();
         let mut l = Learner::new(Limits { min_ttl: Duration::from_secs(2), ..Limits::default() });
-        let a = answer(GES, &[("203.0.113.1", 0, &[GES]), ("203.0.113.2", u32::MAX >> 1, &[GES]), ("203.0.113.3", 120, &[GES])]);
+        let a = answer(
+            GES,
+            &[("203.0.113.1", 0, &[GES]), ("203.0.113.2", u32::MAX >> 1, &[GES]), ("203.0.113.3", 120, &[GES])],
+        );
         l.learn(&a, &classes, &Guard::default(), &p, t0);
         sync(&mut l);
         l.expire(t0 + Duration::from_secs(2));
@@ -566,7 +580,10 @@ mod tests {
         };
         let r = l.learn(&many("a.papercut.com", 0..4), &classes, &guard, &p, t0);
         assert_eq!(r.learned.len(), 3);
-        assert_eq!(r.refused, [RefusedAddress { addr: ip("203.0.113.4"), name: "a.papercut.com".into(), reason: Refusal::NameCap }]);
+        assert_eq!(
+            r.refused,
+            [RefusedAddress { addr: ip("203.0.113.4"), name: "a.papercut.com".into(), reason: Refusal::NameCap }]
+        );
         // A known address answered again for its name is refreshed, not refused.
         assert!(l.learn(&many("a.papercut.com", 0..1), &classes, &guard, &p, t0).refused.is_empty());
         let r = l.learn(&many("b.papercut.com", 3..7), &classes, &guard, &p, t0);
@@ -609,7 +626,10 @@ mod tests {
         assert_eq!(l.rebase(&qc, &guard, &q), [ip("10.2.0.9")]);
         assert_eq!(
             l.pending_writes(),
-            [LearnedWrite { addr: ip("10.2.0.9"), bits: None }, LearnedWrite { addr: ip("203.0.113.7"), bits: Some(cloud_q) }]
+            [
+                LearnedWrite { addr: ip("10.2.0.9"), bits: None },
+                LearnedWrite { addr: ip("203.0.113.7"), bits: Some(cloud_q) }
+            ]
         );
         sync(&mut l);
         // A reload that drops GES forgets what was learned for it.

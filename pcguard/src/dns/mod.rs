@@ -27,8 +27,8 @@ mod fuzz;
 
 pub use guard::{Forbidden, Guard};
 pub use learner::{
-    FqdnClasses, LearnReport, LearnedWrite, Learner, Limits, MAX_LEARNED, MAX_PER_NAME, MAX_TTL, MIN_TTL, Newly, Pattern,
-    Refusal, RefusedAddress,
+    FqdnClasses, LearnReport, LearnedWrite, Learner, Limits, MAX_LEARNED, MAX_PER_NAME, MAX_TTL, MIN_TTL, Newly,
+    Pattern, Refusal, RefusedAddress,
 };
 pub use queries::{Accepted, Handled, MAX_QUERIES, QUERY_TIMEOUT, QueryTable, Refused, Seen};
 pub use wire::{Question, Resolved};

@@ -369,7 +369,11 @@ mod tests {
             // Whatever came first, the genuine answer after it is accepted
             // only if the bad one did not consume the query.
             let consumed = want != Refused::NoQuery;
-            assert_eq!(reply(&mut t, RESOLVER, PORT, &good(7), 2 * S).is_ok(), !consumed, "{what}: genuine answer after it");
+            assert_eq!(
+                reply(&mut t, RESOLVER, PORT, &good(7), 2 * S).is_ok(),
+                !consumed,
+                "{what}: genuine answer after it"
+            );
         }
     }
 

@@ -235,12 +235,12 @@ fn read_record(msg: &[u8], pos: usize) -> Result<(Record, usize), WireError> {
     let start = pos + 10;
     let rdata = msg.get(start..start + len).ok_or(WireError::Short)?;
     let data = match (class, rtype) {
-        (CLASS_IN, TYPE_A) => Data::Addr(IpAddr::V4(Ipv4Addr::from(
-            <[u8; 4]>::try_from(rdata).map_err(|_| WireError::BadData)?,
-        ))),
-        (CLASS_IN, TYPE_AAAA) => Data::Addr(IpAddr::V6(Ipv6Addr::from(
-            <[u8; 16]>::try_from(rdata).map_err(|_| WireError::BadData)?,
-        ))),
+        (CLASS_IN, TYPE_A) => {
+            Data::Addr(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(rdata).map_err(|_| WireError::BadData)?)))
+        }
+        (CLASS_IN, TYPE_AAAA) => {
+            Data::Addr(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(rdata).map_err(|_| WireError::BadData)?)))
+        }
         (CLASS_IN, TYPE_CNAME) => {
             // The target may be compressed, but it must end exactly where
             // the record's data ends.

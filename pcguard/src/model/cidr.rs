@@ -1,9 +1,11 @@
 //! IPv4/IPv6 prefixes (`10.0.0.0/8`, `2001:db8::/32`, a bare address is a
 //! host prefix).
 
-use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::str::FromStr;
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
 
 /// A normalized prefix: the host bits of `addr` are zero.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -17,23 +19,13 @@ impl Cidr {
     pub fn containing(addr: IpAddr, len: u8) -> Cidr {
         let len = len.min(max_len(&addr));
         let bits = left_aligned(&addr) & net_mask(len);
-        Cidr {
-            addr: from_left_aligned(bits, addr.is_ipv4()),
-            prefix_len: len,
-        }
+        Cidr { addr: from_left_aligned(bits, addr.is_ipv4()), prefix_len: len }
     }
 
     /// `0.0.0.0/0` or `::/0`.
     pub fn default_route(v4: bool) -> Cidr {
-        let addr = if v4 {
-            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-        } else {
-            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-        };
-        Cidr {
-            addr,
-            prefix_len: 0,
-        }
+        let addr = if v4 { IpAddr::V4(Ipv4Addr::UNSPECIFIED) } else { IpAddr::V6(Ipv6Addr::UNSPECIFIED) };
+        Cidr { addr, prefix_len: 0 }
     }
 
     pub fn is_v4(&self) -> bool {
@@ -69,19 +61,11 @@ fn left_aligned(addr: &IpAddr) -> u128 {
 }
 
 fn from_left_aligned(bits: u128, v4: bool) -> IpAddr {
-    if v4 {
-        IpAddr::V4(Ipv4Addr::from((bits >> 96) as u32))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(bits))
-    }
+    if v4 { IpAddr::V4(Ipv4Addr::from((bits >> 96) as u32)) } else { IpAddr::V6(Ipv6Addr::from(bits)) }
 }
 
 fn net_mask(len: u8) -> u128 {
-    if len == 0 {
-        0
-    } else {
-        u128::MAX << (128 - u32::from(len))
-    }
+    if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) }
 }
 
 impl FromStr for Cidr {
@@ -93,9 +77,7 @@ impl FromStr for Cidr {
             Some((a, l)) => (a, Some(l)),
             None => (s, None),
         };
-        let addr: IpAddr = addr_text
-            .parse()
-            .map_err(|_| invalid("not an IPv4 or IPv6 address"))?;
+        let addr: IpAddr = addr_text.parse().map_err(|_| invalid("not an IPv4 or IPv6 address"))?;
         let max = max_len(&addr);
         let len = match len_text {
             None => max,
@@ -106,9 +88,7 @@ impl FromStr for Cidr {
         };
         let cidr = Cidr::containing(addr, len);
         if cidr.addr != addr {
-            return Err(invalid(&format!(
-                "host bits are set (did you mean {cidr}?)"
-            )));
+            return Err(invalid(&format!("host bits are set (did you mean {cidr}?)")));
         }
         Ok(cidr)
     }
@@ -152,12 +132,7 @@ mod tests {
         assert!("2001:db8::/129".parse::<Cidr>().is_err());
         assert!("10.0.0/8".parse::<Cidr>().is_err());
         assert!("10.0.0.0/x".parse::<Cidr>().is_err());
-        assert!(
-            "10.77.0.1/24"
-                .parse::<Cidr>()
-                .unwrap_err()
-                .contains("did you mean 10.77.0.0/24?")
-        );
+        assert!("10.77.0.1/24".parse::<Cidr>().unwrap_err().contains("did you mean 10.77.0.0/24?"));
     }
 
     #[test]

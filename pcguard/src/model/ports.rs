@@ -1,10 +1,12 @@
 //! Port ranges, and parsing port specifications (`9191`, `"9191"`,
 //! `"49152-65535"`) into them, for the catalog and the site config.
 
-use serde::Serialize;
-use serde::de::{self, Deserialize, Deserializer, Visitor};
-use std::fmt;
-use std::str::FromStr;
+use std::{fmt, str::FromStr};
+
+use serde::{
+    Serialize,
+    de::{self, Deserialize, Deserializer, Visitor},
+};
 
 /// Inclusive port range; a single port has `start == end`.
 /// Deserializes from a port number (`9191`) or a string (`"9191"`,
@@ -26,11 +28,7 @@ impl PortRange {
 
 impl fmt::Display for PortRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.start == self.end {
-            write!(f, "{}", self.start)
-        } else {
-            write!(f, "{}-{}", self.start, self.end)
-        }
+        if self.start == self.end { write!(f, "{}", self.start) } else { write!(f, "{}-{}", self.start, self.end) }
     }
 }
 
@@ -46,9 +44,7 @@ impl FromStr for PortRange {
             }
         };
         if start > end {
-            return Err(format!(
-                "invalid port range \"{s}\": start is greater than end"
-            ));
+            return Err(format!("invalid port range \"{s}\": start is greater than end"));
         }
         Ok(PortRange { start, end })
     }
@@ -112,21 +108,12 @@ impl PortRange {
 
 /// The first pair of overlapping ranges in `ranges`, if any.
 pub fn first_overlap(ranges: &[PortRange]) -> Option<(PortRange, PortRange)> {
-    ranges.iter().enumerate().find_map(|(i, a)| {
-        ranges[i + 1..]
-            .iter()
-            .find(|b| a.overlaps(b))
-            .map(|b| (*a, *b))
-    })
+    ranges.iter().enumerate().find_map(|(i, a)| ranges[i + 1..].iter().find(|b| a.overlaps(b)).map(|b| (*a, *b)))
 }
 
 /// Comma-separated display of port ranges (`9191, 9192, 49152-65535`).
 pub fn format_ports(ranges: &[PortRange]) -> String {
-    ranges
-        .iter()
-        .map(|r| r.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    ranges.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]
@@ -136,21 +123,10 @@ mod tests {
     #[test]
     fn parses_single_ports_and_ranges() {
         assert_eq!("9191".parse::<PortRange>(), Ok(PortRange::single(9191)));
-        assert_eq!(
-            "49152-65535".parse::<PortRange>(),
-            Ok(PortRange {
-                start: 49152,
-                end: 65535
-            })
-        );
+        assert_eq!("49152-65535".parse::<PortRange>(), Ok(PortRange { start: 49152, end: 65535 }));
         assert!("0".parse::<PortRange>().is_err());
         assert!("65536".parse::<PortRange>().is_err());
-        assert!(
-            "10-5"
-                .parse::<PortRange>()
-                .unwrap_err()
-                .contains("start is greater")
-        );
+        assert!("10-5".parse::<PortRange>().unwrap_err().contains("start is greater"));
         assert!("http".parse::<PortRange>().is_err());
     }
 
@@ -161,17 +137,7 @@ mod tests {
             p: Vec<PortRange>,
         }
         let t: T = toml::from_str(r#"p = [22, "80", "1000-2000"]"#).unwrap();
-        assert_eq!(
-            t.p,
-            vec![
-                PortRange::single(22),
-                PortRange::single(80),
-                PortRange {
-                    start: 1000,
-                    end: 2000
-                }
-            ]
-        );
+        assert_eq!(t.p, vec![PortRange::single(22), PortRange::single(80), PortRange { start: 1000, end: 2000 }]);
         assert!(toml::from_str::<T>("p = [70000]").is_err());
         assert!(toml::from_str::<T>("p = [-1]").is_err());
     }
@@ -180,10 +146,7 @@ mod tests {
     fn finds_overlaps() {
         let r = |a, b| PortRange { start: a, end: b };
         assert_eq!(first_overlap(&[r(1, 5), r(6, 9)]), None);
-        assert_eq!(
-            first_overlap(&[r(1, 5), r(6, 9), r(9, 9)]),
-            Some((r(6, 9), r(9, 9)))
-        );
+        assert_eq!(first_overlap(&[r(1, 5), r(6, 9), r(9, 9)]), Some((r(6, 9), r(9, 9))));
         assert_eq!(r(49152, 65535).port_count(), 16384);
         assert_eq!(format_ports(&[r(22, 22), r(1, 3)]), "22, 1-3");
     }

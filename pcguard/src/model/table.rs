@@ -10,10 +10,7 @@ pub fn aligned(headers: &[&str], rows: &[Vec<String>]) -> String {
         }
     }
     let header: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
-    std::iter::once(&header)
-        .chain(rows)
-        .map(|row| format_row(&widths, row))
-        .collect()
+    std::iter::once(&header).chain(rows).map(|row| format_row(&widths, row)).collect()
 }
 
 fn format_row(widths: &[usize], row: &[String]) -> String {
@@ -44,9 +41,6 @@ mod tests {
             vec!["a".to_string(), "49152-65535".to_string(), "".to_string()],
         ];
         let t = aligned(&["ID", "PORTS", "PEERS"], &rows);
-        assert_eq!(
-            t,
-            "ID        PORTS        PEERS\nweb-http  9191         x\na         49152-65535\n"
-        );
+        assert_eq!(t, "ID        PORTS        PEERS\nweb-http  9191         x\na         49152-65535\n");
     }
 }

@@ -1,12 +1,17 @@
 //! Site config + catalog -> typed [`Policy`]: the enabled rules in priority
 //! order and the peer classes with their addresses.
 
-use super::classes::unique;
-use super::compiled::{PolicySettings, RuleInfo, RuleOrigin};
-use crate::catalog::{Catalog, Service};
-use crate::config::{SiteConfig, SiteRule};
-use crate::model::Cidr;
 use std::collections::BTreeSet;
+
+use super::{
+    classes::unique,
+    compiled::{PolicySettings, RuleInfo, RuleOrigin},
+};
+use crate::{
+    catalog::{Catalog, Service},
+    config::{SiteConfig, SiteRule},
+    model::Cidr,
+};
 
 /// The typed policy, before it is compiled into tables.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,41 +37,20 @@ pub struct PolicyClass {
 
 /// Builds the typed policy of a validated config.
 pub fn build(cfg: &SiteConfig) -> Policy {
-    let services: Vec<&Service> = cfg
-        .enabled_services()
-        .filter(|s| !cfg.service_peers(s).is_empty())
-        .collect();
-    let (always, regular): (Vec<&Service>, Vec<&Service>) =
-        services.iter().partition(|s| s.always_allow);
+    let services: Vec<&Service> = cfg.enabled_services().filter(|s| !cfg.service_peers(s).is_empty()).collect();
+    let (always, regular): (Vec<&Service>, Vec<&Service>) = services.iter().partition(|s| s.always_allow);
     let rules = always
         .iter()
         .map(|s| service_rule(cfg, s, RuleOrigin::AlwaysAllow))
-        .chain(
-            cfg.always_allow
-                .iter()
-                .map(|r| site_rule(r, RuleOrigin::AlwaysAllow)),
-        )
+        .chain(cfg.always_allow.iter().map(|r| site_rule(r, RuleOrigin::AlwaysAllow)))
         .chain(cfg.rules.iter().map(|r| site_rule(r, RuleOrigin::Site)))
-        .chain(
-            regular
-                .iter()
-                .map(|s| service_rule(cfg, s, catalog_origin(s))),
-        )
+        .chain(regular.iter().map(|s| service_rule(cfg, s, catalog_origin(s))))
         .collect();
-    Policy {
-        rules,
-        classes: classes(cfg, &services),
-        settings: settings(cfg),
-        notes: cfg.notes.clone(),
-    }
+    Policy { rules, classes: classes(cfg, &services), settings: settings(cfg), notes: cfg.notes.clone() }
 }
 
 fn catalog_origin(s: &Service) -> RuleOrigin {
-    if s.from_document {
-        RuleOrigin::Catalog
-    } else {
-        RuleOrigin::CatalogExtra
-    }
+    if s.from_document { RuleOrigin::Catalog } else { RuleOrigin::CatalogExtra }
 }
 
 fn service_rule(cfg: &SiteConfig, s: &Service, origin: RuleOrigin) -> RuleInfo {
@@ -99,11 +83,7 @@ fn site_rule(r: &SiteRule, origin: RuleOrigin) -> RuleInfo {
 /// enabled service.
 fn classes(cfg: &SiteConfig, services: &[&Service]) -> Vec<PolicyClass> {
     let builtin = Catalog::builtin().class_names();
-    let custom = cfg
-        .peers
-        .keys()
-        .map(String::as_str)
-        .filter(|n| !builtin.contains(n));
+    let custom = cfg.peers.keys().map(String::as_str).filter(|n| !builtin.contains(n));
     builtin
         .iter()
         .copied()
@@ -114,18 +94,11 @@ fn classes(cfg: &SiteConfig, services: &[&Service]) -> Vec<PolicyClass> {
 }
 
 fn class_of(cfg: &SiteConfig, services: &[&Service], name: &str) -> PolicyClass {
-    let serving: Vec<&&Service> = services
-        .iter()
-        .filter(|s| s.peers.iter().any(|p| p == name))
-        .collect();
+    let serving: Vec<&&Service> = services.iter().filter(|s| s.peers.iter().any(|p| p == name)).collect();
     let mut cidrs: BTreeSet<Cidr> = cfg.peers.get(name).into_iter().flatten().copied().collect();
     cidrs.extend(serving.iter().flat_map(|s| s.ip_prefixes()));
     let fqdns = unique(serving.iter().flat_map(|s| &s.fqdns));
-    PolicyClass {
-        name: name.to_string(),
-        cidrs: cidrs.into_iter().collect(),
-        fqdns,
-    }
+    PolicyClass { name: name.to_string(), cidrs: cidrs.into_iter().collect(), fqdns }
 }
 
 fn settings(cfg: &SiteConfig) -> PolicySettings {

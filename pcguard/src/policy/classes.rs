@@ -3,11 +3,15 @@
 //! nested prefixes include the bits of the prefixes containing them), its
 //! FQDNs those of the rules allowing it.
 
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use serde::Serialize;
+
 use super::compiled::{CompiledPolicy, PeerPrefix};
 use crate::model::Cidr;
-use serde::Serialize;
-use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// One peer class: for `check`, nftables and DNS-aware egress (the daemon
 /// writes the addresses it learns for `fqdns` into the kernel's `LEARNED`
@@ -27,20 +31,13 @@ pub struct ClassInfo {
 impl CompiledPolicy {
     /// Bit index of a class name.
     pub fn class_bit(&self, name: &str) -> Option<u32> {
-        self.classes
-            .iter()
-            .position(|c| c.as_deref() == Some(name))
-            .map(|i| i as u32)
+        self.classes.iter().position(|c| c.as_deref() == Some(name)).map(|i| i as u32)
     }
 
     /// Every class with a bit, in bit order (`any` last).
     pub fn class_info(&self) -> Vec<ClassInfo> {
         let prefixes = self.prefix_masks();
-        let classes = self
-            .classes
-            .iter()
-            .zip(0u32..)
-            .filter_map(|(n, bit)| n.as_ref().map(|n| (n, bit)));
+        let classes = self.classes.iter().zip(0u32..).filter_map(|(n, bit)| n.as_ref().map(|n| (n, bit)));
         classes
             .map(|(name, bit)| ClassInfo {
                 name: name.clone(),
@@ -53,22 +50,13 @@ impl CompiledPolicy {
 
     /// FQDNs of the rules whose peers include `name`, first seen first.
     pub fn class_fqdns(&self, name: &str) -> Vec<String> {
-        let rules = self
-            .rules
-            .iter()
-            .filter(|r| r.peers.iter().any(|p| p == name));
+        let rules = self.rules.iter().filter(|r| r.peers.iter().any(|p| p == name));
         unique(rules.flat_map(|r| &r.fqdns))
     }
 
     fn prefix_masks(&self) -> BTreeMap<Cidr, u32> {
-        let v4 = self
-            .peers_v4
-            .iter()
-            .map(|p| entry(p, |a: [u8; 4]| IpAddr::V4(Ipv4Addr::from(a))));
-        let v6 = self
-            .peers_v6
-            .iter()
-            .map(|p| entry(p, |a: [u8; 16]| IpAddr::V6(Ipv6Addr::from(a))));
+        let v4 = self.peers_v4.iter().map(|p| entry(p, |a: [u8; 4]| IpAddr::V4(Ipv4Addr::from(a))));
+        let v6 = self.peers_v6.iter().map(|p| entry(p, |a: [u8; 16]| IpAddr::V6(Ipv6Addr::from(a))));
         v4.chain(v6).collect()
     }
 }

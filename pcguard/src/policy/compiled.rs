@@ -3,10 +3,12 @@
 //! Produced by `policy::compile` (pure), consumed by `datapath` (writes the
 //! maps), `metrics` (labels), `render` (nftables) and `check` (rule table).
 
-use crate::model::{Direction, PortRange, Protocol};
+use std::time::Duration;
+
 use pcguard_common::{MAX_SLOTS, Mode, PortEntry, PortSlot, port_table_index};
 use serde::Serialize;
-use std::time::Duration;
+
+use crate::model::{Direction, PortRange, Protocol};
 
 /// Where a compiled rule came from.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
@@ -171,7 +173,6 @@ impl CompiledPolicy {
         let m = self.peer_mask(remote.to_canonical()) & slot.allowed_mask;
         (m != 0).then(|| Allowed { rule: slot.rule_by_class[m.trailing_zeros() as usize], port_idx: entry.port_idx })
     }
-
 }
 
 fn longest_match<'a, const N: usize>(prefixes: &'a [PeerPrefix<N>], addr: &[u8; N]) -> Option<&'a PeerPrefix<N>> {

@@ -48,7 +48,13 @@ impl StableIds {
     /// carry.
     pub fn from_names(rules: &[String], port_labels: &[Vec<String>; 3]) -> Self {
         let index = |names: &[String]| -> HashMap<String, u16> {
-            names.iter().enumerate().skip(1).filter(|(_, n)| !n.is_empty()).map(|(i, n)| (n.clone(), i as u16)).collect()
+            names
+                .iter()
+                .enumerate()
+                .skip(1)
+                .filter(|(_, n)| !n.is_empty())
+                .map(|(i, n)| (n.clone(), i as u16))
+                .collect()
         };
         Self { rules: index(rules), labels: std::array::from_fn(|i| index(&port_labels[i])) }
     }
@@ -62,7 +68,8 @@ impl StableIds {
         let rule_names: Vec<String> = rules.iter().map(|r| r.id.clone()).collect();
         let restarted = !self.fits(&rule_names, labels);
         let mut next = if restarted { Self::default() } else { self.clone() };
-        let rules = rule_names.iter().enumerate().map(|(i, r)| if i == 0 { 0 } else { next_id(&mut next.rules, r) }).collect();
+        let rules =
+            rule_names.iter().enumerate().map(|(i, r)| if i == 0 { 0 } else { next_id(&mut next.rules, r) }).collect();
         let labels = std::array::from_fn(|p| {
             let ids = &mut next.labels[p];
             labels[p].iter().enumerate().map(|(i, l)| if i == 0 { 0 } else { next_id(ids, l) }).collect()
@@ -81,7 +88,9 @@ impl StableIds {
     /// True when the new names still get numbers below the limits.
     fn fits(&self, rules: &[String], labels: &[Vec<String>; 3]) -> bool {
         let top = |ids: &HashMap<String, u16>| ids.values().copied().max().unwrap_or(0) as usize;
-        let new = |ids: &HashMap<String, u16>, names: &[String]| names.iter().skip(1).filter(|n| !ids.contains_key(*n)).count();
+        let new = |ids: &HashMap<String, u16>, names: &[String]| {
+            names.iter().skip(1).filter(|n| !ids.contains_key(*n)).count()
+        };
         top(&self.rules) + new(&self.rules, rules) < MAX_RULES as usize
             && (0..3).all(|i| top(&self.labels[i]) + new(&self.labels[i], &labels[i]) < MAX_PORT_LABELS as usize)
     }
@@ -133,11 +142,13 @@ fn hole_rule() -> RuleInfo {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::policy::CompiledPolicy;
     use pcguard_common::{DIR_INGRESS, PROTO_IDX_TCP, port_table_index};
 
-    const HEAD: &str = "role = \"primary\"\ninterfaces = [\"eth0\"]\nmode = \"enforce\"\n[peers]\nworkstations = [\"10.1.0.0/16\"]\n";
+    use super::*;
+    use crate::policy::CompiledPolicy;
+
+    const HEAD: &str =
+        "role = \"primary\"\ninterfaces = [\"eth0\"]\nmode = \"enforce\"\n[peers]\nworkstations = [\"10.1.0.0/16\"]\n";
     const LEGACY: &str = "[[rule]]\nname = \"legacy\"\ndirection = \"inbound\"\nprotocol = \"tcp\"\nports = [7000]\npeers = [\"workstations\"]\n";
 
     fn config(extra: &str) -> crate::config::SiteConfig {

@@ -3,15 +3,15 @@
 //! the longest match, so that match must carry all the classes the address
 //! belongs to).
 
-use super::compiled::PeerPrefix;
-use crate::model::Cidr;
-use pcguard_common::CLASS_ANY;
 use std::collections::BTreeMap;
 
+use pcguard_common::CLASS_ANY;
+
+use super::compiled::PeerPrefix;
+use crate::model::Cidr;
+
 /// `(prefixes, class bit)` pairs -> (IPv4 entries, IPv6 entries), sorted.
-pub fn prefixes<'a>(
-    classes: impl IntoIterator<Item = (&'a [Cidr], u32)>,
-) -> (Vec<PeerPrefix<4>>, Vec<PeerPrefix<16>>) {
+pub fn prefixes<'a>(classes: impl IntoIterator<Item = (&'a [Cidr], u32)>) -> (Vec<PeerPrefix<4>>, Vec<PeerPrefix<16>>) {
     let mut own: BTreeMap<Cidr, u32> = BTreeMap::new();
     for v4 in [true, false] {
         own.insert(Cidr::default_route(v4), CLASS_ANY);
@@ -28,17 +28,9 @@ pub fn prefixes<'a>(
         let octets = cidr.octets();
         let prefix_len = u32::from(cidr.prefix_len);
         if cidr.is_v4() {
-            v4.push(PeerPrefix {
-                addr: octets.try_into().expect("4 bytes"),
-                prefix_len,
-                mask,
-            });
+            v4.push(PeerPrefix { addr: octets.try_into().expect("4 bytes"), prefix_len, mask });
         } else {
-            v6.push(PeerPrefix {
-                addr: octets.try_into().expect("16 bytes"),
-                prefix_len,
-                mask,
-            });
+            v6.push(PeerPrefix { addr: octets.try_into().expect("16 bytes"), prefix_len, mask });
         }
     }
     (v4, v6)
@@ -46,9 +38,7 @@ pub fn prefixes<'a>(
 
 /// OR of the bits of `cidr` and of every listed prefix containing it.
 fn containing_mask(own: &BTreeMap<Cidr, u32>, cidr: &Cidr) -> u32 {
-    (0..=cidr.prefix_len)
-        .filter_map(|len| own.get(&Cidr::containing(cidr.addr, len)))
-        .fold(0, |m, b| m | b)
+    (0..=cidr.prefix_len).filter_map(|len| own.get(&Cidr::containing(cidr.addr, len))).fold(0, |m, b| m | b)
 }
 
 #[cfg(test)]
@@ -71,10 +61,7 @@ mod tests {
         assert_eq!(mask_of(8), CLASS_ANY | 0b001);
         assert_eq!(mask_of(16), CLASS_ANY | 0b011);
         assert_eq!(mask_of(32), CLASS_ANY | 0b111);
-        assert_eq!(
-            v4.iter().find(|p| p.prefix_len == 32).unwrap().addr,
-            [10, 1, 2, 3]
-        );
+        assert_eq!(v4.iter().find(|p| p.prefix_len == 32).unwrap().addr, [10, 1, 2, 3]);
         assert_eq!(v6.len(), 2);
         assert_eq!(v6[0].prefix_len, 0);
         assert_eq!(v6[1].mask, CLASS_ANY | 0b010);

@@ -13,6 +13,8 @@ mod lpm;
 mod ports;
 mod report;
 
+use std::path::Path;
+
 pub use build::{Policy, PolicyClass, build};
 pub use classes::ClassInfo;
 pub use compile::compile_policy;
@@ -22,7 +24,6 @@ pub use ids::StableIds;
 pub use report::{check_report, origin_name, rule_table, rules_json};
 
 use crate::config::{self, SiteConfig};
-use std::path::Path;
 
 /// Compiles a validated site config, its rules and port labels numbered
 /// afresh (rule id = priority position): for what compiles once.

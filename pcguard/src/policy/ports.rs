@@ -6,12 +6,12 @@
 //! the first rule (in priority order) that allows that class; identical
 //! slots are shared.
 
-use super::compiled::RuleInfo;
-use super::error::PolicyError;
-use super::ids::Numbering;
-use crate::model::{Direction, PortRange, Protocol};
-use pcguard_common::{MAX_CLASSES, MAX_SLOTS, PortEntry, PortSlot, port_table_index};
 use std::collections::{BTreeSet, HashMap};
+
+use pcguard_common::{MAX_CLASSES, MAX_SLOTS, PortEntry, PortSlot, port_table_index};
+
+use super::{compiled::RuleInfo, error::PolicyError, ids::Numbering};
+use crate::model::{Direction, PortRange, Protocol};
 
 pub const PROTOCOLS: [Protocol; 2] = [Protocol::Tcp, Protocol::Udp];
 pub const DIRECTIONS: [Direction; 2] = [Direction::Inbound, Direction::Outbound];
@@ -23,11 +23,8 @@ pub struct Labels(Vec<PortRange>);
 impl Labels {
     /// One label per distinct port range of the rules of `proto`.
     pub fn of(rules: &[RuleInfo], proto: Protocol) -> Labels {
-        let set: BTreeSet<PortRange> = rules
-            .iter()
-            .filter(|r| r.protocol == proto)
-            .flat_map(|r| r.ports.iter().copied())
-            .collect();
+        let set: BTreeSet<PortRange> =
+            rules.iter().filter(|r| r.protocol == proto).flat_map(|r| r.ports.iter().copied()).collect();
         Labels(set.into_iter().collect())
     }
 
@@ -36,20 +33,13 @@ impl Labels {
     }
 
     pub fn names(&self) -> Vec<String> {
-        std::iter::once("other".to_string())
-            .chain(self.0.iter().map(PortRange::to_string))
-            .collect()
+        std::iter::once("other".to_string()).chain(self.0.iter().map(PortRange::to_string)).collect()
     }
 
     /// The position of the narrowest label containing `port` (lowest start
     /// on ties), or 0 (`other`).
     pub fn index(&self, port: u16) -> u16 {
-        let best = self
-            .0
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.contains(port))
-            .min_by_key(|(_, r)| r.port_count());
+        let best = self.0.iter().enumerate().filter(|(_, r)| r.contains(port)).min_by_key(|(_, r)| r.port_count());
         best.map_or(0, |(i, _)| (i + 1) as u16)
     }
 }
@@ -69,10 +59,7 @@ pub fn tables(
     labels: &[Labels; 2],
     numbers: &Numbering,
 ) -> Result<Tables, PolicyError> {
-    let mut t = Tables {
-        ports: Vec::new(),
-        slots: vec![PortSlot::default()],
-    };
+    let mut t = Tables { ports: Vec::new(), slots: vec![PortSlot::default()] };
     let mut dedup: HashMap<(u32, [u16; MAX_CLASSES]), u16> = HashMap::new();
     for dir in DIRECTIONS {
         for proto in PROTOCOLS {
@@ -91,13 +78,9 @@ pub fn tables(
                     continue;
                 }
                 let slot_id = intern(&mut t.slots, &mut dedup, slot)?;
-                let entry = PortEntry {
-                    slot: slot_id,
-                    port_idx: label_ids[usize::from(labels.index(seg.start))],
-                };
+                let entry = PortEntry { slot: slot_id, port_idx: label_ids[usize::from(labels.index(seg.start))] };
                 let base = port_table_index(dir.dir_index(), proto.proto_index(), 0);
-                t.ports
-                    .extend((seg.start..=seg.end).map(|p| (base + u32::from(p), entry)));
+                t.ports.extend((seg.start..=seg.end).map(|p| (base + u32::from(p), entry)));
             }
         }
     }
@@ -106,20 +89,10 @@ pub fn tables(
 
 /// Maximal port ranges with no rule or label boundary inside.
 fn segments(members: &[(u16, &RuleInfo, u32)], labels: &Labels) -> Vec<PortRange> {
-    let ranges = members
-        .iter()
-        .flat_map(|(_, r, _)| r.ports.iter())
-        .chain(labels.0.iter());
-    let cuts: BTreeSet<u32> = ranges
-        .flat_map(|r| [u32::from(r.start), u32::from(r.end) + 1])
-        .collect();
+    let ranges = members.iter().flat_map(|(_, r, _)| r.ports.iter()).chain(labels.0.iter());
+    let cuts: BTreeSet<u32> = ranges.flat_map(|r| [u32::from(r.start), u32::from(r.end) + 1]).collect();
     let cuts: Vec<u32> = cuts.into_iter().collect();
-    cuts.windows(2)
-        .map(|w| PortRange {
-            start: w[0] as u16,
-            end: (w[1] - 1) as u16,
-        })
-        .collect()
+    cuts.windows(2).map(|w| PortRange { start: w[0] as u16, end: (w[1] - 1) as u16 }).collect()
 }
 
 /// The slot of `port`: for each class, the first rule allowing it.
@@ -151,9 +124,7 @@ fn intern(
         return Ok(*id);
     }
     if slots.len() >= MAX_SLOTS as usize {
-        return Err(PolicyError::TooManySlots {
-            max: MAX_SLOTS as usize - 1,
-        });
+        return Err(PolicyError::TooManySlots { max: MAX_SLOTS as usize - 1 });
     }
     let id = slots.len() as u16;
     slots.push(slot);
@@ -184,50 +155,21 @@ mod tests {
         // Rule a_i covers block i, rule b_j every port j of each block: each
         // port has its own (a_i, b_j) pair, so every slot is distinct.
         let blocks = 40u16;
-        let a = (0..blocks).map(|i| {
-            rule(
-                format!("a{i}"),
-                vec![PortRange {
-                    start: 1 + i * blocks,
-                    end: (i + 1) * blocks,
-                }],
-            )
-        });
-        let b = (0..blocks).map(|j| {
-            rule(
-                format!("b{j}"),
-                (0..blocks)
-                    .map(|i| PortRange::single(1 + i * blocks + j))
-                    .collect(),
-            )
-        });
+        let a = (0..blocks)
+            .map(|i| rule(format!("a{i}"), vec![PortRange { start: 1 + i * blocks, end: (i + 1) * blocks }]));
+        let b = (0..blocks)
+            .map(|j| rule(format!("b{j}"), (0..blocks).map(|i| PortRange::single(1 + i * blocks + j)).collect()));
         let rules: Vec<RuleInfo> = a.chain(b).collect();
-        let masks: Vec<u32> = (0..rules.len())
-            .map(|i| if i < usize::from(blocks) { 1 } else { 2 })
-            .collect();
+        let masks: Vec<u32> = (0..rules.len()).map(|i| if i < usize::from(blocks) { 1 } else { 2 }).collect();
         let labels = [Labels(Vec::new()), Labels(Vec::new())];
         // Fresh ids: rule id = position, after the placeholder.
-        let numbered: Vec<RuleInfo> = std::iter::once(rule("none".into(), Vec::new()))
-            .chain(rules.iter().cloned())
-            .collect();
+        let numbered: Vec<RuleInfo> =
+            std::iter::once(rule("none".into(), Vec::new())).chain(rules.iter().cloned()).collect();
         let no_labels = std::array::from_fn(|_| vec!["other".to_string()]);
         let numbers = StableIds::default().number(&numbered, &no_labels);
-        let Err(e) = tables(&rules, &masks, &labels, &numbers) else {
-            panic!("1600 slots fit in {MAX_SLOTS}")
-        };
-        assert_eq!(
-            e,
-            PolicyError::TooManySlots {
-                max: MAX_SLOTS as usize - 1
-            }
-        );
-        let fits = tables(
-            &rules[..usize::from(blocks) + 20],
-            &masks,
-            &labels,
-            &numbers,
-        )
-        .unwrap();
+        let Err(e) = tables(&rules, &masks, &labels, &numbers) else { panic!("1600 slots fit in {MAX_SLOTS}") };
+        assert_eq!(e, PolicyError::TooManySlots { max: MAX_SLOTS as usize - 1 });
+        let fits = tables(&rules[..usize::from(blocks) + 20], &masks, &labels, &numbers).unwrap();
         // 40 blocks x (20 ports with a b rule + the rest sharing one slot).
         assert_eq!(fits.slots.len(), 1 + 40 * 20 + 40);
     }

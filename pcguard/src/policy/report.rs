@@ -1,10 +1,15 @@
 //! `pcguard check`: the effective rules of a compiled policy as text.
 
-use super::classes::ClassInfo;
-use super::compiled::{CompiledPolicy, RuleInfo, RuleOrigin};
-use crate::config::SiteConfig;
-use crate::model::{Direction, format_ports, table};
 use std::collections::HashSet;
+
+use super::{
+    classes::ClassInfo,
+    compiled::{CompiledPolicy, RuleInfo, RuleOrigin},
+};
+use crate::{
+    config::SiteConfig,
+    model::{Direction, format_ports, table},
+};
 
 /// CIDRs shown per class in the rule table before "+N more".
 const CIDRS_INLINE: usize = 3;
@@ -14,50 +19,28 @@ const CIDRS_INLINE: usize = 3;
 pub fn rule_table(p: &CompiledPolicy) -> String {
     let effective = effective_rules(p);
     let classes = p.class_info();
-    let rows: Vec<Vec<String>> = p
-        .rules
-        .iter()
-        .enumerate()
-        .skip(1)
-        .map(|(id, r)| rule_row(p, &classes, r, effective.contains(&id)))
-        .collect();
+    let rows: Vec<Vec<String>> =
+        p.rules.iter().enumerate().skip(1).map(|(id, r)| rule_row(p, &classes, r, effective.contains(&id))).collect();
     let mut out = format!(
         "ingress {}, egress {}, ICMP {}\n\n",
         p.settings.ingress_mode.as_str(),
         p.settings.egress_mode.as_str(),
-        if p.settings.allow_icmp {
-            "allowed"
-        } else {
-            "subject to policy"
-        }
+        if p.settings.allow_icmp { "allowed" } else { "subject to policy" }
     );
-    out.push_str(&table::aligned(
-        &["ID", "DIR", "PROTO", "PORTS", "PEERS", "MODE", "ORIGIN"],
-        &rows,
-    ));
+    out.push_str(&table::aligned(&["ID", "DIR", "PROTO", "PORTS", "PEERS", "MODE", "ORIGIN"], &rows));
     out.push_str("\npeer classes:\n");
     let class_rows: Vec<Vec<String>> = classes.iter().map(class_row).collect();
-    out.push_str(&table::aligned(
-        &["BIT", "CLASS", "CIDRS", "FQDNS (resolved at run time)"],
-        &class_rows,
-    ));
+    out.push_str(&table::aligned(&["BIT", "CLASS", "CIDRS", "FQDNS (resolved at run time)"], &class_rows));
     out
 }
 
 /// `pcguard check`: the site, the rule table and the config's notes.
 pub fn check_report(cfg: &SiteConfig, p: &CompiledPolicy) -> String {
-    let mut out = format!(
-        "{}: role {}, interfaces {}\n",
-        cfg.origin,
-        cfg.role.as_str(),
-        cfg.interfaces.join(", ")
-    );
+    let mut out = format!("{}: role {}, interfaces {}\n", cfg.origin, cfg.role.as_str(), cfg.interfaces.join(", "));
     out.push_str(&rule_table(p));
     if !cfg.notes.is_empty() {
         out.push_str("\nnotes:\n");
-        cfg.notes
-            .iter()
-            .for_each(|n| out.push_str(&format!("- {n}\n")));
+        cfg.notes.iter().for_each(|n| out.push_str(&format!("- {n}\n")));
     }
     out
 }
@@ -65,36 +48,19 @@ pub fn check_report(cfg: &SiteConfig, p: &CompiledPolicy) -> String {
 /// Rule ids referenced by at least one slot: the others are shadowed by
 /// higher-priority rules on all their ports and classes.
 fn effective_rules(p: &CompiledPolicy) -> HashSet<usize> {
-    p.slots
-        .iter()
-        .flat_map(|s| s.rule_by_class.iter().map(|id| usize::from(*id)))
-        .filter(|id| *id != 0)
-        .collect()
+    p.slots.iter().flat_map(|s| s.rule_by_class.iter().map(|id| usize::from(*id))).filter(|id| *id != 0).collect()
 }
 
-fn rule_row(
-    p: &CompiledPolicy,
-    classes: &[ClassInfo],
-    r: &RuleInfo,
-    effective: bool,
-) -> Vec<String> {
+fn rule_row(p: &CompiledPolicy, classes: &[ClassInfo], r: &RuleInfo, effective: bool) -> Vec<String> {
     let origin = origin_name(r.origin);
     vec![
         r.id.clone(),
         r.direction.as_str().to_string(),
         r.protocol.as_str().to_string(),
         format_ports(&r.ports),
-        r.peers
-            .iter()
-            .map(|c| peer_cell(classes, c))
-            .collect::<Vec<_>>()
-            .join(", "),
+        r.peers.iter().map(|c| peer_cell(classes, c)).collect::<Vec<_>>().join(", "),
         rule_mode(p, r).to_string(),
-        if effective {
-            origin.to_string()
-        } else {
-            format!("{origin} (shadowed)")
-        },
+        if effective { origin.to_string() } else { format!("{origin} (shadowed)") },
     ]
 }
 
@@ -156,12 +122,7 @@ fn peer_cell(classes: &[ClassInfo], class: &str) -> String {
     let Some(info) = classes.iter().find(|c| c.name == class) else {
         return class.to_string();
     };
-    let mut items: Vec<String> = info
-        .cidrs
-        .iter()
-        .take(CIDRS_INLINE)
-        .map(|c| c.to_string())
-        .collect();
+    let mut items: Vec<String> = info.cidrs.iter().take(CIDRS_INLINE).map(|c| c.to_string()).collect();
     if info.cidrs.len() > CIDRS_INLINE {
         items.push(format!("+{} more", info.cidrs.len() - CIDRS_INLINE));
     }
@@ -173,10 +134,5 @@ fn peer_cell(classes: &[ClassInfo], class: &str) -> String {
 
 fn class_row(c: &ClassInfo) -> Vec<String> {
     let cidrs: Vec<String> = c.cidrs.iter().map(|c| c.to_string()).collect();
-    vec![
-        c.bit.to_string(),
-        c.name.clone(),
-        cidrs.join(", "),
-        c.fqdns.join(", "),
-    ]
+    vec![c.bit.to_string(), c.name.clone(), cidrs.join(", "), c.fqdns.join(", ")]
 }

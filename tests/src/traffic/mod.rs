@@ -52,7 +52,6 @@ impl Drop for Background {
     }
 }
 
-
 /// A TCP server that accepts connections, reads a line and answers
 /// `ok <line>`; runs until dropped.
 pub struct TcpServer {
@@ -169,9 +168,11 @@ impl UdpServer {
     }
 }
 
-
 /// Answers each datagram on `sock` with `answer(datagram)`, if any.
-pub(crate) fn udp_responder(sock: UdpSocket, answer: impl Fn(&[u8]) -> Option<Vec<u8>> + Send + 'static) -> Result<Background> {
+pub(crate) fn udp_responder(
+    sock: UdpSocket,
+    answer: impl Fn(&[u8]) -> Option<Vec<u8>> + Send + 'static,
+) -> Result<Background> {
     sock.set_read_timeout(Some(Duration::from_millis(50)))?;
     let mut buf = [0u8; 2048];
     Ok(Background::spawn(move || {
@@ -182,7 +183,6 @@ pub(crate) fn udp_responder(sock: UdpSocket, answer: impl Fn(&[u8]) -> Option<Ve
         }
     }))
 }
-
 
 /// From `host`, sends `msg` to `to` over UDP; true when `ok <msg>` came back.
 pub fn udp_request(lab: &Lab, host: &str, to: SocketAddr, msg: &str, timeout: Duration) -> Result<bool> {
@@ -199,8 +199,6 @@ pub fn udp_request(lab: &Lab, host: &str, to: SocketAddr, msg: &str, timeout: Du
         })
     })?
 }
-
-
 
 /// Transport of a probe.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
@@ -279,7 +277,6 @@ pub fn run_probe(lab: &Lab, p: &Probe, v6: bool, timeout: Duration) -> Result<bo
 /// How long a probe that should be blocked waits for an answer.
 pub const BLOCKED_TIMEOUT: Duration = Duration::from_millis(1200);
 
-
 /// From the workstation, a TCP request to the server's `port` over IPv4.
 pub fn ws_reaches(lab: &Lab, port: u16) -> Result<bool> {
     let p = Probe { what: "workstation probe", from: "ws", to: SERVER, proto: Proto::Tcp, port, allowed: true };
@@ -292,10 +289,11 @@ pub fn run_sample_probes(lab: &Lab) -> Result<Vec<(Probe, bool, bool)>> {
     let _servers = start_probe_servers(lab, &probes)?;
     probes
         .into_iter()
-        .map(|p| Ok((p.clone(), run_probe(lab, &p, false, BLOCKED_TIMEOUT)?, run_probe(lab, &p, true, BLOCKED_TIMEOUT)?)))
+        .map(|p| {
+            Ok((p.clone(), run_probe(lab, &p, false, BLOCKED_TIMEOUT)?, run_probe(lab, &p, true, BLOCKED_TIMEOUT)?))
+        })
         .collect()
 }
-
 
 /// Sends hand-made IP packets from a lab host's eth0 straight to the
 /// server's interface (a packet socket: any source address and port), the
@@ -348,7 +346,6 @@ impl RawSender {
         Ok(())
     }
 }
-
 
 /// Something that reached a listener of [`Sinks`].
 #[derive(Clone, Debug)]

@@ -160,7 +160,9 @@ impl LongFlow {
             let mut buf = [0u8; 64];
             while !s.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                let ok = stream.write_all(b"ping\n").is_ok() && stream.read_exact(&mut buf[..5]).is_ok() && &buf[..5] == b"ping\n";
+                let ok = stream.write_all(b"ping\n").is_ok()
+                    && stream.read_exact(&mut buf[..5]).is_ok()
+                    && &buf[..5] == b"ping\n";
                 let took = t.elapsed();
                 if ok {
                     rt.fetch_add(1, Ordering::Relaxed);
@@ -226,7 +228,11 @@ impl EchoServer {
                                             return;
                                         }
                                     }
-                                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                                    Err(e)
+                                        if matches!(
+                                            e.kind(),
+                                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                        ) => {}
                                     Err(_) => return,
                                 }
                             }

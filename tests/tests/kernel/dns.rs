@@ -6,8 +6,8 @@ use std::{cell::Cell, rc::Rc};
 
 use anyhow::{Context as _, ensure};
 use pcguard_common::{
-    CLASS_ANY, CtEntry, DIR_EGRESS, DIR_INGRESS, DNS_KIND_ANSWER, DNS_KIND_QUERY, DNS_PAYLOAD_MAX, FlowKey, IPPROTO_UDP,
-    STAT_DNS_ANSWERS, STAT_DNS_ANSWERS_DROPPED, STAT_DNS_QUERIES, STAT_DNS_UNSOLICITED,
+    CLASS_ANY, CtEntry, DIR_EGRESS, DIR_INGRESS, DNS_KIND_ANSWER, DNS_KIND_QUERY, DNS_PAYLOAD_MAX, FlowKey,
+    IPPROTO_UDP, STAT_DNS_ANSWERS, STAT_DNS_ANSWERS_DROPPED, STAT_DNS_QUERIES, STAT_DNS_UNSOLICITED,
 };
 use pcguard_testkit::{
     dns::filler,
@@ -127,7 +127,8 @@ fn dns_copies() -> anyhow::Result<()> {
             let entry = CtEntry { flow_dir: DIR_INGRESS as u8, ..k.ct_get(&key)?.0 };
             k.ct_insert(inbound, entry, true)
         }),
-        not_copied("DNS answer on an inbound flow", XDP, udp4(RESOLVER, SERVER, DNS_PORT, CLIENT_PORT + 1, &short)).into(),
+        not_copied("DNS answer on an inbound flow", XDP, udp4(RESOLVER, SERVER, DNS_PORT, CLIENT_PORT + 1, &short))
+            .into(),
         setup("forget the inbound flow", move |k| k.forget(&inbound)),
         // A non-resolver on a monitored flow: not copied until its class
         // is in resolver_mask (monitored flows count).
@@ -145,7 +146,9 @@ fn dns_copies() -> anyhow::Result<()> {
             k.update_settings(|s| s.resolver_mask = saved.get() | CLASS_ANY)
         }),
         case("DNS query on a monitored flow", TC, to_stranger, PASS).then(copy(DNS_KIND_QUERY, from, &q, 30)).into(),
-        case("DNS answer on a monitored flow", XDP, from_stranger, PASS).then(copy(DNS_KIND_ANSWER, from, &short, 100)).into(),
+        case("DNS answer on a monitored flow", XDP, from_stranger, PASS)
+            .then(copy(DNS_KIND_ANSWER, from, &short, 100))
+            .into(),
     ]);
     let saved = resolvers;
     t.extend([
@@ -154,7 +157,9 @@ fn dns_copies() -> anyhow::Result<()> {
         case("unsolicited DNS answer (timed)", XDP, answer(&short), PASS).repeat(REPEAT).into(),
         pairs("DNS answer to a pending query (copied)", query.clone(), answer(&short)),
         pairs("long DNS answer (copy cut at 1 KiB)", query.clone(), answer(&long)),
-        case("stranger SYN to 9999", XDP, tcp4(STRANGER, SERVER, CLIENT_PORT, OTHER_PORT, TCP_SYN), DROP).repeat(REPEAT).into(),
+        case("stranger SYN to 9999", XDP, tcp4(STRANGER, SERVER, CLIENT_PORT, OTHER_PORT, TCP_SYN), DROP)
+            .repeat(REPEAT)
+            .into(),
         // The ingress pipeline on TC copies answers too (bpf_skb_load_bytes).
         dns_query("DNS query").into(),
         case("DNS answer at TC ingress", TCI, answer(&short), PASS).then(answer_copied(&short, 100)).into(),

@@ -86,7 +86,11 @@ fn ingress() -> anyhow::Result<()> {
             }
             let details: Vec<u8> = k.events.iter().filter(|e| e.reason == REASON_MALFORMED).map(|e| e.detail).collect();
             let want = Malformed::L4Truncated;
-            ensure!(details.contains(&(want as u8)), "no malformed event with detail {} (got {details:?})", want.as_str());
+            ensure!(
+                details.contains(&(want as u8)),
+                "no malformed event with detail {} (got {details:?})",
+                want.as_str()
+            );
             Ok(())
         }),
     ]);
@@ -128,7 +132,10 @@ fn egress() -> anyhow::Result<()> {
             let sent = k.stat(STAT_EVENTS_SENT)?;
             ensure!(sent >= 1, "expected at least 1 event (outbound), got {sent}");
             let reasons = reasons(k)?;
-            ensure!(reasons.contains(&REASON_OUTBOUND_TO_WORKSTATION), "no outbound_to_workstation event (got {reasons:?})");
+            ensure!(
+                reasons.contains(&REASON_OUTBOUND_TO_WORKSTATION),
+                "no outbound_to_workstation event (got {reasons:?})"
+            );
             Ok(())
         }),
     ]);
@@ -161,7 +168,8 @@ fn close_monitor_and_not_ready() -> anyhow::Result<()> {
                 Ok(())
             })
             .into(),
-        case("reply of a monitored flow", TC, tcp4(SERVER, WORKSTATION, OTHER_PORT, port, TCP_SYN | TCP_ACK), PASS).into(),
+        case("reply of a monitored flow", TC, tcp4(SERVER, WORKSTATION, OTHER_PORT, port, TCP_SYN | TCP_ACK), PASS)
+            .into(),
         // An applied generation always has `ready = 1`: a policy not yet
         // ready exists only in the kernel (the generation before the
         // daemon's first switch), written here.
@@ -227,9 +235,15 @@ fn untracked() -> anyhow::Result<()> {
             .then(Check::NoCt(v4_key(SERVER, LDAP_SERVER, 22, LDAPS_PORT)))
             .into(),
         // The server's "replies" from an inbound service port.
-        case("untracked ACK from 9191 to a workstation's 445", TC, tcp4(SERVER, WORKSTATION, WEB_PORT, 445, TCP_ACK), DROP)
+        case(
+            "untracked ACK from 9191 to a workstation's 445",
+            TC,
+            tcp4(SERVER, WORKSTATION, WEB_PORT, 445, TCP_ACK),
+            DROP,
+        )
+        .into(),
+        case("untracked SYN+ACK from 9191", TC, tcp4(SERVER, WORKSTATION, WEB_PORT, port, TCP_SYN | TCP_ACK), DROP)
             .into(),
-        case("untracked SYN+ACK from 9191", TC, tcp4(SERVER, WORKSTATION, WEB_PORT, port, TCP_SYN | TCP_ACK), DROP).into(),
         // Reported as untracked_reply.
         case("dropped untracked ACK (reverse lookup)", XDP, to_ssh, DROP).repeat(REPEAT).into(),
         // Allowed in its own direction: a lost entry is re-created.

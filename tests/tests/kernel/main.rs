@@ -20,11 +20,9 @@ mod rig;
 
 use anyhow::Result;
 use pcguard_common::FlowKey;
-use pcguard_tests::kernel::{self, Check, Hook, Step, Verdict};
 use pcguard_testkit::frame::{TCP_ACK, TCP_SYN, tcp4};
+use pcguard_tests::kernel::{self, CLIENT_PORT, Check, Hook, SERVER, Step, Verdict, WEB_PORT, WORKSTATION};
 use rig::{K, Rig};
-
-use pcguard_tests::kernel::{CLIENT_PORT, SERVER, WEB_PORT, WORKSTATION};
 
 const PASS: Verdict = Verdict::Pass;
 const DROP: Verdict = Verdict::Drop;
@@ -62,11 +60,19 @@ fn web_key() -> FlowKey {
 fn web_handshake() -> Vec<Step<Rig>> {
     let first = "allowed SYN, first packet (policy + ct insert)";
     vec![
-        case(first, XDP, tcp4(WORKSTATION, SERVER, CLIENT_PORT, WEB_PORT, TCP_SYN), PASS).then(Check::CtNew(web_key())).into(),
-        case(format!("{first}: reply"), TC, tcp4(SERVER, WORKSTATION, WEB_PORT, CLIENT_PORT, TCP_SYN | TCP_ACK), PASS).into(),
-        case(format!("{first}: the initiator's ACK"), XDP, tcp4(WORKSTATION, SERVER, CLIENT_PORT, WEB_PORT, TCP_ACK), PASS)
-            .then(Check::CtEstablished(web_key()))
+        case(first, XDP, tcp4(WORKSTATION, SERVER, CLIENT_PORT, WEB_PORT, TCP_SYN), PASS)
+            .then(Check::CtNew(web_key()))
             .into(),
+        case(format!("{first}: reply"), TC, tcp4(SERVER, WORKSTATION, WEB_PORT, CLIENT_PORT, TCP_SYN | TCP_ACK), PASS)
+            .into(),
+        case(
+            format!("{first}: the initiator's ACK"),
+            XDP,
+            tcp4(WORKSTATION, SERVER, CLIENT_PORT, WEB_PORT, TCP_ACK),
+            PASS,
+        )
+        .then(Check::CtEstablished(web_key()))
+        .into(),
     ]
 }
 

@@ -6,8 +6,8 @@ use pcguard::dns::LearnedWrite;
 use pcguard_common::{DIR_INGRESS, names, rule_counter_index};
 use pcguard_testkit::frame::{TCP_SYN, icmp4_echo, tcp4};
 use pcguard_tests::kernel::{
-    CLIENT_PORT, CLOUD_HOST, HTTPS_PORT, LDAP_SERVER, OTHER_PORT, POLICY, SERVER, STRANGER, Verdict, WEB_PORT, WORKSTATION,
-    v4_key,
+    CLIENT_PORT, CLOUD_HOST, HTTPS_PORT, LDAP_SERVER, OTHER_PORT, POLICY, SERVER, STRANGER, Verdict, WEB_PORT,
+    WORKSTATION, v4_key,
 };
 
 use crate::{DROP, PASS, REPEAT, TC, XDP, case, check, rig::K, run, setup};

@@ -69,7 +69,12 @@ impl Rig {
 
     /// The class bit (as a mask) of class `name`.
     pub fn class(&self, name: &str) -> u32 {
-        let bit = self.policy.classes.iter().position(|c| c.as_deref() == Some(name)).unwrap_or_else(|| panic!("no class {name}"));
+        let bit = self
+            .policy
+            .classes
+            .iter()
+            .position(|c| c.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no class {name}"));
         1 << bit
     }
 }
