@@ -887,18 +887,31 @@ pub mod names {
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
+    // SAFETY: repr(C) plain data without padding (layouts_have_no_implicit_padding).
     unsafe impl aya::Pod for PortEntry {}
+    // SAFETY: repr(C) plain data without padding (layouts_have_no_implicit_padding).
     unsafe impl aya::Pod for PortSlot {}
+    // SAFETY: repr(C) plain data without padding (layouts_have_no_implicit_padding).
     unsafe impl aya::Pod for Counters {}
+    // SAFETY: repr(C) plain data without padding (layouts_have_no_implicit_padding).
     unsafe impl aya::Pod for Settings {}
+    // SAFETY: repr(C) plain data without padding (layouts_have_no_implicit_padding).
     unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: repr(C) plain data without padding (layouts_have_no_implicit_padding).
     unsafe impl aya::Pod for CtEntry {}
+    // SAFETY: repr(C) plain data without padding (layouts_have_no_implicit_padding).
     unsafe impl aya::Pod for FlowEvent {}
+    // SAFETY: repr(C) plain data without padding (layouts_have_no_implicit_padding).
     unsafe impl aya::Pod for ReportKey {}
+    // SAFETY: repr(C) plain data without padding (layouts_have_no_implicit_padding).
     unsafe impl aya::Pod for ReportSlot {}
+    // SAFETY: repr(C) plain data without padding (layouts_have_no_implicit_padding).
     unsafe impl aya::Pod for TokenBucket {}
+    // SAFETY: repr(C) plain data without padding (layouts_have_no_implicit_padding).
     unsafe impl aya::Pod for DnsMessage {}
+    // SAFETY: repr(C) plain data without padding (layouts_have_no_implicit_padding).
     unsafe impl aya::Pod for DnsPendingKey {}
+    // SAFETY: repr(C) plain data without padding (layouts_have_no_implicit_padding).
     unsafe impl aya::Pod for LearnedKey {}
 }
 
@@ -1017,7 +1030,7 @@ mod tests {
             assert_eq!(*v as usize, i);
         }
         assert_eq!((NUM_DIRS, NUM_COUNTER_PROTOS, NUM_VERDICTS), (2, 3, 4));
-        assert!(NUM_PORT_PROTOS <= NUM_COUNTER_PROTOS && PROTO_IDX_OTHER >= NUM_PORT_PROTOS);
+        const { assert!(NUM_PORT_PROTOS <= NUM_COUNTER_PROTOS && PROTO_IDX_OTHER >= NUM_PORT_PROTOS) };
     }
 
     /// Sets taken and the fullest set's load for `keys`.

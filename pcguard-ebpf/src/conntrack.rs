@@ -181,7 +181,7 @@ pub fn touch(key: &FlowKey, hit: Hit, dir: u32, tcp_flags: u8, now: u64, refresh
 #[inline(always)]
 fn promote(key: &FlowKey, e: &CtEntry) {
     let entry = CtEntry { flags: e.flags & !CT_FLAG_REPLIED, ..*e };
-    if CONNTRACK.insert(key, &entry, 0).is_ok() {
+    if CONNTRACK.insert(key, entry, 0).is_ok() {
         let _ = CT_NEW.remove(key);
         stat(STAT_CT_PROMOTED);
     } else {
@@ -197,7 +197,7 @@ fn promote(key: &FlowKey, e: &CtEntry) {
 pub fn insert(key: &FlowKey, flow_dir: u32, rule: u16, port_idx: u16, flags: u8, now: u64) {
     let entry =
         CtEntry { last_seen_ns: now, rule, port_idx, flow_dir: flow_dir as u8, state: CT_STATE_OPEN, flags, _pad: 0 };
-    match CT_NEW.insert(key, &entry, BPF_NOEXIST as u64) {
+    match CT_NEW.insert(key, entry, BPF_NOEXIST as u64) {
         Ok(()) => stat(STAT_CT_CREATED),
         Err(e) if e == -EEXIST => {}
         Err(_) => stat(STAT_CT_INSERT_FAILED),

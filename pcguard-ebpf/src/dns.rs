@@ -129,8 +129,8 @@ pub fn handle(frame_len: u32, c: &DnsCopy, key: &FlowKey, load: &impl Load) {
         }
         // An LRU: a full map forgets the oldest queries, whose answers are
         // then not copied.
-        let _ = DNS_PENDING.insert(&pending_key(key, txid), &c.now, 0);
-    } else if !response || DNS_PENDING.remove(&pending_key(key, txid)).is_err() {
+        let _ = DNS_PENDING.insert(pending_key(key, txid), c.now, 0);
+    } else if !response || DNS_PENDING.remove(pending_key(key, txid)).is_err() {
         stat(STAT_DNS_UNSOLICITED);
         return;
     }

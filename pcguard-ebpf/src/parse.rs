@@ -161,16 +161,16 @@ fn malformed(kind: Malformed, keyed: bool) -> Parse {
     Parse::Malformed { kind, keyed }
 }
 
-/// The parse of a frame as one value (host tests and tools; the programs
-/// use [`parse_into`]).
-#[cfg(not(target_arch = "bpf"))]
+/// The parse of a frame as one value (host tests; the programs use
+/// [`parse_into`]).
+#[cfg(test)]
 pub enum Parsed {
     NonIp,
     Malformed(Malformed, Option<Packet>),
     Ip(Packet),
 }
 
-#[cfg(not(target_arch = "bpf"))]
+#[cfg(test)]
 pub fn parse(frame: &Frame) -> Parsed {
     let mut p = Packet::EMPTY;
     match parse_into(frame, &mut p) {
@@ -730,7 +730,7 @@ mod tests {
             assert_eq!(ip(&f).dport, 9191, "{n} tags");
         }
         // One tag more than walked: not passed as non-IP.
-        let mut f = eth(&vec![ETH_P_8021Q; MAX_VLAN_TAGS + 1], ETH_P_IP);
+        let mut f = eth(&[ETH_P_8021Q; MAX_VLAN_TAGS + 1], ETH_P_IP);
         f.extend_from_slice(inner);
         assert_eq!(malformed(&f), (Malformed::TooManyVlanTags, false));
         assert_eq!(malformed(&eth(&[ETH_P_8021Q], ETH_P_IP)[..16]), (Malformed::L2Truncated, false));

@@ -107,7 +107,7 @@ pub fn peer_mask(g: Gen, key: &FlowKey) -> u32 {
 fn learned_mask(g: Gen, key: &FlowKey) -> u32 {
     let k = LearnedKey { generation: g.0 as u8, family: key.family, _pad: [0; 2], addr: key.remote_addr };
     // SAFETY: plain u32 value.
-    unsafe { LEARNED.get(&k) }.copied().unwrap_or(0)
+    unsafe { LEARNED.get(k) }.copied().unwrap_or(0)
 }
 
 /// Index of the lowest set bit of a non-zero mask, by binary search on the

@@ -132,8 +132,8 @@ pub fn render(state: &State, snap: Option<&Snapshot>) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{:<12} {:>7} {:<12} {:>8} {:>8}  {}",
-        "INTERFACE", "IFINDEX", "INGRESS", "IN-PROG", "OUT-PROG", "WHY"
+        "\n{:<12} {:>7} {:<12} {:>8} {:>8}  WHY",
+        "INTERFACE", "IFINDEX", "INGRESS", "IN-PROG", "OUT-PROG"
     );
     for i in &state.interfaces {
         let hook = match i.xdp_mode {

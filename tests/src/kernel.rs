@@ -418,7 +418,7 @@ pub enum Check<T> {
     /// Exactly this one message copied (drains it).
     Dns(DnsCopy),
     /// Anything else.
-    With(Box<dyn Fn(&mut Kernel<T>) -> Result<()>>),
+    With(CheckFn<T>),
 }
 
 impl<T: Target> Check<T> {
@@ -514,9 +514,14 @@ impl<T: Target> Case<T> {
 }
 
 /// One row of a table: a case, or SETUP (map state for the next cases).
+/// A check of what a case left behind.
+pub type CheckFn<T> = Box<dyn Fn(&mut Kernel<T>) -> Result<()>>;
+/// A change of map state between cases.
+pub type SetupFn<T> = Box<dyn FnOnce(&mut Kernel<T>) -> Result<()>>;
+
 pub enum Step<T> {
     Case(Case<T>),
-    Setup(String, Box<dyn FnOnce(&mut Kernel<T>) -> Result<()>>),
+    Setup(String, SetupFn<T>),
 }
 
 impl<T> From<Case<T>> for Step<T> {

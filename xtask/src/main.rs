@@ -2,6 +2,7 @@
 //!
 //! * `deps`  — install what building and testing need (apt packages,
 //!   nightly rust-src, bpf-linker), mount bpffs. Idempotent.
+//! * `lint`  — rustfmt check and clippy with warnings as errors (CI).
 //! * `build` — build the workspace (the eBPF object is built by pcguard's build.rs).
 //! * `test`  — deps + build + unit tests + privileged end-to-end tests.
 //! * `demo`  — deps + build + a lab of network namespaces, pcguard with the
@@ -55,6 +56,10 @@ enum Task {
         #[arg(long)]
         keep: bool,
     },
+    /// Formatting (`cargo +nightly fmt --check`, rustfmt.toml) and clippy
+    /// with warnings as errors, over every crate and target: what CI checks
+    /// before the tests.
+    Lint,
     /// Create or remove the lab network namespaces.
     Lab {
         #[arg(value_parser = ["up", "down"])]
@@ -95,6 +100,7 @@ enum Task {
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Deps => deps(),
+        Task::Lint => lint(),
         Task::Build { release } => build(release),
         Task::Test { no_deps, unit_only } => {
             if !no_deps {
@@ -225,6 +231,23 @@ fn deps() -> Result<()> {
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     }
     Ok(())
+}
+
+/// rustfmt's check, then clippy with `-D warnings` on every crate and
+/// target (xtask also with its `datapath` feature, which the bench uses).
+fn lint() -> Result<()> {
+    for toolchain in ["nightly", "stable"] {
+        run(Command::new("rustup").args(["component", "add", "rustfmt", "clippy", "--toolchain", toolchain]))?;
+    }
+    // Through rustup: $CARGO is the stable toolchain's cargo, which does
+    // not take `+nightly`.
+    run(Command::new("rustup")
+        .args(["run", "nightly", "cargo", "fmt", "--all", "--check"])
+        .env("PATH", path_env())
+        .current_dir(workspace_root()))
+    .context("formatting differs from rustfmt.toml: run `cargo +nightly fmt --all`")?;
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().args(["clippy", "-p", "xtask", "--features", "datapath", "--all-targets", "--", "-D", "warnings"]))
 }
 
 fn is_bpffs(path: &str) -> bool {

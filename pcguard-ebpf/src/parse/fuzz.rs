@@ -1390,6 +1390,7 @@ extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
     if len != 0 {
         // Only async-signal-safe calls: write(2) and _exit(2). The frame's
         // bytes are readable (only the guard pages are not).
+        // SAFETY: write(2) of a valid slice to stderr.
         let say = |s: &[u8]| unsafe {
             libc::write(2, s.as_ptr().cast(), s.len());
         };
@@ -1410,13 +1411,17 @@ extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
             say(&buf[..n]);
         }
         say(b"\n");
+        // SAFETY: _exit(2) has no preconditions.
         unsafe { libc::_exit(GUARD_HIT_EXIT) };
     }
     // Not ours (a stack overflow in another test, a bug): put the previous
     // handler back and let the fault happen again under it.
     let _ = (sig, info, ctx);
     match PREVIOUS_SEGV.get() {
+        // SAFETY: `prev` is the sigaction the kernel gave back when this
+        // handler was installed.
         Some(prev) => unsafe { libc::sigaction(libc::SIGSEGV, prev, std::ptr::null_mut()) },
+        // SAFETY: a null action only reads the current one.
         None => unsafe { libc::sigaction(libc::SIGSEGV, std::ptr::null(), std::ptr::null_mut()) },
     };
 }
@@ -1726,10 +1731,10 @@ fn parse_agrees_with_etherparse() {
         stats.reports.len(),
         stats.reports.join("\n\n")
     );
-    if iters >= COVERAGE_MIN_ITERS {
-        if let Err(e) = stats.check_coverage() {
-            panic!("{e}\n{}", stats.summary());
-        }
+    if iters >= COVERAGE_MIN_ITERS
+        && let Err(e) = stats.check_coverage()
+    {
+        panic!("{e}\n{}", stats.summary());
     }
 }
 

@@ -100,7 +100,7 @@ impl ProbeStream {
             let mut i = 0u64;
             while !s.load(Ordering::Relaxed) {
                 let _ = udp.send_to(format!("probe {i}").as_bytes(), to);
-                if i % 10 == 0 {
+                if i.is_multiple_of(10) {
                     // A SYN; the socket is dropped at once (the kernel
                     // retransmits nothing after the close).
                     let _ = TcpStream::connect_timeout(&to, Duration::from_millis(1));
