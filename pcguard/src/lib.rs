@@ -1,10 +1,12 @@
 //! pcguard: eBPF/XDP port policy enforcer and traffic monitor for PaperCut
-//! NG/MF servers. See DESIGN.md in the steering docs and docs/ here.
+//! NG/MF servers. docs/architecture.md describes the layers below (each
+//! imports only layers under it) and the data flows; docs/datapath.md the
+//! kernel side.
 //!
-//! Pipeline: `catalog` -> `config` -> `policy` (pure, unit-tested) ->
-//! `datapath` (BPF maps) ; `flows` (audit log) ; `metrics` (Prometheus).
-//! Under them all, `model`: the vocabulary they share (directions,
-//! protocols, port ranges, CIDRs).
+//! From the bottom: `model` and `sys` -> `catalog`, `pins`, `auditlog`,
+//! `sockdiag` -> `config` -> `policy`, `attach` -> `render`, `seed`,
+//! `counters`, `flows`, `dns` -> `datapath`, `gate`, `metrics` -> `state`
+//! -> `status` -> `daemon`.
 
 pub mod attach;
 pub mod auditlog;
