@@ -27,4 +27,5 @@ pub mod seed;
 pub mod sockdiag;
 pub mod state;
 pub mod status;
+pub mod support;
 pub mod sys;
