@@ -243,3 +243,100 @@ fn severity_codes_are_syslogs() {
         [0, 1, 2, 3, 4, 5, 6, 7]
     );
 }
+
+#[test]
+fn flows_reads_ecs_records_back_as_they_were() {
+    let enc = Encoder::new(AuditFormat::Ecs, "print-1".into());
+    let (flows, summary) = records();
+    for rec in &flows {
+        let line = String::from_utf8(enc.flow(rec, SystemTime::now()).line).unwrap();
+        assert_eq!(crate::flows::parse_line(&line), crate::flows::Line::Flow(rec.clone()), "{line}");
+    }
+    let line = String::from_utf8(enc.summary(&summary, SystemTime::now()).line).unwrap();
+    assert_eq!(crate::flows::parse_line(&line), crate::flows::Line::Other);
+}
+
+/// `pcguard flows` over a log written by every version and format: records
+/// from before schema 1, schema 1 in `json` and in `ecs`, a summary and a
+/// line that is no record.
+#[test]
+fn flows_filters_first_then_takes_the_last_n_of_every_format() {
+    use crate::flows::{Filter, follow, parse_time};
+    let at = |t: &str, reason: &str, port: u16| {
+        let mut r = flow(reason, "dropped", if reason == "outbound_to_workstation" { "alert" } else { "warning" });
+        r.ts = format!("2026-11-27T{t}.000Z");
+        r.local.port = port;
+        r
+    };
+    let json = Encoder::new(AuditFormat::Json, "print-1".into());
+    let ecs = Encoder::new(AuditFormat::Ecs, "print-1".into());
+    let now = SystemTime::now();
+    let line = |e: Encoded| String::from_utf8(e.line).unwrap();
+    let pre_v1 = serde_json::to_string(&at("09:00:00", "no_rule", 9999)).unwrap();
+    let alert = line(json.flow(&at("09:30:00", "outbound_to_workstation", 445), now));
+    let (_, mut summary) = records();
+    summary.ts = "2026-11-27T09:31:00.000Z".into();
+    let lines = [
+        pre_v1.clone(),
+        alert.clone(),
+        line(json.summary(&summary, now)),
+        "not a record".to_string(),
+        line(json.flow(&at("10:00:00", "no_rule", 9998), now)),
+        line(ecs.flow(&at("10:30:00", "no_rule", 9997), now)),
+    ];
+    let dir = std::env::temp_dir().join(format!("pcguard-flows-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("flows.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    let run = |filter: Filter, n: usize, as_json: bool| {
+        let mut out = Vec::new();
+        follow(&path, &filter, n, false, as_json, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    };
+    let no_rule = || Filter { reason: Some("no_rule".into()), ..Default::default() };
+    let human = |t: &str, port: u16| {
+        format!(
+            "2026-11-27T{t}.000Z WARNING no_rule                  inbound  tcp 10.77.0.2:40000 -> 10.77.0.1:{port}  peer=workstations rules=- if=pcg0  [dropped]\n"
+        )
+    };
+    // -n counts the records that match, not the lines of the file.
+    assert_eq!(run(no_rule(), 1, false), human("10:30:00", 9997));
+    assert_eq!(run(no_rule(), 2, false), human("10:00:00", 9998) + &human("10:30:00", 9997));
+    assert_eq!(run(no_rule(), 20, false), human("09:00:00", 9999) + &human("10:00:00", 9998) + &human("10:30:00", 9997));
+    assert_eq!(run(no_rule(), 0, false), "");
+    // --json prints the line as written.
+    assert_eq!(run(Filter { severity: Some("alert".into()), ..Default::default() }, 5, true), format!("{alert}\n"));
+    assert_eq!(run(Filter { port: Some(9999), ..Default::default() }, 5, true), format!("{pre_v1}\n"));
+    // --since / --until, inclusive; summaries are not flows.
+    let t = |s: &str| parse_time(s, now).unwrap();
+    let window = Filter {
+        since: Some(t("2026-11-27T09:30:00Z")),
+        until: Some(t("2026-11-27T10:00:00Z")),
+        ..Default::default()
+    };
+    let out = run(window, 20, false);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(out.starts_with("2026-11-27T09:30:00.000Z ALERT   outbound_to_workstation"), "{out}");
+    assert!(out.ends_with(&human("10:00:00", 9998)), "{out}");
+    let since = Filter { since: Some(t("2026-11-27T10:15:00Z")), ..no_rule() };
+    assert_eq!(run(since, 20, false), human("10:30:00", 9997));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn since_and_until_take_durations_ago_or_rfc3339_times() {
+    use std::time::Duration;
+
+    use crate::flows::parse_time;
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_237_600);
+    assert_eq!(parse_time("2h", now), Ok(now - Duration::from_secs(7200)));
+    assert_eq!(parse_time("90s", now), Ok(now - Duration::from_secs(90)));
+    assert_eq!(parse_time("1d 12h", now), Ok(now - Duration::from_secs(36 * 3600)));
+    assert_eq!(parse_time("2025-11-27T10:00:00Z", now), Ok(now));
+    assert_eq!(parse_time("2025-11-27T10:00:00.500Z", now), Ok(now + Duration::from_millis(500)));
+    let e = parse_time("yesterday", now).unwrap_err();
+    assert_eq!(
+        e,
+        "\"yesterday\" is neither a duration (e.g. 90s, 2h, 1d) nor an RFC 3339 UTC time (e.g. 2026-11-27T10:00:00Z)"
+    );
+}
