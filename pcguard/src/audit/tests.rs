@@ -340,3 +340,23 @@ fn since_and_until_take_durations_ago_or_rfc3339_times() {
         "\"yesterday\" is neither a duration (e.g. 90s, 2h, 1d) nor an RFC 3339 UTC time (e.g. 2026-11-27T10:00:00Z)"
     );
 }
+
+/// The example records of the README and docs/audit.md are records the
+/// schemas accept.
+#[test]
+fn documented_examples_validate() {
+    let json = validator("audit.schema.json");
+    let ecs = validator("audit-ecs.schema.json");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut checked = 0;
+    for doc in ["README.md", "docs/audit.md"] {
+        let text = std::fs::read_to_string(root.join(doc)).unwrap();
+        for line in text.lines().filter(|l| l.starts_with('{') && (l.contains("\"schema\":1") || l.contains("\"@timestamp\""))) {
+            let rec: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{doc}: {e}: {line}"));
+            let v = if rec.get("@timestamp").is_some() { &ecs } else { &json };
+            assert_eq!(errors(v, &rec), Vec::<String>::new(), "{doc}: {line}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 5, "README: 2 records, docs/audit.md: 3");
+}
