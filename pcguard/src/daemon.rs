@@ -19,11 +19,11 @@ use tokio::{
 };
 
 use crate::{
+    audit::{self, AuditSink},
     config::SiteConfig,
     counters::Labels,
     datapath::{Datapath, MapSizes},
     dns::{Accepted, FqdnClasses, Guard, Handled, LearnReport, Learner, Limits, QueryTable, Refusal, Seen},
-    audit::{self, AuditSink},
     flows::{AuditRecord, DnsRefusal, KeyedLimit},
     gate::AuditGate,
     metrics::{Metrics, PolicyInfo},
@@ -88,11 +88,7 @@ fn daemon_settings(cfg: &SiteConfig, policy: &CompiledPolicy, opts: &RunOptions)
     Ok(DaemonSettings {
         interfaces: cfg.interfaces.clone(),
         metrics_listen: opts.metrics_listen.unwrap_or_else(|| cfg.metrics_listen()),
-        audit: audit::Output {
-            path: audit_log.clone(),
-            format: cfg.audit.format,
-            syslog: cfg.audit.syslog.clone(),
-        },
+        audit: audit::Output { path: audit_log.clone(), format: cfg.audit.format, syslog: cfg.audit.syslog.clone() },
         audit_log,
         group,
         report_interval: policy.settings.report_interval,

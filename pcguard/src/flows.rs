@@ -383,7 +383,7 @@ pub fn parse_time(s: &str, now: SystemTime) -> Result<SystemTime, String> {
 pub enum Line {
     /// A flow or `dns_poisoning` record: schema 1 (`json` or `ecs`
     /// format), or from before schema 1.
-    Flow(AuditRecord),
+    Flow(Box<AuditRecord>),
     /// A summary or a record of another event type (not shown).
     Other,
     /// Not a record.
@@ -394,7 +394,7 @@ pub enum Line {
 pub fn parse_line(line: &str) -> Line {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { return Line::Invalid };
     if v.get("@timestamp").is_some() {
-        return from_ecs(&v).map_or(Line::Other, Line::Flow);
+        return from_ecs(&v).map_or(Line::Other, |r| Line::Flow(Box::new(r)));
     }
     match v.get("event_type").and_then(|t| t.as_str()) {
         None | Some("unexpected_flow" | "dns_poisoning") => {}
@@ -403,7 +403,7 @@ pub fn parse_line(line: &str) -> Line {
     if v.get("event").is_some() {
         return Line::Other;
     }
-    serde_json::from_value::<AuditRecord>(v).map_or(Line::Invalid, Line::Flow)
+    serde_json::from_value::<AuditRecord>(v).map_or(Line::Invalid, |r| Line::Flow(Box::new(r)))
 }
 
 /// A flow record of the `ecs` format, back in pcguard's own fields
@@ -416,7 +416,10 @@ fn from_ecs(v: &serde_json::Value) -> Option<AuditRecord> {
     let s = |v: &serde_json::Value| v.as_str().map(str::to_string);
     let names = |v: &serde_json::Value| -> Option<Vec<String>> { v.as_array()?.iter().map(s).collect() };
     let endpoint = |e: &serde_json::Value| -> Option<Endpoint> {
-        Some(Endpoint { addr: e.get("ip")?.as_str()?.parse().ok()?, port: u16::try_from(e.get("port")?.as_u64()?).ok()? })
+        Some(Endpoint {
+            addr: e.get("ip")?.as_str()?.parse().ok()?,
+            port: u16::try_from(e.get("port")?.as_u64()?).ok()?,
+        })
     };
     let direction = s(&p["direction"])?;
     let (src, dst) = (endpoint(&v["source"])?, endpoint(&v["destination"])?);
@@ -453,7 +456,7 @@ fn from_ecs(v: &serde_json::Value) -> Option<AuditRecord> {
 pub fn follow(path: &Path, filter: &Filter, tail: usize, follow: bool, json: bool, mut out: impl Write) -> Result<()> {
     let selected = |line: &str| -> Option<AuditRecord> {
         match parse_line(line) {
-            Line::Flow(rec) if filter.matches(&rec) => Some(rec),
+            Line::Flow(rec) if filter.matches(&rec) => Some(*rec),
             _ => None,
         }
     };

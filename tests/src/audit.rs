@@ -34,11 +34,8 @@ fn validators() -> &'static (jsonschema::Validator, jsonschema::Validator) {
 /// `@timestamp`).
 pub fn validate_record(rec: &Value) -> Result<()> {
     let (json, ecs) = validators();
-    let (v, name) = if rec.get("@timestamp").is_some() {
-        (ecs, "audit-ecs.schema.json")
-    } else {
-        (json, "audit.schema.json")
-    };
+    let (v, name) =
+        if rec.get("@timestamp").is_some() { (ecs, "audit-ecs.schema.json") } else { (json, "audit.schema.json") };
     let errors: Vec<String> = v.iter_errors(rec).map(|e| format!("  {} (at {})", e, e.instance_path)).collect();
     if !errors.is_empty() {
         bail!("audit record does not validate against docs/{name}:\n{rec}\n{}", errors.join("\n"));

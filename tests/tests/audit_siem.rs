@@ -120,7 +120,8 @@ fn unexpected_flows_reach_syslog_as_rfc5424_messages() -> Result<()> {
 fn a_missing_syslog_receiver_drops_and_counts() -> Result<()> {
     let socket = tmp().join("audit-syslog-none.sock");
     let _ = std::fs::remove_file(&socket);
-    let env = TestLab::up("pa2", tmp(), &config(&format!("syslog = true\nsyslog_socket = \"{}\"\n", socket.display())))?;
+    let env =
+        TestLab::up("pa2", tmp(), &config(&format!("syslog = true\nsyslog_socket = \"{}\"\n", socket.display())))?;
     let daemon = env.start(&[])?;
     ensure!(!ws_reaches(&env.lab, 9999)?, "port 9999 has no rule");
     daemon.wait_audit("the flow to 9999", |r| r.iter().any(|x| x["local"]["port"] == 9999))?;
@@ -144,8 +145,7 @@ fn the_ecs_format_maps_flows_to_ecs_fields() -> Result<()> {
     let env = TestLab::up("pa3", tmp(), &config("format = \"ecs\"\n"))?;
     let daemon = env.start(&[])?;
     ensure!(!ws_reaches(&env.lab, 9999)?, "port 9999 has no rule");
-    let recs = daemon
-        .wait_audit("the flow to 9999", |r| r.iter().any(|x| x["destination"]["port"] == 9999))?;
+    let recs = daemon.wait_audit("the flow to 9999", |r| r.iter().any(|x| x["destination"]["port"] == 9999))?;
     let r = recs.iter().find(|x| x["destination"]["port"] == 9999).unwrap();
     assert_eq!(r["ecs"]["version"].as_str().map(|v| v.starts_with("8.")), Some(true), "{r}");
     assert_eq!(r["event"]["kind"], "alert");

@@ -157,7 +157,10 @@ fn every_record_kind_validates_against_the_ecs_schema() {
     assert_eq!(recs[3]["network"]["transport"], "ipv6-icmp");
     assert_eq!(recs[4]["dns"]["question"]["name"], "mf.cloud.papercut.com");
     assert_eq!(recs[4]["dns"]["resolved_ip"], serde_json::json!(["10.1.2.3"]));
-    assert_eq!((recs[5]["event"]["kind"].as_str(), recs[5]["pcguard"]["summary"]["over_ceiling"].as_u64()), (Some("metric"), Some(7)));
+    assert_eq!(
+        (recs[5]["event"]["kind"].as_str(), recs[5]["pcguard"]["summary"]["over_ceiling"].as_u64()),
+        (Some("metric"), Some(7))
+    );
 }
 
 #[test]
@@ -177,35 +180,53 @@ fn broken_records_are_rejected() {
         r.insert("packet_bytes".into(), "74".into());
     });
     assert!(!wrong_type.is_empty());
-    assert!(!broken(&recs[0], &|r| {
-        r.insert("local".into(), serde_json::json!({"addr": "not-an-ip", "port": 1}));
-    })
-    .is_empty());
-    assert!(!broken(&recs[0], &|r| {
-        r.insert("undocumented".into(), 1.into());
-    })
-    .is_empty());
-    assert!(!broken(&recs[0], &|r| {
-        r.insert("severity_code".into(), 6.into());
-    })
-    .is_empty(), "a code that is not the severity's");
-    assert!(!broken(&recs[4], &|r| {
-        r.remove("dns_name");
-    })
-    .is_empty(), "dns_poisoning without its name");
-    assert!(!broken(&recs[5], &|r| {
-        r.remove("over_ceiling");
-    })
-    .is_empty(), "a summary without a count");
-    assert!(!broken(&recs[5], &|r| {
-        r.insert("event_type".into(), "flow_end".into());
-    })
-    .is_empty(), "an event type the schema does not know");
+    assert!(
+        !broken(&recs[0], &|r| {
+            r.insert("local".into(), serde_json::json!({"addr": "not-an-ip", "port": 1}));
+        })
+        .is_empty()
+    );
+    assert!(
+        !broken(&recs[0], &|r| {
+            r.insert("undocumented".into(), 1.into());
+        })
+        .is_empty()
+    );
+    assert!(
+        !broken(&recs[0], &|r| {
+            r.insert("severity_code".into(), 6.into());
+        })
+        .is_empty(),
+        "a code that is not the severity's"
+    );
+    assert!(
+        !broken(&recs[4], &|r| {
+            r.remove("dns_name");
+        })
+        .is_empty(),
+        "dns_poisoning without its name"
+    );
+    assert!(
+        !broken(&recs[5], &|r| {
+            r.remove("over_ceiling");
+        })
+        .is_empty(),
+        "a summary without a count"
+    );
+    assert!(
+        !broken(&recs[5], &|r| {
+            r.insert("event_type".into(), "flow_end".into());
+        })
+        .is_empty(),
+        "an event type the schema does not know"
+    );
     // Records from before schema 1 have no envelope.
-    assert!(!broken(&recs[0], &|r| {
-        r.remove("schema");
-    })
-    .is_empty());
+    assert!(
+        !broken(&recs[0], &|r| {
+            r.remove("schema");
+        })
+        .is_empty()
+    );
 
     let ecs = validator("audit-ecs.schema.json");
     let mut r = encoded(AuditFormat::Ecs)[0].clone();
@@ -250,7 +271,7 @@ fn flows_reads_ecs_records_back_as_they_were() {
     let (flows, summary) = records();
     for rec in &flows {
         let line = String::from_utf8(enc.flow(rec, SystemTime::now()).line).unwrap();
-        assert_eq!(crate::flows::parse_line(&line), crate::flows::Line::Flow(rec.clone()), "{line}");
+        assert_eq!(crate::flows::parse_line(&line), crate::flows::Line::Flow(Box::new(rec.clone())), "{line}");
     }
     let line = String::from_utf8(enc.summary(&summary, SystemTime::now()).line).unwrap();
     assert_eq!(crate::flows::parse_line(&line), crate::flows::Line::Other);
@@ -302,18 +323,18 @@ fn flows_filters_first_then_takes_the_last_n_of_every_format() {
     // -n counts the records that match, not the lines of the file.
     assert_eq!(run(no_rule(), 1, false), human("10:30:00", 9997));
     assert_eq!(run(no_rule(), 2, false), human("10:00:00", 9998) + &human("10:30:00", 9997));
-    assert_eq!(run(no_rule(), 20, false), human("09:00:00", 9999) + &human("10:00:00", 9998) + &human("10:30:00", 9997));
+    assert_eq!(
+        run(no_rule(), 20, false),
+        human("09:00:00", 9999) + &human("10:00:00", 9998) + &human("10:30:00", 9997)
+    );
     assert_eq!(run(no_rule(), 0, false), "");
     // --json prints the line as written.
     assert_eq!(run(Filter { severity: Some("alert".into()), ..Default::default() }, 5, true), format!("{alert}\n"));
     assert_eq!(run(Filter { port: Some(9999), ..Default::default() }, 5, true), format!("{pre_v1}\n"));
     // --since / --until, inclusive; summaries are not flows.
     let t = |s: &str| parse_time(s, now).unwrap();
-    let window = Filter {
-        since: Some(t("2026-11-27T09:30:00Z")),
-        until: Some(t("2026-11-27T10:00:00Z")),
-        ..Default::default()
-    };
+    let window =
+        Filter { since: Some(t("2026-11-27T09:30:00Z")), until: Some(t("2026-11-27T10:00:00Z")), ..Default::default() };
     let out = run(window, 20, false);
     assert_eq!(out.lines().count(), 2, "{out}");
     assert!(out.starts_with("2026-11-27T09:30:00.000Z ALERT   outbound_to_workstation"), "{out}");
@@ -351,7 +372,9 @@ fn documented_examples_validate() {
     let mut checked = 0;
     for doc in ["README.md", "docs/audit.md"] {
         let text = std::fs::read_to_string(root.join(doc)).unwrap();
-        for line in text.lines().filter(|l| l.starts_with('{') && (l.contains("\"schema\":1") || l.contains("\"@timestamp\""))) {
+        for line in
+            text.lines().filter(|l| l.starts_with('{') && (l.contains("\"schema\":1") || l.contains("\"@timestamp\"")))
+        {
             let rec: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{doc}: {e}: {line}"));
             let v = if rec.get("@timestamp").is_some() { &ecs } else { &json };
             assert_eq!(errors(v, &rec), Vec::<String>::new(), "{doc}: {line}");
