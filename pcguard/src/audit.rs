@@ -7,6 +7,7 @@
 //!
 //! The records themselves ([`AuditRecord`], [`SummaryRecord`]) stay what
 //! they were before schema 1; the envelope is added here, on the way out.
+//! Layer 7 (docs/architecture.md): above `gate`, whose summaries it writes.
 
 use std::{
     path::{Path, PathBuf},
