@@ -383,3 +383,45 @@ fn documented_examples_validate() {
     }
     assert_eq!(checked, 5, "README: 2 records, docs/audit.md: 3");
 }
+
+/// A reload's format and syslog socket apply to the next record; the file
+/// stays the same.
+#[test]
+fn the_sink_takes_a_reloads_format_and_syslog() {
+    let dir = std::env::temp_dir().join(format!("pcguard-sink-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Output { path: dir.join("flows.jsonl"), format: AuditFormat::Json, syslog: None };
+    let mut sink = AuditSink::open(&out, None).unwrap();
+    let rec = flow("no_rule", "dropped", "warning");
+    sink.write(&rec).unwrap();
+    let socket = dir.join("log.sock");
+    let rx = std::os::unix::net::UnixDatagram::bind(&socket).unwrap();
+    let dropped = Counter::default();
+    sink.count_syslog_drops(dropped.clone());
+    let with_syslog =
+        Output { format: AuditFormat::Ecs, syslog: Some((socket.clone(), Facility::Authpriv)), ..out.clone() };
+    sink.configure(AuditFormat::Ecs, AuditSink::syslog(&with_syslog).unwrap());
+    sink.write(&rec).unwrap();
+    let text = std::fs::read_to_string(&out.path).unwrap();
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!((lines[0]["schema"].as_u64(), lines[0].get("@timestamp")), (Some(1), None));
+    assert_eq!(lines[1]["pcguard"]["schema"], 1);
+    assert_ne!(lines[0]["event_id"], lines[1]["event"]["id"]);
+    let mut buf = [0u8; 8192];
+    let n = rx.recv(&mut buf).unwrap();
+    let msg = std::str::from_utf8(&buf[..n]).unwrap();
+    // authpriv (10) * 8 + warning (4).
+    let head = format!("<84>1 2026-11-27T10:00:00.123Z {} pcguard {} no_rule - ", hostname(), std::process::id());
+    assert!(msg.starts_with(&head), "{msg}");
+    assert_eq!(serde_json::from_str::<Value>(&msg[head.len()..]).unwrap(), lines[1]);
+    // The receiver goes away: records are dropped and counted, the file
+    // is still written.
+    drop(rx);
+    std::fs::remove_file(&socket).unwrap();
+    sink.write(&rec).unwrap();
+    assert_eq!(dropped.get(), 1);
+    assert_eq!(std::fs::read_to_string(&out.path).unwrap().lines().count(), 3);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
