@@ -164,6 +164,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     let mut ids = StableIds::default();
     let (cfg, compiled) = policy::load(&opts.config, &mut ids)?;
+    log_warnings(&cfg, &compiled);
     let settings = daemon_settings(&cfg, &compiled, &opts)?;
     if settings.interfaces.is_empty() {
         bail!("{}: no interfaces configured", opts.config.display());
@@ -455,6 +456,7 @@ impl Daemon {
 
     fn try_reload(&mut self) -> Result<()> {
         let (cfg, compiled) = policy::load(&self.opts.config, &mut self.ids)?;
+        log_warnings(&cfg, &compiled);
         if cfg.interfaces != self.cfg.interfaces {
             bail!(
                 "interfaces changed ({:?} -> {:?}); restart pcguard to attach to a different set",
@@ -729,5 +731,13 @@ impl Daemon {
             labels: Labels::from_policy(&policy),
         };
         state.write(&self.opts.run_dir, self.group)
+    }
+}
+
+/// `pcguard check`'s warnings, at warn level: the config compiles but
+/// breaks something on the server.
+fn log_warnings(cfg: &crate::config::SiteConfig, compiled: &policy::CompiledPolicy) {
+    for w in policy::warnings(cfg, compiled) {
+        warn!("{} (fix: {})", w.message, w.fix);
     }
 }

@@ -34,8 +34,8 @@ enum Command {
     /// Load the policy, attach to the configured interfaces and serve metrics
     /// and the audit log until SIGTERM. SIGHUP reloads the config.
     Run {
-        #[arg(short, long, default_value = "/etc/pcguard/pcguard.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigPath,
         /// bpffs directory for the pinned maps and links (read by `pcguard
         /// status`, adopted by the next `pcguard run`).
         #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
@@ -68,7 +68,8 @@ enum Command {
     },
     /// Validate a config and print the effective rule table.
     Check {
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigPath,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
@@ -153,8 +154,31 @@ enum Command {
 #[derive(Subcommand)]
 enum RenderTarget {
     /// An nftables ruleset (`nft -f`) equivalent to the policy.
-    Nftables { config: PathBuf },
+    Nftables {
+        #[command(flatten)]
+        config: ConfigPath,
+    },
 }
+
+/// The site config, as `-c FILE`/`--config FILE` or as the argument: both
+/// spellings work for every command that reads one.
+#[derive(clap::Args)]
+struct ConfigPath {
+    /// Site config file [default: /etc/pcguard/pcguard.toml].
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    flag: Option<PathBuf>,
+    /// The site config file, as an argument (same as -c FILE).
+    #[arg(value_name = "CONFIG", conflicts_with = "flag")]
+    positional: Option<PathBuf>,
+}
+
+impl ConfigPath {
+    fn path(self) -> PathBuf {
+        self.flag.or(self.positional).unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
+    }
+}
+
+const DEFAULT_CONFIG: &str = "/etc/pcguard/pcguard.toml";
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -181,7 +205,7 @@ fn real_main(cli: Cli) -> Result<()> {
             dns_min_ttl,
         } => {
             let opts = RunOptions {
-                config,
+                config: config.path(),
                 bpffs_dir,
                 detach_on_exit,
                 run_dir,
@@ -195,10 +219,14 @@ fn real_main(cli: Cli) -> Result<()> {
             rt.block_on(daemon::run(opts))
         }
         Command::Check { config, format } => {
-            let (cfg, policy) = pcguard::policy::load(&config, &mut pcguard::policy::StableIds::default())?;
+            let (cfg, policy) = pcguard::policy::load(&config.path(), &mut pcguard::policy::StableIds::default())?;
             match format {
                 Format::Table => print!("{}", pcguard::policy::check_report(&cfg, &policy)),
-                Format::Json => println!("{}", serde_json::to_string_pretty(&pcguard::policy::rules_json(&policy))?),
+                Format::Json => {
+                    let mut json = pcguard::policy::rules_json(&policy);
+                    json["warnings"] = serde_json::to_value(pcguard::policy::warnings(&cfg, &policy))?;
+                    println!("{}", serde_json::to_string_pretty(&json)?)
+                }
             }
             Ok(())
         }
@@ -246,7 +274,7 @@ fn real_main(cli: Cli) -> Result<()> {
             flows::follow(&path, &filter, lines, !no_follow, json, std::io::stdout().lock())
         }
         Command::Render { target: RenderTarget::Nftables { config } } => {
-            let (cfg, policy) = pcguard::policy::load(&config, &mut pcguard::policy::StableIds::default())?;
+            let (cfg, policy) = pcguard::policy::load(&config.path(), &mut pcguard::policy::StableIds::default())?;
             print!("{}", pcguard::render::nftables_on(&policy, &cfg.interfaces));
             Ok(())
         }

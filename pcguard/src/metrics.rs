@@ -88,7 +88,7 @@ fn reason_labels(reason: &str) -> LabelPairs {
 }
 
 fn flow_labels(reason: &str, direction: &str) -> LabelPairs {
-    vec![("reason", reason.to_string()), ("direction", direction.to_string())]
+    vec![("reason", reason.to_string()), ("flow_direction", direction.to_string())]
 }
 
 fn reload_labels(ok: bool) -> LabelPairs {
@@ -176,7 +176,7 @@ impl Metrics {
         };
         registry.register(
             "pcguard_unexpected_flows",
-            "Unexpected flows reported (one per flow, not per packet), by reason and flow direction",
+            "Unexpected flows reported (one per flow, not per packet), by reason and flow direction (inbound: opened by the remote end; outbound: opened by this server)",
             daemon.unexpected_flows.clone(),
         );
         for reason in crate::flows::reason_labels() {
