@@ -19,11 +19,12 @@ use tokio::{
 };
 
 use crate::{
+    audit::{self, AuditSink},
     config::SiteConfig,
     counters::Labels,
     datapath::{Datapath, MapSizes},
     dns::{Accepted, FqdnClasses, Guard, Handled, LearnReport, Learner, Limits, QueryTable, Refusal, Seen},
-    flows::{AuditLog, AuditRecord, DnsRefusal, KeyedLimit},
+    flows::{AuditRecord, DnsRefusal, KeyedLimit},
     gate::AuditGate,
     metrics::{Metrics, PolicyInfo},
     policy::{self, CompiledPolicy, StableIds},
@@ -69,6 +70,8 @@ struct DaemonSettings {
     interfaces: Vec<String>,
     metrics_listen: SocketAddr,
     audit_log: PathBuf,
+    /// Format and syslog socket of the audit records.
+    audit: audit::Output,
     /// Group that may read the audit log and state (`[audit] group`).
     group: Option<u32>,
     report_interval: Duration,
@@ -81,10 +84,12 @@ fn daemon_settings(cfg: &SiteConfig, policy: &CompiledPolicy, opts: &RunOptions)
         Some(name) => Some(crate::auditlog::group_id(name).with_context(|| format!("{}: audit.group", cfg.origin))?),
         None => None,
     };
+    let audit_log = opts.audit_log.clone().unwrap_or_else(|| cfg.audit_path().to_path_buf());
     Ok(DaemonSettings {
         interfaces: cfg.interfaces.clone(),
         metrics_listen: opts.metrics_listen.unwrap_or_else(|| cfg.metrics_listen()),
-        audit_log: opts.audit_log.clone().unwrap_or_else(|| cfg.audit_path().to_path_buf()),
+        audit: audit::Output { path: audit_log.clone(), format: cfg.audit.format, syslog: cfg.audit.syslog.clone() },
+        audit_log,
         group,
         report_interval: policy.settings.report_interval,
         max_records_per_second: cfg.audit.max_records_per_second,
@@ -124,7 +129,7 @@ struct Daemon {
     group: Option<u32>,
     policy: Arc<RwLock<CompiledPolicy>>,
     metrics: Arc<Metrics>,
-    audit: Arc<Mutex<AuditLog>>,
+    audit: Arc<Mutex<AuditSink>>,
     /// Dedup, ceiling and summary of unexpected-flow records.
     gate: Arc<Mutex<AuditGate>>,
     /// Kernel report counters at the last summary (rate limited, ring
@@ -164,7 +169,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     if settings.interfaces.is_empty() {
         bail!("{}: no interfaces configured", opts.config.display());
     }
-    let audit = AuditLog::open(&settings.audit_log, settings.group)?;
+    let mut audit = AuditSink::open(&settings.audit, settings.group)?;
     // Bind before touching the kernel, so a busy port fails cleanly.
     let addr = settings.metrics_listen;
     let listener =
@@ -201,6 +206,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut info = settings.info.clone();
     info.interfaces = dp.interfaces().to_vec();
     let metrics = Arc::new(Metrics::new(Some(dp.maps_dir()), info)?);
+    audit.count_syslog_drops(metrics.daemon.audit_syslog_dropped.clone());
     let loaded_at = unix_now();
     metrics.daemon.policy_loaded_time.set(loaded_at as f64);
     info!("metrics on http://{addr}/metrics");
@@ -501,9 +507,14 @@ impl Daemon {
             let audit = self.audit.lock().unwrap();
             match audit.path() == settings.audit_log {
                 true => None,
-                false => Some(AuditLog::open(&settings.audit_log, settings.group)?),
+                false => {
+                    let mut new = AuditSink::open(&settings.audit, settings.group)?;
+                    new.count_syslog_drops(self.metrics.daemon.audit_syslog_dropped.clone());
+                    Some(new)
+                }
             }
         };
+        let syslog = AuditSink::syslog(&settings.audit)?;
         let fqdns = FqdnClasses::of(&compiled);
         let planned = self.learner.planned(&fqdns, &self.guard, &compiled);
         let stats = self.dp.apply(&compiled, &planned)?;
@@ -516,8 +527,12 @@ impl Daemon {
             info!("DNS: {addr} forgotten: the new policy does not let DNS answers open it");
         }
         self.sync_learned();
-        if let Some(audit) = new_audit {
-            *self.audit.lock().unwrap() = audit;
+        {
+            let mut audit = self.audit.lock().unwrap();
+            if let Some(new) = new_audit {
+                *audit = new;
+            }
+            audit.configure(settings.audit.format, syslog);
         }
         self.group = settings.group;
         self.gate.lock().unwrap().configure(settings.report_interval, settings.max_records_per_second);
@@ -650,11 +665,7 @@ impl Daemon {
             summary.kernel_rate_limited,
             summary.kernel_ring_dropped
         );
-        let line = serde_json::to_vec(&summary).map(|mut l| {
-            l.push(b'\n');
-            l
-        });
-        if let Err(e) = line.map_err(anyhow::Error::from).and_then(|l| self.audit.lock().unwrap().write_line(&l)) {
+        if let Err(e) = self.audit.lock().unwrap().write_summary(&summary) {
             self.metrics.daemon.audit_write_errors.inc();
             error!("{e:#}");
         }

@@ -3,12 +3,13 @@
 //! imports only layers under it) and the data flows; docs/datapath.md the
 //! kernel side.
 //!
-//! From the bottom: `model` and `sys` -> `catalog`, `pins`, `auditlog`,
+//! From the bottom: `model` and `sys` -> `catalog`, `pins`, `auditlog`, `syslog`,
 //! `sockdiag` -> `config` -> `policy`, `attach` -> `render`, `seed`,
-//! `counters`, `flows`, `dns` -> `datapath`, `gate`, `metrics` -> `state`
+//! `counters`, `flows`, `dns` -> `datapath`, `gate`, `metrics` -> `audit`, `state`
 //! -> `status` -> `daemon`.
 
 pub mod attach;
+pub mod audit;
 pub mod auditlog;
 pub mod catalog;
 pub mod config;
@@ -29,3 +30,4 @@ pub mod state;
 pub mod status;
 pub mod support;
 pub mod sys;
+pub mod syslog;

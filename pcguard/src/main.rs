@@ -92,7 +92,8 @@ enum Command {
         log: Option<PathBuf>,
         #[arg(long, default_value = DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
-        /// Print the last N records before following.
+        /// Print the last N matching records (after the filters) before
+        /// following.
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: usize,
         /// Print and exit instead of following.
@@ -116,6 +117,13 @@ enum Command {
         /// Only flows with this local or remote address.
         #[arg(long)]
         addr: Option<IpAddr>,
+        /// Only records from this time on: RFC 3339 UTC (2026-11-27T10:00:00Z)
+        /// or a duration ago (90s, 2h, 1d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only records up to this time (same forms as --since).
+        #[arg(long)]
+        until: Option<String>,
     },
     /// Render the compiled policy in another firewall's language.
     Render {
@@ -250,12 +258,19 @@ fn real_main(cli: Cli) -> Result<()> {
             peer_class,
             port,
             addr,
+            since,
+            until,
         } => {
+            let now = std::time::SystemTime::now();
+            let time = |flag: &str, v: Option<String>| -> Result<Option<std::time::SystemTime>> {
+                v.map(|v| flows::parse_time(&v, now).map_err(|e| anyhow::anyhow!("{flag}: {e}"))).transpose()
+            };
+            let (since, until) = (time("--since", since)?, time("--until", until)?);
             let path = match log {
                 Some(p) => p,
                 None => State::read(&run_dir)?.audit_log.context("the running daemon has no audit log")?,
             };
-            let filter = flows::Filter { reason, direction, peer_class, port, addr, severity };
+            let filter = flows::Filter { reason, direction, peer_class, port, addr, severity, since, until };
             flows::follow(&path, &filter, lines, !no_follow, json, std::io::stdout().lock())
         }
         Command::Render { target: RenderTarget::Nftables { config } } => {

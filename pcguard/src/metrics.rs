@@ -37,6 +37,9 @@ pub struct DaemonMetrics {
     /// Unexpected-flow records not written on their own (repeats within the
     /// report interval, or over the ceiling): counted in summary records.
     pub audit_held_back: Counter,
+    /// Audit records the syslog socket did not take at once (no syslog
+    /// daemon, or its queue full): dropped, never waited for.
+    pub audit_syslog_dropped: Counter,
     pub policy_loaded_time: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub dns_learned: Gauge,
     pub dns_answers_accepted: Counter,
@@ -164,6 +167,7 @@ impl Metrics {
             reloads: Family::default(),
             audit_write_errors: Counter::default(),
             audit_held_back: Counter::default(),
+            audit_syslog_dropped: Counter::default(),
             policy_loaded_time: Gauge::default(),
             dns_learned: Gauge::default(),
             dns_answers_accepted: Counter::default(),
@@ -193,6 +197,11 @@ impl Metrics {
             "pcguard_audit_held_back",
             "Unexpected-flow records not written on their own (repeats, or over the records-per-second ceiling); summary records count them",
             daemon.audit_held_back.clone(),
+        );
+        registry.register(
+            "pcguard_audit_syslog_dropped",
+            "Audit records not sent to syslog ([audit] syslog = true): the socket did not take them at once (no syslog daemon, or its queue full)",
+            daemon.audit_syslog_dropped.clone(),
         );
         registry.register(
             "pcguard_policy_loaded_timestamp_seconds",
