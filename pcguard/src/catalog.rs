@@ -438,7 +438,9 @@ mod tests {
         assert!(mdns.quotes()[0].0.url.contains("mobility-print"));
         let site = c.service("site-server-out").unwrap();
         assert_eq!((site.direction, site.peers.clone()), (Direction::Outbound, vec!["site_servers".to_string()]));
-        assert!(site.quotes().iter().any(|(d, q)| d.id == "site-server-troubleshooting" && q.contains("9191 and 9192")));
+        assert!(
+            site.quotes().iter().any(|(d, q)| d.id == "site-server-troubleshooting" && q.contains("9191 and 9192"))
+        );
         let samba = c.service("samba-smb").unwrap();
         assert!(!samba.from_document && format_ports(&samba.ports) == "445");
         // The moved services: every 9191-9193 inbound of the devices, the
@@ -527,7 +529,9 @@ features = ["f"]
         assert!(with(wrong_doc).unwrap_err().contains("verbatim fragment of the document \"change-ports\""));
         let also = "ports = [1]\nsource = \"9191 for HTTP connections\"\nalso = [{ document = \"change-ports\", text = \"x y z\" }]";
         assert!(with(also).unwrap_err().contains("x y z"));
-        assert!(with("ports = [1]\nfrom_document = false\napp_server_ports = true").unwrap_err().contains("9191 or 9192"));
+        assert!(
+            with("ports = [1]\nfrom_document = false\napp_server_ports = true").unwrap_err().contains("9191 or 9192")
+        );
         assert!(with("ports = [1]\nfrom_document = false\nbogus = 1").unwrap_err().contains("bogus"));
     }
 

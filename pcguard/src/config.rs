@@ -257,6 +257,7 @@ pub fn parse(text: &str, origin: &str) -> Result<SiteConfig, ConfigError> {
     }
     let raw: RawConfig = toml::from_str(text).map_err(|e| ctx.toml_error(&e, false))?;
     let peers = parse_peers(&ctx, &raw)?;
+    check_site_servers(&ctx, &raw, &peers)?;
     let mut names = HashSet::new();
     let rules = rules::validate(&ctx, &raw.rules, "rule", &peers, &mut names)?;
     let always_allow = rules::validate(&ctx, &raw.always_allow.rules, "always_allow.rule", &peers, &mut names)?;
@@ -455,6 +456,38 @@ fn parse_peers(ctx: &Ctx, raw: &RawConfig) -> Result<BTreeMap<String, Vec<Cidr>>
     }
     Ok(peers)
 }
+
+/// Site Servers connect to and from the primary: an address in
+/// `site_servers` and in a class the server never connects to
+/// (`workstations`, `secondary_servers`) would make the primary's
+/// connections to it `outbound_to_workstation`.
+fn check_site_servers(ctx: &Ctx, raw: &RawConfig, peers: &BTreeMap<String, Vec<Cidr>>) -> Result<(), ConfigError> {
+    let Some(sites) = peers.get(SITE_SERVERS) else {
+        return Ok(());
+    };
+    for class in NO_INITIATE_CLASSES {
+        for (a, b) in sites.iter().flat_map(|a| peers.get(class).into_iter().flatten().map(move |b| (a, b))) {
+            if a.contains(b) || b.contains(a) {
+                let key = raw.peers.keys().find(|k| k.get_ref() == SITE_SERVERS).map(|k| k.span());
+                return Err(ctx.error(
+                    key,
+                    "peers.site_servers",
+                    format!(
+                        "{a} overlaps {b} of peers.{class}: this server never connects to {class}, and it connects \
+                         to its Site Servers; list a Site Server in site_servers only"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The peer class of Site Servers (both directions with the primary).
+pub const SITE_SERVERS: &str = "site_servers";
+/// Classes this server never opens a flow to (the kernel's
+/// `no_initiate_mask`).
+pub const NO_INITIATE_CLASSES: [&str; 2] = ["workstations", "secondary_servers"];
 
 fn check_class_name(ctx: &Ctx, name: &Spanned<String>, key: &str) -> Result<(), ConfigError> {
     let n = name.get_ref();

@@ -41,6 +41,8 @@ pub struct RawConfig {
     pub audit: RawAudit,
     #[serde(default)]
     pub metrics: RawMetrics,
+    #[serde(default)]
+    pub papercut: RawPapercut,
 }
 
 #[derive(Deserialize)]
@@ -89,6 +91,16 @@ pub struct RawAudit {
 #[serde(deny_unknown_fields)]
 pub struct RawMetrics {
     pub listen: Option<SocketAddr>,
+}
+
+/// `[papercut]`: how this PaperCut installation differs from the defaults.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPapercut {
+    /// The Application Server's HTTP port (`server.port`), default 9191.
+    pub http_port: Option<Spanned<i64>>,
+    /// Its HTTPS port (`server.ssl.port`), default 9192.
+    pub https_port: Option<Spanned<i64>>,
 }
 
 /// A duration: an integer number of seconds or a string with a unit
