@@ -17,6 +17,9 @@ pub type SpannedList = Spanned<Vec<Spanned<String>>>;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
+    /// Files of shared peer classes (`[peers]` only).
+    #[serde(default)]
+    pub include: Option<SpannedList>,
     pub role: Spanned<Role>,
     pub interfaces: SpannedList,
     pub mode: Spanned<Mode>,
@@ -43,6 +46,14 @@ pub struct RawConfig {
     pub metrics: RawMetrics,
     #[serde(default)]
     pub papercut: RawPapercut,
+}
+
+/// A file named by `include`: peer classes shared by several servers.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInclude {
+    #[serde(default)]
+    pub peers: BTreeMap<Spanned<String>, Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]

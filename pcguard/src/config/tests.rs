@@ -424,3 +424,52 @@ fn site_servers_both_ways_samba_and_mobility_print() {
     assert!(enabled(&cfg).contains(&up.id));
     assert_eq!(crate::model::format_ports(&cfg.service_ports(up)), "443, 9191");
 }
+
+#[test]
+fn include_shares_peer_classes_and_errors_name_the_included_file() {
+    let dir = std::env::temp_dir().join(format!("pcguard-include-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
+    let main = |include: &str, body: &str| {
+        let origin = dir.join("site.toml").display().to_string();
+        parse(&format!("include = [{include}]\n{HEAD}{body}"), &origin)
+    };
+    write(
+        "peers.toml",
+        "# shared by every server\n[peers]\nworkstations = [\"192.0.2.0/25\"]\ndevices = [\"198.51.100.0/24\"]\n\
+         admin = [\"192.0.2.10\"]\nprinters_lab = [\"203.0.113.0/28\"]\n",
+    );
+    // Relative to the including file; the classes work as if written there.
+    let cfg = main("\"peers.toml\"", "[features]\nmfd = [\"hp\"]\n").unwrap();
+    assert_eq!(cfg.peers["devices"], vec!["198.51.100.0/24".parse::<Cidr>().unwrap()]);
+    assert!(cfg.features.contains("mfd:hp") && cfg.features.contains("admin_ssh"));
+    let peers_toml = dir.join("peers.toml").display().to_string();
+    let listed = format!("included {peers_toml}: peers admin, devices, printers_lab, workstations");
+    assert!(cfg.notes.contains(&listed), "{:?}", cfg.notes);
+    assert!(cfg.notes.iter().any(|n| n.contains("peers.printers_lab (custom class")), "{:?}", cfg.notes);
+    // An absolute path works the same; a class of the including file too.
+    let cfg = main(&format!("{peers_toml:?}"), "[peers]\ndns = [\"192.0.2.53\"]\n").unwrap();
+    assert!(cfg.peers.contains_key("dns") && cfg.peers.contains_key("workstations"));
+    // Errors name the included file and its line.
+    write("bad.toml", "[peers]\nworkstations = [\"192.0.2.0/25\"]\ndevices = [\"10.0.0.0/33\"]\n");
+    let e = main("\"bad.toml\"", "").unwrap_err().to_string();
+    assert!(e.starts_with(&format!("{}:3: peers.devices: invalid CIDR", dir.join("bad.toml").display())), "{e}");
+    write("features.toml", "[peers]\nadmin = [\"192.0.2.10\"]\n[features]\nweb = true\n");
+    let e = main("\"features.toml\"", "").unwrap_err().to_string();
+    assert!(e.starts_with(&format!("{}:3: ", dir.join("features.toml").display())) && e.contains("features"), "{e}");
+    write("syntax.toml", "[peers]\nadmin = [\"192.0.2.10\"\n");
+    let e = main("\"syntax.toml\"", "").unwrap_err().to_string();
+    assert!(e.starts_with(&dir.join("syntax.toml").display().to_string()), "{e}");
+    // One file per class: the second definition is the error.
+    let e = main("\"peers.toml\"", "[peers]\nworkstations = [\"192.0.2.0/24\"]\n").unwrap_err().to_string();
+    let site = dir.join("site.toml").display().to_string();
+    assert!(e.starts_with(&format!("{peers_toml}:3: peers.workstations: also defined in {site}:6")), "{e}");
+    // A file that cannot be read: the include line of the including file.
+    let e = main("\"nope.toml\"", "").unwrap_err().to_string();
+    assert!(e.starts_with(&format!("{site}:1: include: cannot read {}", dir.join("nope.toml").display())), "{e}");
+    // Site servers from the shared file are checked like local ones.
+    write("sites.toml", "[peers]\nsite_servers = [\"192.0.2.40\"]\n");
+    let e = main("\"peers.toml\", \"sites.toml\"", "").unwrap_err().to_string();
+    assert!(e.starts_with(&format!("{}:2: peers.site_servers", dir.join("sites.toml").display())), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
