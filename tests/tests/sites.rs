@@ -17,8 +17,11 @@ fn probe(what: &'static str, from: &'static str, to: &'static str, port: u16, al
     Probe { what, from, to, proto: Proto::Tcp, port, allowed }
 }
 
+/// Per probe: answered over (IPv4, IPv6).
+type Verdicts = Vec<(bool, bool)>;
+
 /// (v4, v6) answered, for every probe.
-fn run_all(lab: &Lab, probes: &[Probe]) -> Result<Vec<(bool, bool)>> {
+fn run_all(lab: &Lab, probes: &[Probe]) -> Result<Verdicts> {
     probes
         .iter()
         .map(|p| Ok((run_probe(lab, p, false, BLOCKED_TIMEOUT)?, run_probe(lab, p, true, BLOCKED_TIMEOUT)?)))
@@ -98,7 +101,7 @@ fn audit_of(recs: &[Value], reason: &str) -> Vec<Value> {
 }
 
 /// Probes, then the audit records once the control probe's is written.
-fn probe_and_audit(env: &TestLab, probes: &[Probe], control: &str) -> Result<(Vec<(bool, bool)>, Vec<Value>)> {
+fn probe_and_audit(env: &TestLab, probes: &[Probe], control: &str) -> Result<(Verdicts, Vec<Value>)> {
     let _servers = start_probe_servers(&env.lab, probes)?;
     let daemon = env.start(&[])?;
     let verdicts = run_all(&env.lab, probes)?;
