@@ -73,6 +73,20 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+    /// Write a starter config (monitor mode) from an installed PaperCut
+    /// server's files: server.properties on an Application Server,
+    /// print-provider.conf on a secondary.
+    Init {
+        /// PaperCut's install directory ([app-path], e.g. /home/papercut).
+        #[arg(long)]
+        papercut_dir: PathBuf,
+        /// The interface to guard (default: the default route's).
+        #[arg(long)]
+        interface: Option<String>,
+        /// Write here (refuses an existing file) instead of to stdout.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
     /// Print the PaperCut port catalog (from the PaperCut document).
     Catalog {
         #[arg(long, value_enum, default_value = "table")]
@@ -226,6 +240,24 @@ fn real_main(cli: Cli) -> Result<()> {
                     let mut json = pcguard::policy::rules_json(&policy);
                     json["warnings"] = serde_json::to_value(pcguard::policy::warnings(&cfg, &policy))?;
                     println!("{}", serde_json::to_string_pretty(&json)?)
+                }
+            }
+            Ok(())
+        }
+        Command::Init { papercut_dir, interface, output } => {
+            let interface = interface
+                .or_else(pcguard::init::default_route_interface)
+                .context("no default route: name the interface with --interface")?;
+            let text = pcguard::init::starter_config(&papercut_dir, &interface).map_err(anyhow::Error::msg)?;
+            match output {
+                None => print!("{text}"),
+                Some(path) => {
+                    let mut f =
+                        std::fs::OpenOptions::new().write(true).create_new(true).open(&path).with_context(|| {
+                            format!("{}: cannot create (an existing file is never replaced)", path.display())
+                        })?;
+                    std::io::Write::write_all(&mut f, text.as_bytes())?;
+                    eprintln!("wrote {}: check it with `pcguard check {}`", path.display(), path.display());
                 }
             }
             Ok(())
