@@ -1,10 +1,11 @@
 //! Developer tasks: `cargo xtask <task>`.
 //!
 //! * `deps`  — install what building and testing need (apt packages,
-//!   nightly rust-src, bpf-linker), mount bpffs. Idempotent.
+//!   nightly rust-src, bpf-linker, cargo-deb), mount bpffs. Idempotent.
 //! * `lint`  — rustfmt check and clippy with warnings as errors (CI).
 //! * `build` — build the workspace (the eBPF object is built by pcguard's build.rs).
-//! * `test`  — deps + build + unit tests + privileged end-to-end tests.
+//! * `test`  — deps + build + unit tests + the .deb (`package`) +
+//!   privileged end-to-end tests.
 //! * `demo`  — deps + build + a lab of network namespaces, pcguard with the
 //!   lab policy, sample traffic, then status, metrics and the audit log.
 //! * `lab up|down` — the lab topology alone, to experiment by hand.

@@ -124,6 +124,18 @@ mod tests {
     }
 
     #[test]
+    fn deploy_readme_shows_the_shipped_logrotate_file() {
+        let root = crate::workspace_root();
+        let shipped = std::fs::read_to_string(root.join("deploy/debian/logrotate")).unwrap();
+        let readme = std::fs::read_to_string(root.join("deploy/README.md")).unwrap();
+        let rules: Vec<&str> = shipped.lines().filter(|l| !l.starts_with('#')).collect();
+        assert!(
+            readme.contains(&rules.join("\n")),
+            "deploy/README.md's logrotate block differs from deploy/debian/logrotate"
+        );
+    }
+
+    #[test]
     fn packaged_unit_refuses_a_unit_it_cannot_fix() {
         let err = packaged_unit("[Service]\nExecStart=/opt/pcguard run\n").unwrap_err();
         assert!(err.to_string().contains("/usr/local/bin/pcguard"), "{err}");
