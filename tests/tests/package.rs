@@ -224,9 +224,15 @@ fn deb_installs_checks_and_purges_cleanly() -> Result<()> {
         eprintln!("logrotate is not installed (cargo xtask deps installs it): its parse check is skipped");
     }
 
+    // An upgrade (here a reinstall) keeps the operator's config, without a
+    // prompt, and says nothing of a first install.
+    std::fs::write("/etc/pcguard/pcguard.toml", config.replace("mode = \"monitor\"", "mode = \"enforce\""))?;
+    let text = ok(Command::new("dpkg").args(["-i", "--force-confnew"]).arg(&deb).stdin(std::process::Stdio::null()))?;
+    assert!(!text.contains("not enabled or started"), "{text}");
+    assert!(std::fs::read_to_string("/etc/pcguard/pcguard.toml")?.contains("mode = \"enforce\""), "config kept");
+
     // Remove keeps the operator's config; prerm detached (nothing was
     // attached: no daemon ran).
-    std::fs::write("/etc/pcguard/pcguard.toml", config.replace("mode = \"monitor\"", "mode = \"enforce\""))?;
     let removed = ok(Command::new("dpkg").args(["-r", "pcguard"]))?;
     assert!(removed.contains("nothing to detach"), "prerm ran pcguard detach:\n{removed}");
     assert!(!Path::new("/usr/bin/pcguard").exists());
@@ -237,7 +243,7 @@ fn deb_installs_checks_and_purges_cleanly() -> Result<()> {
     std::fs::write("/var/log/pcguard/flows.jsonl.1", "{}\n")?;
     std::fs::create_dir_all("/run/pcguard")?;
     std::fs::write("/run/pcguard/state.json", "{}\n")?;
-    std::fs::write("/etc/pcguard/pcguard.toml.dpkg-old", "role = \"primary\"\n")?;
+    std::fs::write("/etc/pcguard/pcguard.toml.orig", "role = \"primary\"\n")?; // an operator's copy
     ok(Command::new("dpkg").args(["--purge", "pcguard"]))?;
     drop(guard);
     assert!(!is_installed());
