@@ -159,24 +159,27 @@ fn deb_installs_checks_and_purges_cleanly() -> Result<()> {
         ("/usr/share/bash-completion/completions/pcguard".into(), 0o644),
         ("/usr/share/zsh/vendor-completions/_pcguard".into(), 0o644),
         ("/usr/share/fish/vendor_completions.d/pcguard.fish".into(), 0o644),
-        ("/usr/share/pcguard/grafana/pcguard.json".into(), 0o644),
+        ("/usr/share/pcguard/pcguard.json".into(), 0o644),
         ("/usr/share/doc/pcguard/README.md".into(), 0o644),
         ("/usr/share/doc/pcguard/deploy/README.md".into(), 0o644),
     ];
     files.extend(man_pages.iter().map(|p| (format!("/usr/share/man/man1/{p}.1"), 0o644)));
     files.extend(repo_files("docs", ".md").iter().map(|n| (format!("/usr/share/doc/pcguard/docs/{n}"), 0o644)));
-    files.extend(
-        repo_files("deploy/prometheus", ".yml").iter().map(|n| (format!("/usr/share/pcguard/prometheus/{n}"), 0o644)),
-    );
+    files.extend(repo_files("deploy/prometheus", ".yml").iter().map(|n| (format!("/usr/share/pcguard/{n}"), 0o644)));
     for (path, mode) in &files {
         assert_file(path, *mode);
     }
     assert!(!Path::new("/usr/share/man/man1/pcguard-generate.1").exists(), "the hidden subcommand has no page");
     // The shipped dashboard is the repository's.
     assert_eq!(
-        std::fs::read("/usr/share/pcguard/grafana/pcguard.json")?,
+        std::fs::read("/usr/share/pcguard/pcguard.json")?,
         std::fs::read(workspace_root().join("deploy/grafana/pcguard.json"))?
     );
+
+    // The installed alerting rules pass their installed promtool tests.
+    if Path::new("/usr/share/pcguard/pcguard-rules.test.yml").exists() && Path::new("/usr/bin/promtool").exists() {
+        ok(Command::new("promtool").args(["test", "rules", "/usr/share/pcguard/pcguard-rules.test.yml"]))?;
+    }
 
     // The unit runs the packaged binary and points at installed docs.
     let unit = std::fs::read_to_string("/lib/systemd/system/pcguard.service")?;
@@ -196,7 +199,8 @@ fn deb_installs_checks_and_purges_cleanly() -> Result<()> {
     // The shipped config is valid and in monitor mode.
     let config = std::fs::read_to_string("/etc/pcguard/pcguard.toml")?;
     assert!(config.lines().any(|l| l.starts_with("mode = \"monitor\"")), "{config}");
-    ok(Command::new("/usr/bin/pcguard").args(["check", "/etc/pcguard/pcguard.toml"]))?;
+    let report = ok(Command::new("/usr/bin/pcguard").args(["check", "/etc/pcguard/pcguard.toml"]))?;
+    assert!(!report.contains("warnings:"), "the shipped config draws no check warning:\n{report}");
 
     let man = ok(Command::new("man").args(["-w", "pcguard"]))?;
     assert_eq!(man.trim(), "/usr/share/man/man1/pcguard.1");

@@ -8,9 +8,7 @@
 //!   generate`, hidden), so they describe exactly the CLI packaged;
 //! * `systemd/pcguard.service`: `deploy/systemd/pcguard.service` with the
 //!   binary at /usr/bin/pcguard instead of /usr/local/bin/pcguard (the
-//!   repository copy is for the manual install of deploy/README.md);
-//! * `share/`: the Grafana dashboard and the Prometheus rules
-//!   (`deploy/prometheus/*.yml`, whatever is there), for /usr/share/pcguard.
+//!   repository copy is for the manual install of deploy/README.md).
 
 use std::{
     path::{Path, PathBuf},
@@ -55,9 +53,6 @@ pub fn build(root: &Path, target: &Path) -> Result<PathBuf> {
             .with_context(|| format!("{}", unit_src.display()))?;
     write(&stage.join("systemd/pcguard.service"), &unit)?;
 
-    copy_matching(&root.join("deploy/grafana"), "json", &stage.join("share/grafana"))?;
-    copy_matching(&root.join("deploy/prometheus"), "yml", &stage.join("share/prometheus"))?;
-
     let out = crate::cargo()
         .args(["deb", "-p", "pcguard", "--no-build", "--output"])
         .arg(target.join("debian"))
@@ -90,22 +85,6 @@ pub fn packaged_unit(repo_unit: &str) -> Result<String> {
 fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::create_dir_all(path.parent().expect("a staged file has a parent"))?;
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
-}
-
-/// Copies `dir/*.ext` into `to` (nothing if `dir` does not exist).
-fn copy_matching(dir: &Path, ext: &str, to: &Path) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(());
-    };
-    for entry in entries {
-        let path = entry?.path();
-        if path.is_file() && path.extension().is_some_and(|e| e == ext) {
-            std::fs::create_dir_all(to)?;
-            let dest = to.join(path.file_name().expect("a file name"));
-            std::fs::copy(&path, &dest).with_context(|| format!("copying {}", path.display()))?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
