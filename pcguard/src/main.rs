@@ -163,6 +163,23 @@ enum Command {
         #[arg(long, default_value = DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
     },
+    /// Write the man pages or the shell completions into DIR (packaging:
+    /// `cargo xtask package`).
+    #[command(hide = true)]
+    Generate {
+        #[arg(value_enum)]
+        what: Generated,
+        dir: PathBuf,
+    },
+}
+
+/// What `pcguard generate` writes.
+#[derive(Copy, Clone, ValueEnum)]
+enum Generated {
+    /// pcguard.1 and one page per subcommand (pcguard-run.1, ...).
+    Man,
+    /// pcguard.bash, _pcguard (zsh) and pcguard.fish.
+    Completions,
 }
 
 #[derive(Subcommand)]
@@ -312,6 +329,7 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Command::Confirm { run_dir } => signal_daemon(&run_dir, sys::SIGUSR1, "confirm"),
         Command::Reload { run_dir } => signal_daemon(&run_dir, sys::SIGHUP, "reload"),
+        Command::Generate { what, dir } => generate(what, &dir),
         Command::Detach { bpffs_dir, run_dir } => {
             if pcguard::attach::detach_dir(&bpffs_dir)? {
                 State::remove(&run_dir);
@@ -322,6 +340,29 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The man pages or completions of this CLI definition, into `dir`
+/// (created if missing).
+fn generate(what: Generated, dir: &Path) -> Result<()> {
+    use clap::CommandFactory as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    match what {
+        Generated::Man => clap_mangen::generate_to(Cli::command(), dir),
+        Generated::Completions => {
+            // clap_complete completes hidden subcommands too: leave them out.
+            let full = Cli::command();
+            let mut cmd = full
+                .get_subcommands()
+                .filter(|s| !s.is_hide_set())
+                .cloned()
+                .fold(clap::Command::new("pcguard").version(env!("CARGO_PKG_VERSION")), |c, s| c.subcommand(s));
+            [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish]
+                .into_iter()
+                .try_for_each(|shell| clap_complete::generate_to(shell, &mut cmd, "pcguard", dir).map(drop))
+        }
+    }
+    .with_context(|| format!("writing into {}", dir.display()))
 }
 
 fn signal_daemon(run_dir: &Path, sig: sys::Signal, what: &str) -> Result<()> {
@@ -339,4 +380,27 @@ fn signal_daemon(run_dir: &Path, sig: sys::Signal, what: &str) -> Result<()> {
     }
     println!("{what} sent to pcguard (pid {})", state.pid);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generate_writes_man_pages_and_completions_without_the_hidden_subcommand() {
+        let dir = std::env::temp_dir().join(format!("pcguard-generate-{}", std::process::id()));
+        generate(Generated::Man, &dir.join("man")).unwrap();
+        generate(Generated::Completions, &dir.join("completions")).unwrap();
+        for page in ["pcguard.1", "pcguard-run.1", "pcguard-check.1", "pcguard-render-nftables.1"] {
+            let text = std::fs::read_to_string(dir.join("man").join(page)).unwrap();
+            assert!(text.starts_with(".ie") || text.contains(".TH"), "{page} is a man page");
+        }
+        assert!(!dir.join("man/pcguard-generate.1").exists());
+        for file in ["pcguard.bash", "_pcguard", "pcguard.fish"] {
+            let text = std::fs::read_to_string(dir.join("completions").join(file)).unwrap();
+            assert!(text.contains("confirm") && text.contains("run-dir"), "{file} completes the subcommands");
+            assert!(!text.contains("generate"), "{file} leaves out the hidden subcommand");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
