@@ -62,7 +62,8 @@ fn deb_control_data() -> Result<()> {
 
     let control = control_member(&deb, "control")?;
     assert!(control.contains("Package: pcguard\n"), "{control}");
-    assert!(control.lines().any(|l| l.starts_with("Depends:") && l.contains("libc6 (>=")), "{control}");
+    // A static binary: no libc version required of the installing system.
+    assert!(!control.contains("libc6"), "the packaged binary should be static:\n{control}");
 
     // Installed, never enabled or started by the package; an upgrade
     // restarts a running daemon only.
@@ -170,6 +171,10 @@ fn deb_installs_checks_and_purges_cleanly() -> Result<()> {
         assert_file(path, *mode);
     }
     assert!(!Path::new("/usr/share/man/man1/pcguard-generate.1").exists(), "the hidden subcommand has no page");
+    // Static: no program interpreter (dynamic loader) named in the binary,
+    // so no glibc version is needed (docs/support.md, "Userland").
+    let bin = std::fs::read("/usr/bin/pcguard")?;
+    assert!(!bin.windows(10).any(|w| w == b"ld-linux-x"), "/usr/bin/pcguard is dynamically linked");
     // The shipped dashboard is the repository's.
     assert_eq!(
         std::fs::read("/usr/share/pcguard/pcguard.json")?,

@@ -230,6 +230,9 @@ fn deps() -> Result<()> {
     let _ = Command::new("systemctl").args(["disable", "--now", "prometheus"]).output();
     let _ = Command::new("pkill").args(["-x", "prometheus"]).output();
     run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    // The packaged binary is static (musl): it runs on every distribution's
+    // userland (docs/support.md, "Userland").
+    run(Command::new("rustup").args(["target", "add", package::MUSL_TARGET]))?;
     let version = Command::new("bpf-linker")
         .env("PATH", path_env())
         .arg("--version")

@@ -17,6 +17,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
+/// The packaged binary's target: statically linked, no glibc version
+/// required of the installing system.
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+
 /// The cargo-deb `cargo xtask deps` installs.
 pub const CARGO_DEB_VERSION: &str = "3.8.0";
 
@@ -38,12 +42,17 @@ pub fn build(root: &Path, target: &Path) -> Result<PathBuf> {
         crate::succeeds(Command::new("cargo").args(["deb", "--version"])),
         "cargo-deb is not installed: run `cargo xtask deps`"
     );
-    crate::run(crate::cargo().args(["build", "--release", "-p", "pcguard"]))?;
+    crate::run(crate::cargo().args(["build", "--release", "-p", "pcguard", "--target", MUSL_TARGET]))?;
     let stage = target.join(STAGE);
     if stage.exists() {
         std::fs::remove_dir_all(&stage).with_context(|| format!("removing {}", stage.display()))?;
     }
-    let bin = target.join("release/pcguard");
+    // Staged under the path the metadata's assets name (cargo-deb would
+    // rewrite `target/release/` paths with `--target`).
+    let built = target.join(MUSL_TARGET).join("release/pcguard");
+    let bin = stage.join("bin/pcguard");
+    std::fs::create_dir_all(stage.join("bin"))?;
+    std::fs::copy(&built, &bin).with_context(|| format!("copying {}", built.display()))?;
     crate::run(Command::new(&bin).arg("generate").arg("man").arg(stage.join("man")))?;
     crate::run(Command::new(&bin).arg("generate").arg("completions").arg(stage.join("completions")))?;
 
