@@ -18,6 +18,7 @@ use std::{
     time::Duration,
 };
 
+pub use features::{FeatureSetting, default_features, setting_for};
 pub use raw::parse_duration;
 use raw::{RawConfig, RawInclude, Seconds, SpannedList};
 use serde::{Deserialize, Serialize};

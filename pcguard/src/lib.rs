@@ -29,6 +29,7 @@ pub mod seed;
 pub mod sockdiag;
 pub mod state;
 pub mod status;
+pub mod suggest;
 pub mod support;
 pub mod sys;
 pub mod syslog;

@@ -139,6 +139,21 @@ enum Command {
         #[arg(long)]
         until: Option<String>,
     },
+    /// Suggest the smallest config change that allows the unexpected flows
+    /// of audit logs (monitor -> suggest -> review -> enforce): peer
+    /// classes, features, site rules, as a diff of the config. Never
+    /// applies anything.
+    Suggest {
+        /// Audit log to read (json or ecs format); repeat for more files.
+        #[arg(long = "from", value_name = "FILE", required = true)]
+        from: Vec<PathBuf>,
+        /// The current site config: the suggestion is a diff of it.
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Write the suggested config here (refuses an existing file).
+        #[arg(short, long, value_name = "FILE", requires = "config")]
+        output: Option<PathBuf>,
+    },
     /// Render the compiled policy in another firewall's language.
     Render {
         #[command(subcommand)]
@@ -322,6 +337,7 @@ fn real_main(cli: Cli) -> Result<()> {
             let filter = flows::Filter { reason, direction, peer_class, port, addr, severity, since, until };
             flows::follow(&path, &filter, lines, !no_follow, json, std::io::stdout().lock())
         }
+        Command::Suggest { from, config, output } => suggest(&from, config.as_deref(), output.as_deref()),
         Command::Render { target: RenderTarget::Nftables { config } } => {
             let (cfg, policy) = pcguard::policy::load(&config.path(), &mut pcguard::policy::StableIds::default())?;
             print!("{}", pcguard::render::nftables_on(&policy, &cfg.interfaces));
@@ -340,6 +356,35 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `pcguard suggest`: prints the report and diff; `output` gets the
+/// suggested config.
+fn suggest(from: &[PathBuf], config: Option<&Path>, output: Option<&Path>) -> Result<()> {
+    use pcguard::suggest::{self, Current, Observed};
+    let obs = Observed::read(from)?;
+    let loaded = match config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+            let (cfg, policy) = pcguard::policy::load(path, &mut pcguard::policy::StableIds::default())?;
+            Some((path, text, cfg, policy))
+        }
+        None => None,
+    };
+    let current = loaded.as_ref().map(|(path, text, cfg, policy)| Current { path, text: text.as_str(), cfg, policy });
+    let report = suggest::suggest(&obs, current.as_ref());
+    print!("{}", suggest::render(&report, &obs, current.as_ref()));
+    if let Some(path) = output {
+        let text = report.suggested.as_deref().context("no suggested config to write")?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .with_context(|| format!("{}: cannot create (an existing file is never replaced)", path.display()))?;
+        std::io::Write::write_all(&mut f, text.as_bytes())?;
+        eprintln!("wrote {}: review it, then `pcguard check {}`", path.display(), path.display());
+    }
+    Ok(())
 }
 
 /// The man pages or completions of this CLI definition, into `dir`

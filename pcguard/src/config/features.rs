@@ -357,3 +357,58 @@ fn app_server_ports(
 /// glossary pop-up text between them; a unit test checks both).
 pub const MOVED_PORTS_QUOTE: [&str; 2] =
     ["You can change the Application Server", " port from 9191/9192 to any other value, such as 80/ 443."];
+
+/// How the `[features]` table turns a catalog feature key on (`pcguard
+/// suggest`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FeatureSetting {
+    /// `key = true`.
+    Flag(&'static str),
+    /// `key = [..., "value"]`.
+    List(&'static str, String),
+    /// `key = "value"`.
+    One(&'static str, String),
+}
+
+impl FeatureSetting {
+    pub fn key(&self) -> &'static str {
+        match self {
+            FeatureSetting::Flag(k) | FeatureSetting::List(k, _) | FeatureSetting::One(k, _) => k,
+        }
+    }
+}
+
+/// The `[features]` setting that enables catalog feature `feature`
+/// (`mfd:hp` -> `mfd = ["hp"]`); `None` for features no key sets
+/// (`admin_ssh`, from `[always_allow]`).
+pub fn setting_for(feature: &str) -> Option<FeatureSetting> {
+    FEATURES.iter().find_map(|(key, kind)| match *kind {
+        Kind::Flag(f) => (f == feature).then_some(FeatureSetting::Flag(key)),
+        Kind::List(ns) => {
+            feature.strip_prefix(ns).and_then(|v| v.strip_prefix(':')).map(|v| FeatureSetting::List(key, v.into()))
+        }
+        Kind::One(ns) => {
+            feature.strip_prefix(ns).and_then(|v| v.strip_prefix(':')).map(|v| FeatureSetting::One(key, v.into()))
+        }
+    })
+}
+
+/// The role's (and every role's) default `[features]` keys with the catalog
+/// features each enables, for configs that do not set the key.
+pub fn default_features(role: Role) -> Vec<(String, Vec<String>)> {
+    default_table(role)
+        .iter()
+        .filter_map(|(key, value)| {
+            let (_, kind) = FEATURES.iter().find(|(k, _)| k == key)?;
+            let features = match (*kind, value) {
+                (Kind::Flag(f), Value::Boolean(true)) => vec![f.to_string()],
+                (Kind::List(ns), Value::Array(items)) => {
+                    items.iter().filter_map(|v| v.as_str()).map(|v| format!("{ns}:{v}")).collect()
+                }
+                (Kind::One(ns), Value::String(v)) => vec![format!("{ns}:{v}")],
+                _ => vec![],
+            };
+            Some((key.clone(), features))
+        })
+        .collect()
+}
