@@ -152,6 +152,11 @@ struct Seen {
     port_rules: BTreeSet<String>,
 }
 
+/// What a feature is turned on for: service ids, ports, addresses.
+type Use = (BTreeSet<String>, BTreeSet<Target>, BTreeSet<IpAddr>);
+/// Ports and service ids of an address a class is suggested for.
+type AddrUse = (BTreeSet<Target>, BTreeSet<String>);
+
 /// One change of the config.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Change {
@@ -253,6 +258,9 @@ impl State<'_> {
         self.catalog
             .services
             .iter()
+            // An always-allowed service (admin SSH) is never a reason to put
+            // an address in its class: that is the operator's decision.
+            .filter(|s| !s.always_allow)
             .filter(|s| s.direction == svc.direction && s.protocol == svc.protocol)
             .filter(|s| self.ports(s).iter().any(|r| r.contains(svc.port)))
             .filter(|s| s.features.iter().any(|f| self.feature_on(f) || config::setting_for(f).is_some()))
@@ -316,7 +324,7 @@ fn ports_text(svcs: &BTreeSet<Target>) -> String {
 }
 
 fn prefixes_text(p: &[Cidr]) -> String {
-    p.iter().map(|c| host_or_net(c)).collect::<Vec<_>>().join(", ")
+    p.iter().map(host_or_net).collect::<Vec<_>>().join(", ")
 }
 
 /// `10.0.0.7` for a host prefix, `10.0.0.0/24` for a network.
@@ -433,8 +441,8 @@ pub fn suggest(obs: &Observed, current: Option<&Current>) -> Report {
 
     // Step 3 and 4: per (group, address), the service that allows it.
     // feature -> (services, flows); site rule key -> ports.
-    let mut feature_use: BTreeMap<String, (BTreeSet<String>, BTreeSet<Target>, BTreeSet<IpAddr>)> = BTreeMap::new();
-    let mut class_use: BTreeMap<String, BTreeMap<IpAddr, (BTreeSet<Target>, BTreeSet<String>)>> = BTreeMap::new();
+    let mut feature_use: BTreeMap<String, Use> = BTreeMap::new();
+    let mut class_use: BTreeMap<String, BTreeMap<IpAddr, AddrUse>> = BTreeMap::new();
     let mut unmatched: BTreeMap<(Direction, Protocol, IpAddr), BTreeSet<u16>> = BTreeMap::new();
     // The features to turn on: the fewest that cover every (group,
     // address) no service with a feature on allows (greedy set cover).
@@ -545,13 +553,28 @@ pub fn suggest(obs: &Observed, current: Option<&Current>) -> Report {
         let class = name.replace('-', "_");
         let prefixes = covering_prefixes(&addrs, &outside(&class, &addrs));
         let svcs: BTreeSet<Target> = ports.iter().map(|&port| Target { direction, protocol, port }).collect();
+        // Always-allowed services (admin SSH) are never suggested: say so.
+        let always: Vec<String> = catalog
+            .services
+            .iter()
+            .filter(|s| s.always_allow && s.direction == direction && s.protocol == protocol)
+            .filter(|s| svcs.iter().any(|t| st.ports(s).iter().any(|r| r.contains(t.port))))
+            .map(|s| {
+                format!(
+                    " ({} is always allowed for peers.{}: add the hosts there instead if they are",
+                    s.id,
+                    s.peers.join(", peers.")
+                ) + " theirs)"
+            })
+            .collect();
         report.suggestions.push(Suggestion {
             text: format!(
-                "{} {} {}: no catalog service matches: add [[rule]] \"{name}\" for peers.{class} = [{}]",
+                "{} {} {}: no catalog service matches: add [[rule]] \"{name}\" for peers.{class} = [{}]{}",
                 prefixes_text(&prefixes),
                 if direction == Direction::Inbound { "opened" } else { "was opened" },
                 ports_text(&svcs),
-                prefixes_text(&prefixes)
+                prefixes_text(&prefixes),
+                always.concat()
             ),
             change: Change::SiteRule { name, class, direction, protocol, ports, prefixes },
         });
@@ -588,9 +611,9 @@ fn site_rules(current: Option<&Current>, svc: Target) -> Vec<(String, Vec<String
         .collect()
 }
 
-/// A way to allow a (service, address): a catalog service or site rule.
+/// A way to allow a (service, address): a catalog service or a site rule.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Option_ {
+struct Way {
     /// 1 when a feature must be turned on.
     cost: usize,
     /// Not one of the rules the records named for the port.
@@ -603,16 +626,16 @@ struct Option_ {
 
 /// The ways to allow `addr` on `svc` with its classes (planned ones
 /// included), best first.
-fn options(st: &State, svc: Target, addr: IpAddr, seen: &Seen) -> Vec<Option_> {
+fn options(st: &State, svc: Target, addr: IpAddr, seen: &Seen) -> Vec<Way> {
     let classes = st.classes(addr);
-    let mut out: Vec<Option_> = st
+    let mut out: Vec<Way> = st
         .services(svc)
         .iter()
         .filter(|s| s.has_endpoints() || s.peers.iter().any(|p| classes.contains(p)))
         .enumerate()
         .map(|(order, s)| {
             let need = st.feature_needed(s);
-            Option_ {
+            Way {
                 cost: usize::from(need.is_some()),
                 unnamed: !seen.port_rules.contains(&s.id),
                 order,
@@ -623,7 +646,7 @@ fn options(st: &State, svc: Target, addr: IpAddr, seen: &Seen) -> Vec<Option_> {
         .collect();
     for (id, peers) in site_rules(st.current, svc) {
         if peers.iter().any(|p| p == "any" || classes.contains(p)) {
-            out.push(Option_ { cost: 0, unnamed: false, order: 0, id, need: None });
+            out.push(Way { cost: 0, unnamed: false, order: 0, id, need: None });
         }
     }
     out.sort();
@@ -855,12 +878,12 @@ pub fn unified_diff(old: &str, new: &str, old_name: &str, new_name: &str) -> Str
             ops.push((' ', i, j));
             i += 1;
             j += 1;
-        } else if j < m && (i == n || lcs[i][j + 1] >= lcs[i + 1][j]) {
-            ops.push(('+', i, j));
-            j += 1;
-        } else {
+        } else if i < n && (j == m || lcs[i + 1][j] >= lcs[i][j + 1]) {
             ops.push(('-', i, j));
             i += 1;
+        } else {
+            ops.push(('+', i, j));
+            j += 1;
         }
     }
     let changed: Vec<usize> = ops.iter().enumerate().filter(|(_, o)| o.0 != ' ').map(|(k, _)| k).collect();

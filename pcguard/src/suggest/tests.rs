@@ -249,3 +249,54 @@ fn glob_and_diff_basics() {
     assert_eq!(d, "--- old\n+++ new\n@@ -1,3 +1,4 @@\n a\n b\n+x\n c\n");
     assert_eq!(unified_diff("a\n", "a\n", "o", "n"), "");
 }
+
+#[test]
+fn ssh_from_a_non_admin_is_a_site_rule_never_the_admin_class() {
+    let lines = vec![rec("no_rule", "inbound", "tcp", 22, "10.77.0.2", &["any"], &[])];
+    let r = run(CONFIG, &lines);
+    assert_eq!(r.suggestions.len(), 1);
+    assert!(matches!(&r.suggestions[0].change, Change::SiteRule { ports, .. } if ports == &[22]));
+    assert!(
+        r.suggestions[0]
+            .text
+            .ends_with("(admin-ssh is always allowed for peers.admin: add the hosts there instead if they are theirs)"),
+        "{}",
+        r.suggestions[0].text
+    );
+    assert!(r.not_allowed_after.is_empty() && r.notes.is_empty(), "{:?} {:?}", r.not_allowed_after, r.notes);
+}
+
+#[test]
+fn a_class_from_an_included_file_is_named_not_written() {
+    let dir = std::env::temp_dir().join(format!("pcguard-suggest-inc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("peers.toml"), "[peers]\nworkstations = [\"10.9.0.0/24\"]\n").unwrap();
+    let config = format!("include = [\"peers.toml\"]\n{CONFIG}");
+    let path = dir.join("site.toml");
+    let cfg = config::parse(&config, &path.display().to_string()).unwrap();
+    let policy = policy::compile(&cfg).unwrap();
+    let current = Current { path: &path, text: &config, cfg: &cfg, policy: &policy };
+    let lines = vec![rec("peer_not_allowed", "inbound", "tcp", 9191, "10.77.0.2", &["any"], &["web-http"])];
+    let r = suggest(&observe(&lines), Some(&current));
+    assert_eq!(
+        changes(&r),
+        vec![Change::AddToClass { class: "workstations".into(), prefixes: vec![host("10.77.0.2")] }]
+    );
+    assert_eq!(r.notes, ["peers.workstations is defined in an included file: add 10.77.0.2 there"]);
+    assert_eq!(r.suggested.as_deref(), Some(config.as_str()));
+    assert_eq!(r.not_allowed_after, ["10.77.0.2 inbound tcp/9191"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn ecs_records_give_the_same_suggestion_as_json_ones() {
+    let ecs: Vec<String> = lab_traffic()
+        .iter()
+        .map(|l| {
+            let r: AuditRecord = serde_json::from_str(l).unwrap();
+            crate::audit::ecs_flow(&r, crate::audit::EventType::of(&r), "id", "srv").to_string()
+        })
+        .collect();
+    assert_eq!(observe(&ecs).flows.len(), 5);
+    assert_eq!(changes(&run(CONFIG, &ecs)), changes(&run(CONFIG, &lab_traffic())));
+}
