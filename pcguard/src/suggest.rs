@@ -323,6 +323,20 @@ fn ports_text(svcs: &BTreeSet<Target>) -> String {
     }
 }
 
+/// `opened tcp/9191; was opened tcp/7627` (by this server).
+fn opened_text(svcs: &BTreeSet<Target>) -> String {
+    let (inbound, outbound): (BTreeSet<Target>, BTreeSet<Target>) =
+        svcs.iter().partition(|s| s.direction == Direction::Inbound);
+    let mut parts = Vec::new();
+    if !inbound.is_empty() {
+        parts.push(format!("opened {}", ports_text(&inbound)));
+    }
+    if !outbound.is_empty() {
+        parts.push(format!("was opened {}", ports_text(&outbound)));
+    }
+    parts.join("; ")
+}
+
 fn prefixes_text(p: &[Cidr]) -> String {
     p.iter().map(host_or_net).collect::<Vec<_>>().join(", ")
 }
@@ -404,8 +418,11 @@ pub fn suggest(obs: &Observed, current: Option<&Current>) -> Report {
         }
         let opened_by_server = svcs.iter().any(|s| s.direction == Direction::Outbound);
         let mut candidates: BTreeSet<String> = BTreeSet::new();
+        // Only a service that is on (or on by default) makes an address a
+        // member of its class: a port of a feature that is off (443 of
+        // the MFD vendors, ...) says too little about who the host is.
         for &svc in &uncovered {
-            for s in st.services(svc).iter().filter(|s| !s.has_endpoints()) {
+            for s in st.services(svc).iter().filter(|s| !s.has_endpoints() && st.feature_needed(s).is_none()) {
                 candidates.extend(s.peers.iter().cloned());
             }
             for (_, peers) in site_rules(svc) {
@@ -413,7 +430,6 @@ pub fn suggest(obs: &Observed, current: Option<&Current>) -> Report {
             }
         }
         candidates.retain(|c| !(opened_by_server && NO_INITIATE.contains(&c.as_str())));
-        // A class defined in an included file cannot take addresses here.
         let best = candidates
             .iter()
             .map(|class| {
@@ -512,12 +528,11 @@ pub fn suggest(obs: &Observed, current: Option<&Current>) -> Report {
             } else {
                 format!("{}: {} hosts", host_or_net(p), inside.len())
             };
-            let verb = if svcs.iter().all(|s| s.direction == Direction::Outbound) { "was opened" } else { "opened" };
             report.suggestions.push(Suggestion {
                 change: Change::AddToClass { class: class.clone(), prefixes: vec![*p] },
                 text: format!(
-                    "{who} {verb} {} ({}): add {} to peers.{class}",
-                    ports_text(&svcs),
+                    "{who} {} ({}): add {} to peers.{class}",
+                    opened_text(&svcs),
                     ids.into_iter().collect::<Vec<_>>().join(", "),
                     host_or_net(p)
                 ),
@@ -567,9 +582,25 @@ pub fn suggest(obs: &Observed, current: Option<&Current>) -> Report {
                 ) + " theirs)"
             })
             .collect();
+        let services: BTreeSet<String> = svcs
+            .iter()
+            .flat_map(|&t| st.services(t))
+            .map(|s| format!("{} (peers.{})", s.id, s.peers.join("/")))
+            .collect();
+        let catalog_note = if services.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = services.into_iter().collect();
+            format!(
+                " (catalog services on these ports, for other classes: {}; if the hosts are one of them, add them to \
+                 that class and turn its feature on instead)",
+                list.join(", ")
+            )
+        };
         report.suggestions.push(Suggestion {
             text: format!(
-                "{} {} {}: no catalog service matches: add [[rule]] \"{name}\" for peers.{class} = [{}]{}",
+                "{} {} {}: no catalog service of their classes matches: add [[rule]] \"{name}\" for peers.{class} = \
+                 [{}]{}{catalog_note}",
                 prefixes_text(&prefixes),
                 if direction == Direction::Inbound { "opened" } else { "was opened" },
                 ports_text(&svcs),
@@ -631,7 +662,10 @@ fn options(st: &State, svc: Target, addr: IpAddr, seen: &Seen) -> Vec<Way> {
     let mut out: Vec<Way> = st
         .services(svc)
         .iter()
-        .filter(|s| s.has_endpoints() || s.peers.iter().any(|p| classes.contains(p)))
+        .filter(|s| {
+            let documented_ip = s.ip_prefixes().iter().any(|c| c.contains(&Cidr::containing(addr, 128)));
+            documented_ip || s.peers.iter().any(|p| classes.contains(p))
+        })
         .enumerate()
         .map(|(order, s)| {
             let need = st.feature_needed(s);

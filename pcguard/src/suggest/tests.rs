@@ -300,3 +300,16 @@ fn ecs_records_give_the_same_suggestion_as_json_ones() {
     assert_eq!(observe(&ecs).flows.len(), 5);
     assert_eq!(changes(&run(CONFIG, &ecs)), changes(&run(CONFIG, &lab_traffic())));
 }
+
+#[test]
+fn a_port_of_an_off_feature_alone_does_not_make_an_unknown_host_a_member() {
+    // 443 outbound: the MFD vendors' port (features off) and the cloud
+    // services' (addresses learned by name): a site rule, with the
+    // services named.
+    let lines = vec![rec("no_rule", "outbound", "tcp", 443, "192.0.2.10", &["any"], &[])];
+    let r = run(CONFIG, &lines);
+    assert_eq!(r.suggestions.len(), 1, "{:?}", r.suggestions);
+    assert!(matches!(&r.suggestions[0].change, Change::SiteRule { ports, .. } if ports == &[443]));
+    assert!(r.suggestions[0].text.contains("hp-outbound (peers.devices)"), "{}", r.suggestions[0].text);
+    assert!(r.not_allowed_after.is_empty() && r.notes.is_empty(), "{:?} {:?}", r.not_allowed_after, r.notes);
+}
