@@ -5,7 +5,7 @@
 //!
 //! From the bottom: `model` and `sys` -> `catalog`, `pins`, `auditlog`, `syslog`,
 //! `sockdiag` -> `config` -> `policy`, `attach` -> `render`, `seed`,
-//! `counters`, `flows`, `dns` -> `datapath`, `gate`, `metrics` -> `audit`, `state`
+//! `counters`, `flows`, `dns` -> `datapath`, `gate`, `metrics`, `suggest` -> `audit`, `state`
 //! -> `status` -> `daemon`.
 
 pub mod attach;

@@ -365,8 +365,7 @@ fn suggest(from: &[PathBuf], config: Option<&Path>, output: Option<&Path>) -> Re
     let obs = Observed::read(from)?;
     let loaded = match config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-            let (cfg, policy) = pcguard::policy::load(path, &mut pcguard::policy::StableIds::default())?;
+            let (text, cfg, policy) = pcguard::policy::load_text(path, &mut pcguard::policy::StableIds::default())?;
             Some((path, text, cfg, policy))
         }
         None => None,

@@ -48,5 +48,13 @@ pub fn load(path: &Path, ids: &mut StableIds) -> anyhow::Result<(SiteConfig, Com
     Ok((cfg, policy))
 }
 
+/// [`load`], also returning the file's text (`pcguard suggest` edits it).
+pub fn load_text(path: &Path, ids: &mut StableIds) -> anyhow::Result<(String, SiteConfig, CompiledPolicy)> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+    let cfg = config::parse(&text, &path.display().to_string()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let policy = compile_with(&cfg, ids).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok((text, cfg, policy))
+}
+
 #[cfg(test)]
 mod tests;
