@@ -323,6 +323,15 @@ fn ports_text(svcs: &BTreeSet<Target>) -> String {
     }
 }
 
+/// `mfd = [..., "hp"]`.
+fn setting_text(s: FeatureSetting) -> String {
+    match s {
+        FeatureSetting::Flag(k) => format!("{k} = true"),
+        FeatureSetting::List(k, v) => format!("{k} = [..., \"{v}\"]"),
+        FeatureSetting::One(k, v) => format!("{k} = \"{v}\""),
+    }
+}
+
 /// `opened tcp/9191; was opened tcp/7627` (by this server).
 fn opened_text(svcs: &BTreeSet<Target>) -> String {
     let (inbound, outbound): (BTreeSet<Target>, BTreeSet<Target>) =
@@ -462,26 +471,45 @@ pub fn suggest(obs: &Observed, current: Option<&Current>) -> Report {
     let mut unmatched: BTreeMap<(Direction, Protocol, IpAddr), BTreeSet<u16>> = BTreeMap::new();
     // The features to turn on: the fewest that cover every (group,
     // address) no service with a feature on allows (greedy set cover).
-    let mut needs: Vec<BTreeSet<String>> = groups
+    let mut needs: Vec<((Target, IpAddr), BTreeSet<String>)> = groups
         .iter()
-        .map(|(&(svc, addr), seen)| options(&st, svc, addr, seen))
-        .filter(|o| !o.is_empty() && o.iter().all(|o| o.need.is_some()))
-        .map(|o| o.into_iter().filter_map(|o| o.need).collect())
+        .map(|(&key, seen)| (key, options(&st, key.0, key.1, seen)))
+        .filter(|(_, o)| !o.is_empty() && o.iter().all(|o| o.need.is_some()))
+        .map(|(key, o)| (key, o.into_iter().filter_map(|o| o.need).collect()))
         .collect();
+    // Flows several features would allow equally (a device on 9192: which
+    // vendor?): named in a note, not guessed.
+    let mut ambiguous: BTreeMap<(Target, IpAddr), BTreeSet<String>> = BTreeMap::new();
     while !needs.is_empty() {
         let mut count: BTreeMap<&String, usize> = BTreeMap::new();
-        for n in &needs {
+        for (_, n) in &needs {
             for f in n {
                 *count.entry(f).or_default() += 1;
             }
         }
-        // Most covered; ties: the first in catalog order of the services.
-        let best = count.iter().max_by_key(|(_, c)| **c).map(|(f, _)| (*f).clone());
-        let Some(best) = best else { break };
-        needs.retain(|n| !n.contains(&best));
-        st.planned_features.insert(best);
+        let Some(&most) = count.values().max() else { break };
+        let tied: Vec<String> = count.iter().filter(|(_, c)| **c == most).map(|(f, _)| (*f).clone()).collect();
+        if let [best] = tied.as_slice() {
+            needs.retain(|(_, n)| !n.contains(best));
+            st.planned_features.insert(best.clone());
+        } else {
+            needs.retain(|(key, n)| {
+                let keep = !tied.iter().any(|f| n.contains(f));
+                if !keep {
+                    ambiguous.insert(*key, n.clone());
+                }
+                keep
+            });
+        }
     }
-    for (&(svc, addr), seen) in &groups {
+    for ((svc, addr), features) in &ambiguous {
+        let settings: Vec<String> = features.iter().filter_map(|f| config::setting_for(f)).map(setting_text).collect();
+        report.notes.push(format!(
+            "{addr} {svc}: as likely one of {} as another: turn on the one that is this host's",
+            settings.join(", ")
+        ));
+    }
+    for (&(svc, addr), seen) in groups.iter().filter(|(key, _)| !ambiguous.contains_key(key)) {
         report.flows.push((svc, addr));
         match options(&st, svc, addr, seen).into_iter().next() {
             Some(o) => {
@@ -540,12 +568,7 @@ pub fn suggest(obs: &Observed, current: Option<&Current>) -> Report {
         }
     }
     for (feature, (ids, svcs, addrs)) in &feature_use {
-        let setting = match config::setting_for(feature) {
-            Some(FeatureSetting::Flag(k)) => format!("{k} = true"),
-            Some(FeatureSetting::List(k, v)) => format!("{k} = [..., \"{v}\"]"),
-            Some(FeatureSetting::One(k, v)) => format!("{k} = \"{v}\""),
-            None => feature.clone(),
-        };
+        let setting = config::setting_for(feature).map_or_else(|| feature.clone(), setting_text);
         let who: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
         report.suggestions.push(Suggestion {
             change: Change::EnableFeature { feature: feature.clone() },

@@ -323,3 +323,20 @@ fn a_port_of_an_off_feature_alone_does_not_make_an_unknown_host_a_member() {
     assert!(r.suggestions[0].text.contains("hp-outbound (peers.devices)"), "{}", r.suggestions[0].text);
     assert!(r.not_allowed_after.is_empty() && r.notes.is_empty(), "{:?} {:?}", r.not_allowed_after, r.notes);
 }
+
+#[test]
+fn a_device_on_a_port_of_many_vendors_is_a_note_not_a_guess() {
+    let config = CONFIG.replace("[peers]\n", "[peers]\ndevices = [\"10.77.0.3\"]\n");
+    let lines = vec![rec("peer_not_allowed", "inbound", "tcp", 9192, "10.77.0.3", &["devices"], &["web-https"])];
+    let r = run(&config, &lines);
+    assert!(r.suggestions.is_empty(), "{:?}", r.suggestions);
+    assert_eq!(r.notes.len(), 1, "{:?}", r.notes);
+    assert!(r.notes[0].starts_with("10.77.0.3 inbound tcp/9192: as likely one of "), "{}", r.notes[0]);
+    assert!(
+        r.notes[0].contains("mfd = [..., \"hp\"]") && r.notes[0].contains("mfd = [..., \"xerox\"]"),
+        "{}",
+        r.notes[0]
+    );
+    assert!(r.not_allowed_after.is_empty());
+    assert_eq!(r.suggested.as_deref(), Some(config.as_str()));
+}
