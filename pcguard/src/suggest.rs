@@ -116,7 +116,14 @@ impl Observed {
         let mut obs = Observed::default();
         for path in paths {
             let origin = path.display().to_string();
-            let text = std::fs::read_to_string(path).with_context(|| format!("{origin}: cannot read"))?;
+            let bytes = std::fs::read(path).with_context(|| format!("{origin}: cannot read"))?;
+            if bytes.starts_with(&[0x1f, 0x8b]) {
+                bail!("{origin}: gzip-compressed: decompress it first (zcat {origin} > flows.jsonl)");
+            }
+            let text = String::from_utf8(bytes).map_err(|e| {
+                let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
+                anyhow::anyhow!("{origin}:{line}: not UTF-8")
+            })?;
             let lines: Vec<&str> = text.split('\n').collect();
             // After the last newline: "" or a line the daemon is writing.
             let (last, whole) = lines.split_last().expect("split yields at least one item");
@@ -278,24 +285,33 @@ impl State<'_> {
 
 /// The smallest covering prefixes of `addrs`: the whole /24 (IPv4) or /64
 /// (IPv6) when at least [`MIN_HOSTS_FOR_NETWORK`] of the addresses are in
-/// it and none of `elsewhere` (addresses that must stay out: of other
-/// classes, to investigate), else each host.
-pub fn covering_prefixes(addrs: &BTreeSet<IpAddr>, elsewhere: &[Cidr]) -> Vec<Cidr> {
+/// it and `blocked` does not refuse that network (something that must
+/// stay out is in it: another class, an address to investigate), else
+/// each host.
+pub fn covering_prefixes(addrs: &BTreeSet<IpAddr>, blocked: impl Fn(&Cidr) -> bool) -> Vec<Cidr> {
     let mut nets: BTreeMap<Cidr, Vec<IpAddr>> = BTreeMap::new();
     for &a in addrs {
-        let len = if a.is_ipv4() { 24 } else { 64 };
-        nets.entry(Cidr::containing(a, len)).or_default().push(a);
+        nets.entry(network_of(a)).or_default().push(a);
     }
     let mut out = Vec::new();
     for (net, hosts) in nets {
-        let clean = !elsewhere.iter().any(|e| net.contains(e) || e.contains(&net));
-        if hosts.len() >= MIN_HOSTS_FOR_NETWORK && clean {
+        if hosts.len() >= MIN_HOSTS_FOR_NETWORK && !blocked(&net) {
             out.push(net);
         } else {
-            out.extend(hosts.iter().map(|&h| Cidr::containing(h, if h.is_ipv4() { 32 } else { 128 })));
+            out.extend(hosts.iter().map(|&h| host_prefix(h)));
         }
     }
     out
+}
+
+/// The /24 (IPv4) or /64 (IPv6) of an address.
+fn network_of(a: IpAddr) -> Cidr {
+    Cidr::containing(a, if a.is_ipv4() { 24 } else { 64 })
+}
+
+/// The /32 (/128) of an address.
+fn host_prefix(a: IpAddr) -> Cidr {
+    Cidr::containing(a, if a.is_ipv4() { 32 } else { 128 })
 }
 
 fn parse_proto(s: &str) -> Option<Protocol> {
@@ -536,19 +552,26 @@ pub fn suggest(obs: &Observed, current: Option<&Current>) -> Report {
     let configured: Vec<(String, Cidr)> = current
         .map(|c| c.cfg.peers.iter().flat_map(|(k, v)| v.iter().map(move |c| (k.clone(), *c))).collect())
         .unwrap_or_default();
-    let host = |a: IpAddr| Cidr::containing(a, if a.is_ipv4() { 32 } else { 128 });
-    let outside = |class: &str, mine: &BTreeSet<IpAddr>| -> Vec<Cidr> {
-        let mut v: Vec<Cidr> = configured.iter().filter(|(k, _)| k != class).map(|(_, c)| *c).collect();
-        v.extend(groups.keys().map(|&(_, a)| a).filter(|a| !mine.contains(a)).map(host));
-        v.extend(investigate.keys().map(|&(_, a)| host(a)));
-        v
+    // Every address seen, by network, for the prefixes' check.
+    let mut seen_by_net: BTreeMap<Cidr, BTreeSet<IpAddr>> = BTreeMap::new();
+    for a in groups.keys().map(|&(_, a)| a).chain(investigate.keys().map(|&(_, a)| a)) {
+        seen_by_net.entry(network_of(a)).or_default().insert(a);
+    }
+    let investigated: BTreeSet<IpAddr> = investigate.keys().map(|&(_, a)| a).collect();
+    let blocked = |class: &str, mine: &BTreeSet<IpAddr>, net: &Cidr| -> bool {
+        configured.iter().any(|(k, c)| k != class && (net.contains(c) || c.contains(net)))
+            || seen_by_net.get(net).is_some_and(|all| all.iter().any(|a| !mine.contains(a) || investigated.contains(a)))
     };
 
     for (class, addrs) in &class_use {
         let mine: BTreeSet<IpAddr> = addrs.keys().copied().collect();
-        let prefixes = covering_prefixes(&mine, &outside(class, &mine));
-        for p in &prefixes {
-            let inside: Vec<_> = addrs.iter().filter(|(a, _)| p.contains(&host(**a))).collect();
+        let prefixes: BTreeSet<Cidr> = covering_prefixes(&mine, |net| blocked(class, &mine, net)).into_iter().collect();
+        let mut by_prefix: BTreeMap<Cidr, Vec<(&IpAddr, &AddrUse)>> = BTreeMap::new();
+        for (a, u) in addrs {
+            let p = if prefixes.contains(&network_of(*a)) { network_of(*a) } else { host_prefix(*a) };
+            by_prefix.entry(p).or_default().push((a, u));
+        }
+        for (p, inside) in &by_prefix {
             let svcs: BTreeSet<Target> = inside.iter().flat_map(|(_, (s, _))| s.iter().copied()).collect();
             let ids: BTreeSet<String> = inside.iter().flat_map(|(_, (_, i))| i.iter().cloned()).collect();
             let who = if inside.len() == 1 && host_or_net(p) == inside[0].0.to_string() {
@@ -589,7 +612,7 @@ pub fn suggest(obs: &Observed, current: Option<&Current>) -> Report {
         let joined = ports.iter().map(u16::to_string).collect::<Vec<_>>().join("-");
         let name = format!("observed-{}-{}-{joined}", direction.as_str(), protocol.as_str());
         let class = name.replace('-', "_");
-        let prefixes = covering_prefixes(&addrs, &outside(&class, &addrs));
+        let prefixes = covering_prefixes(&addrs, |net| blocked(&class, &addrs, net));
         let svcs: BTreeSet<Target> = ports.iter().map(|&port| Target { direction, protocol, port }).collect();
         // Always-allowed services (admin SSH) are never suggested: say so.
         let always: Vec<String> = catalog

@@ -238,6 +238,10 @@ fn a_line_that_is_not_a_record_names_the_file_and_line() {
     let partial = dir.join("partial.jsonl");
     std::fs::write(&partial, format!("{}\n{{\"ts\": \"2026", lab_traffic()[0])).unwrap();
     assert_eq!(Observed::read(&[partial]).unwrap().flows.len(), 1);
+    let gz = dir.join("flows.jsonl.1.gz");
+    std::fs::write(&gz, [0x1f, 0x8b, 8, 0]).unwrap();
+    let e = Observed::read(std::slice::from_ref(&gz)).unwrap_err().to_string();
+    assert!(e.starts_with(&format!("{}: gzip-compressed: decompress it first", gz.display())), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
