@@ -49,6 +49,8 @@ pub const MIN_HOSTS_FOR_NETWORK: usize = 4;
 /// The unexpected-flow reasons a config change can allow.
 const ALLOWABLE: [&str; 2] = ["no_rule", "peer_not_allowed"];
 const INVESTIGATE: &str = "outbound_to_workstation";
+/// The administrators' class (always-allowed SSH, the web interface).
+const ADMIN: &str = "admin";
 /// Classes this server must never open flows to.
 const NO_INITIATE: [&str; 2] = ["workstations", "secondary_servers"];
 
@@ -454,7 +456,9 @@ pub fn suggest(obs: &Observed, current: Option<&Current>) -> Report {
                 candidates.extend(peers.into_iter().filter(|p| p != "any"));
             }
         }
-        candidates.retain(|c| !(opened_by_server && NO_INITIATE.contains(&c.as_str())));
+        // Who is an administrator is the operator's decision, never a
+        // suggestion.
+        candidates.retain(|c| c != ADMIN && !(opened_by_server && NO_INITIATE.contains(&c.as_str())));
         let best = candidates
             .iter()
             .map(|class| {

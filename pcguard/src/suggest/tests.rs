@@ -344,3 +344,22 @@ fn a_device_on_a_port_of_many_vendors_is_a_note_not_a_guess() {
     assert!(r.not_allowed_after.is_empty());
     assert_eq!(r.suggested.as_deref(), Some(config.as_str()));
 }
+
+#[test]
+fn an_address_is_never_suggested_for_admin() {
+    // The server opened 7627 to it: not a workstation; web's other class
+    // is admin: never suggested. A site rule instead.
+    let config = CONFIG.replace("web = true               # 9191, 9192\n", "web = true\nmfd = [\"hp\"]\n");
+    let config = config.replace("[peers]\n", "[peers]\ndevices = [\"10.77.0.30\"]\n");
+    let lines = vec![
+        rec("peer_not_allowed", "inbound", "tcp", 9192, "10.77.0.3", &["any"], &["web-https"]),
+        rec("no_rule", "outbound", "tcp", 80, "10.77.0.3", &["any"], &[]),
+    ];
+    let r = run(&config, &lines);
+    for s in &r.suggestions {
+        assert!(!matches!(&s.change, Change::AddToClass { class, .. } if class == "admin"), "{}", s.text);
+    }
+    // 80 and 9192 are HP's (on): the address joins devices.
+    assert_eq!(changes(&r), vec![Change::AddToClass { class: "devices".into(), prefixes: vec![host("10.77.0.3")] }]);
+    assert!(r.not_allowed_after.is_empty());
+}
