@@ -363,3 +363,20 @@ fn an_address_is_never_suggested_for_admin() {
     assert_eq!(changes(&r), vec![Change::AddToClass { class: "devices".into(), prefixes: vec![host("10.77.0.3")] }]);
     assert!(r.not_allowed_after.is_empty());
 }
+
+#[test]
+fn a_site_rule_port_from_another_host_joins_the_rule_class() {
+    let config = format!(
+        "{}\n[[rule]]\nname = \"legacy\"\ndirection = \"inbound\"\nprotocol = \"tcp\"\nports = [9999]\npeers = [\"legacy_hosts\"]\n",
+        CONFIG.replace("[peers]\n", "[peers]\nlegacy_hosts = [\"10.77.0.40\"]   # the old app\n")
+    );
+    let lines = vec![rec("peer_not_allowed", "inbound", "tcp", 9999, "10.77.0.41", &["any"], &["legacy"])];
+    let r = run(&config, &lines);
+    assert_eq!(
+        changes(&r),
+        vec![Change::AddToClass { class: "legacy_hosts".into(), prefixes: vec![host("10.77.0.41")] }]
+    );
+    assert_eq!(r.suggestions[0].text, "10.77.0.41 opened tcp/9999 (legacy): add 10.77.0.41 to peers.legacy_hosts");
+    assert!(r.suggested.unwrap().contains("legacy_hosts = [\"10.77.0.40\", \"10.77.0.41\"]   # the old app"));
+    assert!(r.not_allowed_after.is_empty());
+}
