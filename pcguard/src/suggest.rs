@@ -9,15 +9,16 @@
 //!    protocol, service port) and remote address. `outbound_to_workstation`
 //!    records are never suggested: they are listed to investigate.
 //! 2. Classes: an address whose classes allow none of the catalog services
-//!    of one of its groups joins the class whose services cover most of its
-//!    groups (ties: fewest features to turn on, then catalog class order).
-//!    An address this server opened flows to never joins `workstations` or
-//!    `secondary_servers` (the server must never initiate flows to them).
-//! 3. Features: for every (group, address), the catalog service of one of
-//!    the address's classes whose feature is on, else the first one whose
-//!    feature is off (which is turned on).
-//! 4. What no catalog service allows becomes a site rule with its own
-//!    class of the addresses.
+//!    (or site rules) of one of its groups joins the class whose services
+//!    cover most of its groups (ties: fewest features to turn on, then
+//!    catalog class order). Only a service that is on (or on by role
+//!    default) makes an address a member; never `admin`, and never
+//!    `workstations` / `secondary_servers` for an address this server
+//!    opened flows to.
+//! 3. Features: the fewest that allow every (group, address) no service
+//!    that is on allows (greedy set cover); a tie is a note, not a guess.
+//! 4. What no service of the address's classes allows becomes a site rule
+//!    with its own class of the addresses.
 //! 5. Addresses are written as the smallest covering prefixes
 //!    ([`covering_prefixes`]).
 //!
@@ -152,11 +153,9 @@ impl std::fmt::Display for Target {
     }
 }
 
-/// Flows of one remote address to one service port.
+/// What the records say of one remote address on one service port.
 #[derive(Clone, Debug, Default)]
 struct Seen {
-    /// Flows (records and their repeats).
-    flows: u64,
     /// Rules that covered the port for other classes (from the records).
     port_rules: BTreeSet<String>,
 }
@@ -395,7 +394,6 @@ pub fn suggest(obs: &Observed, current: Option<&Current>) -> Report {
             Some(svc) if r.reason == INVESTIGATE => *investigate.entry((svc, r.remote.addr)).or_default() += n,
             Some(svc) if ALLOWABLE.contains(&r.reason.as_str()) => {
                 let seen = groups.entry((svc, r.remote.addr)).or_default();
-                seen.flows += n;
                 seen.port_rules.extend(r.port_rules.iter().cloned());
                 named_rules.extend(r.port_rules.iter().cloned());
                 record_classes.insert(r.remote.addr, r.peer_classes.clone());
