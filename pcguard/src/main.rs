@@ -99,11 +99,13 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
-    /// Follow the audit log of unexpected flows.
+    /// Show, follow or summarize the audit log's flow records.
     Flows {
-        /// Audit log to read (default: the running daemon's).
+        /// Audit log to read (default: the running daemon's), with its
+        /// rotated siblings (NAME.1, NAME.2.gz, ...); a rotated file alone;
+        /// or a glob (`'flows.jsonl*'`). May be given several times.
         #[arg(long)]
-        log: Option<PathBuf>,
+        log: Vec<PathBuf>,
         #[arg(long, default_value = DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
         /// Print the last N matching records (after the filters) before
@@ -138,6 +140,20 @@ enum Command {
         /// Only records up to this time (same forms as --since).
         #[arg(long)]
         until: Option<String>,
+        /// Which records: unexpected (unexpected_flow, dns_poisoning; the
+        /// default), allowed (flow_start, flow_end) or all.
+        #[arg(long = "type", value_name = "TYPE", default_value = "unexpected", value_parser = flows::query::Kind::NAMES)]
+        kind: String,
+        /// Only records of this rule (allowed records: `rule`; unexpected
+        /// ones: one of `port_rules`); `*` and `?` glob.
+        #[arg(long)]
+        rule: Option<String>,
+        /// Aggregate the selected records into a table instead (implies
+        /// --no-follow; --json prints it as JSON). Keys: remote,
+        /// local_port (port), remote_port, protocol, rule, direction,
+        /// peer_class, reason, event_type.
+        #[arg(long, value_name = "by=KEY,...", num_args = 0..=1, default_missing_value = "by=remote,local_port")]
+        summary: Option<String>,
     },
     /// Render the compiled policy in another firewall's language.
     Render {
@@ -309,18 +325,30 @@ fn real_main(cli: Cli) -> Result<()> {
             addr,
             since,
             until,
+            kind,
+            rule,
+            summary,
         } => {
             let now = std::time::SystemTime::now();
             let time = |flag: &str, v: Option<String>| -> Result<Option<std::time::SystemTime>> {
                 v.map(|v| flows::parse_time(&v, now).map_err(|e| anyhow::anyhow!("{flag}: {e}"))).transpose()
             };
             let (since, until) = (time("--since", since)?, time("--until", until)?);
-            let path = match log {
-                Some(p) => p,
-                None => State::read(&run_dir)?.audit_log.context("the running daemon has no audit log")?,
+            let keys = summary.map(|s| flows::query::Key::parse_list(&s).map_err(|e| anyhow::anyhow!("--summary: {e}")));
+            let keys = keys.transpose()?;
+            let kind = flows::query::Kind::parse(&kind).map_err(|e| anyhow::anyhow!("--type: {e}"))?;
+            let logs = if log.is_empty() {
+                vec![State::read(&run_dir)?.audit_log.context("the running daemon has no audit log")?]
+            } else {
+                log
             };
-            let filter = flows::Filter { reason, direction, peer_class, port, addr, severity, since, until };
-            flows::follow(&path, &filter, lines, !no_follow, json, std::io::stdout().lock())
+            let set = flows::query::skip_old(flows::query::log_set(&logs)?, since);
+            let filter =
+                flows::Filter { kind, rule, reason, direction, peer_class, port, addr, severity, since, until };
+            match keys {
+                Some(keys) => flows::query::print_summary(&set, &filter, keys, json, std::io::stdout().lock()),
+                None => flows::follow(&set, &filter, lines, !no_follow, json, std::io::stdout().lock()),
+            }
         }
         Command::Render { target: RenderTarget::Nftables { config } } => {
             let (cfg, policy) = pcguard::policy::load(&config.path(), &mut pcguard::policy::StableIds::default())?;
