@@ -71,8 +71,9 @@ pub struct EndpointFields<S> {
 pub struct Fields<S> {
     pub ts: Option<S>,
     pub event_type: Option<S>,
-    /// Summaries from before schema 1 (`"event": "audit_summary"`).
-    pub event: Option<S>,
+    /// Summaries from before schema 1 (`"event": "audit_summary"`); an
+    /// object in ECS records.
+    pub event: Option<serde::de::IgnoredAny>,
     pub severity: Option<S>,
     pub reason: Option<S>,
     pub direction: Option<S>,
@@ -151,7 +152,7 @@ impl<S: AsRef<str>> Fields<S> {
         Fields {
             ts: s(&self.ts),
             event_type: s(&self.event_type),
-            event: s(&self.event),
+            event: self.event,
             severity: s(&self.severity),
             reason: s(&self.reason),
             direction: s(&self.direction),
@@ -396,8 +397,9 @@ pub fn parse(line: &[u8]) -> Parsed<'_> {
             Some(_) => Parsed::Owned(Box::new(f)),
         }
     };
-    match serde_json::from_slice::<Fields<&str>>(line) {
-        Ok(f) if f.ecs_timestamp.is_some() => {}
+    // Why the line is not a record of the `json` format, if it is not.
+    let why = match serde_json::from_slice::<Fields<&str>>(line) {
+        Ok(f) if f.ecs_timestamp.is_some() => String::new(),
         Ok(f) => {
             return match f.kind() {
                 None => Parsed::Other,
@@ -408,20 +410,20 @@ pub fn parse(line: &[u8]) -> Parsed<'_> {
             };
         }
         // An escaped string in a borrowed field: owned strings instead.
-        Err(e) if e.is_data() => {
-            if let Ok(f) = serde_json::from_slice::<Fields<String>>(line) {
-                if f.ecs_timestamp.is_none() {
-                    return checked(f);
-                }
-            } else {
-                return Parsed::Invalid(e.to_string());
-            }
-        }
+        // (ECS records have other types under some of the same names.)
+        Err(e) if e.is_data() => match serde_json::from_slice::<Fields<String>>(line) {
+            Ok(f) if f.ecs_timestamp.is_none() => return checked(f),
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        },
         Err(e) => return Parsed::Invalid(e.to_string()),
-    }
+    };
     // ECS.
     match serde_json::from_slice::<serde_json::Value>(line) {
-        Ok(v) => Fields::<String>::from_ecs(&v).map_or(Parsed::Other, |f| Parsed::Owned(Box::new(f))),
+        Ok(v) if v.get("@timestamp").is_some() => {
+            Fields::<String>::from_ecs(&v).map_or(Parsed::Other, |f| Parsed::Owned(Box::new(f)))
+        }
+        Ok(_) => Parsed::Invalid(why),
         Err(e) => Parsed::Invalid(e.to_string()),
     }
 }
@@ -1055,3 +1057,4 @@ pub fn print_summary(set: &[PathBuf], filter: &Filter, keys: Vec<Key>, json: boo
 }
 
 #[cfg(test)]
+mod tests;
