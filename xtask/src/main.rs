@@ -12,7 +12,9 @@
 //! * `package` — the Debian package (cargo-deb) in target/debian/.
 //! * `bench` — ns/packet of the XDP program via BPF_PROG_TEST_RUN;
 //!   `bench --compare`: pcguard side by side with no filter, nftables and
-//!   xdp-filter on a veth pair (docs/performance.md).
+//!   xdp-filter on a veth pair (docs/performance.md);
+//!   `bench --flows-summary [--lines N]`: `pcguard flows --summary` on a
+//!   generated audit log of N records (lines/s).
 
 use std::{
     path::{Path, PathBuf},
@@ -25,6 +27,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod compare;
 mod demo;
+mod flowbench;
 mod package;
 
 #[derive(Parser)]
@@ -90,10 +93,18 @@ enum Task {
         /// ratios (release build).
         #[arg(long)]
         compare: bool,
-        /// With --compare: the short asserted version `cargo xtask test`
-        /// runs (debug build).
-        #[arg(long, requires = "compare")]
+        /// With --compare or --flows-summary: the short asserted version
+        /// `cargo xtask test` runs (debug build).
+        #[arg(long)]
         smoke: bool,
+        /// Instead: `pcguard flows --summary` on a generated audit log
+        /// (flow_end and unexpected_flow records, 200 remotes, 20 ports),
+        /// totals asserted, lines per second (release build).
+        #[arg(long, conflicts_with = "compare")]
+        flows_summary: bool,
+        /// With --flows-summary: records in the generated log.
+        #[arg(long, default_value_t = 1_000_000, requires = "flows_summary")]
+        lines: u64,
         /// With --compare: rounds (each runs every receiver once).
         #[arg(long, default_value_t = 3)]
         rounds: u32,
@@ -131,6 +142,15 @@ fn main() -> Result<()> {
             build(false)?;
             bench::verifier_counts(&ebpf_object("debug")?)
         }
+        Task::Bench { flows_summary: true, smoke: true, .. } => {
+            build(false)?;
+            flowbench::smoke(&workspace_root(), &target_dir().join("debug/pcguard"))
+        }
+        Task::Bench { flows_summary: true, lines, .. } => {
+            build(true)?;
+            flowbench::run(&workspace_root(), &target_dir().join("release/pcguard"), lines)
+        }
+        Task::Bench { smoke: true, compare: false, .. } => bail!("--smoke goes with --compare or --flows-summary"),
         Task::Bench { compare: true, smoke: true, .. } => {
             build(false)?;
             compare::smoke(&workspace_root(), target_dir().join("debug/pcguard"))
@@ -314,6 +334,9 @@ fn test(unit_only: bool) -> Result<()> {
         "xtask",
     ]))?;
     prometheus_rules()?;
+    // `pcguard flows --summary` on 100,000 generated records over a
+    // rotated, gzipped log set: the totals exact (a few seconds).
+    flowbench::smoke(&workspace_root(), &target_dir().join("debug/pcguard"))?;
     if unit_only {
         return Ok(());
     }
