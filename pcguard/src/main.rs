@@ -334,7 +334,8 @@ fn real_main(cli: Cli) -> Result<()> {
                 v.map(|v| flows::parse_time(&v, now).map_err(|e| anyhow::anyhow!("{flag}: {e}"))).transpose()
             };
             let (since, until) = (time("--since", since)?, time("--until", until)?);
-            let keys = summary.map(|s| flows::query::Key::parse_list(&s).map_err(|e| anyhow::anyhow!("--summary: {e}")));
+            let keys =
+                summary.map(|s| flows::query::Key::parse_list(&s).map_err(|e| anyhow::anyhow!("--summary: {e}")));
             let keys = keys.transpose()?;
             let kind = flows::query::Kind::parse(&kind).map_err(|e| anyhow::anyhow!("--type: {e}"))?;
             let logs = if log.is_empty() {

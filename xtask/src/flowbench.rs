@@ -83,13 +83,8 @@ fn generate(rng: &mut Rng, lines: u64, t0: u64, out: &mut impl std::io::Write, t
         line.clear();
         // Spread over one day, in order.
         let ms = (t0 * 1000 + i * 86_400_000 / lines.max(1)).min(86_399_999);
-        let ts = format!(
-            "2026-11-26T{:02}:{:02}:{:02}.{:03}Z",
-            ms / 3_600_000,
-            ms / 60_000 % 60,
-            ms / 1000 % 60,
-            ms % 1000
-        );
+        let ts =
+            format!("2026-11-26T{:02}:{:02}:{:02}.{:03}Z", ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000);
         let r = rng.below(REMOTES);
         let remote = format!("10.20.{}.{}", r / 100, r % 100 + 1);
         let (port, rule) = PORTS[rng.below(PORTS.len() as u64) as usize];
@@ -195,11 +190,8 @@ pub fn run(root: &Path, pcguard: &Path, lines: u64) -> Result<()> {
     println!("|---|---:|---:|---:|---:|");
     for rotated in [false, true] {
         let (live, totals) = write_set(&dir, lines, rotated)?;
-        let mb = std::fs::read_dir(&dir)?
-            .filter_map(|e| e.ok()?.metadata().ok())
-            .map(|m| m.len())
-            .sum::<u64>() as f64
-            / 1e6;
+        let mb =
+            std::fs::read_dir(&dir)?.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum::<u64>() as f64 / 1e6;
         // The median of three runs (the first one also warms the page
         // cache).
         let mut secs: Vec<f64> = (0..3).map(|_| summarize(pcguard, &live, &totals)).collect::<Result<_>>()?;

@@ -582,12 +582,13 @@ pub fn scan(path: &Path, mut each: impl FnMut(&[u8], &Parsed<'_>) -> Result<()>)
     Ok(())
 }
 
-/// Files of `set` that may hold records at or after `since`: a file last
-/// written before it holds none (every record is written after its `ts`).
+/// Files of `set` that may hold records at or after `since`: a rotated
+/// file last written before it holds none (every record is written after
+/// its `ts`). Live files are kept (they may be followed).
 pub fn skip_old(set: Vec<PathBuf>, since: Option<SystemTime>) -> Vec<PathBuf> {
     let Some(since) = since else { return set };
     set.into_iter()
-        .filter(|p| std::fs::metadata(p).and_then(|m| m.modified()).map_or(true, |t| t >= since))
+        .filter(|p| !is_rotated(p) || std::fs::metadata(p).and_then(|m| m.modified()).map_or(true, |t| t >= since))
         .collect()
 }
 
@@ -728,9 +729,7 @@ impl Key {
                 }
             },
             Key::Direction => out.push_str(&dash(opt(&f.direction))),
-            Key::PeerClass => {
-                out.push_str(f.peer_classes.as_ref().and_then(|c| c.first()).map_or("-", AsRef::as_ref))
-            }
+            Key::PeerClass => out.push_str(f.peer_classes.as_ref().and_then(|c| c.first()).map_or("-", AsRef::as_ref)),
             Key::Reason => out.push_str(&dash(opt(&f.reason))),
             Key::EventType => out.push_str(f.event_type()),
         }

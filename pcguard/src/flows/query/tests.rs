@@ -61,7 +61,16 @@ fn rotated_set(dir: &Path) -> PathBuf {
     write(
         &dir.join("flows.jsonl.1"),
         &[
-            flow_end("2026-11-26T09:00:00.000Z", "2026-11-25T09:00:00.000Z", "192.0.2.9", 50000, 22, "admin-ssh", 10, 1000),
+            flow_end(
+                "2026-11-26T09:00:00.000Z",
+                "2026-11-25T09:00:00.000Z",
+                "192.0.2.9",
+                50000,
+                22,
+                "admin-ssh",
+                10,
+                1000,
+            ),
             unexpected("2026-11-26T10:00:00.000Z", "192.0.2.7", 9191, "inbound", 60, 4, &["web-http"]),
         ],
     );
@@ -69,15 +78,36 @@ fn rotated_set(dir: &Path) -> PathBuf {
         &live,
         &[
             allowed("flow_start", "2026-11-27T10:00:00.000Z", "192.0.2.9", 50001, 22, "admin-ssh"),
-            flow_end("2026-11-27T10:00:02.000Z", "2026-11-27T10:00:00.000Z", "192.0.2.9", 50001, 22, "admin-ssh", 4, 400),
+            flow_end(
+                "2026-11-27T10:00:02.000Z",
+                "2026-11-27T10:00:00.000Z",
+                "192.0.2.9",
+                50001,
+                22,
+                "admin-ssh",
+                4,
+                400,
+            ),
             // An end whose start is not in the set: a flow of its own.
-            flow_end("2026-11-27T11:00:00.000Z", "2026-11-27T10:59:00.000Z", "192.0.2.8", 50002, 443, "web-https", 6, 600),
+            flow_end(
+                "2026-11-27T11:00:00.000Z",
+                "2026-11-27T10:59:00.000Z",
+                "192.0.2.8",
+                50002,
+                443,
+                "web-https",
+                6,
+                600,
+            ),
             unexpected("2026-11-27T12:00:00.000Z", "192.0.2.7", 445, "outbound", 74, 0, &[]),
             // A flow still open at the end of the log.
             allowed("flow_start", "2026-11-27T12:30:00.000Z", "192.0.2.8", 50003, 443, "web-https"),
         ],
     );
-    write(&dir.join("other.jsonl.1"), &[unexpected("2026-11-27T12:00:00.000Z", "198.51.100.1", 1, "inbound", 1, 0, &[])]);
+    write(
+        &dir.join("other.jsonl.1"),
+        &[unexpected("2026-11-27T12:00:00.000Z", "198.51.100.1", 1, "inbound", 1, 0, &[])],
+    );
     live
 }
 
@@ -135,11 +165,29 @@ fn the_summary_counts_flows_packets_and_bytes_across_rotated_and_gzipped_files()
         [
             // The flow that started in .2.gz and ended in .1 is one flow; its
             // first seen is its start.
-            row(&["192.0.2.9", "22"], None, [2, 14, 1400, 7, 4200], "2026-11-25T09:00:00.000Z", "2026-11-27T10:00:02.000Z"),
+            row(
+                &["192.0.2.9", "22"],
+                None,
+                [2, 14, 1400, 7, 4200],
+                "2026-11-25T09:00:00.000Z",
+                "2026-11-27T10:00:02.000Z"
+            ),
             // The open flow counts, without volumes yet.
-            row(&["192.0.2.8", "443"], None, [2, 6, 600, 3, 1800], "2026-11-27T10:59:00.000Z", "2026-11-27T12:30:00.000Z"),
+            row(
+                &["192.0.2.8", "443"],
+                None,
+                [2, 6, 600, 3, 1800],
+                "2026-11-27T10:59:00.000Z",
+                "2026-11-27T12:30:00.000Z"
+            ),
             // Unexpected: 1 + repeats packets, packet_bytes bytes.
-            row(&["192.0.2.7", "9191"], None, [2, 6, 120, 0, 0], "2026-11-25T08:00:00.000Z", "2026-11-26T10:00:00.000Z"),
+            row(
+                &["192.0.2.7", "9191"],
+                None,
+                [2, 6, 120, 0, 0],
+                "2026-11-25T08:00:00.000Z",
+                "2026-11-26T10:00:00.000Z"
+            ),
             row(&["192.0.2.7", "445"], None, [1, 0, 0, 1, 74], "2026-11-27T12:00:00.000Z", "2026-11-27T12:00:00.000Z"),
         ]
     );
@@ -152,7 +200,10 @@ fn the_summary_counts_flows_packets_and_bytes_across_rotated_and_gzipped_files()
         table.lines().next().unwrap(),
         "remote           local_port  flows  packets_in  bytes_in  packets_out  bytes_out  first_seen                last_seen"
     );
-    assert!(table.lines().last().unwrap().starts_with("total (3 hosts)              7      26          2120"), "{table}");
+    assert!(
+        table.lines().last().unwrap().starts_with("total (3 hosts)              7      26          2120"),
+        "{table}"
+    );
     let json = s.to_json();
     assert_eq!(json["by"], serde_json::json!(["remote", "local_port"]));
     assert_eq!(json["rows"][0]["remote"], "192.0.2.9");
@@ -211,7 +262,9 @@ fn filters_select_by_type_rule_time_and_port() {
     assert_eq!(ts, ["2026-11-26T09:00:00.000Z", "2026-11-27T10:00:00.000Z", "2026-11-27T10:00:02.000Z"]);
     let human = render(&lines[2], false).unwrap();
     assert!(
-        human.contains("flow_end") && human.contains("192.0.2.9:50001 -> 10.0.0.1:22") && human.contains("rule=admin-ssh"),
+        human.contains("flow_end")
+            && human.contains("192.0.2.9:50001 -> 10.0.0.1:22")
+            && human.contains("rule=admin-ssh"),
         "{human}"
     );
     assert!(human.ends_with("[fin after 1000 ms: in 4 pkts 400 B, out 2 pkts 1200 B]"), "{human}");
@@ -228,8 +281,9 @@ fn lines_are_read_in_every_form_the_log_has_had() {
     let dir = tempdir("forms");
     let path = dir.join("flows.jsonl");
     write(&path, &[pre.into(), escaped, ecs.into(), summary.into(), "{\"ts\": 1".into(), String::new()]);
-    let s = summarize(std::slice::from_ref(&path), &filter(Kind::All), Key::parse_list("remote,rule,event_type").unwrap())
-        .unwrap();
+    let s =
+        summarize(std::slice::from_ref(&path), &filter(Kind::All), Key::parse_list("remote,rule,event_type").unwrap())
+            .unwrap();
     let (rows, total) = s.rows();
     let keys: Vec<(Vec<String>, u64)> = rows.into_iter().map(|r| (r.keys, r.counts.flows)).collect();
     let k = |a: &str, b: &str, c: &str| vec![a.to_string(), b.to_string(), c.to_string()];
@@ -262,4 +316,19 @@ fn summary_keys_and_globs() {
     assert!(glob_match("web-*", "web-https") && glob_match("*", "") && glob_match("a?c", "abc"));
     assert!(!glob_match("web-*", "admin-ssh") && !glob_match("a?c", "ac") && !glob_match("ssh", "admin-ssh"));
     assert!(Kind::parse("everything").unwrap_err().contains("unexpected, allowed, all"));
+}
+
+#[test]
+fn since_skips_rotated_files_last_written_before_it_never_the_live_one() {
+    let dir = tempdir("skip");
+    let live = rotated_set(&dir);
+    let day = std::time::Duration::from_secs(86_400);
+    let now = SystemTime::now();
+    for (name, age) in [("flows.jsonl.2.gz", 3), ("flows.jsonl.1", 1), ("flows.jsonl", 5)] {
+        File::options().write(true).open(dir.join(name)).unwrap().set_modified(now - age * day).unwrap();
+    }
+    let set = skip_old(log_set(std::slice::from_ref(&live)).unwrap(), Some(now - 2 * day));
+    assert_eq!(set, [dir.join("flows.jsonl.1"), live.clone()]);
+    assert_eq!(skip_old(set.clone(), None), set);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
