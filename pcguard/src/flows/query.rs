@@ -339,7 +339,9 @@ impl Filter {
     }
 }
 
-/// One line of a log, read.
+/// One line of a log, read. The borrowed fields (the common case, one per
+/// line) stay on the stack; the rare owned ones are boxed.
+#[allow(clippy::large_enum_variant)]
 pub enum Parsed<'a> {
     Borrowed(Fields<&'a str>),
     Owned(Box<Fields<String>>),
