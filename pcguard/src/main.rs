@@ -122,7 +122,7 @@ enum Command {
         reason: Option<String>,
         #[arg(long, value_parser = ["inbound", "outbound"])]
         direction: Option<String>,
-        #[arg(long, value_parser = ["alert", "warning"])]
+        #[arg(long, value_parser = ["alert", "warning", "info"])]
         severity: Option<String>,
         /// Only flows whose remote address is in this peer class.
         #[arg(long)]

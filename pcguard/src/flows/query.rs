@@ -260,6 +260,7 @@ impl Fields<String> {
         };
         let direction = s(&p["direction"])?;
         let (src, dst) = (endpoint(&v["source"])?, endpoint(&v["destination"])?);
+        let side = if direction == "inbound" { "ingress" } else { "egress" };
         let (local, remote) = if direction == "inbound" { (dst, src) } else { (src, dst) };
         let names = |v: &serde_json::Value| v.as_array().map(|a| a.iter().filter_map(s).collect());
         Some(Fields {
@@ -272,6 +273,7 @@ impl Fields<String> {
             remote: Some(remote),
             peer_classes: names(&p["peer_classes"]),
             rule: s(&p["rule"]),
+            interface: s(&v["observer"][side]["interface"]["name"]),
             started: s(&p["started"]),
             duration_ms: n("duration_ms"),
             packets_in: n("packets_in"),

@@ -277,10 +277,16 @@ fn lines_are_read_in_every_form_the_log_has_had() {
     let pre = r#"{"ts":"2026-11-26T20:31:02.114Z","severity":"alert","reason":"outbound_to_workstation","direction":"outbound","verdict":"dropped","protocol":"tcp","local":{"addr":"10.77.0.1","port":41234},"remote":{"addr":"10.77.0.2","port":445},"peer_classes":["workstations"],"port_rules":[],"interface":"pcg0","tcp_flags":"SYN","packet_bytes":74}"#;
     let escaped = allowed("flow_start", "2026-11-27T10:00:00.000Z", "192.0.2.9", 1, 22, "admin\\u002dssh");
     let ecs = r#"{"@timestamp":"2026-11-27T10:00:00.123Z","destination":{"ip":"10.77.0.1","port":9999},"ecs":{"version":"8.11.0"},"log":{"level":"warning"},"observer":{"ingress":{"interface":{"name":"pcg0"}}},"pcguard":{"direction":"inbound","event_type":"unexpected_flow","packet_bytes":74,"peer_classes":["workstations"],"port_rules":[],"protocol":"tcp","reason":"no_rule","schema":1,"tcp_flags":"SYN","verdict":"dropped"},"source":{"ip":"10.77.0.2","port":40000}}"#;
+    // An ECS flow_end as the flow-record writer makes it (audit.rs,
+    // `ecs_flow_record`).
+    let ecs_end = r#"{"@timestamp":"2026-11-27T10:00:05.000Z","ecs":{"version":"8.11.0"},"event":{"kind":"event","category":["network"],"type":["connection","end"],"action":"flow_end","outcome":"success","severity":6,"id":"x","dataset":"pcguard.audit","module":"pcguard","start":"2026-11-27T10:00:01.000Z","end":"2026-11-27T10:00:05.000Z","duration":4000000000},"log":{"level":"info"},"host":{"name":"h"},"observer":{"hostname":"h","product":"pcguard","type":"firewall","vendor":"pcguard","ingress":{"interface":{"name":"eth0"}}},"labels":{"pcguard_event_type":"flow_end"},"message":"m","source":{"ip":"192.0.2.9","port":50000,"bytes":1000,"packets":10},"destination":{"ip":"10.0.0.1","port":22,"bytes":3000,"packets":8},"network":{"transport":"tcp","type":"ipv4","direction":"ingress","bytes":4000,"packets":18},"rule":{"name":"admin-ssh","ruleset":"pcguard"},"pcguard":{"schema":1,"event_type":"flow_end","direction":"inbound","protocol":"tcp","rule":"admin-ssh","peer_classes":["admins"],"started":"2026-11-27T10:00:01.000Z","duration_ms":4000,"packets_in":10,"bytes_in":1000,"packets_out":8,"bytes_out":3000,"end_reason":"fin"}}"#;
     let summary = r#"{"event":"audit_summary","ts":"2026-11-27T10:00:00.000Z","severity":"warning"}"#;
     let dir = tempdir("forms");
     let path = dir.join("flows.jsonl");
-    write(&path, &[pre.into(), escaped, ecs.into(), summary.into(), "{\"ts\": 1".into(), String::new()]);
+    write(
+        &path,
+        &[pre.into(), escaped, ecs.into(), ecs_end.into(), summary.into(), "{\"ts\": 1".into(), String::new()],
+    );
     let s =
         summarize(std::slice::from_ref(&path), &filter(Kind::All), Key::parse_list("remote,rule,event_type").unwrap())
             .unwrap();
@@ -292,11 +298,22 @@ fn lines_are_read_in_every_form_the_log_has_had() {
         [
             // The record from before schema 1 and the ECS one.
             (k("10.77.0.2", "-", "unexpected_flow"), 2),
+            (k("192.0.2.9", "admin-ssh", "flow_end"), 1),
             // The rule's escaped `-`, read.
             (k("192.0.2.9", "admin-ssh", "flow_start"), 1),
         ]
     );
-    assert_eq!((s.records, total.counts.flows, total.counts.packets_out, total.counts.bytes_in), (3, 3, 1, 74));
+    assert_eq!(
+        (s.records, total.counts.flows, total.counts.packets_out, total.counts.bytes_in, total.counts.bytes_out),
+        (4, 4, 9, 1074, 3074)
+    );
+    assert_eq!(total.counts.first_seen, "2026-11-26T20:31:02.114Z");
+    assert_eq!(total.counts.last_seen, "2026-11-27T10:00:05.000Z");
+    let human = render(ecs_end, false).unwrap();
+    assert!(
+        human.contains("flow_end") && human.contains("192.0.2.9:50000 -> 10.0.0.1:22") && human.contains("if=eth0"),
+        "{human}"
+    );
     assert!(matches!(parse(b"{\"ts\": 1"), Parsed::Invalid(_)));
     assert!(matches!(parse(summary.as_bytes()), Parsed::Other));
     std::fs::remove_dir_all(&dir).unwrap();
