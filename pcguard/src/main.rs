@@ -148,8 +148,9 @@ enum Command {
         /// ones: one of `port_rules`); `*` and `?` glob.
         #[arg(long)]
         rule: Option<String>,
-        /// Aggregate the selected records into a table instead (implies
-        /// --no-follow; --json prints it as JSON). Keys: remote,
+        /// Aggregate the selected records into a table instead (every
+        /// group; no following, -n does not apply; --json prints it as
+        /// JSON). Keys: remote,
         /// local_port (port), remote_port, protocol, rule, direction,
         /// peer_class, reason, event_type.
         #[arg(long, value_name = "by=KEY,...", num_args = 0..=1, default_missing_value = "by=remote,local_port")]
