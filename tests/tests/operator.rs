@@ -244,7 +244,7 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() -> Result<
             .flatten()
             .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
             .collect();
-        ensure!(rules.len() >= 9, "rules loaded: {body}");
+        ensure!(rules.len() >= 10, "rules loaded: {body}");
         for r in &rules {
             ensure!(r["health"] == "ok", "rule {} unhealthy: {}", r["name"], r["lastError"]);
         }
