@@ -22,7 +22,7 @@ use crate::{
     audit::{self, AuditSink},
     config::SiteConfig,
     counters::Labels,
-    datapath::{Datapath, MapSizes},
+    datapath::{Datapath, MapSizes, Object},
     dns::{Accepted, FqdnClasses, Guard, Handled, LearnReport, Learner, Limits, QueryTable, Refusal, Seen},
     flows::{AuditRecord, DnsRefusal, KeyedLimit},
     gate::AuditGate,
@@ -53,6 +53,9 @@ pub struct RunOptions {
     /// Shortest life of a DNS-learned address (default `dns::MIN_TTL`);
     /// for tests that watch addresses expire.
     pub dns_min_ttl: Option<Duration>,
+    /// Load the trace object (`--trace-datapath`): a debug record of every
+    /// packet's decision in the log.
+    pub trace_datapath: bool,
 }
 
 /// How often learned addresses are expired, failed map writes retried and
@@ -162,6 +165,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     {
         bail!("pcguard is already running (pid {}, state in {})", other.pid, opts.run_dir.display());
     }
+    let object = if opts.trace_datapath { Object::Trace } else { Object::Default };
+    // Refused before anything is touched when this build has no trace object.
+    object.bytes()?;
     let mut ids = StableIds::default();
     let (cfg, compiled) = policy::load(&opts.config, &mut ids)?;
     log_warnings(&cfg, &compiled);
@@ -175,7 +181,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let listener =
         tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics listener {addr}"))?;
 
-    let mut dp = Datapath::load(&opts.bpffs_dir, &MapSizes::of(&cfg))?;
+    let mut dp = Datapath::load_object(&opts.bpffs_dir, &MapSizes::of(&cfg), object)?;
+    if object == Object::Trace {
+        spawn_trace(&mut dp)?;
+    }
     let compiled = match dp.adopted().then(|| State::read(&opts.run_dir)) {
         // Keep the numbering the running policy's conntrack entries and
         // counters carry: compile again with it.
@@ -347,6 +356,41 @@ fn consume_ring(ring: RingBuf<MapData>, mut handle: impl FnMut(&[u8]) + Send + '
         }
     });
     Ok(())
+}
+
+/// Logs the trace object's decision records as they arrive (tokio task).
+#[cfg(feature = "trace")]
+fn spawn_trace(dp: &mut Datapath) -> Result<()> {
+    use crate::datapath::trace::TARGET;
+    if !log::log_enabled!(target: TARGET, log::Level::Debug) {
+        warn!("--trace-datapath: decision records are logged at debug level (RUST_LOG=info,{TARGET}=debug)");
+    }
+    let logger = dp.trace_logger(log::logger())?;
+    // SAFETY: the logger owns its ring buffer's fd, and the AsyncFd owns
+    // the logger, so the fd stays open as long as it is registered.
+    let mut fd = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE)? };
+    tokio::spawn(async move {
+        loop {
+            let mut guard = match fd.readable_mut().await {
+                Ok(g) => g,
+                Err(e) => {
+                    error!("trace records: {e}");
+                    return;
+                }
+            };
+            // As in `consume_ring`: clear readiness before draining.
+            guard.clear_ready();
+            guard.get_inner_mut().flush();
+        }
+    });
+    info!("--trace-datapath: the trace object is loaded; every packet's decision is logged ({TARGET}, debug)");
+    Ok(())
+}
+
+/// Without the trace object `Object::Trace` is refused before loading.
+#[cfg(not(feature = "trace"))]
+fn spawn_trace(_dp: &mut Datapath) -> Result<()> {
+    Object::Trace.bytes().map(drop)
 }
 
 /// Binds the DNS answers the kernel copies to the queries it copied

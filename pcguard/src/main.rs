@@ -65,6 +65,12 @@ enum Command {
         /// that watch learned addresses expire; not for production.
         #[arg(long, hide = true, value_parser = humantime::parse_duration)]
         dns_min_ttl: Option<Duration>,
+        /// Debugging: load the trace build of the programs, which logs every
+        /// packet's decision (verdict, reason, protocol, ports, rule) at
+        /// debug level (RUST_LOG=info,pcguard::datapath=debug). Costs time
+        /// per packet; needs a pcguard built with `--features trace`.
+        #[arg(long)]
+        trace_datapath: bool,
     },
     /// Validate a config and print the effective rule table.
     Check {
@@ -234,6 +240,7 @@ fn real_main(cli: Cli) -> Result<()> {
             audit_log,
             confirm_within,
             dns_min_ttl,
+            trace_datapath,
         } => {
             let opts = RunOptions {
                 config: config.path(),
@@ -245,6 +252,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 audit_log,
                 confirm_within,
                 dns_min_ttl,
+                trace_datapath,
             };
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(daemon::run(opts))

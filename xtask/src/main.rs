@@ -50,6 +50,11 @@ enum Task {
         /// Only the unit tests (no root needed).
         #[arg(long)]
         unit_only: bool,
+        /// Also the tests of the trace object (`pcguard run
+        /// --trace-datapath`): pcguard built with its `trace` feature, a
+        /// second eBPF build (~1.5-2.5 minutes on 2 cores), so not by default.
+        #[arg(long)]
+        trace: bool,
     },
     /// Build, start a lab, run pcguard on it with sample traffic, show the results.
     Demo {
@@ -75,7 +80,12 @@ enum Task {
     },
     /// Load both programs and print the verifier's instruction counts
     /// (limit: 1,000,000 per program).
-    Verifier,
+    Verifier {
+        /// The trace object instead (`pcguard run --trace-datapath`;
+        /// builds pcguard with its `trace` feature).
+        #[arg(long)]
+        trace: bool,
+    },
     /// Measure the XDP program with BPF_PROG_TEST_RUN (not a timed test).
     Bench {
         #[arg(long, default_value_t = 1_000_000)]
@@ -108,11 +118,15 @@ fn main() -> Result<()> {
         Task::Deps => deps(),
         Task::Lint => lint(),
         Task::Build { release } => build(release),
-        Task::Test { no_deps, unit_only } => {
+        Task::Test { no_deps, unit_only, trace } => {
             if !no_deps {
                 deps()?;
             }
-            test(unit_only)
+            test(unit_only)?;
+            if trace && !unit_only {
+                test_trace()?;
+            }
+            Ok(())
         }
         Task::Demo { no_deps, keep } => {
             if !no_deps {
@@ -127,9 +141,13 @@ fn main() -> Result<()> {
             println!("{}", deb.display());
             Ok(())
         }
-        Task::Verifier => {
+        Task::Verifier { trace: false } => {
             build(false)?;
             bench::verifier_counts(&ebpf_object("debug")?)
+        }
+        Task::Verifier { trace: true } => {
+            run(cargo().args(["build", "-p", "pcguard", "--features", "trace"]))?;
+            bench::verifier_counts(&ebpf_object_named("debug", "pcguard-ebpf-trace")?)
         }
         Task::Bench { compare: true, smoke: true, .. } => {
             build(false)?;
@@ -263,7 +281,10 @@ fn deps() -> Result<()> {
 }
 
 /// rustfmt's check, then clippy with `-D warnings` on every crate and
-/// target (xtask also with its `datapath` feature, which the bench uses).
+/// target (xtask also with its `datapath` feature, which the bench uses;
+/// pcguard-ebpf also with `trace`. pcguard's `trace` code is checked by
+/// `cargo clippy -p pcguard --features trace`, not here: it builds the
+/// trace object).
 fn lint() -> Result<()> {
     for toolchain in ["nightly", "stable"] {
         run(Command::new("rustup").args(["component", "add", "rustfmt", "clippy", "--toolchain", toolchain]))?;
@@ -276,6 +297,18 @@ fn lint() -> Result<()> {
         .current_dir(workspace_root()))
     .context("formatting differs from rustfmt.toml: run `cargo +nightly fmt --all`")?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    // The kernel side of the trace object (host build: no eBPF build).
+    run(cargo().args([
+        "clippy",
+        "-p",
+        "pcguard-ebpf",
+        "--features",
+        "trace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     run(cargo().args(["clippy", "-p", "xtask", "--features", "datapath", "--all-targets", "--", "-D", "warnings"]))
 }
 
@@ -337,6 +370,24 @@ fn prometheus_rules() -> Result<()> {
     run(Command::new("promtool").current_dir(&dir).args(["test", "rules", "pcguard-rules.test.yml"]))
 }
 
+/// The trace object's tests: the CLI refuses `--trace-datapath` only
+/// without it, and its decision records (kernel tests, root).
+fn test_trace() -> Result<()> {
+    run(cargo().args(["test", "-p", "pcguard", "--features", "trace", "--test", "trace_option"]))?;
+    run(cargo().args([
+        "test",
+        "-p",
+        "pcguard-tests",
+        "--features",
+        "trace",
+        "--test",
+        "kernel",
+        "trace::",
+        "--",
+        "--test-threads=1",
+    ]))
+}
+
 fn lab(action: &str, prefix: &str) -> Result<()> {
     match action {
         "up" => {
@@ -357,12 +408,18 @@ fn lab(action: &str, prefix: &str) -> Result<()> {
 /// optimizes it; the newest
 /// `<target>/<profile>/build/pcguard-*/out/pcguard-ebpf`).
 fn ebpf_object(profile: &str) -> Result<PathBuf> {
+    ebpf_object_named(profile, "pcguard-ebpf")
+}
+
+/// [`ebpf_object`] of another name (`pcguard-ebpf-trace`, built with
+/// pcguard's `trace` feature).
+fn ebpf_object_named(profile: &str, name: &str) -> Result<PathBuf> {
     let build_dir = target_dir().join(profile).join("build");
     std::fs::read_dir(&build_dir)
         .with_context(|| format!("reading {}", build_dir.display()))?
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().starts_with("pcguard-"))
-        .map(|e| e.path().join("out").join("pcguard-ebpf"))
+        .map(|e| e.path().join("out").join(name))
         .filter(|p| p.is_file())
         .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
         .with_context(|| format!("no eBPF object under {}", build_dir.display()))
