@@ -94,6 +94,11 @@ enum Task {
         /// while optimizing); the verdict cases still assert.
         #[arg(long)]
         quick: bool,
+        /// The trace object (`pcguard run --trace-datapath`), its records
+        /// read and discarded before each case: aya-log's ring holds ~500
+        /// records, so with more iterations most runs time a full ring.
+        #[arg(long)]
+        trace: bool,
         /// Instead: pcguard on each hook side by side with no filter,
         /// nftables and xdp-filter (SYN flood, connection rate, iperf3,
         /// test-run), interleaved rounds, a markdown table of medians and
@@ -162,9 +167,9 @@ fn main() -> Result<()> {
             println!("{}", compare::render(&report, &opts));
             Ok(())
         }
-        Task::Bench { iterations, quick, .. } => {
+        Task::Bench { iterations, quick, trace, .. } => {
             build(false)?;
-            bench::run(&ebpf_object("debug")?, iterations, quick)
+            bench::run(&ebpf_object("debug")?, iterations, quick, trace)
         }
     }
 }
