@@ -95,9 +95,11 @@ impl Daemon {
         if !config_audit && !own_audit {
             cmd.arg("--audit-log").arg(&audit_log);
         }
+        // With `--trace-datapath`, its decision records too.
+        let rust_log = if extra.contains(&"--trace-datapath") { "info,pcguard::datapath=debug" } else { "info" };
         let child = cmd
             .args(&extra)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::from(File::create(&log)?))
             .stderr(Stdio::from(File::options().append(true).open(&log)?))
             .spawn()

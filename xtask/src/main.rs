@@ -376,9 +376,12 @@ fn prometheus_rules() -> Result<()> {
 }
 
 /// The trace object's tests: the CLI refuses `--trace-datapath` only
-/// without it, and its decision records (kernel tests, root).
+/// without it; its decision records (kernel tests, root); the daemon
+/// built with it logging real traffic's decisions (a lab). Leaves
+/// target/debug/pcguard built with `--features trace`.
 fn test_trace() -> Result<()> {
     run(cargo().args(["test", "-p", "pcguard", "--features", "trace", "--test", "trace_option"]))?;
+    run(cargo().args(["build", "-p", "pcguard", "--features", "trace"]))?;
     run(cargo().args([
         "test",
         "-p",
@@ -387,7 +390,9 @@ fn test_trace() -> Result<()> {
         "trace",
         "--test",
         "kernel",
-        "trace::",
+        "--test",
+        "trace_datapath",
+        "trace",
         "--",
         "--test-threads=1",
     ]))
