@@ -56,6 +56,9 @@ enum Task {
         #[arg(long)]
         trace: bool,
     },
+    /// Only the tests of the trace object (what `test --trace` adds; CI
+    /// runs it after `test`).
+    TestTrace,
     /// Build, start a lab, run pcguard on it with sample traffic, show the results.
     Demo {
         #[arg(long)]
@@ -133,6 +136,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Task::TestTrace => test_trace(),
         Task::Demo { no_deps, keep } => {
             if !no_deps {
                 deps()?;
