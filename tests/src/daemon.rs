@@ -51,6 +51,18 @@ impl Daemon {
     /// attached (its state file exists). `work` holds the run dir, logs and
     /// the audit log; `extra` are further `run` arguments.
     pub fn start(lab: &Lab, config: &Path, work: &Path, extra: &[&str]) -> Result<Self> {
+        Self::start_with_env(lab, config, work, extra, &[])
+    }
+
+    /// [`Daemon::start`] with further environment variables (e.g. a
+    /// `NOTIFY_SOCKET` the test listens on).
+    pub fn start_with_env(
+        lab: &Lab,
+        config: &Path,
+        work: &Path,
+        extra: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Self> {
         std::fs::create_dir_all(work)?;
         let run_dir = work.join("run");
         let bpffs_dir = lab.bpffs_dir();
@@ -98,6 +110,7 @@ impl Daemon {
         let child = cmd
             .args(&extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::from(File::create(&log)?))
             .stderr(Stdio::from(File::options().append(true).open(&log)?))
             .spawn()
@@ -146,6 +159,18 @@ impl Daemon {
         let out = Command::new(pcguard_bin()?).args(args).arg("--run-dir").arg(&self.run_dir).output()?;
         ensure!(out.status.success(), "pcguard {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `pcguard <args> --run-dir <run dir>` and returns its output,
+    /// whatever its exit status.
+    pub fn cli_output(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(Command::new(pcguard_bin()?).args(args).arg("--run-dir").arg(&self.run_dir).output()?)
+    }
+
+    /// The daemon's state file.
+    pub fn state(&self) -> Result<serde_json::Value> {
+        let path = self.run_dir.join("state.json");
+        Ok(serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?)?)
     }
 
     /// Fetches /metrics from inside the server namespace.
@@ -313,6 +338,11 @@ impl TestLab {
     /// Starts `pcguard run` on the lab with this config.
     pub fn start(&self, extra: &[&str]) -> Result<Daemon> {
         Daemon::start(&self.lab, &self.config, &self.work.join("daemon"), extra)
+    }
+
+    /// [`TestLab::start`] with further environment variables.
+    pub fn start_with_env(&self, extra: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Result<Daemon> {
+        Daemon::start_with_env(&self.lab, &self.config, &self.work.join("daemon"), extra, env)
     }
 
     /// Replaces the config file (then signal the daemon to reload).

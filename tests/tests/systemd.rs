@@ -1,0 +1,231 @@
+//! The daemon under a service manager: the `sd_notify` messages a
+//! `Type=notify` unit relies on (a test socket stands in for systemd's),
+//! `pcguard reload` (the unit's `ExecReload=`) failing when the reload
+//! fails, `pcguard reload --confirm-within`, and SIGUSR2 reopening the
+//! audit log for logrotate. Root needed.
+
+use std::{
+    os::unix::net::UnixDatagram,
+    path::{Path, PathBuf},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use pcguard_tests::*;
+
+fn tmp() -> &'static Path {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+}
+
+/// One notification datagram, and whether the programs were attached and
+/// the state file written when it arrived.
+#[derive(Debug)]
+struct Note {
+    text: String,
+    attached: bool,
+}
+
+/// A stand-in for systemd's notification socket.
+struct NotifySocket {
+    path: PathBuf,
+    rx: mpsc::Receiver<Note>,
+}
+
+impl NotifySocket {
+    /// Binds a datagram socket; every message is checked, as it arrives,
+    /// against the pinned links of the lab's server interface and the run
+    /// directory (a state file).
+    fn bind(lab: &Lab, name: &str, run_dir: PathBuf) -> Result<Self> {
+        // sun_path is short: not under the (long) target directory.
+        let path = std::env::temp_dir().join(format!("pcguard-notify-{name}-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let sock = UnixDatagram::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+        sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let (tx, rx) = mpsc::channel();
+        let links = lab.bpffs_dir().join("links");
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let n = match sock.recv(&mut buf) {
+                    Ok(n) => n,
+                    Err(_) => {
+                        // Timeout: stop once the test dropped the receiver.
+                        if tx.send(Note { text: String::new(), attached: false }).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                // The links pinned as the programs are attached: TC egress,
+                // and XDP or TC ingress.
+                let pinned = |name: String| links.join(name).exists();
+                let attached = pinned(format!("tc-{SERVER_IF}"))
+                    && (pinned(format!("xdp-{SERVER_IF}")) || pinned(format!("tci-{SERVER_IF}")))
+                    && run_dir.join("state.json").is_file();
+                if tx.send(Note { text, attached }).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Self { path, rx })
+    }
+
+    /// The next message (skipping the receiver's idle ticks).
+    fn next(&self, timeout: Duration) -> Result<Note> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            ensure!(!left.is_zero(), "no sd_notify message within {timeout:?}");
+            match self.rx.recv_timeout(left) {
+                Ok(n) if n.text.is_empty() => continue,
+                Ok(n) => return Ok(n),
+                Err(_) => anyhow::bail!("no sd_notify message within {timeout:?}"),
+            }
+        }
+    }
+
+    /// Messages received so far that nobody read.
+    fn drain(&self) -> Vec<Note> {
+        self.rx.try_iter().filter(|n| !n.text.is_empty()).collect()
+    }
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn field<'a>(note: &'a Note, key: &str) -> Option<&'a str> {
+    note.text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+}
+
+#[test]
+fn notify_ready_after_attach_reloading_around_reloads_and_a_failed_reload_fails_pcguard_reload() -> Result<()> {
+    let env = TestLab::up("sy1", tmp(), &lab_config("enforce", ""))?;
+    let _srv = TcpServer::start(&env.lab, SERVER, sa(std::net::Ipv6Addr::UNSPECIFIED, 9999))?;
+    let _other = TcpServer::start(&env.lab, SERVER, sa(std::net::Ipv6Addr::UNSPECIFIED, 9998))?;
+    let notify = NotifySocket::bind(&env.lab, "sy1", env.work.join("daemon/run"))?;
+    let daemon = env.start_with_env(&[], &[("NOTIFY_SOCKET", notify.path.as_os_str())])?;
+
+    // The first message is READY=1, sent once the program is on the link
+    // and the state file written.
+    let ready = notify.next(Duration::from_secs(10))?;
+    assert_eq!(field(&ready, "READY"), Some("1"), "{ready:?}");
+    assert!(ready.attached, "READY=1 before the programs were attached: {ready:?}");
+    let status = field(&ready, "STATUS").unwrap_or_default();
+    assert!(status.starts_with("policy generation 1:"), "{status}");
+    assert!(!ws_reaches(&env.lab, 9999)?);
+
+    // A good reload: RELOADING=1 with MONOTONIC_USEC, then READY=1 with the
+    // new generation; `pcguard reload` succeeds after it applied.
+    env.write_config(&lab_config("enforce", ALLOW_9999))?;
+    let out = daemon.cli_output(&["reload"])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("reload applied: policy generation 2"), "{stdout}");
+    assert!(ws_reaches(&env.lab, 9999)?, "allowed once `pcguard reload` returned");
+    let reloading = notify.next(Duration::from_secs(5))?;
+    assert_eq!(field(&reloading, "RELOADING"), Some("1"), "{reloading:?}");
+    let usec = field(&reloading, "MONOTONIC_USEC").context("RELOADING=1 without MONOTONIC_USEC")?;
+    assert!(usec.parse::<u64>().is_ok_and(|u| u > 0), "{usec}");
+    let ready = notify.next(Duration::from_secs(5))?;
+    assert_eq!(field(&ready, "READY"), Some("1"), "{ready:?}");
+    let status = field(&ready, "STATUS").unwrap_or_default();
+    assert!(status.starts_with("policy generation 2:") && status.contains("last reload applied"), "{status}");
+
+    // A bad config: `pcguard reload` fails with the daemon's error, the
+    // running policy (generation 2: 9999 open) keeps enforcing.
+    env.write_config(&format!("{}\n[[rule]]\nname = \"broken\"\nports = [\n", lab_config("enforce", ALLOW_9999)))?;
+    let out = daemon.cli_output(&["reload"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a failed reload exited 0: {stderr}");
+    assert!(stderr.contains("reload failed") && stderr.contains("pcguard.toml"), "{stderr}");
+    assert!(stderr.contains("keeping the running policy (generation 2)"), "{stderr}");
+    assert!(ws_reaches(&env.lab, 9999)?, "the running policy was kept");
+    assert!(!ws_reaches(&env.lab, 9998)?, "the running policy still drops what it does not allow");
+    let reloading = notify.next(Duration::from_secs(5))?;
+    assert_eq!(field(&reloading, "RELOADING"), Some("1"), "{reloading:?}");
+    let ready = notify.next(Duration::from_secs(5))?;
+    assert_eq!(field(&ready, "READY"), Some("1"), "{ready:?}");
+    let status = field(&ready, "STATUS").unwrap_or_default();
+    assert!(status.starts_with("policy generation 2:") && status.contains("reload failed: "), "{status}");
+    let state = daemon.state()?;
+    assert_eq!(state["policy_generation"], 2, "{state}");
+    assert_eq!(state["last_reload"]["ok"], false, "{state}");
+
+    // SIGTERM: STOPPING=1.
+    assert!(daemon.stop()?.success());
+    let stopping = notify.next(Duration::from_secs(5))?;
+    assert_eq!(field(&stopping, "STOPPING"), Some("1"), "{stopping:?}");
+    assert!(notify.drain().is_empty());
+    Ok(())
+}
+
+#[test]
+fn pcguard_reload_confirm_within_reverts_unless_confirmed() -> Result<()> {
+    let env = TestLab::up("sy2", tmp(), &lab_config("enforce", ""))?;
+    let _srv = TcpServer::start(&env.lab, SERVER, sa(std::net::Ipv6Addr::UNSPECIFIED, 9999))?;
+    let mut daemon = env.start(&[])?;
+    assert!(!ws_reaches(&env.lab, 9999)?);
+
+    // Not confirmed: the policy before the reload comes back.
+    env.write_config(&lab_config("enforce", ALLOW_9999))?;
+    let out = daemon.cli(&["reload", "--confirm-within", "3s"])?;
+    assert!(out.contains("policy generation 2") && out.contains("pcguard confirm"), "{out}");
+    assert!(ws_reaches(&env.lab, 9999)?, "allowed while pending");
+    assert!(daemon.cli(&["status"])?.contains("PENDING CONFIRMATION"));
+    wait_until("the revert", Duration::from_secs(8), || Ok(daemon.state()?["policy_generation"] == 3))?;
+    assert!(!ws_reaches(&env.lab, 9999)?, "reverted to the policy before the reload");
+    assert!(daemon.try_wait()?.is_none(), "a reverted reload keeps the daemon running");
+    assert!(!daemon.cli(&["status"])?.contains("PENDING"));
+
+    // Confirmed in time: kept past the window.
+    let out = daemon.cli(&["reload", "--confirm-within", "3s"])?;
+    assert!(out.contains("policy generation 4"), "{out}");
+    assert!(daemon.cli(&["confirm"])?.contains("confirm sent"));
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(ws_reaches(&env.lab, 9999)?, "the confirmed policy stays");
+    assert_eq!(daemon.state()?["policy_generation"], 4);
+
+    // A plain reload after it asks for no confirmation.
+    let out = daemon.cli(&["reload"])?;
+    assert!(!out.contains("pcguard confirm"), "{out}");
+    assert!(!daemon.cli(&["status"])?.contains("PENDING"));
+    Ok(())
+}
+
+#[test]
+fn sigusr2_reopens_the_audit_log_and_leaves_the_policy_alone() -> Result<()> {
+    let env = TestLab::up("sy3", tmp(), &lab_config("enforce", ""))?;
+    let daemon = env.start(&[])?;
+    // An unexpected flow, recorded in the log.
+    assert!(!ws_reaches(&env.lab, 9999)?);
+    daemon.wait_audit("the 9999 probe", |r| r.iter().any(|x| x.to_string().contains("9999")))?;
+    let before = daemon.state()?;
+
+    // logrotate renames the file, then signals.
+    let rotated = daemon.audit_log.with_extension("jsonl.1");
+    std::fs::rename(&daemon.audit_log, &rotated)?;
+    daemon.signal(libc::SIGUSR2)?;
+    wait_until("the reopen", Duration::from_secs(5), || Ok(daemon.log_text().contains("SIGUSR2: audit log reopened")))?;
+    assert!(daemon.audit_log.is_file(), "a new log at the old path");
+
+    // New records go to the new file, none to the rotated one.
+    assert!(!ws_reaches(&env.lab, 9998)?);
+    daemon.wait_audit("the 9998 probe in the new file", |r| r.iter().any(|x| x.to_string().contains("9998")))?;
+    let old = std::fs::read_to_string(&rotated)?;
+    assert!(old.contains("9999") && !old.contains("9998"), "{old}");
+    assert!(!std::fs::read_to_string(&daemon.audit_log)?.contains("9999"));
+
+    // Not a reload: same policy generation, no reload counted or logged.
+    let after = daemon.state()?;
+    assert_eq!(after["policy_generation"], 1);
+    assert_eq!(after["policy_generation"], before["policy_generation"]);
+    assert_eq!(after["reloads"], before["reloads"]);
+    assert_eq!(after["policy_loaded_at"], before["policy_loaded_at"]);
+    assert!(!daemon.log_text().contains("SIGHUP"), "{}", daemon.log_text());
+    Ok(())
+}
