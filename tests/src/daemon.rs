@@ -55,7 +55,9 @@ impl Daemon {
     }
 
     /// [`Daemon::start`] with further environment variables (e.g. a
-    /// `NOTIFY_SOCKET` the test listens on).
+    /// `NOTIFY_SOCKET` the test listens on). An empty `WATCHDOG_PID` is set
+    /// to the daemon's own pid, as systemd does (through `sh -c 'exec'`:
+    /// nsenter and pcguard keep the shell's pid).
     pub fn start_with_env(
         lab: &Lab,
         config: &Path,
@@ -93,7 +95,17 @@ impl Daemon {
         // The state file stays: a daemon that adopts the pins of an earlier
         // one reads its rule numbering from it, as after a real crash.
         let server_ns = lab.ns_path(SERVER);
-        let mut cmd = Command::new("nsenter");
+        let own_pid = env.iter().any(|(k, v)| *k == "WATCHDOG_PID" && v.is_empty());
+        let env: Vec<(&str, &std::ffi::OsStr)> =
+            env.iter().copied().filter(|(k, v)| !(*k == "WATCHDOG_PID" && v.is_empty())).collect();
+        let mut cmd = match own_pid {
+            true => {
+                let mut c = Command::new("sh");
+                c.args(["-c", "WATCHDOG_PID=$$ exec \"$@\"", "sh", "nsenter"]);
+                c
+            }
+            false => Command::new("nsenter"),
+        };
         cmd.arg(format!("--net={}", server_ns.display()))
             .arg(pcguard_bin()?)
             .args(["run", "--config"])
@@ -110,7 +122,7 @@ impl Daemon {
         let child = cmd
             .args(&extra)
             .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
+            .envs(env)
             .stdout(Stdio::from(File::create(&log)?))
             .stderr(Stdio::from(File::options().append(true).open(&log)?))
             .spawn()

@@ -7,7 +7,11 @@
 use std::{
     os::unix::net::UnixDatagram,
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
     time::{Duration, Instant},
 };
 
@@ -30,6 +34,8 @@ struct Note {
 struct NotifySocket {
     path: PathBuf,
     rx: mpsc::Receiver<Note>,
+    /// `WATCHDOG=1` messages (counted, not queued).
+    pings: Arc<AtomicUsize>,
 }
 
 impl NotifySocket {
@@ -43,6 +49,8 @@ impl NotifySocket {
         let sock = UnixDatagram::bind(&path).with_context(|| format!("binding {}", path.display()))?;
         sock.set_read_timeout(Some(Duration::from_millis(200)))?;
         let (tx, rx) = mpsc::channel();
+        let pings = Arc::new(AtomicUsize::new(0));
+        let counted = pings.clone();
         let links = lab.bpffs_dir().join("links");
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 4096];
@@ -58,6 +66,10 @@ impl NotifySocket {
                     }
                 };
                 let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if text == "WATCHDOG=1\n" {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 // The links pinned as the programs are attached: TC egress,
                 // and XDP or TC ingress.
                 let pinned = |name: String| links.join(name).exists();
@@ -69,7 +81,7 @@ impl NotifySocket {
                 }
             }
         });
-        Ok(Self { path, rx })
+        Ok(Self { path, rx, pings })
     }
 
     /// The next message (skipping the receiver's idle ticks).
@@ -108,7 +120,16 @@ fn notify_ready_after_attach_reloading_around_reloads_and_a_failed_reload_fails_
     let _srv = TcpServer::start(&env.lab, SERVER, sa(std::net::Ipv6Addr::UNSPECIFIED, 9999))?;
     let _other = TcpServer::start(&env.lab, SERVER, sa(std::net::Ipv6Addr::UNSPECIFIED, 9998))?;
     let notify = NotifySocket::bind(&env.lab, "sy1", env.work.join("daemon/run"))?;
-    let daemon = env.start_with_env(&[], &[("NOTIFY_SOCKET", notify.path.as_os_str())])?;
+    // WatchdogSec=1s: systemd sets WATCHDOG_USEC and WATCHDOG_PID.
+    let daemon = env.start_with_env(
+        &[],
+        &[
+            ("NOTIFY_SOCKET", notify.path.as_os_str()),
+            ("WATCHDOG_USEC", "1000000".as_ref()),
+            ("WATCHDOG_PID", "".as_ref()),
+        ],
+    )?;
+    let started = Instant::now();
 
     // The first message is READY=1, sent once the program is on the link
     // and the state file written.
@@ -155,6 +176,12 @@ fn notify_ready_after_attach_reloading_around_reloads_and_a_failed_reload_fails_
     let state = daemon.state()?;
     assert_eq!(state["policy_generation"], 2, "{state}");
     assert_eq!(state["last_reload"]["ok"], false, "{state}");
+
+    // Watchdog pings every half second from the main loop.
+    let pings = notify.pings.load(Ordering::Relaxed) as f64;
+    let expected = started.elapsed().as_secs_f64() * 2.0;
+    assert!(pings >= expected - 2.0 && pings <= expected + 2.0, "{pings} pings in {:?}", started.elapsed());
+    assert!(daemon.log_text().contains("systemd watchdog: pinging every 500ms"), "{}", daemon.log_text());
 
     // SIGTERM: STOPPING=1.
     assert!(daemon.stop()?.success());
