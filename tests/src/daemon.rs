@@ -34,6 +34,18 @@ pub fn pcguard_bin() -> Result<PathBuf> {
     bail!("pcguard binary not found near {} (build it or set PCGUARD_BIN)", exe.display())
 }
 
+/// How a test daemon is started beyond its arguments.
+#[derive(Clone, Debug, Default)]
+pub struct Launch {
+    /// Further environment variables (e.g. a `NOTIFY_SOCKET` the test
+    /// listens on).
+    pub env: Vec<(String, std::ffi::OsString)>,
+    /// A command that runs `nsenter ... pcguard run ...` (appended as its
+    /// arguments) and must exec it, keeping its pid, e.g. `sh -c
+    /// 'WATCHDOG_PID=$$ exec "$@"' sh`.
+    pub wrap: Vec<String>,
+}
+
 /// A `pcguard run` daemon in the lab's server namespace.
 pub struct Daemon {
     child: Child,
@@ -51,20 +63,12 @@ impl Daemon {
     /// attached (its state file exists). `work` holds the run dir, logs and
     /// the audit log; `extra` are further `run` arguments.
     pub fn start(lab: &Lab, config: &Path, work: &Path, extra: &[&str]) -> Result<Self> {
-        Self::start_with_env(lab, config, work, extra, &[])
+        Self::start_with(lab, config, work, extra, &Launch::default())
     }
 
-    /// [`Daemon::start`] with further environment variables (e.g. a
-    /// `NOTIFY_SOCKET` the test listens on). An empty `WATCHDOG_PID` is set
-    /// to the daemon's own pid, as systemd does (through `sh -c 'exec'`:
-    /// nsenter and pcguard keep the shell's pid).
-    pub fn start_with_env(
-        lab: &Lab,
-        config: &Path,
-        work: &Path,
-        extra: &[&str],
-        env: &[(&str, &std::ffi::OsStr)],
-    ) -> Result<Self> {
+    /// [`Daemon::start`] with further environment variables and a command
+    /// the daemon is started through (see [`Launch`]).
+    pub fn start_with(lab: &Lab, config: &Path, work: &Path, extra: &[&str], launch: &Launch) -> Result<Self> {
         std::fs::create_dir_all(work)?;
         let run_dir = work.join("run");
         let bpffs_dir = lab.bpffs_dir();
@@ -95,16 +99,13 @@ impl Daemon {
         // The state file stays: a daemon that adopts the pins of an earlier
         // one reads its rule numbering from it, as after a real crash.
         let server_ns = lab.ns_path(SERVER);
-        let own_pid = env.iter().any(|(k, v)| *k == "WATCHDOG_PID" && v.is_empty());
-        let env: Vec<(&str, &std::ffi::OsStr)> =
-            env.iter().copied().filter(|(k, v)| !(*k == "WATCHDOG_PID" && v.is_empty())).collect();
-        let mut cmd = match own_pid {
-            true => {
-                let mut c = Command::new("sh");
-                c.args(["-c", "WATCHDOG_PID=$$ exec \"$@\"", "sh", "nsenter"]);
+        let mut cmd = match launch.wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg("nsenter");
                 c
             }
-            false => Command::new("nsenter"),
+            None => Command::new("nsenter"),
         };
         cmd.arg(format!("--net={}", server_ns.display()))
             .arg(pcguard_bin()?)
@@ -122,7 +123,7 @@ impl Daemon {
         let child = cmd
             .args(&extra)
             .env("RUST_LOG", "info")
-            .envs(env)
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(File::create(&log)?))
             .stderr(Stdio::from(File::options().append(true).open(&log)?))
             .spawn()
@@ -352,9 +353,9 @@ impl TestLab {
         Daemon::start(&self.lab, &self.config, &self.work.join("daemon"), extra)
     }
 
-    /// [`TestLab::start`] with further environment variables.
-    pub fn start_with_env(&self, extra: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Result<Daemon> {
-        Daemon::start_with_env(&self.lab, &self.config, &self.work.join("daemon"), extra, env)
+    /// [`TestLab::start`] with further environment variables and a wrapper.
+    pub fn start_with(&self, extra: &[&str], launch: &Launch) -> Result<Daemon> {
+        Daemon::start_with(&self.lab, &self.config, &self.work.join("daemon"), extra, launch)
     }
 
     /// Replaces the config file (then signal the daemon to reload).

@@ -5,7 +5,7 @@
 //! audit log for logrotate. Root needed.
 
 use std::{
-    os::unix::net::UnixDatagram,
+    os::unix::{fs::MetadataExt as _, net::UnixDatagram},
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -120,15 +120,13 @@ fn notify_ready_after_attach_reloading_around_reloads_and_a_failed_reload_fails_
     let _srv = TcpServer::start(&env.lab, SERVER, sa(std::net::Ipv6Addr::UNSPECIFIED, 9999))?;
     let _other = TcpServer::start(&env.lab, SERVER, sa(std::net::Ipv6Addr::UNSPECIFIED, 9998))?;
     let notify = NotifySocket::bind(&env.lab, "sy1", env.work.join("daemon/run"))?;
-    // WatchdogSec=1s: systemd sets WATCHDOG_USEC and WATCHDOG_PID.
-    let daemon = env.start_with_env(
-        &[],
-        &[
-            ("NOTIFY_SOCKET", notify.path.as_os_str()),
-            ("WATCHDOG_USEC", "1000000".as_ref()),
-            ("WATCHDOG_PID", "".as_ref()),
-        ],
-    )?;
+    // WatchdogSec=1s: systemd sets WATCHDOG_USEC, and WATCHDOG_PID to the
+    // daemon's pid (the shell's, which nsenter and pcguard keep).
+    let launch = Launch {
+        env: vec![("NOTIFY_SOCKET".into(), notify.path.clone().into()), ("WATCHDOG_USEC".into(), "1000000".into())],
+        wrap: ["sh", "-c", "WATCHDOG_PID=$$ exec \"$@\"", "sh"].map(String::from).to_vec(),
+    };
+    let daemon = env.start_with(&[], &launch)?;
     let started = Instant::now();
 
     // The first message is READY=1, sent once the program is on the link
@@ -254,5 +252,99 @@ fn sigusr2_reopens_the_audit_log_and_leaves_the_policy_alone() -> Result<()> {
     assert_eq!(after["reloads"], before["reloads"]);
     assert_eq!(after["policy_loaded_at"], before["policy_loaded_at"]);
     assert!(!daemon.log_text().contains("SIGHUP"), "{}", daemon.log_text());
+    Ok(())
+}
+
+/// The fields of one journald native-protocol datagram (`KEY=value` lines;
+/// a value with a newline is `KEY\n<u64 le length><bytes>\n`).
+fn journal_fields(mut d: &[u8]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    while !d.is_empty() {
+        let Some(nl) = d.iter().position(|&b| b == b'\n') else { break };
+        let line = &d[..nl];
+        match line.iter().position(|&b| b == b'=') {
+            Some(eq) => {
+                out.push((
+                    String::from_utf8_lossy(&line[..eq]).into(),
+                    String::from_utf8_lossy(&line[eq + 1..]).into(),
+                ));
+                d = &d[nl + 1..];
+            }
+            None => {
+                let rest = &d[nl + 1..];
+                let Some(len) = rest.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize) else {
+                    break;
+                };
+                let Some(value) = rest.get(8..8 + len) else { break };
+                out.push((String::from_utf8_lossy(line).into(), String::from_utf8_lossy(value).into()));
+                d = rest.get(8 + len + 1..).unwrap_or_default();
+            }
+        }
+    }
+    out
+}
+
+/// Started with stderr connected to "the journal" (`JOURNAL_STREAM` names
+/// the log file's device and inode) and a fake journald socket at
+/// `/run/systemd/journal/socket` (a private mount namespace), the daemon
+/// sends its log there with priorities, the alerts at err.
+#[test]
+fn under_the_journal_the_log_goes_to_journald_with_priorities() -> Result<()> {
+    let env = TestLab::up("sy4", tmp(), &lab_config("enforce", ""))?;
+    let jdir = env.work.join("journal");
+    std::fs::create_dir_all(&jdir)?;
+    let sock = UnixDatagram::bind(jdir.join("socket"))?;
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    // The harness appends to this file as the daemon's stderr: same inode.
+    let log = env.work.join("daemon/daemon.log");
+    std::fs::create_dir_all(log.parent().unwrap())?;
+    let meta = std::fs::File::create(&log)?.metadata()?;
+    // `$1 $2` are `nsenter --net=/run/netns/...`: the namespace is opened
+    // before a tmpfs hides /run, and entered through the open fd.
+    let mount = format!(
+        "exec 3<\"${{2#--net=}}\" && mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && \
+         mount --bind '{}' /run/systemd/journal && shift 2 && exec nsenter --net=/proc/self/fd/3 \"$@\"",
+        jdir.display()
+    );
+    let launch = Launch {
+        env: vec![("JOURNAL_STREAM".into(), format!("{}:{}", meta.dev(), meta.ino()).into())],
+        wrap: ["unshare", "--mount", "--propagation", "private", "sh", "-c", &mount, "sh"].map(String::from).to_vec(),
+    };
+    let daemon = env.start_with(&[], &launch)?;
+
+    // A warning (a reload waiting for confirmation) and an alert (the
+    // server opening SMB on a workstation).
+    daemon.cli(&["reload", "--confirm-within", "60s"])?;
+    let probe = sample_probes().into_iter().find(|p| p.from == SERVER && p.port == 445).context("the SMB probe")?;
+    let _servers = start_probe_servers(&env.lab, std::slice::from_ref(&probe))?;
+    assert!(!run_probe(&env.lab, &probe, false, BLOCKED_TIMEOUT)?);
+
+    let mut entries: Vec<Vec<(String, String)>> = Vec::new();
+    let want = |e: &[Vec<(String, String)>]| {
+        let has = |msg: &str, prio: &str| {
+            e.iter().any(|f| {
+                f.iter().any(|(k, v)| k == "MESSAGE" && v.contains(msg))
+                    && f.iter().any(|(k, v)| k == "PRIORITY" && v == prio)
+            })
+        };
+        has("pcguard running", "5") && has("run `pcguard confirm` within", "4") && has("ALERT", "3")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = vec![0u8; 65536];
+    while !want(&entries) && Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf)
+            && n > 0
+        {
+            entries.push(journal_fields(&buf[..n]));
+        }
+    }
+    let alert = entries.iter().find(|f| f.iter().any(|(k, v)| k == "MESSAGE" && v.starts_with("ALERT")));
+    assert!(want(&entries), "journal entries: {entries:#?}");
+    let alert = alert.context("an alert")?;
+    assert!(alert.iter().any(|(k, v)| k == "SYSLOG_IDENTIFIER" && v == "pcguard"), "{alert:?}");
+    assert!(alert.iter().any(|(k, v)| k == "MESSAGE" && v.contains("outbound_to_workstation")), "{alert:?}");
+    // Nothing of it went to stderr.
+    let stderr = daemon.log_text();
+    assert!(!stderr.contains("pcguard running") && !stderr.contains("ALERT"), "{stderr}");
     Ok(())
 }
