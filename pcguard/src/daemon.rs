@@ -261,6 +261,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // signal the pid they read there (a signal without its handler would
     // kill the daemon).
     let signals = Signals::new()?;
+    // Requests left by a client of an earlier daemon are nobody's now.
+    let stale = reload::take_requests(&daemon.opts.run_dir);
+    if !stale.ids.is_empty() || !stale.refused.is_empty() {
+        warn!(
+            "removed {} reload request(s) left in {} from before this start",
+            stale.ids.len() + stale.refused.len(),
+            daemon.opts.run_dir.display()
+        );
+    }
     daemon.write_state()?;
     info!(
         "pcguard running: {} rules, mode {}, egress {}, audit log {}",

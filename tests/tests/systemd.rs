@@ -215,10 +215,24 @@ fn pcguard_reload_confirm_within_reverts_unless_confirmed() -> Result<()> {
     assert!(ws_reaches(&env.lab, 9999)?, "the confirmed policy stays");
     assert_eq!(daemon.state()?["policy_generation"], 4);
 
-    // A plain reload after it asks for no confirmation.
+    // A request file that is not 0600 (not written by `pcguard reload`)
+    // refuses the reload it would join: nothing changes.
+    let planted = daemon.run_dir.join("reload-1-1.request");
+    std::fs::write(&planted, r#"{"confirm_within_ms":1000}"#)?;
+    std::fs::set_permissions(&planted, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    env.write_config(&lab_config("enforce", ""))?;
+    let out = daemon.cli_output(&["reload"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("mode 0644, not 0600"), "{stderr}");
+    assert!(!planted.exists());
+    assert!(ws_reaches(&env.lab, 9999)?, "a refused reload changed the policy");
+    assert_eq!(daemon.state()?["policy_generation"], 4);
+
+    // A plain reload applies, and asks for no confirmation.
     let out = daemon.cli(&["reload"])?;
-    assert!(!out.contains("pcguard confirm"), "{out}");
+    assert!(out.contains("policy generation 5") && !out.contains("pcguard confirm"), "{out}");
     assert!(!daemon.cli(&["status"])?.contains("PENDING"));
+    assert!(!ws_reaches(&env.lab, 9999)?);
     Ok(())
 }
 
