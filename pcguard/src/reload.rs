@@ -218,17 +218,17 @@ pub fn request(run_dir: &Path, req: &Request, wait: Option<Duration>) -> Result<
             bail!("pcguard (pid {}) exited before answering the reload; see its log", state.pid);
         }
         if Instant::now() >= deadline {
-            // Not taken yet: withdraw it, so a later SIGHUP does not apply a
-            // confirm window nobody waits for.
-            let taken = std::fs::remove_file(&req_path).is_err();
+            // The request is not withdrawn: the signal is on its way, and
+            // the reload it causes must keep the confirm window asked for.
+            let taken = !req_path.exists();
             bail!(
-                "no answer from pcguard (pid {}) within {}: {}",
+                "no answer from pcguard (pid {}) within {}: {}; its log and `pcguard status` tell how it ends",
                 state.pid,
                 humantime::format_duration(wait),
                 if taken {
-                    "the reload is still running; its log and `pcguard status` tell how it ends"
+                    "the reload is still running"
                 } else {
-                    "it did not take the request (a version that does not answer reload requests?); nothing was reloaded for it"
+                    "the daemon has not taken the request yet (busy or stopped); it stays queued and is applied as asked when it does"
                 }
             );
         }

@@ -236,6 +236,32 @@ fn pcguard_reload_confirm_within_reverts_unless_confirmed() -> Result<()> {
     Ok(())
 }
 
+/// `pcguard reload` gives up waiting on a daemon that does not answer in
+/// time, and says so; its request stays queued, so the reload the signal
+/// causes later still has the confirm window asked for.
+#[test]
+fn a_reload_that_times_out_stays_queued_with_its_confirm_window() -> Result<()> {
+    let env = TestLab::up("sy5", tmp(), &lab_config("enforce", ""))?;
+    let _srv = TcpServer::start(&env.lab, SERVER, sa(std::net::Ipv6Addr::UNSPECIFIED, 9999))?;
+    let daemon = env.start(&[])?;
+    env.write_config(&lab_config("enforce", ALLOW_9999))?;
+    daemon.signal(libc::SIGSTOP)?;
+    let out = daemon.cli_output(&["reload", "--confirm-within", "3s", "--timeout", "1s"]);
+    daemon.signal(libc::SIGCONT)?;
+    let out = out?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("no answer from pcguard"), "{stderr}");
+    assert!(stderr.contains("stays queued"), "{stderr}");
+    // Taken once the daemon runs again: applied pending confirmation...
+    wait_until("the queued reload", Duration::from_secs(5), || Ok(daemon.state()?["policy_generation"] == 2))?;
+    assert!(!daemon.state()?["pending_confirm_until"].is_null(), "applied without its confirm window");
+    assert!(ws_reaches(&env.lab, 9999)?);
+    // ...and reverted without a confirmation.
+    wait_until("the revert", Duration::from_secs(8), || Ok(daemon.state()?["policy_generation"] == 3))?;
+    assert!(!ws_reaches(&env.lab, 9999)?);
+    Ok(())
+}
+
 #[test]
 fn sigusr2_reopens_the_audit_log_and_leaves_the_policy_alone() -> Result<()> {
     let env = TestLab::up("sy3", tmp(), &lab_config("enforce", ""))?;
