@@ -124,6 +124,18 @@ pub struct Loaded {
     /// The maps were pinned by an earlier daemon (and are in use by the
     /// programs on its links, if they are still attached).
     pub adopted: bool,
+    /// Why the XDP ingress program could not load on this kernel (a helper
+    /// it lacks): ingress then runs on the TC hook.
+    pub xdp_unavailable: Option<String>,
+}
+
+/// A load error with what this kernel lacks in front, when the kernel's
+/// answer names it (`support::explain_load_error`).
+fn explained(e: anyhow::Error) -> anyhow::Error {
+    match crate::support::explain_load_error(&format!("{e:#}")).or_else(crate::support::old_kernel_note) {
+        Some(why) => e.context(format!("{why}; pcguard needs the kernel features listed in docs/support.md")),
+        None => e,
+    }
 }
 
 /// Opens and locks the pin directory, then loads the object against the
@@ -150,16 +162,30 @@ pub fn load(object: &[u8], bpffs_dir: &Path, sizes: &MapSizes) -> Result<Loaded>
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let mut ebpf = loader.load(object).context("loading the eBPF object")?;
+    let mut ebpf = loader.load(object).map_err(|e| explained(anyhow!(e).context("loading the eBPF object")))?;
     check_layouts(&ebpf, sizes)?;
-    for name in [names::XDP_PROG, names::TC_PROG, names::TC_INGRESS_PROG] {
+    let mut xdp_unavailable = None;
+    for name in [names::TC_PROG, names::TC_INGRESS_PROG, names::XDP_PROG] {
         let prog = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from object"))?;
-        match prog {
+        let result = match prog {
             aya::programs::Program::Xdp(p) => p.load(),
             aya::programs::Program::SchedClassifier(p) => p.load(),
             _ => bail!("program {name} has an unexpected type"),
+        };
+        let Err(e) = result else { continue };
+        let text = format!("{e:#}");
+        // The XDP program alone needs bpf_xdp_load_bytes (Linux 5.18): on
+        // a kernel without it the TC ingress program does its work
+        // (docs/support.md).
+        if name == names::XDP_PROG
+            && let Some(why) =
+                crate::support::refused_helper(&text).and_then(|_| crate::support::explain_load_error(&text))
+        {
+            warn!("{why}: the XDP ingress program cannot load; ingress runs on the TC hook");
+            xdp_unavailable = Some(why);
+            continue;
         }
-        .with_context(|| format!("verifying program {name}"))?;
+        return Err(explained(anyhow!(e).context(format!("verifying program {name}"))));
     }
     set_tc_rerun(&mut ebpf)?;
     if adopted {
@@ -167,7 +193,7 @@ pub fn load(object: &[u8], bpffs_dir: &Path, sizes: &MapSizes) -> Result<Loaded>
     } else {
         info!("pinned new maps in {}", maps.path().display());
     }
-    Ok(Loaded { ebpf, pins: Pins { dir, maps, links }, adopted })
+    Ok(Loaded { ebpf, pins: Pins { dir, maps, links }, adopted, xdp_unavailable })
 }
 
 /// Every pinned map has the layout this build expects: the set's name says
@@ -250,12 +276,23 @@ pub fn attach_all(
     interfaces: &[String],
     hook: IngressHook,
     force_skb: bool,
+    xdp_unavailable: Option<&str>,
 ) -> Result<Vec<AttachedInterface>> {
+    if let Some(why) = xdp_unavailable
+        && (hook == IngressHook::Xdp || force_skb)
+    {
+        bail!(
+            "{why}: XDP ingress is not possible on this kernel; set ingress_hook = \"auto\" or \"tc\" (and drop --xdp-skb)"
+        );
+    }
     let mut attached = Vec::new();
     let mut wanted = BTreeSet::new();
     for name in interfaces {
         let ifindex = wait_for_interface(name, INTERFACE_WAIT)?;
-        let (mut ingress, mut reason) = choose_hook(name, hook, force_skb);
+        let (mut ingress, mut reason) = match xdp_unavailable {
+            Some(why) => (Hook::Tc, why.to_string()),
+            None => choose_hook(name, hook, force_skb),
+        };
         let mut xdp_mode = None;
         if ingress == Hook::Xdp {
             match attach_xdp(ebpf, links, name, force_skb, hook == IngressHook::Xdp) {

@@ -134,6 +134,30 @@ pub struct AuditConfig {
     /// Group that may read the audit log and the state file (a log
     /// shipper's); `None`: root only.
     pub group: Option<String>,
+    /// Record format (file and syslog).
+    pub format: AuditFormat,
+    /// `syslog = true`: records also go to this socket, with this facility.
+    pub syslog: Option<(PathBuf, crate::syslog::Facility)>,
+}
+
+/// The audit records' format (`[audit] format`, docs/audit.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditFormat {
+    /// pcguard's own fields (schema 1).
+    #[default]
+    Json,
+    /// Elastic Common Schema 8.x field names.
+    Ecs,
+}
+
+impl AuditFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditFormat::Json => "json",
+            AuditFormat::Ecs => "ecs",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -329,6 +353,40 @@ pub fn parse(text: &str, origin: &str) -> Result<SiteConfig, ConfigError> {
                     }
                     Some(name.clone())
                 }
+            },
+            format: raw.audit.format.unwrap_or_default(),
+            syslog: match (raw.audit.syslog, &raw.audit.syslog_socket) {
+                (Some(true), socket) => {
+                    let path = socket
+                        .as_ref()
+                        .map(|s| s.get_ref().clone())
+                        .unwrap_or_else(|| PathBuf::from(crate::syslog::DEFAULT_SOCKET));
+                    if !path.is_absolute() {
+                        return Err(ctx.error(
+                            socket.as_ref().map(|s| s.span()),
+                            "audit.syslog_socket",
+                            format!("\"{}\" is not an absolute path", path.display()),
+                        ));
+                    }
+                    Some((path, raw.audit.syslog_facility.as_ref().map(|f| *f.get_ref()).unwrap_or_default()))
+                }
+                (_, Some(socket)) => {
+                    return Err(ctx.error(
+                        Some(socket.span()),
+                        "audit.syslog_socket",
+                        "set, but syslog is not on (add `syslog = true`)",
+                    ));
+                }
+                (_, None) => match &raw.audit.syslog_facility {
+                    Some(f) => {
+                        return Err(ctx.error(
+                            Some(f.span()),
+                            "audit.syslog_facility",
+                            "set, but syslog is not on (add `syslog = true`)",
+                        ));
+                    }
+                    None => None,
+                },
             },
         },
         metrics: MetricsConfig {

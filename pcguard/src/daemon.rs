@@ -22,11 +22,12 @@ use tokio::{
 };
 
 use crate::{
+    audit::{self, AuditSink},
     config::SiteConfig,
     counters::Labels,
     datapath::{Datapath, MapSizes},
     dns::{Accepted, FqdnClasses, Guard, Handled, LearnReport, Learner, Limits, QueryTable, Refusal, Seen},
-    flows::{AuditLog, AuditRecord, DnsRefusal, KeyedLimit},
+    flows::{AuditRecord, DnsRefusal, KeyedLimit},
     gate::AuditGate,
     logging::ALERT_TARGET,
     metrics::{Metrics, PolicyInfo},
@@ -75,6 +76,8 @@ struct DaemonSettings {
     interfaces: Vec<String>,
     metrics_listen: SocketAddr,
     audit_log: PathBuf,
+    /// Format and syslog socket of the audit records.
+    audit: audit::Output,
     /// Group that may read the audit log and state (`[audit] group`).
     group: Option<u32>,
     report_interval: Duration,
@@ -87,10 +90,12 @@ fn daemon_settings(cfg: &SiteConfig, policy: &CompiledPolicy, opts: &RunOptions)
         Some(name) => Some(crate::auditlog::group_id(name).with_context(|| format!("{}: audit.group", cfg.origin))?),
         None => None,
     };
+    let audit_log = opts.audit_log.clone().unwrap_or_else(|| cfg.audit_path().to_path_buf());
     Ok(DaemonSettings {
         interfaces: cfg.interfaces.clone(),
         metrics_listen: opts.metrics_listen.unwrap_or_else(|| cfg.metrics_listen()),
-        audit_log: opts.audit_log.clone().unwrap_or_else(|| cfg.audit_path().to_path_buf()),
+        audit: audit::Output { path: audit_log.clone(), format: cfg.audit.format, syslog: cfg.audit.syslog.clone() },
+        audit_log,
         group,
         report_interval: policy.settings.report_interval,
         max_records_per_second: cfg.audit.max_records_per_second,
@@ -130,7 +135,7 @@ struct Daemon {
     group: Option<u32>,
     policy: Arc<RwLock<CompiledPolicy>>,
     metrics: Arc<Metrics>,
-    audit: Arc<Mutex<AuditLog>>,
+    audit: Arc<Mutex<AuditSink>>,
     /// Dedup, ceiling and summary of unexpected-flow records.
     gate: Arc<Mutex<AuditGate>>,
     /// Kernel report counters at the last summary (rate limited, ring
@@ -168,11 +173,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     let mut ids = StableIds::default();
     let (cfg, compiled) = policy::load(&opts.config, &mut ids)?;
+    log_warnings(&cfg, &compiled);
     let settings = daemon_settings(&cfg, &compiled, &opts)?;
     if settings.interfaces.is_empty() {
         bail!("{}: no interfaces configured", opts.config.display());
     }
-    let audit = AuditLog::open(&settings.audit_log, settings.group)?;
+    let mut audit = AuditSink::open(&settings.audit, settings.group)?;
     // Bind before touching the kernel, so a busy port fails cleanly.
     let addr = settings.metrics_listen;
     let listener =
@@ -209,6 +215,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut info = settings.info.clone();
     info.interfaces = dp.interfaces().to_vec();
     let metrics = Arc::new(Metrics::new(Some(dp.maps_dir()), info)?);
+    audit.count_syslog_drops(metrics.daemon.audit_syslog_dropped.clone());
     let loaded_at = unix_now();
     metrics.daemon.policy_loaded_time.set(loaded_at as f64);
     info!("metrics on http://{addr}/metrics");
@@ -572,6 +579,7 @@ impl Daemon {
     /// new policy wait for `pcguard confirm`.
     fn try_reload(&mut self, confirm_within: Option<Duration>) -> Result<()> {
         let (cfg, compiled) = policy::load(&self.opts.config, &mut self.ids)?;
+        log_warnings(&cfg, &compiled);
         if cfg.interfaces != self.cfg.interfaces {
             bail!(
                 "interfaces changed ({:?} -> {:?}); restart pcguard to attach to a different set",
@@ -622,9 +630,14 @@ impl Daemon {
             let audit = self.audit.lock().unwrap();
             match audit.path() == settings.audit_log {
                 true => None,
-                false => Some(AuditLog::open(&settings.audit_log, settings.group)?),
+                false => {
+                    let mut new = AuditSink::open(&settings.audit, settings.group)?;
+                    new.count_syslog_drops(self.metrics.daemon.audit_syslog_dropped.clone());
+                    Some(new)
+                }
             }
         };
+        let syslog = AuditSink::syslog(&settings.audit)?;
         let fqdns = FqdnClasses::of(&compiled);
         let planned = self.learner.planned(&fqdns, &self.guard, &compiled);
         let stats = self.dp.apply(&compiled, &planned)?;
@@ -637,8 +650,12 @@ impl Daemon {
             info!("DNS: {addr} forgotten: the new policy does not let DNS answers open it");
         }
         self.sync_learned();
-        if let Some(audit) = new_audit {
-            *self.audit.lock().unwrap() = audit;
+        {
+            let mut audit = self.audit.lock().unwrap();
+            if let Some(new) = new_audit {
+                *audit = new;
+            }
+            audit.configure(settings.audit.format, syslog);
         }
         self.group = settings.group;
         self.gate.lock().unwrap().configure(settings.report_interval, settings.max_records_per_second);
@@ -775,11 +792,7 @@ impl Daemon {
             summary.kernel_rate_limited,
             summary.kernel_ring_dropped
         );
-        let line = serde_json::to_vec(&summary).map(|mut l| {
-            l.push(b'\n');
-            l
-        });
-        if let Err(e) = line.map_err(anyhow::Error::from).and_then(|l| self.audit.lock().unwrap().write_line(&l)) {
+        if let Err(e) = self.audit.lock().unwrap().write_summary(&summary) {
             self.metrics.daemon.audit_write_errors.inc();
             error!("{e:#}");
         }
@@ -865,5 +878,13 @@ impl Signals {
             usr1: signal(SignalKind::user_defined1())?,
             usr2: signal(SignalKind::user_defined2())?,
         })
+    }
+}
+
+/// `pcguard check`'s warnings, at warn level: the config compiles but
+/// breaks something on the server.
+fn log_warnings(cfg: &crate::config::SiteConfig, compiled: &policy::CompiledPolicy) {
+    for w in policy::warnings(cfg, compiled) {
+        warn!("{} (fix: {})", w.message, w.fix);
     }
 }

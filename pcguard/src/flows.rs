@@ -331,17 +331,6 @@ impl<K: std::hash::Hash + Eq + Clone> KeyedLimit<K> {
     }
 }
 
-pub use crate::auditlog::AuditLog;
-
-impl AuditLog {
-    /// Writes one record as one line: whole, or not at all.
-    pub fn write(&mut self, rec: &AuditRecord) -> Result<()> {
-        let mut line = serde_json::to_vec(rec)?;
-        line.push(b'\n');
-        self.write_line(&line)
-    }
-}
-
 /// Filters of `pcguard flows`.
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
@@ -351,6 +340,10 @@ pub struct Filter {
     pub port: Option<u16>,
     pub addr: Option<IpAddr>,
     pub severity: Option<String>,
+    /// Records at or after this time (`--since`).
+    pub since: Option<SystemTime>,
+    /// Records at or before this time (`--until`).
+    pub until: Option<SystemTime>,
 }
 
 impl Filter {
@@ -361,31 +354,139 @@ impl Filter {
             && self.peer_class.as_ref().is_none_or(|x| r.peer_classes.contains(x))
             && self.port.is_none_or(|p| r.local.port == p || r.remote.port == p)
             && self.addr.is_none_or(|a| r.local.addr == a || r.remote.addr == a || r.dns_address == Some(a))
+            && self.in_time(r)
+    }
+
+    fn in_time(&self, r: &AuditRecord) -> bool {
+        if self.since.is_none() && self.until.is_none() {
+            return true;
+        }
+        // A record whose time does not parse is outside every window.
+        let Ok(t) = humantime::parse_rfc3339_weak(&r.ts) else { return false };
+        self.since.is_none_or(|s| t >= s) && self.until.is_none_or(|u| t <= u)
     }
 }
 
+/// `--since` / `--until`: an RFC 3339 time (UTC, `Z`), or a duration
+/// (`90s`, `2h`, `1d 12h`) meaning that long before `now`.
+pub fn parse_time(s: &str, now: SystemTime) -> Result<SystemTime, String> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        return now.checked_sub(d).ok_or_else(|| format!("\"{s}\" reaches before the epoch"));
+    }
+    humantime::parse_rfc3339_weak(s).map_err(|_| {
+        format!("\"{s}\" is neither a duration (e.g. 90s, 2h, 1d) nor an RFC 3339 UTC time (e.g. 2026-11-27T10:00:00Z)")
+    })
+}
+
+/// What a line of the audit log holds, for `pcguard flows`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    /// A flow or `dns_poisoning` record: schema 1 (`json` or `ecs`
+    /// format), or from before schema 1.
+    Flow(Box<AuditRecord>),
+    /// A summary or a record of another event type (not shown).
+    Other,
+    /// Not a record.
+    Invalid,
+}
+
+/// Reads one line of the audit log.
+pub fn parse_line(line: &str) -> Line {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { return Line::Invalid };
+    if v.get("@timestamp").is_some() {
+        return from_ecs(&v).map_or(Line::Other, |r| Line::Flow(Box::new(r)));
+    }
+    match v.get("event_type").and_then(|t| t.as_str()) {
+        None | Some("unexpected_flow" | "dns_poisoning") => {}
+        Some(_) => return Line::Other,
+    }
+    if v.get("event").is_some() {
+        return Line::Other;
+    }
+    serde_json::from_value::<AuditRecord>(v).map_or(Line::Invalid, |r| Line::Flow(Box::new(r)))
+}
+
+/// A flow record of the `ecs` format, back in pcguard's own fields
+/// (`crate::audit::ecs_flow` in reverse); `None` for other records.
+fn from_ecs(v: &serde_json::Value) -> Option<AuditRecord> {
+    let p = v.get("pcguard")?;
+    if !matches!(p.get("event_type")?.as_str()?, "unexpected_flow" | "dns_poisoning") {
+        return None;
+    }
+    let s = |v: &serde_json::Value| v.as_str().map(str::to_string);
+    let names = |v: &serde_json::Value| -> Option<Vec<String>> { v.as_array()?.iter().map(s).collect() };
+    let endpoint = |e: &serde_json::Value| -> Option<Endpoint> {
+        Some(Endpoint {
+            addr: e.get("ip")?.as_str()?.parse().ok()?,
+            port: u16::try_from(e.get("port")?.as_u64()?).ok()?,
+        })
+    };
+    let direction = s(&p["direction"])?;
+    let (src, dst) = (endpoint(&v["source"])?, endpoint(&v["destination"])?);
+    let (local, remote) = if direction == "inbound" { (dst, src) } else { (src, dst) };
+    let side = if direction == "inbound" { "ingress" } else { "egress" };
+    Some(AuditRecord {
+        ts: s(&v["@timestamp"])?,
+        severity: s(&v["log"]["level"])?,
+        reason: s(&p["reason"])?,
+        direction,
+        verdict: s(&p["verdict"])?,
+        protocol: s(&p["protocol"])?,
+        local,
+        remote,
+        peer_classes: names(&p["peer_classes"])?,
+        port_rules: names(&p["port_rules"])?,
+        interface: s(&v["observer"][side]["interface"]["name"]).unwrap_or_default(),
+        tcp_flags: s(&p["tcp_flags"]).unwrap_or_default(),
+        packet_bytes: p["packet_bytes"].as_u64().and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
+        dns_name: s(&v["dns"]["question"]["name"]),
+        dns_address: v["dns"]["resolved_ip"][0].as_str().and_then(|a| a.parse().ok()),
+        dns_refusal: s(&p["dns_refusal"]),
+        suppressed: p["suppressed"].as_u64(),
+        repeats: p["repeats"].as_u64().and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
+        malformed: s(&p["malformed"]),
+    })
+}
+
 /// Prints matching records of the audit log at `path`: the last `tail`
-/// records first, then (if `follow`) new ones as they are written, across
-/// rotation.
+/// records that match (filter first, then count), then (if `follow`) new
+/// matching ones as they are written, across rotation. Reads both formats
+/// (`json`, `ecs`) and records from before schema 1; summaries are not
+/// shown.
 pub fn follow(path: &Path, filter: &Filter, tail: usize, follow: bool, json: bool, mut out: impl Write) -> Result<()> {
-    let print = |out: &mut dyn Write, line: &str| -> Result<()> {
-        let Ok(rec) = serde_json::from_str::<AuditRecord>(line) else { return Ok(()) };
-        if filter.matches(&rec) {
-            if json {
-                writeln!(out, "{}", line.trim_end())?
-            } else {
-                writeln!(out, "{}", rec.human())?
-            }
-            out.flush()?;
+    let selected = |line: &str| -> Option<AuditRecord> {
+        match parse_line(line) {
+            Line::Flow(rec) if filter.matches(&rec) => Some(*rec),
+            _ => None,
         }
+    };
+    let print = |out: &mut dyn Write, line: &str, rec: &AuditRecord| -> Result<()> {
+        if json {
+            writeln!(out, "{}", line.trim_end())?
+        } else {
+            writeln!(out, "{}", rec.human())?
+        }
+        out.flush()?;
         Ok(())
     };
     let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut reader = BufReader::new(file.try_clone()?);
-    let lines: Vec<String> = (&mut reader).lines().collect::<Result<_, _>>()?;
-    let start = lines.len().saturating_sub(tail);
-    for line in &lines[start..] {
-        print(&mut out, line)?;
+    // The last `tail` matching records, kept as the file is read.
+    let mut last: std::collections::VecDeque<(String, AuditRecord)> = std::collections::VecDeque::new();
+    let mut line = String::new();
+    while reader.read_line(&mut line)? > 0 {
+        if let Some(rec) = selected(&line) {
+            if last.len() == tail {
+                last.pop_front();
+            }
+            if tail > 0 {
+                last.push_back((std::mem::take(&mut line), rec));
+            }
+        }
+        line.clear();
+    }
+    for (line, rec) in &last {
+        print(&mut out, line, rec)?;
     }
     if !follow {
         return Ok(());
@@ -413,7 +514,9 @@ pub fn follow(path: &Path, filter: &Filter, tail: usize, follow: bool, json: boo
             }
             pos += n as u64;
             if partial.ends_with('\n') {
-                print(&mut out, &partial)?;
+                if let Some(rec) = selected(&partial) {
+                    print(&mut out, &partial, &rec)?;
+                }
                 partial.clear();
             }
         }

@@ -3,12 +3,13 @@
 //! imports only layers under it) and the data flows; docs/datapath.md the
 //! kernel side.
 //!
-//! From the bottom: `model`, `sys`, `notify` and `logging` -> `catalog`, `pins`, `auditlog`,
-//! `sockdiag` -> `config` -> `policy`, `attach` -> `render`, `seed`,
-//! `counters`, `flows`, `dns` -> `datapath`, `gate`, `metrics` -> `state`
-//! -> `status`, `reload` -> `daemon`.
+//! From the bottom: `model`, `sys`, `notify` and `logging` -> `catalog`, `pins`,
+//! `auditlog`, `syslog`, `sockdiag` -> `config` -> `policy`, `attach` ->
+//! `render`, `seed`, `counters`, `flows`, `dns` -> `datapath`, `gate`,
+//! `metrics` -> `audit`, `state` -> `status`, `reload` -> `daemon`.
 
 pub mod attach;
+pub mod audit;
 pub mod auditlog;
 pub mod catalog;
 pub mod config;
@@ -30,4 +31,6 @@ pub mod seed;
 pub mod sockdiag;
 pub mod state;
 pub mod status;
+pub mod support;
 pub mod sys;
+pub mod syslog;

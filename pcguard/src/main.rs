@@ -34,8 +34,8 @@ enum Command {
     /// Load the policy, attach to the configured interfaces and serve metrics
     /// and the audit log until SIGTERM. SIGHUP reloads the config.
     Run {
-        #[arg(short, long, default_value = "/etc/pcguard/pcguard.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigPath,
         /// bpffs directory for the pinned maps and links (read by `pcguard
         /// status`, adopted by the next `pcguard run`).
         #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
@@ -68,7 +68,8 @@ enum Command {
     },
     /// Validate a config and print the effective rule table.
     Check {
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigPath,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
@@ -91,7 +92,8 @@ enum Command {
         log: Option<PathBuf>,
         #[arg(long, default_value = DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
-        /// Print the last N records before following.
+        /// Print the last N matching records (after the filters) before
+        /// following.
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: usize,
         /// Print and exit instead of following.
@@ -115,6 +117,13 @@ enum Command {
         /// Only flows with this local or remote address.
         #[arg(long)]
         addr: Option<IpAddr>,
+        /// Only records from this time on: RFC 3339 UTC (2026-11-27T10:00:00Z)
+        /// or a duration ago (90s, 2h, 1d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only records up to this time (same forms as --since).
+        #[arg(long)]
+        until: Option<String>,
     },
     /// Render the compiled policy in another firewall's language.
     Render {
@@ -158,8 +167,31 @@ enum Command {
 #[derive(Subcommand)]
 enum RenderTarget {
     /// An nftables ruleset (`nft -f`) equivalent to the policy.
-    Nftables { config: PathBuf },
+    Nftables {
+        #[command(flatten)]
+        config: ConfigPath,
+    },
 }
+
+/// The site config, as `-c FILE`/`--config FILE` or as the argument: both
+/// spellings work for every command that reads one.
+#[derive(clap::Args)]
+struct ConfigPath {
+    /// Site config file [default: /etc/pcguard/pcguard.toml].
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    flag: Option<PathBuf>,
+    /// The site config file, as an argument (same as -c FILE).
+    #[arg(value_name = "CONFIG", conflicts_with = "flag")]
+    positional: Option<PathBuf>,
+}
+
+impl ConfigPath {
+    fn path(self) -> PathBuf {
+        self.flag.or(self.positional).unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
+    }
+}
+
+const DEFAULT_CONFIG: &str = "/etc/pcguard/pcguard.toml";
 
 fn main() -> ExitCode {
     pcguard::logging::init();
@@ -186,7 +218,7 @@ fn real_main(cli: Cli) -> Result<()> {
             dns_min_ttl,
         } => {
             let opts = RunOptions {
-                config,
+                config: config.path(),
                 bpffs_dir,
                 detach_on_exit,
                 run_dir,
@@ -200,10 +232,14 @@ fn real_main(cli: Cli) -> Result<()> {
             rt.block_on(daemon::run(opts))
         }
         Command::Check { config, format } => {
-            let (cfg, policy) = pcguard::policy::load(&config, &mut pcguard::policy::StableIds::default())?;
+            let (cfg, policy) = pcguard::policy::load(&config.path(), &mut pcguard::policy::StableIds::default())?;
             match format {
                 Format::Table => print!("{}", pcguard::policy::check_report(&cfg, &policy)),
-                Format::Json => println!("{}", serde_json::to_string_pretty(&pcguard::policy::rules_json(&policy))?),
+                Format::Json => {
+                    let mut json = pcguard::policy::rules_json(&policy);
+                    json["warnings"] = serde_json::to_value(pcguard::policy::warnings(&cfg, &policy))?;
+                    println!("{}", serde_json::to_string_pretty(&json)?)
+                }
             }
             Ok(())
         }
@@ -235,16 +271,23 @@ fn real_main(cli: Cli) -> Result<()> {
             peer_class,
             port,
             addr,
+            since,
+            until,
         } => {
+            let now = std::time::SystemTime::now();
+            let time = |flag: &str, v: Option<String>| -> Result<Option<std::time::SystemTime>> {
+                v.map(|v| flows::parse_time(&v, now).map_err(|e| anyhow::anyhow!("{flag}: {e}"))).transpose()
+            };
+            let (since, until) = (time("--since", since)?, time("--until", until)?);
             let path = match log {
                 Some(p) => p,
                 None => State::read(&run_dir)?.audit_log.context("the running daemon has no audit log")?,
             };
-            let filter = flows::Filter { reason, direction, peer_class, port, addr, severity };
+            let filter = flows::Filter { reason, direction, peer_class, port, addr, severity, since, until };
             flows::follow(&path, &filter, lines, !no_follow, json, std::io::stdout().lock())
         }
         Command::Render { target: RenderTarget::Nftables { config } } => {
-            let (cfg, policy) = pcguard::policy::load(&config, &mut pcguard::policy::StableIds::default())?;
+            let (cfg, policy) = pcguard::policy::load(&config.path(), &mut pcguard::policy::StableIds::default())?;
             print!("{}", pcguard::render::nftables_on(&policy, &cfg.interfaces));
             Ok(())
         }

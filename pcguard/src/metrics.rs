@@ -37,6 +37,9 @@ pub struct DaemonMetrics {
     /// Unexpected-flow records not written on their own (repeats within the
     /// report interval, or over the ceiling): counted in summary records.
     pub audit_held_back: Counter,
+    /// Audit records the syslog socket did not take at once (no syslog
+    /// daemon, or its queue full): dropped, never waited for.
+    pub audit_syslog_dropped: Counter,
     pub policy_loaded_time: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub dns_learned: Gauge,
     pub dns_answers_accepted: Counter,
@@ -85,7 +88,7 @@ fn reason_labels(reason: &str) -> LabelPairs {
 }
 
 fn flow_labels(reason: &str, direction: &str) -> LabelPairs {
-    vec![("reason", reason.to_string()), ("direction", direction.to_string())]
+    vec![("reason", reason.to_string()), ("flow_direction", direction.to_string())]
 }
 
 fn reload_labels(ok: bool) -> LabelPairs {
@@ -164,6 +167,7 @@ impl Metrics {
             reloads: Family::default(),
             audit_write_errors: Counter::default(),
             audit_held_back: Counter::default(),
+            audit_syslog_dropped: Counter::default(),
             policy_loaded_time: Gauge::default(),
             dns_learned: Gauge::default(),
             dns_answers_accepted: Counter::default(),
@@ -172,7 +176,7 @@ impl Metrics {
         };
         registry.register(
             "pcguard_unexpected_flows",
-            "Unexpected flows reported (one per flow, not per packet), by reason and flow direction",
+            "Unexpected flows reported (one per flow, not per packet), by reason and flow direction (inbound: opened by the remote end; outbound: opened by this server)",
             daemon.unexpected_flows.clone(),
         );
         for reason in crate::flows::reason_labels() {
@@ -193,6 +197,11 @@ impl Metrics {
             "pcguard_audit_held_back",
             "Unexpected-flow records not written on their own (repeats, or over the records-per-second ceiling); summary records count them",
             daemon.audit_held_back.clone(),
+        );
+        registry.register(
+            "pcguard_audit_syslog_dropped",
+            "Audit records not sent to syslog ([audit] syslog = true): the socket did not take them at once (no syslog daemon, or its queue full)",
+            daemon.audit_syslog_dropped.clone(),
         );
         registry.register(
             "pcguard_policy_loaded_timestamp_seconds",

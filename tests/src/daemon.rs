@@ -225,13 +225,14 @@ impl Daemon {
         Ok(map.iter().filter_map(|e| e.ok()).collect())
     }
 
-    /// The audit records written so far.
+    /// The audit records written so far, each validated against the
+    /// published JSON Schema of its format (`crate::audit`).
     pub fn audit(&self) -> Result<Vec<serde_json::Value>> {
         let text = match std::fs::read_to_string(&self.audit_log) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             r => r.with_context(|| format!("reading {}", self.audit_log.display()))?,
         };
-        text.lines().map(|l| serde_json::from_str(l).with_context(|| format!("audit line {l:?}"))).collect()
+        crate::audit::parse_audit_text(&text)
     }
 
     /// Waits until `pred` holds for the audit records.

@@ -1,7 +1,8 @@
 //! The pcguard lab: network namespaces joined by a bridge, standing for a
 //! PaperCut server and its peers (`lab`), real TCP/UDP traffic inside them
 //! (`traffic`), a `pcguard run` daemon driven by the tests (`daemon`), DNS
-//! (`dns`), the metrics endpoint (`metrics`), crafted frames (`attacks`);
+//! (`dns`), the metrics endpoint (`metrics`), crafted frames (`attacks`),
+//! the audit records' schema check (`audit`);
 //! and `kernel`, the harness of the kernel verdict tests (the programs
 //! test-run on crafted packets, no lab).
 //!
@@ -9,6 +10,7 @@
 //! pcguard_tests::*;`.
 
 pub mod attacks;
+pub mod audit;
 pub mod daemon;
 pub mod dns;
 pub mod kernel;
@@ -17,6 +19,7 @@ pub mod metrics;
 pub mod traffic;
 
 pub use attacks::*;
+pub use audit::*;
 pub use daemon::*;
 pub use dns::*;
 pub use lab::*;

@@ -336,6 +336,7 @@ fn answers_naming_forbidden_addresses_are_refused_and_audited() -> Result<()> {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<Value> =
         String::from_utf8(out.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    lines.iter().try_for_each(validate_record)?;
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert_eq!(lines[0]["dns_name"], "mcast.papercut.com");
     assert!(d.log_text().contains("ALERT"), "{}", d.log_text());

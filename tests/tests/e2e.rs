@@ -323,6 +323,7 @@ fn status_and_flows_commands_show_the_running_daemon() -> Result<()> {
     assert!(out.status.success());
     let lines: Vec<Value> =
         String::from_utf8(out.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    lines.iter().try_for_each(validate_record)?;
     assert_eq!(lines.len(), 2, "{lines:#?}");
     assert!(lines.iter().all(|l| s(l, "reason") == "outbound_to_workstation"));
     let human = std::process::Command::new(pcguard_bin()?)
@@ -350,6 +351,7 @@ fn status_and_flows_commands_show_the_running_daemon() -> Result<()> {
     assert!(!ws_reaches(&env.lab, 9998)?);
     let line = rx.recv_timeout(Duration::from_secs(5)).map_err(|_| anyhow::anyhow!("pcguard flows printed nothing"))?;
     let rec: Value = serde_json::from_str(&line)?;
+    validate_record(&rec)?;
     assert_eq!(port(&rec, "local"), 9998, "{rec}");
     assert!(rx.recv_timeout(Duration::from_millis(500)).is_err(), "one flow, one line");
     follow.kill()?;

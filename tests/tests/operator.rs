@@ -156,11 +156,24 @@ fn dashboard_queries() -> Result<Vec<(String, String)>> {
     for panel in dash["panels"].as_array().context("panels")? {
         for t in panel["targets"].as_array().context("targets")? {
             let expr = t["expr"].as_str().context("expr")?;
-            let expr = expr.replace("$__rate_interval", "1m").replace("$__range", "5m").replace("$instance", ".+");
+            let expr = expr
+                .replace("$__rate_interval", "1m")
+                .replace("$__range", "5m")
+                .replace("$instance", ".+")
+                .replace("$role", ".+");
             out.push((panel["title"].as_str().unwrap_or("").to_string(), expr));
         }
     }
-    ensure!(out.len() >= 10, "dashboard has {} queries", out.len());
+    ensure!(out.len() >= 20, "dashboard has {} queries", out.len());
+    // Variables: servers chosen by role, then by instance.
+    let vars = dash["templating"]["list"].as_array().context("templating")?;
+    let names: Vec<&str> = vars.iter().filter_map(|v| v["name"].as_str()).collect();
+    ensure!(names.contains(&"role") && names.contains(&"instance"), "dashboard variables: {names:?}");
+    for v in vars.iter().filter(|v| v["type"] == "query") {
+        let q = v["query"].as_str().context("variable query")?;
+        let expr = q.trim_start_matches("label_values(").rsplit_once(',').context("label_values")?.0;
+        out.push((format!("variable {}", v["name"]), expr.replace("$role", ".+")));
+    }
     Ok(out)
 }
 
@@ -174,7 +187,8 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() -> Result<
     std::fs::write(
         &prom_cfg,
         format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: pcguard\n    static_configs:\n      - targets: ['{}']\n",
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: pcguard\n    static_configs:\n      - targets: ['{}']\n",
+            workspace_root().join("deploy/prometheus/pcguard-rules.yml").display(),
             daemon.metrics
         ),
     )?;
@@ -209,6 +223,56 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() -> Result<
     for (title, expr) in dashboard_queries()? {
         let result = prom_query(&env.lab, &expr)?;
         assert!(!result.is_empty(), "panel {title:?}: no series for {expr}");
+        // One line per server: every panel keeps the instance label.
+        if !title.starts_with("variable") {
+            assert!(
+                result.iter().all(|r| r["metric"]["instance"].is_string()),
+                "panel {title:?} sums servers together: {expr}"
+            );
+        }
+    }
+    // The shipped alerting rules load and evaluate on the real series: the
+    // server-initiated flows fire PcguardOutboundToWorkstation, and nothing
+    // else fires on a healthy daemon.
+    let mut firing = Vec::new();
+    wait_until("the alert rules to be evaluated", Duration::from_secs(15), || {
+        let body = env.lab.run_in(SERVER, || http_get(sa(addr_lo(), 9090), "/api/v1/rules"))??;
+        let v: Value = serde_json::from_str(&body)?;
+        let rules: Vec<Value> = v["data"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect();
+        ensure!(rules.len() >= 9, "rules loaded: {body}");
+        for r in &rules {
+            ensure!(r["health"] == "ok", "rule {} unhealthy: {}", r["name"], r["lastError"]);
+        }
+        firing = rules
+            .iter()
+            .filter(|r| r["state"] == "firing")
+            .filter_map(|r| r["name"].as_str().map(str::to_string))
+            .collect::<Vec<_>>();
+        Ok(!firing.is_empty())
+    })?;
+    assert_eq!(firing, ["PcguardOutboundToWorkstation"], "firing alerts");
+    // Label domains: `direction` is the packet's, `flow_direction` the flow's.
+    let text = env.lab.run_in(SERVER, {
+        let addr = daemon.metrics;
+        move || http_get(addr, "/metrics")
+    })??;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        for (label, allowed) in
+            [("direction=\"", ["ingress", "egress"]), ("flow_direction=\"", ["inbound", "outbound"])]
+        {
+            for (i, _) in line.match_indices(label) {
+                if label == "direction=\"" && line[..i].ends_with("flow_") {
+                    continue;
+                }
+                let value = line[i + label.len()..].split('"').next().unwrap_or("");
+                assert!(allowed.contains(&value), "{label}{value} in {line}");
+            }
+        }
     }
     let alert = prom_query(&env.lab, "sum(pcguard_unexpected_flows_total{reason=\"outbound_to_workstation\"})")?;
     // Server -> workstation over IPv4 and IPv6, in each mode.
@@ -240,5 +304,57 @@ fn systemd_unit_is_valid_and_least_privileged() -> Result<()> {
     let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     let problems: Vec<&str> = text.lines().filter(|l| l.contains("pcguard.service")).collect();
     assert!(out.status.success() && problems.is_empty(), "systemd-analyze verify:\n{text}");
+    Ok(())
+}
+
+/// `-c FILE` and the positional path are the same for every command that
+/// reads a config (docs show both), and `check` names what breaks the
+/// server with its fix, in the table and in JSON.
+#[test]
+fn config_path_is_accepted_both_ways_and_check_warns_with_fixes() -> Result<()> {
+    let bin = pcguard_bin()?;
+    let cli = |args: &[&str]| -> Result<(bool, String, String)> {
+        let out = Command::new(&bin).args(args).output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        ))
+    };
+    let dir = tmp().join("config-path");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("site.toml");
+    // Egress enforced, GES by name, no resolvers, metrics off loopback with
+    // no rule for the scraper: three warnings.
+    std::fs::write(
+        &path,
+        "role = \"primary\"\ninterfaces = [\"eth0\"]\nmode = \"enforce\"\n[metrics]\nlisten = \"0.0.0.0:9750\"\n\
+         [peers]\nworkstations = [\"10.0.0.0/24\"]\n[features]\nges = true\n",
+    )?;
+    let p = path.to_str().context("path")?;
+    for cmd in [&["check"][..], &["render", "nftables"]] {
+        let flag = cli(&[cmd, &["-c", p]].concat())?;
+        let long = cli(&[cmd, &["--config", p]].concat())?;
+        let positional = cli(&[cmd, &[p]].concat())?;
+        assert!(flag.0, "{cmd:?} -c: {}", flag.2);
+        assert_eq!(flag.1, positional.1, "{cmd:?}: -c and the argument differ");
+        assert_eq!(flag.1, long.1, "{cmd:?}: -c and --config differ");
+        let both = cli(&[cmd, &["-c", p, p]].concat())?;
+        assert!(!both.0 && both.2.contains("cannot be used with"), "{cmd:?} with both: {}", both.2);
+    }
+    let (_, table, _) = cli(&["check", p])?;
+    let warnings = table.split("\nwarnings:\n").nth(1).context("no warnings section")?;
+    for want in ["no rule allows outbound DNS", "rules ges reach", "no inbound rule allows tcp/9750"] {
+        assert!(warnings.contains(want), "warnings lack {want:?}:\n{warnings}");
+    }
+    assert_eq!(warnings.matches("\n  fix: ").count(), 3, "one fix per warning:\n{warnings}");
+    let (_, json, _) = cli(&["check", "--format", "json", p])?;
+    let json: Value = serde_json::from_str(&json)?;
+    let codes: Vec<&str> =
+        json["warnings"].as_array().context("warnings")?.iter().filter_map(|w| w["code"].as_str()).collect();
+    assert_eq!(codes, ["dns_dropped", "cloud_without_resolver", "metrics_unreachable"]);
+    // A missing file is an error naming it, not the default config.
+    let missing = cli(&["check", "-c", "/nonexistent/pcguard.toml"])?;
+    assert!(!missing.0 && missing.2.contains("/nonexistent/pcguard.toml"), "{}", missing.2);
     Ok(())
 }

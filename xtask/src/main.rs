@@ -284,6 +284,7 @@ fn test(unit_only: bool) -> Result<()> {
         "-p",
         "xtask",
     ]))?;
+    prometheus_rules()?;
     if unit_only {
         return Ok(());
     }
@@ -295,6 +296,14 @@ fn test(unit_only: bool) -> Result<()> {
     // every path asserted), then the end-to-end tests: one lab at a time
     // (2-core machines, shared CPU time).
     run(cargo().args(["test", "-p", "pcguard-tests", "--tests", "--", "--test-threads=1"]))
+}
+
+/// The shipped alerting rules: valid (`promtool check rules`) and doing
+/// what their unit tests say on example series (`promtool test rules`).
+fn prometheus_rules() -> Result<()> {
+    let dir = workspace_root().join("deploy/prometheus");
+    run(Command::new("promtool").current_dir(&dir).args(["check", "rules", "pcguard-rules.yml"]))?;
+    run(Command::new("promtool").current_dir(&dir).args(["test", "rules", "pcguard-rules.test.yml"]))
 }
 
 fn lab(action: &str, prefix: &str) -> Result<()> {

@@ -83,6 +83,14 @@ pub struct RawAudit {
     pub report_interval: Option<Spanned<Seconds>>,
     pub max_records_per_second: Option<Spanned<u64>>,
     pub group: Option<Spanned<String>>,
+    #[serde(default)]
+    pub format: Option<super::AuditFormat>,
+    #[serde(default)]
+    pub syslog: Option<bool>,
+    #[serde(default)]
+    pub syslog_socket: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    pub syslog_facility: Option<Spanned<crate::syslog::Facility>>,
 }
 
 #[derive(Default, Deserialize)]

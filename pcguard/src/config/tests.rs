@@ -333,3 +333,31 @@ fn every_error_of_a_mutated_config_has_a_line_and_a_message() {
     }
     assert!(errors > 500, "only {errors} of 2000 mutations were errors");
 }
+
+#[test]
+fn audit_format_and_syslog_keys() {
+    use crate::{config::AuditFormat, syslog::Facility};
+    let cfg = parse_with("[peers]\nworkstations = [\"192.0.2.0/24\"]\n").unwrap();
+    assert_eq!((cfg.audit.format, cfg.audit.syslog.clone()), (AuditFormat::Json, None));
+    let cfg = parse_with(
+        "[peers]\nworkstations = [\"192.0.2.0/24\"]\n[audit]\nformat = \"ecs\"\nsyslog = true\nsyslog_facility = \"local3\"\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.audit.format, AuditFormat::Ecs);
+    assert_eq!(cfg.audit.syslog, Some((PathBuf::from("/dev/log"), Facility::Local3)));
+    let cfg = parse_with("[audit]\nsyslog = true\nsyslog_socket = \"/run/x.sock\"\n").unwrap();
+    assert_eq!(cfg.audit.syslog, Some((PathBuf::from("/run/x.sock"), Facility::Daemon)));
+
+    let e = error("[audit]\nformat = \"xml\"\n");
+    assert!(e.starts_with("site.toml:5: audit.format: unknown variant `xml`, expected `json` or `ecs`"), "{e}");
+    let e = error("[audit]\nsyslog = \"yes\"\n");
+    assert!(e.starts_with("site.toml:5: audit.syslog: invalid type: string \"yes\", expected a boolean"), "{e}");
+    let e = error("[audit]\nsyslog = true\nsyslog_socket = \"dev/log\"\n");
+    assert_eq!(e, "site.toml:6: audit.syslog_socket: \"dev/log\" is not an absolute path");
+    let e = error("[audit]\nsyslog_socket = \"/dev/log\"\n");
+    assert_eq!(e, "site.toml:5: audit.syslog_socket: set, but syslog is not on (add `syslog = true`)");
+    let e = error("[audit]\nsyslog = false\nsyslog_facility = \"local0\"\n");
+    assert_eq!(e, "site.toml:6: audit.syslog_facility: set, but syslog is not on (add `syslog = true`)");
+    let e = error("[audit]\nsyslog = true\nsyslog_facility = \"kern\"\n");
+    assert!(e.starts_with("site.toml:6: audit.syslog_facility: unknown variant `kern`"), "{e}");
+}

@@ -62,6 +62,8 @@ pub struct Datapath {
     interfaces: Vec<AttachedInterface>,
     /// What each policy generation holds, and which one is active.
     generations: Generations,
+    /// Why the XDP program could not load here (then ingress is on TC).
+    xdp_unavailable: Option<String>,
 }
 
 impl Datapath {
@@ -76,9 +78,9 @@ impl Datapath {
         if let Err(e) = sys::raise_memlock_rlimit() {
             debug!("raising RLIMIT_MEMLOCK failed: {e}");
         }
-        let Loaded { ebpf, pins, adopted } = attach::load(OBJECT, bpffs_dir, sizes)?;
+        let Loaded { ebpf, pins, adopted, xdp_unavailable } = attach::load(OBJECT, bpffs_dir, sizes)?;
         let generations = if adopted { Generations::adopt(&ebpf)? } else { Generations::new() };
-        Ok(Self { ebpf, pins, adopted, interfaces: Vec::new(), generations })
+        Ok(Self { ebpf, pins, adopted, interfaces: Vec::new(), generations, xdp_unavailable })
     }
 
     /// Whether the maps (conntrack included) were adopted from an earlier
@@ -91,7 +93,14 @@ impl Datapath {
     /// an earlier daemon: an atomic replacement), then unpins map sets of
     /// other layouts, which only the replaced programs used.
     pub fn attach(&mut self, interfaces: &[String], hook: IngressHook, force_skb: bool) -> Result<()> {
-        self.interfaces = attach::attach_all(&mut self.ebpf, &self.pins.links, interfaces, hook, force_skb)?;
+        self.interfaces = attach::attach_all(
+            &mut self.ebpf,
+            &self.pins.links,
+            interfaces,
+            hook,
+            force_skb,
+            self.xdp_unavailable.as_deref(),
+        )?;
         attach::retire_other_map_sets(&self.pins)
     }
 

@@ -12,6 +12,7 @@ mod ids;
 mod lpm;
 mod ports;
 mod report;
+mod warnings;
 
 use std::path::Path;
 
@@ -22,6 +23,7 @@ pub use compiled::*;
 pub use error::PolicyError;
 pub use ids::StableIds;
 pub use report::{check_report, origin_name, rule_table, rules_json};
+pub use warnings::{Warning, warnings};
 
 use crate::config::{self, SiteConfig};
 

@@ -42,6 +42,13 @@ pub fn check_report(cfg: &SiteConfig, p: &CompiledPolicy) -> String {
         out.push_str("\nnotes:\n");
         cfg.notes.iter().for_each(|n| out.push_str(&format!("- {n}\n")));
     }
+    let warnings = super::warnings(cfg, p);
+    if !warnings.is_empty() {
+        out.push_str("\nwarnings:\n");
+        for w in warnings {
+            out.push_str(&format!("- {}\n  fix: {}\n", w.message, w.fix));
+        }
+    }
     out
 }
 
