@@ -1,6 +1,8 @@
 //! The PaperCut port catalog: one entry per documented service, as data
 //! (`pcguard/data/catalog.toml`), each with the fragment of the PaperCut
-//! document (`docs/papercut-ports.txt`) it comes from.
+//! document (`docs/papercut-ports.txt`) or of another PaperCut page stored
+//! verbatim in the repository (`docs/papercut/*.txt`, see [`DOCUMENTS`]) it
+//! comes from.
 
 use std::{
     collections::{BTreeSet, HashSet},
@@ -15,6 +17,79 @@ use crate::model::{Cidr, Direction, PortRange, Protocol, first_overlap, format_p
 pub const DOCUMENT: &str = include_str!("../../docs/papercut-ports.txt");
 
 const CATALOG_TOML: &str = include_str!("../data/catalog.toml");
+
+/// The id of [`DOCUMENT`] (a service's default `document`).
+pub const MAIN_DOCUMENT: &str = "ports";
+
+/// Other PaperCut pages the catalog quotes, stored verbatim with a header
+/// (`Title:`, `URL:`, `Retrieved:`, `Copy:`, then a `---` line): id -> file.
+const DOCUMENT_FILES: [(&str, &str); 5] = [
+    ("change-ports", include_str!("../../docs/papercut/change-ports.txt")),
+    ("security-options-v14", include_str!("../../docs/papercut/system-security-options-v14.txt")),
+    ("site-server-troubleshooting", include_str!("../../docs/papercut/site-server-troubleshooting.txt")),
+    ("site-server-overview", include_str!("../../docs/papercut/site-server-technical-overview.txt")),
+    ("mobility-print-how-it-works", include_str!("../../docs/papercut/mobility-print-how-it-works.txt")),
+];
+
+/// A PaperCut page the catalog quotes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Document {
+    pub id: &'static str,
+    pub title: &'static str,
+    pub url: &'static str,
+    /// The date the text was retrieved (`YYYY-MM-DD`).
+    pub retrieved: &'static str,
+    /// The page's text, verbatim (after the header).
+    #[serde(skip)]
+    pub text: &'static str,
+}
+
+/// Every document the catalog may quote: [`DOCUMENT`] first, then the
+/// stored pages. A stored page without its header is a build defect (the
+/// unit tests parse them all).
+pub fn documents() -> &'static [Document] {
+    static DOCS: OnceLock<Vec<Document>> = OnceLock::new();
+    DOCS.get_or_init(|| {
+        let main = Document {
+            id: MAIN_DOCUMENT,
+            title: "What ports does PaperCut use? (Firewall Ports used by NG & MF)",
+            url: "https://www.papercut.com/kb/Main/FirewallPorts",
+            retrieved: "docs/papercut-ports.txt",
+            text: DOCUMENT,
+        };
+        let stored = DOCUMENT_FILES
+            .iter()
+            .map(|(id, file)| parse_document(id, file).unwrap_or_else(|e| panic!("docs/papercut/{id}: {e}")));
+        std::iter::once(main).chain(stored).collect()
+    })
+}
+
+/// The document with this id.
+pub fn document(id: &str) -> Option<&'static Document> {
+    documents().iter().find(|d| d.id == id)
+}
+
+fn parse_document(id: &'static str, file: &'static str) -> Result<Document, String> {
+    let (head, text) = file.split_once("\n---\n").ok_or("no `---` line after the header")?;
+    let field = |name: &str| -> Result<&'static str, String> {
+        let prefix = format!("{name}: ");
+        head.lines().find_map(|l| l.strip_prefix(prefix.as_str())).ok_or(format!("no `{name}:` line"))
+    };
+    let (title, url, retrieved) = (field("Title")?, field("URL")?, field("Retrieved")?);
+    field("Copy")?;
+    if !url.starts_with("https://") && !url.starts_with("http://") {
+        return Err(format!("URL {url:?} is not an http(s) address"));
+    }
+    Ok(Document { id, title, url, retrieved, text })
+}
+
+/// A further quote of a service, from any document.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quote {
+    pub document: String,
+    pub text: String,
+}
 
 /// A peer class: a named set of addresses the site config fills in.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,9 +115,21 @@ pub struct Service {
     pub fqdns: Vec<String>,
     #[serde(default)]
     pub ips: Vec<String>,
-    /// The fragment of [`DOCUMENT`] the service comes from (verbatim).
+    /// The fragment of `document` the service comes from (verbatim).
     #[serde(default)]
     pub source: Option<String>,
+    /// The id of the document `source` quotes ([`documents`]); default
+    /// [`MAIN_DOCUMENT`].
+    #[serde(default = "main_document")]
+    pub document: String,
+    /// Further quotes (e.g. the page that gives the ports of a connection
+    /// another page names).
+    #[serde(default)]
+    pub also: Vec<Quote>,
+    /// Its 9191 / 9192 are the Application Server's ports, which
+    /// `[papercut] http_port` / `https_port` move.
+    #[serde(default)]
+    pub app_server_ports: bool,
     #[serde(default = "default_true")]
     pub from_document: bool,
     #[serde(default)]
@@ -55,6 +142,10 @@ pub struct Service {
 
 fn default_true() -> bool {
     true
+}
+
+fn main_document() -> String {
+    MAIN_DOCUMENT.to_string()
 }
 
 impl Service {
@@ -72,6 +163,14 @@ impl Service {
     /// peer class needs no configured CIDR.
     pub fn has_endpoints(&self) -> bool {
         !self.fqdns.is_empty() || !self.ips.is_empty()
+    }
+
+    /// Every quote of the service with its document: `source`, then
+    /// `also` (validated when the catalog is loaded).
+    pub fn quotes(&self) -> Vec<(&'static Document, &str)> {
+        let first = self.source.as_deref().map(|s| (self.document.as_str(), s));
+        let more = self.also.iter().map(|q| (q.document.as_str(), q.text.as_str()));
+        first.into_iter().chain(more).filter_map(|(d, text)| document(d).map(|d| (d, text))).collect()
     }
 }
 
@@ -171,15 +270,27 @@ impl Catalog {
         if let Some(ip) = s.ips.iter().find(|ip| ip.parse::<Cidr>().is_err()) {
             return Err(format!("invalid ip {ip}"));
         }
-        match (&s.source, s.from_document) {
-            (None, true) => Err("a service from the document needs its source".into()),
-            (Some(src), _) if !DOCUMENT.contains(src.as_str()) => {
-                Err(format!("source is not a verbatim fragment of the document: {src:?}"))
-            }
-            _ => Ok(()),
+        if s.source.is_none() && s.from_document {
+            return Err("a service from the document needs its source".into());
         }
+        if s.app_server_ports && !s.ports.iter().any(|p| APP_SERVER_PORTS.iter().any(|a| p.contains(*a))) {
+            return Err("app_server_ports without 9191 or 9192".into());
+        }
+        let first = s.source.iter().map(|src| (s.document.as_str(), src.as_str()));
+        let more = s.also.iter().map(|q| (q.document.as_str(), q.text.as_str()));
+        for (doc, text) in first.chain(more) {
+            let d = document(doc).ok_or_else(|| format!("unknown document {doc:?}"))?;
+            if !d.text.contains(text) {
+                return Err(format!("source is not a verbatim fragment of the document {doc:?}: {text:?}"));
+            }
+        }
+        Ok(())
     }
 }
+
+/// The Application Server's ports the manual says can be changed
+/// ("Change the Application Server ports"): HTTP, HTTPS.
+pub const APP_SERVER_PORTS: [u16; 2] = [9191, 9192];
 
 fn is_kebab_case(id: &str) -> bool {
     !id.is_empty()
@@ -257,7 +368,10 @@ mod tests {
     fn builtin_catalog_is_valid() {
         let c = Catalog::builtin();
         assert!(c.services.len() > 90);
-        assert_eq!(c.classes.len(), 14);
+        assert_eq!(c.classes.len(), 15);
+        // Appended: the earlier classes keep their bits.
+        assert_eq!(c.classes.last().unwrap().name, "site_servers");
+        assert_eq!(c.classes[13].name, "cloud");
     }
 
     #[test]
@@ -280,9 +394,62 @@ mod tests {
     fn every_source_is_verbatim() {
         for s in &Catalog::builtin().services {
             if let Some(src) = &s.source {
-                assert!(DOCUMENT.contains(src.as_str()), "{}: {src:?}", s.id);
+                let doc = document(&s.document).unwrap_or_else(|| panic!("{}: document {}", s.id, s.document));
+                assert!(doc.text.contains(src.as_str()), "{}: {src:?}", s.id);
             }
+            for q in &s.also {
+                assert!(document(&q.document).unwrap().text.contains(q.text.as_str()), "{}: {:?}", s.id, q.text);
+            }
+            assert_eq!(s.quotes().len(), usize::from(s.source.is_some()) + s.also.len(), "{}", s.id);
             assert!(s.from_document || s.source.is_none() || s.note.is_some() || s.id == "admin-ssh");
+        }
+    }
+
+    #[test]
+    fn stored_pages_have_their_header_and_are_in_the_docs() {
+        let docs = documents();
+        assert_eq!(docs.len(), DOCUMENT_FILES.len() + 1);
+        assert_eq!(docs[0].text, DOCUMENT);
+        let catalog_md = include_str!("../../docs/catalog.md");
+        for d in &docs[1..] {
+            assert!(d.url.starts_with("http"), "{}", d.id);
+            assert_eq!(d.retrieved.len(), 10, "{}: retrieval date YYYY-MM-DD", d.id);
+            assert!(!d.text.is_empty() && !d.text.starts_with("Title:"), "{}", d.id);
+            assert!(catalog_md.contains(d.url), "docs/catalog.md lacks the URL of {}", d.id);
+        }
+        // Every stored page is quoted by some service.
+        for d in &docs[1..] {
+            let used = Catalog::builtin().services.iter().any(|s| s.quotes().iter().any(|(q, _)| q.id == d.id));
+            assert!(used || d.id == "site-server-overview" || d.id == "security-options-v14", "{} unused", d.id);
+        }
+        assert!(parse_document("x", "Title: t\nURL: ftp://x\nRetrieved: 2026-01-01\nCopy: c\n---\ntext").is_err());
+        assert!(parse_document("x", "Title: t\nURL: https://x\nRetrieved: 2026-01-01\n---\ntext").is_err());
+        assert!(parse_document("x", "Title: t\nURL: https://x\nRetrieved: 2026-01-01\nCopy: c\ntext").is_err());
+        let d = parse_document("x", "Title: t\nURL: https://x\nRetrieved: 2026-01-01\nCopy: c\n---\ntext").unwrap();
+        assert_eq!((d.title, d.url, d.retrieved, d.text), ("t", "https://x", "2026-01-01", "text"));
+    }
+
+    #[test]
+    fn new_entries_quote_their_pages() {
+        let c = Catalog::builtin();
+        let mdns = c.service("mobility-print-mdns").unwrap();
+        assert_eq!((mdns.protocol, format_ports(&mdns.ports)), (Protocol::Udp, "5353".to_string()));
+        assert_eq!(mdns.document, "mobility-print-how-it-works");
+        assert!(mdns.quotes()[0].0.url.contains("mobility-print"));
+        let site = c.service("site-server-out").unwrap();
+        assert_eq!((site.direction, site.peers.clone()), (Direction::Outbound, vec!["site_servers".to_string()]));
+        assert!(
+            site.quotes().iter().any(|(d, q)| d.id == "site-server-troubleshooting" && q.contains("9191 and 9192"))
+        );
+        let samba = c.service("samba-smb").unwrap();
+        assert!(!samba.from_document && format_ports(&samba.ports) == "445");
+        // The moved services: every 9191-9193 inbound of the devices, the
+        // web ports and the upstream.
+        for id in ["web-http", "web-https", "upstream-http", "hp-inbound", "xerox-inbound"] {
+            assert!(c.service(id).unwrap().app_server_ports, "{id}");
+        }
+        for id in ["device-rpc", "konica-minolta-sha2", "dell-outbound", "universal-print-connector"] {
+            assert!(!c.service(id).unwrap().app_server_ports, "{id}");
         }
     }
 
@@ -357,6 +524,14 @@ features = ["f"]
         assert!(with("ports = [1]\nsource = \"not in the document\"").unwrap_err().contains("verbatim"));
         assert!(with("ports = [1]").unwrap_err().contains("needs its source"));
         assert!(with("ports = [1, \"1-5\"]\nfrom_document = false").unwrap_err().contains("overlap"));
+        assert!(with("ports = [1]\ndocument = \"nope\"\nsource = \"9191\"").unwrap_err().contains("unknown document"));
+        let wrong_doc = "ports = [1]\ndocument = \"change-ports\"\nsource = \"9191 for HTTP connections\"";
+        assert!(with(wrong_doc).unwrap_err().contains("verbatim fragment of the document \"change-ports\""));
+        let also = "ports = [1]\nsource = \"9191 for HTTP connections\"\nalso = [{ document = \"change-ports\", text = \"x y z\" }]";
+        assert!(with(also).unwrap_err().contains("x y z"));
+        assert!(
+            with("ports = [1]\nfrom_document = false\napp_server_ports = true").unwrap_err().contains("9191 or 9192")
+        );
         assert!(with("ports = [1]\nfrom_document = false\nbogus = 1").unwrap_err().contains("bogus"));
     }
 

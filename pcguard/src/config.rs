@@ -19,7 +19,7 @@ use std::{
 };
 
 pub use raw::parse_duration;
-use raw::{RawConfig, Seconds, SpannedList};
+use raw::{RawConfig, RawInclude, Seconds, SpannedList};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
@@ -280,7 +280,10 @@ pub fn parse(text: &str, origin: &str) -> Result<SiteConfig, ConfigError> {
         return Err(ctx.toml_error(&e, true));
     }
     let raw: RawConfig = toml::from_str(text).map_err(|e| ctx.toml_error(&e, false))?;
-    let peers = parse_peers(&ctx, &raw)?;
+    let mut places = BTreeMap::new();
+    let mut peers = parse_peers(&ctx, &raw.peers, &mut places)?;
+    let included = include_peers(&ctx, &raw, &mut peers, &mut places)?;
+    check_site_servers(&peers, &places)?;
     let mut names = HashSet::new();
     let rules = rules::validate(&ctx, &raw.rules, "rule", &peers, &mut names)?;
     let always_allow = rules::validate(&ctx, &raw.always_allow.rules, "always_allow.rule", &peers, &mut names)?;
@@ -288,7 +291,8 @@ pub fn parse(text: &str, origin: &str) -> Result<SiteConfig, ConfigError> {
     let resolved = features::resolve(&ctx, &raw, &peers)?;
     let mode = *raw.mode.get_ref();
     let egress_mode = raw.egress_mode.unwrap_or(mode);
-    let mut notes = resolved.notes;
+    let mut notes = included;
+    notes.extend(resolved.notes);
     notes.extend(lockout_note(mode, &resolved.features, &always_allow));
     Ok(SiteConfig {
         origin: origin.to_string(),
@@ -497,9 +501,18 @@ fn parse_interfaces(ctx: &Ctx, list: &SpannedList) -> Result<Vec<String>, Config
     Ok(list.get_ref().iter().map(|n| n.get_ref().clone()).collect())
 }
 
-fn parse_peers(ctx: &Ctx, raw: &RawConfig) -> Result<BTreeMap<String, Vec<Cidr>>, ConfigError> {
+/// Where a peer class is defined: (file, line).
+type Places = BTreeMap<String, (String, Option<usize>)>;
+
+fn parse_peers(
+    ctx: &Ctx,
+    table: &BTreeMap<Spanned<String>, Vec<Spanned<String>>>,
+    places: &mut Places,
+) -> Result<BTreeMap<String, Vec<Cidr>>, ConfigError> {
     let mut peers = BTreeMap::new();
-    for (name, cidrs) in &raw.peers {
+    for (name, cidrs) in table {
+        places
+            .insert(name.get_ref().clone(), (ctx.origin.to_string(), span::line_of_span(ctx.text, Some(name.span()))));
         let key = format!("peers.{}", name.get_ref());
         check_class_name(ctx, name, &key)?;
         let mut parsed = BTreeSet::new();
@@ -513,6 +526,97 @@ fn parse_peers(ctx: &Ctx, raw: &RawConfig) -> Result<BTreeMap<String, Vec<Cidr>>
     }
     Ok(peers)
 }
+
+/// `include = [...]`: reads each file's `[peers]` into `peers`. A class
+/// is defined in one file only; errors name the included file and line
+/// (or, for a file that cannot be read, the `include` line). Returns notes
+/// saying which classes came from where, and which custom classes no rule
+/// of this config uses.
+fn include_peers(
+    ctx: &Ctx,
+    raw: &RawConfig,
+    peers: &mut BTreeMap<String, Vec<Cidr>>,
+    places: &mut Places,
+) -> Result<Vec<String>, ConfigError> {
+    let Some(list) = &raw.include else {
+        return Ok(Vec::new());
+    };
+    let base = Path::new(ctx.origin).parent().unwrap_or(Path::new(""));
+    let used: HashSet<&str> = raw
+        .rules
+        .iter()
+        .chain(&raw.always_allow.rules)
+        .flat_map(|r| r.peers.get_ref().iter().map(|p| p.get_ref().as_str()))
+        .collect();
+    let builtin = Catalog::builtin().class_names();
+    let mut notes = Vec::new();
+    for entry in list.get_ref() {
+        let path = base.join(entry.get_ref());
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ctx.error(Some(entry.span()), "include", format!("cannot read {}: {e}", path.display())))?;
+        let origin = path.display().to_string();
+        let inc = Ctx { text: &text, origin: &origin };
+        check_line_endings(&inc)?;
+        if let Err(e) = text.parse::<toml::Table>() {
+            return Err(inc.toml_error(&e, true));
+        }
+        let file: RawInclude = toml::from_str(&text).map_err(|e| inc.toml_error(&e, false))?;
+        for name in file.peers.keys() {
+            if let Some((other, line)) = places.get(name.get_ref()) {
+                let at = line.map_or(String::new(), |l| format!(":{l}"));
+                return Err(inc.error(
+                    Some(name.span()),
+                    format!("peers.{}", name.get_ref()),
+                    format!("also defined in {other}{at}: define each class in one file only"),
+                ));
+            }
+        }
+        let found = parse_peers(&inc, &file.peers, places)?;
+        let names: Vec<&str> = file.peers.keys().map(|k| k.get_ref().as_str()).collect();
+        notes.push(format!(
+            "included {origin}: peers {}",
+            if names.is_empty() { "(none)".into() } else { names.join(", ") }
+        ));
+        for n in names.iter().filter(|n| !builtin.contains(n) && !used.contains(*n)) {
+            notes.push(format!("peers.{n} (custom class from {origin}) is used by no rule of this config"));
+        }
+        peers.extend(found);
+    }
+    Ok(notes)
+}
+
+/// Site Servers connect to and from the primary: an address in
+/// `site_servers` and in a class the server never connects to
+/// (`workstations`, `secondary_servers`) would make the primary's
+/// connections to it `outbound_to_workstation`.
+fn check_site_servers(peers: &BTreeMap<String, Vec<Cidr>>, places: &Places) -> Result<(), ConfigError> {
+    let Some(sites) = peers.get(SITE_SERVERS) else {
+        return Ok(());
+    };
+    for class in NO_INITIATE_CLASSES {
+        for (a, b) in sites.iter().flat_map(|a| peers.get(class).into_iter().flatten().map(move |b| (a, b))) {
+            if a.contains(b) || b.contains(a) {
+                let (origin, line) = places.get(SITE_SERVERS).cloned().unwrap_or_default();
+                return Err(ConfigError {
+                    origin,
+                    line,
+                    key: "peers.site_servers".into(),
+                    message: format!(
+                        "{a} overlaps {b} of peers.{class}: this server never connects to {class}, and it connects \
+                         to its Site Servers; list a Site Server in site_servers only"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The peer class of Site Servers (both directions with the primary).
+pub const SITE_SERVERS: &str = "site_servers";
+/// Classes this server never opens a flow to (the kernel's
+/// `no_initiate_mask`).
+pub const NO_INITIATE_CLASSES: [&str; 2] = ["workstations", "secondary_servers"];
 
 fn check_class_name(ctx: &Ctx, name: &Spanned<String>, key: &str) -> Result<(), ConfigError> {
     let n = name.get_ref();

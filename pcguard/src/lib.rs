@@ -19,6 +19,7 @@ pub mod datapath;
 pub mod dns;
 pub mod flows;
 pub mod gate;
+pub mod init;
 pub mod logging;
 pub mod metrics;
 pub mod model;

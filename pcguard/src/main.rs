@@ -73,6 +73,20 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+    /// Write a starter config (monitor mode) from an installed PaperCut
+    /// server's files: server.properties on an Application Server,
+    /// print-provider.conf on a secondary.
+    Init {
+        /// PaperCut's install directory ([app-path], e.g. /home/papercut).
+        #[arg(long)]
+        papercut_dir: PathBuf,
+        /// The interface to guard (default: the default route's).
+        #[arg(long)]
+        interface: Option<String>,
+        /// Write here (refuses an existing file) instead of to stdout.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
     /// Print the PaperCut port catalog (from the PaperCut document).
     Catalog {
         #[arg(long, value_enum, default_value = "table")]
@@ -162,6 +176,23 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Write the man pages or the shell completions into DIR (packaging:
+    /// `cargo xtask package`).
+    #[command(hide = true)]
+    Generate {
+        #[arg(value_enum)]
+        what: Generated,
+        dir: PathBuf,
+    },
+}
+
+/// What `pcguard generate` writes.
+#[derive(Copy, Clone, ValueEnum)]
+enum Generated {
+    /// pcguard.1 and one page per subcommand (pcguard-run.1, ...).
+    Man,
+    /// pcguard.bash, _pcguard (zsh) and pcguard.fish.
+    Completions,
 }
 
 #[derive(Subcommand)]
@@ -243,6 +274,24 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Init { papercut_dir, interface, output } => {
+            let interface = interface
+                .or_else(pcguard::init::default_route_interface)
+                .context("no default route: name the interface with --interface")?;
+            let text = pcguard::init::starter_config(&papercut_dir, &interface).map_err(anyhow::Error::msg)?;
+            match output {
+                None => print!("{text}"),
+                Some(path) => {
+                    let mut f =
+                        std::fs::OpenOptions::new().write(true).create_new(true).open(&path).with_context(|| {
+                            format!("{}: cannot create (an existing file is never replaced)", path.display())
+                        })?;
+                    std::io::Write::write_all(&mut f, text.as_bytes())?;
+                    eprintln!("wrote {}: check it with `pcguard check {}`", path.display(), path.display());
+                }
+            }
+            Ok(())
+        }
         Command::Catalog { format } => {
             let catalog = pcguard::catalog::Catalog::builtin();
             match format {
@@ -295,6 +344,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Reload { run_dir, confirm_within, timeout, no_wait } => {
             reload(&run_dir, confirm_within, (!no_wait).then_some(timeout))
         }
+        Command::Generate { what, dir } => generate(what, &dir),
         Command::Detach { bpffs_dir, run_dir } => {
             if pcguard::attach::detach_dir(&bpffs_dir)? {
                 State::remove(&run_dir);
@@ -327,6 +377,29 @@ fn reload(run_dir: &Path, confirm_within: Option<Duration>, wait: Option<Duratio
     Ok(())
 }
 
+/// The man pages or completions of this CLI definition, into `dir`
+/// (created if missing).
+fn generate(what: Generated, dir: &Path) -> Result<()> {
+    use clap::CommandFactory as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    match what {
+        Generated::Man => clap_mangen::generate_to(Cli::command(), dir),
+        Generated::Completions => {
+            // clap_complete completes hidden subcommands too: leave them out.
+            let full = Cli::command();
+            let mut cmd = full
+                .get_subcommands()
+                .filter(|s| !s.is_hide_set())
+                .cloned()
+                .fold(clap::Command::new("pcguard").version(env!("CARGO_PKG_VERSION")), |c, s| c.subcommand(s));
+            [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish]
+                .into_iter()
+                .try_for_each(|shell| clap_complete::generate_to(shell, &mut cmd, "pcguard", dir).map(drop))
+        }
+    }
+    .with_context(|| format!("writing into {}", dir.display()))
+}
+
 fn signal_daemon(run_dir: &Path, sig: sys::Signal, what: &str) -> Result<()> {
     let state = State::read(run_dir)?;
     if !state.is_live() {
@@ -342,4 +415,27 @@ fn signal_daemon(run_dir: &Path, sig: sys::Signal, what: &str) -> Result<()> {
     }
     println!("{what} sent to pcguard (pid {})", state.pid);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generate_writes_man_pages_and_completions_without_the_hidden_subcommand() {
+        let dir = std::env::temp_dir().join(format!("pcguard-generate-{}", std::process::id()));
+        generate(Generated::Man, &dir.join("man")).unwrap();
+        generate(Generated::Completions, &dir.join("completions")).unwrap();
+        for page in ["pcguard.1", "pcguard-run.1", "pcguard-check.1", "pcguard-render-nftables.1"] {
+            let text = std::fs::read_to_string(dir.join("man").join(page)).unwrap();
+            assert!(text.starts_with(".ie") || text.contains(".TH"), "{page} is a man page");
+        }
+        assert!(!dir.join("man/pcguard-generate.1").exists());
+        for file in ["pcguard.bash", "_pcguard", "pcguard.fish"] {
+            let text = std::fs::read_to_string(dir.join("completions").join(file)).unwrap();
+            assert!(text.contains("confirm") && text.contains("run-dir"), "{file} completes the subcommands");
+            assert!(!text.contains("generate"), "{file} leaves out the hidden subcommand");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -289,7 +289,7 @@ fn systemd_unit_is_valid_and_least_privileged() -> Result<()> {
         "ProtectSystem=strict",
         "Type=notify",
         "NotifyAccess=main",
-        "ExecReload=/usr/bin/pcguard reload",
+        "ExecReload=/usr/local/bin/pcguard reload",
     ] {
         assert!(unit.contains(want), "unit lacks {want}");
     }
@@ -298,7 +298,7 @@ fn systemd_unit_is_valid_and_least_privileged() -> Result<()> {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("systemd");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("pcguard.service");
-    std::fs::write(&path, unit.replace("/usr/bin/pcguard", &bin.to_string_lossy()))?;
+    std::fs::write(&path, unit.replace("/usr/local/bin/pcguard", &bin.to_string_lossy()))?;
     let out =
         Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&path).output().context("systemd-analyze")?;
     let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);

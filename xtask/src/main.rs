@@ -1,13 +1,15 @@
 //! Developer tasks: `cargo xtask <task>`.
 //!
 //! * `deps`  — install what building and testing need (apt packages,
-//!   nightly rust-src, bpf-linker), mount bpffs. Idempotent.
+//!   nightly rust-src, bpf-linker, cargo-deb), mount bpffs. Idempotent.
 //! * `lint`  — rustfmt check and clippy with warnings as errors (CI).
 //! * `build` — build the workspace (the eBPF object is built by pcguard's build.rs).
-//! * `test`  — deps + build + unit tests + privileged end-to-end tests.
+//! * `test`  — deps + build + unit tests + the .deb (`package`) +
+//!   privileged end-to-end tests.
 //! * `demo`  — deps + build + a lab of network namespaces, pcguard with the
 //!   lab policy, sample traffic, then status, metrics and the audit log.
 //! * `lab up|down` — the lab topology alone, to experiment by hand.
+//! * `package` — the Debian package (cargo-deb) in target/debian/.
 //! * `bench` — ns/packet of the XDP program via BPF_PROG_TEST_RUN;
 //!   `bench --compare`: pcguard side by side with no filter, nftables and
 //!   xdp-filter on a veth pair (docs/performance.md).
@@ -23,6 +25,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod compare;
 mod demo;
+mod package;
 
 #[derive(Parser)]
 struct Cli {
@@ -60,6 +63,9 @@ enum Task {
     /// with warnings as errors, over every crate and target: what CI checks
     /// before the tests.
     Lint,
+    /// Build the Debian package (release build, man pages, completions,
+    /// unit, config) into target/debian/ with cargo-deb.
+    Package,
     /// Create or remove the lab network namespaces.
     Lab {
         #[arg(value_parser = ["up", "down"])]
@@ -116,6 +122,11 @@ fn main() -> Result<()> {
             demo::run(&workspace_root(), keep)
         }
         Task::Lab { action, prefix } => lab(&action, &prefix),
+        Task::Package => {
+            let deb = package::build(&workspace_root(), &target_dir())?;
+            println!("{}", deb.display());
+            Ok(())
+        }
         Task::Verifier => {
             build(false)?;
             bench::verifier_counts(&ebpf_object("debug")?)
@@ -169,6 +180,11 @@ const APT_PACKAGES: &[&str] = &[
     "xdp-tools",
     // Test-runs of attached programs in the compare bench.
     "bpftool",
+    // The package test: `logrotate -d` on the shipped logrotate file, `man
+    // -w` for the man pages, dpkg-shlibdeps for cargo-deb's `$auto`.
+    "logrotate",
+    "man-db",
+    "dpkg-dev",
 ];
 
 /// PATH with LLVM 22 first, for bpf-linker and everything that runs it.
@@ -214,6 +230,9 @@ fn deps() -> Result<()> {
     let _ = Command::new("systemctl").args(["disable", "--now", "prometheus"]).output();
     let _ = Command::new("pkill").args(["-x", "prometheus"]).output();
     run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    // The packaged binary is static (musl): it runs on every distribution's
+    // userland (docs/support.md, "Userland").
+    run(Command::new("rustup").args(["target", "add", package::MUSL_TARGET]))?;
     let version = Command::new("bpf-linker")
         .env("PATH", path_env())
         .arg("--version")
@@ -226,6 +245,16 @@ fn deps() -> Result<()> {
             .env("PATH", path_env())
             .args(["+nightly", "install", "bpf-linker", "--version", BPF_LINKER_VERSION])
             .args(["--no-default-features", "--features", "llvm-22"]))?;
+    }
+    let deb_version = Command::new("cargo")
+        .args(["deb", "--version"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if !deb_version.contains(package::CARGO_DEB_VERSION) {
+        // About 4 minutes on 2 cores, once (cargo's bin directory).
+        eprintln!("xtask deps: installing cargo-deb {}", package::CARGO_DEB_VERSION);
+        run(Command::new("cargo").args(["install", "cargo-deb", "--locked", "--version", package::CARGO_DEB_VERSION]))?;
     }
     if !Path::new("/sys/fs/bpf").join(".").exists() || !is_bpffs("/sys/fs/bpf") {
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
@@ -291,6 +320,8 @@ fn test(unit_only: bool) -> Result<()> {
     // The side-by-side comparison, short: each hook drops a real SYN flood
     // and passes real connections next to no filter and xdp-filter.
     compare::smoke(&workspace_root(), target_dir().join("debug/pcguard"))?;
+    // The .deb tests/tests/package.rs installs (release build).
+    package::build(&workspace_root(), &target_dir())?;
     // The kernel tests (tests/tests/kernel: the programs on crafted packets
     // with BPF_PROG_TEST_RUN, verdicts, counters, events and conntrack of
     // every path asserted), then the end-to-end tests: one lab at a time

@@ -11,7 +11,7 @@ use toml::Value;
 
 use super::{ConfigError, Ctx, Role, raw::RawConfig, service_peers};
 use crate::{
-    catalog::Catalog,
+    catalog::{self, Catalog},
     model::{Cidr, PortRange},
 };
 
@@ -47,6 +47,10 @@ const FEATURES: &[(&str, Kind)] = &[
     ("universal_print", Kind::Flag("universal_print")),
     ("spooler_redirection", Kind::Flag("spooler_redirection")),
     ("netbios", Kind::Flag("netbios")),
+    ("samba", Kind::Flag("samba")),
+    ("mobility_print", Kind::Flag("mobility_print")),
+    ("site_servers", Kind::Flag("site_servers")),
+    ("primary_connects", Kind::Flag("primary_connects")),
     ("snmp", Kind::Flag("snmp")),
     ("cups", Kind::Flag("cups")),
     ("printing", Kind::List("printing")),
@@ -62,9 +66,9 @@ const NO_DATABASE: [&str; 2] = ["internal", "none"];
 /// note when their peers are not configured).
 pub fn role_defaults(role: Role) -> &'static str {
     match role {
-        Role::Primary => "web = true\ndevice_rpc = true\n",
+        Role::Primary => "web = true\ndevice_rpc = true\nsite_servers = true\n",
         Role::Secondary => "upstream = true\ncups = true\nprinting = [\"raw\", \"ipp\"]\n",
-        Role::SiteServer => "web = true\ndevice_rpc = true\nupstream = true\n",
+        Role::SiteServer => "web = true\ndevice_rpc = true\nupstream = true\nprimary_connects = true\n",
         Role::DocumentProcessing => "document_processing_server = true\n",
     }
 }
@@ -121,6 +125,7 @@ pub fn resolve(ctx: &Ctx, raw: &RawConfig, peers: &BTreeMap<String, Vec<Cidr>>) 
     }
     database_port_override(ctx, raw, catalog, &mut resolved)?;
     ssh_port_override(raw, &mut resolved);
+    app_server_ports(ctx, raw, catalog, peers, &mut resolved)?;
     Ok(resolved)
 }
 
@@ -226,6 +231,12 @@ fn check_peers(
     }
     let missing =
         catalog.services_with_feature(&r.feature).find(|s| !s.optional_peers && service_peers(peers, s).is_empty());
+    // A default whose services all lack peers (all optional) has nothing
+    // to enable: skipped without a note.
+    let nothing = catalog.services_with_feature(&r.feature).all(|s| service_peers(peers, s).is_empty());
+    if missing.is_none() && nothing && !r.explicit {
+        return Ok(());
+    }
     let Some(service) = missing else {
         out.features.insert(r.feature.clone());
         return Ok(());
@@ -276,3 +287,73 @@ fn ssh_port_override(raw: &RawConfig, out: &mut Resolved) {
         out.port_overrides.insert("admin-ssh".to_string(), vec![*port.get_ref()]);
     }
 }
+
+/// The Application Server's ports (`[papercut] http_port`, `https_port`):
+/// every enabled catalog service on 9191 / 9192 marked `app_server_ports`
+/// (the primary's inbound services, the upstream of secondaries and site
+/// servers) uses the moved ports instead.
+fn app_server_ports(
+    ctx: &Ctx,
+    raw: &RawConfig,
+    catalog: &Catalog,
+    peers: &BTreeMap<String, Vec<Cidr>>,
+    out: &mut Resolved,
+) -> Result<(), ConfigError> {
+    let pc = &raw.papercut;
+    let mut moves: Vec<(u16, u16, &str)> = Vec::new();
+    for (value, default, key) in
+        [(&pc.http_port, 9191, "papercut.http_port"), (&pc.https_port, 9192, "papercut.https_port")]
+    {
+        let Some(v) = value else { continue };
+        let port = u16::try_from(*v.get_ref())
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| ctx.error(Some(v.span()), key, "expected a port number (1-65535)"))?;
+        moves.push((default, port, key));
+    }
+    let effective = |default: u16| moves.iter().find(|m| m.0 == default).map_or(default, |m| m.1);
+    if let (Some(v), true) = (&pc.https_port, effective(9191) == effective(9192)) {
+        let msg = format!("{} is also the HTTP port: the two ports must differ", effective(9192));
+        return Err(ctx.error(Some(v.span()), "papercut.https_port", msg));
+    }
+    moves.retain(|(from, to, _)| from != to);
+    if moves.is_empty() {
+        return Ok(());
+    }
+    let mut moved = Vec::new();
+    for s in catalog.services.iter().filter(|s| s.app_server_ports) {
+        if !s.features.iter().any(|f| out.features.contains(f)) || out.port_overrides.contains_key(&s.id) {
+            continue;
+        }
+        let ports: BTreeSet<PortRange> = s
+            .ports
+            .iter()
+            .map(|p| match moves.iter().find(|m| p.start == p.end && p.start == m.0) {
+                Some(m) => PortRange::single(m.1),
+                None => *p,
+            })
+            .collect();
+        let ports = ports.into_iter().collect();
+        out.port_overrides.insert(s.id.clone(), ports);
+        if !service_peers(peers, s).is_empty() {
+            moved.push(s.id.as_str());
+        }
+    }
+    let what: Vec<String> = moves.iter().map(|(from, to, key)| format!("{from} -> {to} ({key})")).collect();
+    let doc = catalog::document("change-ports").expect("the change-ports page is stored");
+    out.notes.push(format!(
+        "Application Server ports moved: {} on {}; PaperCut, \"{}\" ({}): \"{}\"",
+        what.join(", "),
+        if moved.is_empty() { "no enabled service".to_string() } else { moved.join(", ") },
+        doc.title,
+        doc.url,
+        MOVED_PORTS_QUOTE.concat(),
+    ));
+    Ok(())
+}
+
+/// The sentence of the "Change the Application Server ports" page that
+/// `[papercut]` implements, in its two verbatim parts (the page has a
+/// glossary pop-up text between them; a unit test checks both).
+pub const MOVED_PORTS_QUOTE: [&str; 2] =
+    ["You can change the Application Server", " port from 9191/9192 to any other value, such as 80/ 443."];

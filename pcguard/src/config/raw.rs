@@ -17,6 +17,9 @@ pub type SpannedList = Spanned<Vec<Spanned<String>>>;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
+    /// Files of shared peer classes (`[peers]` only).
+    #[serde(default)]
+    pub include: Option<SpannedList>,
     pub role: Spanned<Role>,
     pub interfaces: SpannedList,
     pub mode: Spanned<Mode>,
@@ -41,6 +44,16 @@ pub struct RawConfig {
     pub audit: RawAudit,
     #[serde(default)]
     pub metrics: RawMetrics,
+    #[serde(default)]
+    pub papercut: RawPapercut,
+}
+
+/// A file named by `include`: peer classes shared by several servers.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInclude {
+    #[serde(default)]
+    pub peers: BTreeMap<Spanned<String>, Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -97,6 +110,16 @@ pub struct RawAudit {
 #[serde(deny_unknown_fields)]
 pub struct RawMetrics {
     pub listen: Option<SocketAddr>,
+}
+
+/// `[papercut]`: how this PaperCut installation differs from the defaults.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPapercut {
+    /// The Application Server's HTTP port (`server.port`), default 9191.
+    pub http_port: Option<Spanned<i64>>,
+    /// Its HTTPS port (`server.ssl.port`), default 9192.
+    pub https_port: Option<Spanned<i64>>,
 }
 
 /// A duration: an integer number of seconds or a string with a unit

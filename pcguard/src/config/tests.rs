@@ -361,3 +361,143 @@ fn audit_format_and_syslog_keys() {
     let e = error("[audit]\nsyslog = true\nsyslog_facility = \"kern\"\n");
     assert!(e.starts_with("site.toml:6: audit.syslog_facility: unknown variant `kern`"), "{e}");
 }
+
+#[test]
+fn papercut_ports_move_the_application_server_services() {
+    let ports = |cfg: &SiteConfig, id: &str| {
+        let s = Catalog::builtin().service(id).unwrap();
+        crate::model::format_ports(&cfg.service_ports(s))
+    };
+    let peers = "[peers]\nworkstations = [\"192.0.2.2\"]\ndevices = [\"192.0.2.3\"]\n";
+    let moved = format!("{peers}[features]\nmfd = [\"hp\"]\n[papercut]\nhttp_port = 80\nhttps_port = 443\n");
+    let cfg = parse_with(&moved).unwrap();
+    assert_eq!(ports(&cfg, "web-http"), "80");
+    assert_eq!(ports(&cfg, "web-https"), "443");
+    assert_eq!(ports(&cfg, "hp-inbound"), "80, 443, 9193");
+    assert_eq!(ports(&cfg, "device-rpc"), "9193", "device RPC is not documented as movable");
+    assert_eq!(ports(&cfg, "hp-outbound"), "80, 443", "the devices' own ports stay");
+    let note = cfg.notes.iter().find(|n| n.contains("Application Server ports moved")).expect("a note");
+    assert!(note.contains("9191 -> 80 (papercut.http_port), 9192 -> 443 (papercut.https_port)"), "{note}");
+    assert!(note.contains("web-http, web-https, hp-inbound"), "{note}");
+    assert!(note.contains("sys-security-options-change-ports.html"), "{note}");
+    assert!(note.contains("such as 80/ 443"), "{note}");
+    // Only the HTTP port: HTTPS stays.
+    let cfg = parse_with(&format!("{peers}[papercut]\nhttp_port = 8080\n")).unwrap();
+    assert_eq!((ports(&cfg, "web-http"), ports(&cfg, "web-https")), ("8080".into(), "9192".into()));
+    // Unchanged (the defaults written out): no note.
+    let cfg = parse_with(&format!("{peers}[papercut]\nhttp_port = 9191\n")).unwrap();
+    assert!(!cfg.notes.iter().any(|n| n.contains("moved")), "{:?}", cfg.notes);
+    // The other side: a secondary's upstream to the moved primary.
+    let secondary = "role = \"secondary\"\ninterfaces = [\"eth0\"]\nmode = \"enforce\"\n\
+                     [peers]\nprimary_server = [\"192.0.2.1\"]\n[papercut]\nhttp_port = 80\nhttps_port = 443\n";
+    let cfg = parse(secondary, "sec.toml").unwrap();
+    assert_eq!((ports(&cfg, "upstream-http"), ports(&cfg, "upstream-https")), ("80".into(), "443".into()));
+    // Errors name the file, line and key.
+    let e = error(&format!("{peers}[papercut]\nhttp_port = 0\n"));
+    assert!(e.contains("site.toml:8: papercut.http_port: expected a port number"), "{e}");
+    let e = error(&format!("{peers}[papercut]\nhttp_port = 70000\n"));
+    assert!(e.contains("papercut.http_port: expected a port number"), "{e}");
+    let e = error(&format!("{peers}[papercut]\nhttps_port = 9191\n"));
+    assert!(e.contains("site.toml:8: papercut.https_port: 9191 is also the HTTP port"), "{e}");
+    let e = error(&format!("{peers}[papercut]\ndevice_port = 9300\n"));
+    assert!(e.contains("site.toml:8: papercut.device_port: unknown field"), "{e}");
+    // The quoted sentence is the page's, verbatim.
+    let page = crate::catalog::document("change-ports").unwrap();
+    for part in features::MOVED_PORTS_QUOTE {
+        assert!(page.text.contains(part), "{part:?}");
+    }
+}
+
+#[test]
+fn site_servers_both_ways_samba_and_mobility_print() {
+    let enabled = |cfg: &SiteConfig| -> Vec<String> {
+        cfg.enabled_services().filter(|s| !cfg.service_peers(s).is_empty()).map(|s| s.id.clone()).collect()
+    };
+    // A primary: its Site Servers connect to it and it connects to them,
+    // as soon as they are listed.
+    let cfg = parse_with("[peers]\nsite_servers = [\"192.0.2.40\"]\n").unwrap();
+    let ids = enabled(&cfg);
+    assert!(ids.contains(&"site-server-in".into()) && ids.contains(&"site-server-out".into()), "{ids:?}");
+    let cfg = parse_with("[peers]\nworkstations = [\"192.0.2.2\"]\n").unwrap();
+    assert!(!enabled(&cfg).iter().any(|id| id.starts_with("site-server")));
+    assert!(!cfg.notes.iter().any(|n| n.contains("site_servers")), "{:?}", cfg.notes);
+    // Also in a never-connect-to class: an error at the site_servers line.
+    let e = error("[peers]\nsecondary_servers = [\"192.0.2.0/24\"]\nsite_servers = [\"192.0.2.40\"]\n");
+    assert!(e.contains("site.toml:6: peers.site_servers: 192.0.2.40"), "{e}");
+    assert!(e.contains("overlaps 192.0.2.0/24 of peers.secondary_servers"), "{e}");
+    let e = error("[peers]\nsite_servers = [\"10.0.0.0/8\"]\nworkstations = [\"10.1.0.0/16\"]\n");
+    assert!(e.contains("site.toml:5: peers.site_servers") && e.contains("peers.workstations"), "{e}");
+    // A Site Server: the primary connects to it (inbound) and it to the
+    // primary (upstream), by default.
+    let site = "role = \"site-server\"\ninterfaces = [\"eth0\"]\nmode = \"enforce\"\n[peers]\nprimary_server = [\"192.0.2.1\"]\n";
+    let cfg = parse(site, "site.toml").unwrap();
+    let ids = enabled(&cfg);
+    for id in ["primary-connects", "upstream-http", "upstream-https"] {
+        assert!(ids.contains(&id.to_string()), "{id}: {ids:?}");
+    }
+    // Samba: 445 from the workstations; explicit without them is an error.
+    let cfg = parse_with("[peers]\nworkstations = [\"192.0.2.2\"]\n[features]\nsamba = true\n").unwrap();
+    assert!(enabled(&cfg).contains(&"samba-smb".into()));
+    let e = error("[features]\nsamba = true\n");
+    assert!(e.contains("site.toml:5: features.samba: needs peers.workstations (for samba-smb)"), "{e}");
+    // Mobility Print on the primary: discovery from the workstations; the
+    // upstream only where a primary_server is configured.
+    let cfg = parse_with("[peers]\nworkstations = [\"192.0.2.2\"]\n[features]\nmobility_print = true\n").unwrap();
+    let ids = enabled(&cfg);
+    assert!(ids.contains(&"mobility-print-mdns".into()) && !ids.contains(&"mobility-print-upstream".into()));
+    let sec = "role = \"secondary\"\ninterfaces = [\"eth0\"]\nmode = \"enforce\"\n[peers]\nprimary_server = [\"192.0.2.1\"]\n\
+               workstations = [\"192.0.2.0/24\"]\n[features]\nmobility_print = true\n[papercut]\nhttps_port = 443\n";
+    let cfg = parse(sec, "sec.toml").unwrap();
+    let up = Catalog::builtin().service("mobility-print-upstream").unwrap();
+    assert!(enabled(&cfg).contains(&up.id));
+    assert_eq!(crate::model::format_ports(&cfg.service_ports(up)), "443, 9191");
+}
+
+#[test]
+fn include_shares_peer_classes_and_errors_name_the_included_file() {
+    let dir = std::env::temp_dir().join(format!("pcguard-include-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
+    let main = |include: &str, body: &str| {
+        let origin = dir.join("site.toml").display().to_string();
+        parse(&format!("include = [{include}]\n{HEAD}{body}"), &origin)
+    };
+    write(
+        "peers.toml",
+        "# shared by every server\n[peers]\nworkstations = [\"192.0.2.0/25\"]\ndevices = [\"198.51.100.0/24\"]\n\
+         admin = [\"192.0.2.10\"]\nprinters_lab = [\"203.0.113.0/28\"]\n",
+    );
+    // Relative to the including file; the classes work as if written there.
+    let cfg = main("\"peers.toml\"", "[features]\nmfd = [\"hp\"]\n").unwrap();
+    assert_eq!(cfg.peers["devices"], vec!["198.51.100.0/24".parse::<Cidr>().unwrap()]);
+    assert!(cfg.features.contains("mfd:hp") && cfg.features.contains("admin_ssh"));
+    let peers_toml = dir.join("peers.toml").display().to_string();
+    let listed = format!("included {peers_toml}: peers admin, devices, printers_lab, workstations");
+    assert!(cfg.notes.contains(&listed), "{:?}", cfg.notes);
+    assert!(cfg.notes.iter().any(|n| n.contains("peers.printers_lab (custom class")), "{:?}", cfg.notes);
+    // An absolute path works the same; a class of the including file too.
+    let cfg = main(&format!("{peers_toml:?}"), "[peers]\ndns = [\"192.0.2.53\"]\n").unwrap();
+    assert!(cfg.peers.contains_key("dns") && cfg.peers.contains_key("workstations"));
+    // Errors name the included file and its line.
+    write("bad.toml", "[peers]\nworkstations = [\"192.0.2.0/25\"]\ndevices = [\"10.0.0.0/33\"]\n");
+    let e = main("\"bad.toml\"", "").unwrap_err().to_string();
+    assert!(e.starts_with(&format!("{}:3: peers.devices: invalid CIDR", dir.join("bad.toml").display())), "{e}");
+    write("features.toml", "[peers]\nadmin = [\"192.0.2.10\"]\n[features]\nweb = true\n");
+    let e = main("\"features.toml\"", "").unwrap_err().to_string();
+    assert!(e.starts_with(&format!("{}:3: ", dir.join("features.toml").display())) && e.contains("features"), "{e}");
+    write("syntax.toml", "[peers]\nadmin = [\"192.0.2.10\"\n");
+    let e = main("\"syntax.toml\"", "").unwrap_err().to_string();
+    assert!(e.starts_with(&dir.join("syntax.toml").display().to_string()), "{e}");
+    // One file per class: the second definition is the error.
+    let e = main("\"peers.toml\"", "[peers]\nworkstations = [\"192.0.2.0/24\"]\n").unwrap_err().to_string();
+    let site = dir.join("site.toml").display().to_string();
+    assert!(e.starts_with(&format!("{peers_toml}:3: peers.workstations: also defined in {site}:6")), "{e}");
+    // A file that cannot be read: the include line of the including file.
+    let e = main("\"nope.toml\"", "").unwrap_err().to_string();
+    assert!(e.starts_with(&format!("{site}:1: include: cannot read {}", dir.join("nope.toml").display())), "{e}");
+    // Site servers from the shared file are checked like local ones.
+    write("sites.toml", "[peers]\nsite_servers = [\"192.0.2.40\"]\n");
+    let e = main("\"peers.toml\", \"sites.toml\"", "").unwrap_err().to_string();
+    assert!(e.starts_with(&format!("{}:2: peers.site_servers", dir.join("sites.toml").display())), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

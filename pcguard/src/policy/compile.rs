@@ -42,7 +42,7 @@ pub fn compile_policy(p: &Policy, ids: &mut StableIds) -> Result<CompiledPolicy,
     let numbers = ids.number(&rules, &port_labels);
     let t = tables(&p.rules, &masks, &labels, &numbers)?;
     let mut settings = p.settings.clone();
-    settings.no_initiate_mask = class_mask(p, &["workstations", "secondary_servers"]);
+    settings.no_initiate_mask = class_mask(p, &crate::config::NO_INITIATE_CLASSES);
     settings.resolver_mask = resolver_mask(p);
     settings.learned_mask = learned_mask(p);
     let compiled = CompiledPolicy {
