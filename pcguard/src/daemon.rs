@@ -1,5 +1,8 @@
-//! `pcguard run`: load, attach, serve; SIGHUP reloads, SIGTERM detaches,
-//! SIGUSR1 confirms a policy applied with a confirm window.
+//! `pcguard run`: load, attach, serve; SIGHUP reloads (answering `pcguard
+//! reload`'s requests, `crate::reload`), SIGUSR1 confirms a policy applied
+//! with a confirm window, SIGUSR2 reopens the audit log (logrotate), SIGTERM
+//! stops. Under systemd it reports readiness, reloads, its status and
+//! watchdog pings (`crate::notify`).
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -26,9 +29,12 @@ use crate::{
     dns::{Accepted, FqdnClasses, Guard, Handled, LearnReport, Learner, Limits, QueryTable, Refusal, Seen},
     flows::{AuditRecord, DnsRefusal, KeyedLimit},
     gate::AuditGate,
+    logging::ALERT_TARGET,
     metrics::{Metrics, PolicyInfo},
+    notify,
     policy::{self, CompiledPolicy, StableIds},
-    state::{State, unix_now},
+    reload::{self, Outcome},
+    state::{LastReload, State, unix_now},
 };
 
 /// Options of `pcguard run` that are not in the config file.
@@ -140,6 +146,9 @@ struct Daemon {
     kernel_held: (u64, u64),
     reloads: u64,
     loaded_at: u64,
+    /// 1 at start, +1 for every policy installed since (reload, revert).
+    generation: u64,
+    last_reload: Option<LastReload>,
     pending: Option<Pending>,
     /// FQDN patterns of the running policy's classes.
     fqdns: FqdnClasses,
@@ -250,6 +259,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         kernel_held: (0, 0),
         reloads: 0,
         loaded_at,
+        generation: 1,
+        last_reload: None,
         pending,
         fqdns,
         learner: Learner::new(limits),
@@ -262,6 +273,19 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     };
     daemon.spawn_events(events)?;
     let dns_rx = spawn_dns_messages(dns_answers, daemon.metrics.clone())?;
+    // Handlers before the state file exists: `pcguard reload` and `confirm`
+    // signal the pid they read there (a signal without its handler would
+    // kill the daemon).
+    let signals = Signals::new()?;
+    // Requests left by a client of an earlier daemon are nobody's now.
+    let stale = reload::take_requests(&daemon.opts.run_dir);
+    if !stale.ids.is_empty() || !stale.refused.is_empty() {
+        warn!(
+            "removed {} reload request(s) left in {} from before this start",
+            stale.ids.len() + stale.refused.len(),
+            daemon.opts.run_dir.display()
+        );
+    }
     daemon.write_state()?;
     info!(
         "pcguard running: {} rules, mode {}, egress {}, audit log {}",
@@ -270,7 +294,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         settings.info.egress_mode,
         settings.audit_log.display()
     );
-    let result = daemon.signal_loop(dns_rx).await;
+    notify::ready(&daemon.status_line());
+    let result = daemon.signal_loop(signals, dns_rx).await;
+    notify::stopping(match &result {
+        Ok(Exit::Detach) => "stopping: the first policy was not confirmed, detaching",
+        Ok(Exit::Stop) => "stopping",
+        Err(_) => "stopping after an error",
+    });
     let detach = daemon.opts.detach_on_exit || matches!(result, Ok(Exit::Detach));
     let run_dir = daemon.opts.run_dir.clone();
     let bpffs_dir = daemon.dp.bpffs_dir().to_path_buf();
@@ -437,7 +467,7 @@ impl Daemon {
                 return;
             };
             if rec.severity == "alert" {
-                warn!("ALERT {}", rec.human());
+                warn!(target: ALERT_TARGET, "ALERT {}", rec.human());
             }
             if let Err(e) = audit.lock().unwrap().write(&rec) {
                 metrics.daemon.audit_write_errors.inc();
@@ -446,12 +476,15 @@ impl Daemon {
         })
     }
 
-    async fn signal_loop(&mut self, mut dns_rx: mpsc::Receiver<Accepted>) -> Result<Exit> {
+    async fn signal_loop(&mut self, signals: Signals, mut dns_rx: mpsc::Receiver<Accepted>) -> Result<Exit> {
+        let Signals { mut hup, mut term, mut int, mut usr1, mut usr2 } = signals;
         let mut expiry = tokio::time::interval(EXPIRY_TICK);
-        let mut hup = signal(SignalKind::hangup())?;
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut usr1 = signal(SignalKind::user_defined1())?;
+        // `WatchdogSec=` in the unit: ping at half the interval, from this
+        // loop, so a loop that hangs stops the pings.
+        let mut watchdog = notify::watchdog_interval().map(|every| {
+            info!("systemd watchdog: pinging every {every:?}");
+            tokio::time::interval(every)
+        });
         loop {
             let deadline = self.pending.as_ref().map(|p| p.deadline);
             let sleep = async {
@@ -460,9 +493,17 @@ impl Daemon {
                     None => std::future::pending().await,
                 }
             };
+            let ping = async {
+                match watchdog.as_mut() {
+                    Some(w) => w.tick().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = hup.recv() => self.reload(),
                 _ = usr1.recv() => self.confirm(),
+                _ = usr2.recv() => self.reopen_audit(),
+                _ = ping => notify::watchdog(),
                 Some(answer) = dns_rx.recv() => self.learn(&answer),
                 _ = expiry.tick() => {
                     self.expire_learned();
@@ -480,25 +521,107 @@ impl Daemon {
     }
 
     /// SIGHUP: re-read the config; a config that fails to load, compile or
-    /// apply leaves the running policy in place.
+    /// apply leaves the running policy in place. Answers the `pcguard
+    /// reload` requests waiting in the run directory with the outcome.
     fn reload(&mut self) {
-        info!("SIGHUP: reloading {}", self.opts.config.display());
+        // Taken before the config is read: a request made after a config
+        // change is answered by a reload that saw the change.
+        let batch = reload::take_requests(&self.opts.run_dir);
+        info!(
+            "SIGHUP: reloading {}{}",
+            self.opts.config.display(),
+            match batch.confirm_within {
+                Some(w) => format!(" (confirm within {w:?}, asked by `pcguard reload`)"),
+                None => String::new(),
+            }
+        );
+        notify::reloading(&format!("reloading {}", self.opts.config.display()));
         if let Err(e) = self.audit.lock().unwrap().reopen() {
             error!("reopening audit log: {e:#}");
         }
-        match self.try_reload() {
+        let result = match batch.refused.first() {
+            Some((_, why)) => Err(anyhow::anyhow!("{why}; nothing reloaded")),
+            None => self.try_reload(batch.confirm_within),
+        };
+        let error = match &result {
             Ok(()) => {
                 self.metrics.daemon.reload(true);
-                info!("reload applied");
+                info!("reload applied (policy generation {})", self.generation);
+                None
             }
             Err(e) => {
                 self.metrics.daemon.reload(false);
                 error!("reload failed, keeping the running policy: {e:#}");
+                Some(format!("reload failed: {e:#}; keeping the running policy (generation {})", self.generation))
+            }
+        };
+        self.last_reload = Some(LastReload { at: unix_now(), ok: error.is_none(), error: error.clone() });
+        if let Err(e) = self.write_state() {
+            error!("{e:#}");
+        }
+        let outcome = Outcome {
+            ok: error.is_none(),
+            error,
+            generation: self.generation,
+            pending_confirm_until: self.pending_until(),
+        };
+        let refused = batch.refused.iter().map(|(id, why)| (id, Some(why.clone())));
+        for (id, why) in batch.ids.iter().map(|id| (id, None)).chain(refused) {
+            let outcome = match why {
+                Some(why) => Outcome { ok: false, error: Some(why), ..outcome.clone() },
+                None => outcome.clone(),
+            };
+            if let Err(e) = reload::write_result(&self.opts.run_dir, id, &outcome) {
+                error!("answering reload request {id}: {e:#}");
+            }
+        }
+        notify::ready(&self.status_line());
+    }
+
+    /// SIGUSR2 (logrotate's postrotate): reopen the audit log at its path;
+    /// nothing else (the policy is not reloaded).
+    fn reopen_audit(&mut self) {
+        let mut audit = self.audit.lock().unwrap();
+        match audit.reopen() {
+            Ok(()) => info!("SIGUSR2: audit log reopened at {}", audit.path().display()),
+            Err(e) => {
+                self.metrics.daemon.audit_write_errors.inc();
+                error!("SIGUSR2: reopening the audit log: {e:#}; still writing to the file open before");
             }
         }
     }
 
-    fn try_reload(&mut self) -> Result<()> {
+    /// The `STATUS=` line: the policy generation, a pending confirmation,
+    /// the last reload's outcome.
+    fn status_line(&self) -> String {
+        let policy = self.policy.read().unwrap();
+        let mut line = format!(
+            "policy generation {}: {} rules, ingress {}, egress {}",
+            self.generation,
+            policy.rule_count(),
+            policy.settings.ingress_mode.as_str(),
+            policy.settings.egress_mode.as_str()
+        );
+        if let Some(p) = &self.pending {
+            let left = p.deadline.saturating_duration_since(Instant::now()).as_secs();
+            line.push_str(&format!("; waiting for `pcguard confirm` (reverted in {left} s)"));
+        }
+        match &self.last_reload {
+            Some(LastReload { error: Some(e), .. }) => line.push_str(&format!("; {e}")),
+            Some(LastReload { ok: true, .. }) => line.push_str("; last reload applied"),
+            _ => {}
+        }
+        line
+    }
+
+    fn pending_until(&self) -> Option<u64> {
+        self.pending.as_ref().map(|p| unix_now() + p.deadline.saturating_duration_since(Instant::now()).as_secs())
+    }
+
+    /// Loads and applies the config; `confirm_within` (a `pcguard reload
+    /// --confirm-within` request) or `--confirm-within` of `run` makes the
+    /// new policy wait for `pcguard confirm`.
+    fn try_reload(&mut self, confirm_within: Option<Duration>) -> Result<()> {
         let (cfg, compiled) = policy::load(&self.opts.config, &mut self.ids)?;
         log_warnings(&cfg, &compiled);
         if cfg.interfaces != self.cfg.interfaces {
@@ -525,7 +648,7 @@ impl Daemon {
         let previous = (self.cfg.clone(), self.policy.read().unwrap().clone());
         self.install(cfg, compiled)?;
         self.reloads += 1;
-        if let Some(window) = self.opts.confirm_within {
+        if let Some(window) = confirm_within.or(self.opts.confirm_within) {
             // Keep the oldest confirmed policy if one is already pending.
             let previous = match self.pending.take() {
                 Some(p) => p.previous,
@@ -588,19 +711,21 @@ impl Daemon {
         self.loaded_at = unix_now();
         self.metrics.daemon.policy_loaded_time.set(self.loaded_at as f64);
         self.cfg = cfg;
+        self.generation += 1;
         Ok(())
     }
 
     /// SIGUSR1 (`pcguard confirm`): keep the pending policy.
     fn confirm(&mut self) {
         if self.pending.take().is_some() {
-            info!("policy confirmed");
+            info!("policy confirmed (generation {})", self.generation);
         } else {
             info!("confirm: nothing pending");
         }
         if let Err(e) = self.write_state() {
             error!("{e:#}");
         }
+        notify::status(&self.status_line());
     }
 
     /// The confirm window expired. Returns false when the daemon must stop
@@ -625,6 +750,8 @@ impl Daemon {
                 warn!("policy not confirmed in time: reverting to the previous policy");
                 self.install(cfg, compiled)?;
                 self.write_state()?;
+                info!("reverted (policy generation {})", self.generation);
+                notify::status(&self.status_line());
                 Ok(None)
             }
         }
@@ -677,7 +804,7 @@ impl Daemon {
                 AuditRecord::from_dns_refusal(&refusal, &policy, crate::flows::ktime_to_system(answer.ts_ns))
             };
             self.metrics.daemon.flow(&rec.reason, &rec.direction);
-            warn!("ALERT {}", rec.human());
+            warn!(target: ALERT_TARGET, "ALERT {}", rec.human());
             if let Err(e) = self.audit.lock().unwrap().write(&rec) {
                 self.metrics.daemon.audit_write_errors.inc();
                 error!("{e:#}");
@@ -768,13 +895,33 @@ impl Daemon {
             reloads: self.reloads,
             metrics_listen: Some(self.metrics_addr.to_string()),
             audit_log: Some(self.audit.lock().unwrap().path().to_path_buf()),
-            pending_confirm_until: self
-                .pending
-                .as_ref()
-                .map(|p| unix_now() + p.deadline.saturating_duration_since(Instant::now()).as_secs()),
+            pending_confirm_until: self.pending_until(),
             labels: Labels::from_policy(&policy),
+            policy_generation: self.generation,
+            last_reload: self.last_reload.clone(),
         };
         state.write(&self.opts.run_dir, self.group)
+    }
+}
+
+/// The signals the daemon handles, installed before it announces itself.
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self> {
+        Ok(Self {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            usr1: signal(SignalKind::user_defined1())?,
+            usr2: signal(SignalKind::user_defined2())?,
+        })
     }
 }
 

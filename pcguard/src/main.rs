@@ -164,10 +164,23 @@ enum Command {
         #[arg(long, default_value = DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
     },
-    /// Ask the running daemon to reload its config (SIGHUP).
+    /// Ask the running daemon to reload its config (SIGHUP) and wait for the
+    /// outcome: exits non-zero with the daemon's error when the reload
+    /// failed (the running policy is kept). `ExecReload=` of the systemd
+    /// unit, so `systemctl reload pcguard` fails too.
     Reload {
         #[arg(long, default_value = DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
+        /// Apply the new policy in confirm-or-revert mode: it is reverted
+        /// unless `pcguard confirm` is run within this time (e.g. 2m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        confirm_within: Option<Duration>,
+        /// How long to wait for the daemon's answer.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Send the request and return without waiting for the outcome.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Write the man pages or the shell completions into DIR (packaging:
     /// `cargo xtask package`).
@@ -218,7 +231,7 @@ impl ConfigPath {
 const DEFAULT_CONFIG: &str = "/etc/pcguard/pcguard.toml";
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    pcguard::logging::init();
     match real_main(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -336,7 +349,9 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Confirm { run_dir } => signal_daemon(&run_dir, sys::SIGUSR1, "confirm"),
-        Command::Reload { run_dir } => signal_daemon(&run_dir, sys::SIGHUP, "reload"),
+        Command::Reload { run_dir, confirm_within, timeout, no_wait } => {
+            reload(&run_dir, confirm_within, (!no_wait).then_some(timeout))
+        }
         Command::Generate { what, dir } => generate(what, &dir),
         Command::Detach { bpffs_dir, run_dir } => {
             if pcguard::attach::detach_dir(&bpffs_dir)? {
@@ -348,6 +363,26 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn reload(run_dir: &Path, confirm_within: Option<Duration>, wait: Option<Duration>) -> Result<()> {
+    let confirm_within_ms = match confirm_within {
+        Some(d) if d.is_zero() => bail!("--confirm-within must be longer than 0s"),
+        Some(d) => Some(u64::try_from(d.as_millis()).context("--confirm-within is too long")?),
+        None => None,
+    };
+    let req = pcguard::reload::Request { confirm_within_ms };
+    match pcguard::reload::request(run_dir, &req, wait)? {
+        None => println!("reload sent to pcguard"),
+        Some(outcome) => {
+            println!("reload applied: policy generation {}", outcome.generation);
+            if let Some(until) = outcome.pending_confirm_until {
+                let left = until.saturating_sub(pcguard::state::unix_now());
+                println!("run `pcguard confirm` within {left} s, or the previous policy is restored");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The man pages or completions of this CLI definition, into `dir`

@@ -287,7 +287,9 @@ fn systemd_unit_is_valid_and_least_privileged() -> Result<()> {
         "CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
-        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Type=notify",
+        "NotifyAccess=main",
+        "ExecReload=/usr/local/bin/pcguard reload",
     ] {
         assert!(unit.contains(want), "unit lacks {want}");
     }
