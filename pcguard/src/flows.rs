@@ -238,7 +238,7 @@ fn addr(family: u8, bytes: &[u8; 16]) -> IpAddr {
     }
 }
 
-fn protocol_name(proto: u8) -> String {
+pub(crate) fn protocol_name(proto: u8) -> String {
     match proto {
         IPPROTO_TCP => "tcp".into(),
         IPPROTO_UDP => "udp".into(),

@@ -65,6 +65,12 @@ enum Command {
         /// that watch learned addresses expire; not for production.
         #[arg(long, hide = true, value_parser = humantime::parse_duration)]
         dns_min_ttl: Option<Duration>,
+        /// Debugging: load the trace build of the programs, which logs every
+        /// packet's decision (verdict, reason, protocol, ports, rule) at
+        /// debug level (RUST_LOG=info,pcguard::datapath=debug). Costs time
+        /// per packet; needs a pcguard built with `--features trace`.
+        #[arg(long)]
+        trace_datapath: bool,
     },
     /// Validate a config and print the effective rule table.
     Check {
@@ -175,10 +181,23 @@ enum Command {
         #[arg(long, default_value = DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
     },
-    /// Ask the running daemon to reload its config (SIGHUP).
+    /// Ask the running daemon to reload its config (SIGHUP) and wait for the
+    /// outcome: exits non-zero with the daemon's error when the reload
+    /// failed (the running policy is kept). `ExecReload=` of the systemd
+    /// unit, so `systemctl reload pcguard` fails too.
     Reload {
         #[arg(long, default_value = DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
+        /// Apply the new policy in confirm-or-revert mode: it is reverted
+        /// unless `pcguard confirm` is run within this time (e.g. 2m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        confirm_within: Option<Duration>,
+        /// How long to wait for the daemon's answer.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Send the request and return without waiting for the outcome.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Write the man pages or the shell completions into DIR (packaging:
     /// `cargo xtask package`).
@@ -229,7 +248,7 @@ impl ConfigPath {
 const DEFAULT_CONFIG: &str = "/etc/pcguard/pcguard.toml";
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    pcguard::logging::init();
     match real_main(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -251,6 +270,7 @@ fn real_main(cli: Cli) -> Result<()> {
             audit_log,
             confirm_within,
             dns_min_ttl,
+            trace_datapath,
         } => {
             let opts = RunOptions {
                 config: config.path(),
@@ -262,6 +282,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 audit_log,
                 confirm_within,
                 dns_min_ttl,
+                trace_datapath,
             };
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(daemon::run(opts))
@@ -358,7 +379,9 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Confirm { run_dir } => signal_daemon(&run_dir, sys::SIGUSR1, "confirm"),
-        Command::Reload { run_dir } => signal_daemon(&run_dir, sys::SIGHUP, "reload"),
+        Command::Reload { run_dir, confirm_within, timeout, no_wait } => {
+            reload(&run_dir, confirm_within, (!no_wait).then_some(timeout))
+        }
         Command::Generate { what, dir } => generate(what, &dir),
         Command::Detach { bpffs_dir, run_dir } => {
             if pcguard::attach::detach_dir(&bpffs_dir)? {
@@ -370,6 +393,26 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn reload(run_dir: &Path, confirm_within: Option<Duration>, wait: Option<Duration>) -> Result<()> {
+    let confirm_within_ms = match confirm_within {
+        Some(d) if d.is_zero() => bail!("--confirm-within must be longer than 0s"),
+        Some(d) => Some(u64::try_from(d.as_millis()).context("--confirm-within is too long")?),
+        None => None,
+    };
+    let req = pcguard::reload::Request { confirm_within_ms };
+    match pcguard::reload::request(run_dir, &req, wait)? {
+        None => println!("reload sent to pcguard"),
+        Some(outcome) => {
+            println!("reload applied: policy generation {}", outcome.generation);
+            if let Some(until) = outcome.pending_confirm_until {
+                let left = until.saturating_sub(pcguard::state::unix_now());
+                println!("run `pcguard confirm` within {left} s, or the previous policy is restored");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The man pages or completions of this CLI definition, into `dir`
