@@ -20,6 +20,7 @@ mod maps;
 mod parse;
 mod pipeline;
 mod policy;
+mod trace;
 
 use aya_ebpf::{
     bindings::{TC_ACT_PIPE, TC_ACT_SHOT, xdp_action},

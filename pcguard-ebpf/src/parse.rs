@@ -16,29 +16,111 @@
 //! calls such as `bpf_skb_pull_data` invalidate them) and later stages never
 //! touch packet memory.
 
+use core::{marker::PhantomData, mem::offset_of};
+
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::{IpProto, Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
 use pcguard_common::{
     FAMILY_V4, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IGMP, IPPROTO_TCP, IPPROTO_UDP, MAX_IPV6_EXT_HDRS,
     MAX_VLAN_TAGS, Malformed,
 };
 
-const ETH_HLEN: usize = 14;
-const VLAN_HLEN: usize = 4;
-const IPV4_HLEN: usize = 20;
-const IPV6_HLEN: usize = 40;
-const TCP_HLEN: usize = 20;
-const UDP_HLEN: usize = 8;
-const IPV6_FRAG_HLEN: usize = 8;
+// Header layouts and protocol numbers: network-types' definitions (the
+// structs are `repr(C)` copies of the kernel's; `LEN` is their size). Fields
+// are read at `offset_of!` their struct's field (`Hdr::at`), not through the
+// structs' accessors: see `Hdr`. NOTES.md, "Design-card packages".
+const ETH_HLEN: usize = EthHdr::LEN;
+const VLAN_HLEN: usize = VlanHdr::LEN;
+const IPV4_HLEN: usize = Ipv4Hdr::LEN;
+const IPV6_HLEN: usize = Ipv6Hdr::LEN;
+const TCP_HLEN: usize = TcpHdr::LEN;
+const UDP_HLEN: usize = UdpHdr::LEN;
+const IPV6_FRAG_HLEN: usize = Ipv6FragHdr::LEN;
 pub const DNS_PORT: u16 = 53;
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
+// network-types' `EtherType` discriminants are in network byte order (the
+// raw field); the parser compares host-order values.
+const ETH_P_IP: u16 = u16::from_be(EtherType::Ipv4 as u16);
+const ETH_P_IPV6: u16 = u16::from_be(EtherType::Ipv6 as u16);
+const ETH_P_8021Q: u16 = u16::from_be(EtherType::Ieee8021q as u16);
+const ETH_P_8021AD: u16 = u16::from_be(EtherType::Ieee8021ad as u16);
 
-const NEXTHDR_HOP: u8 = 0;
-const NEXTHDR_ROUTING: u8 = 43;
-const NEXTHDR_FRAGMENT: u8 = 44;
-const NEXTHDR_DEST: u8 = 60;
+const NEXTHDR_HOP: u8 = IpProto::HopOpt as u8;
+const NEXTHDR_ROUTING: u8 = IpProto::Ipv6Route as u8;
+const NEXTHDR_FRAGMENT: u8 = IpProto::Ipv6Frag as u8;
+const NEXTHDR_DEST: u8 = IpProto::Ipv6Opts as u8;
+
+// The contract's protocol numbers (pcguard-common, shared with userspace,
+// which does not depend on network-types) are the same numbers.
+const _: () = assert!(
+    IPPROTO_ICMP == IpProto::Icmp as u8
+        && IPPROTO_IGMP == IpProto::Igmp as u8
+        && IPPROTO_TCP == IpProto::Tcp as u8
+        && IPPROTO_UDP == IpProto::Udp as u8
+        && IPPROTO_ICMPV6 == IpProto::Ipv6Icmp as u8
+);
+
+// The wire layouts the parser relies on: a network-types release that
+// changed one would fail the build here, not the parse.
+const _: () = assert!(
+    ETH_HLEN == 14
+        && offset_of!(EthHdr, ether_type) == 12
+        && VLAN_HLEN == 4
+        && offset_of!(VlanHdr, ether_type) == 2
+        && IPV4_HLEN == 20
+        && offset_of!(Ipv4Hdr, tot_len) == 2
+        && offset_of!(Ipv4Hdr, frags) == 6
+        && offset_of!(Ipv4Hdr, proto) == 9
+        && offset_of!(Ipv4Hdr, src_addr) == 12
+        && offset_of!(Ipv4Hdr, dst_addr) == 16
+        && IPV6_HLEN == 40
+        && offset_of!(Ipv6Hdr, payload_len) == 4
+        && offset_of!(Ipv6Hdr, next_hdr) == 6
+        && offset_of!(Ipv6Hdr, src_addr) == 8
+        && offset_of!(Ipv6Hdr, dst_addr) == 24
+        && TCP_HLEN == 20
+        && TCP_DOFF == 12
+        && offset_of!(TcpHdr, dest) == 2
+        && UDP_HLEN == 8
+        && offset_of!(UdpHdr, len) == 4
+        && IPV6_FRAG_HLEN == 8
+);
+
+/// An IPv6 extension header's first two bytes, common to hop-by-hop,
+/// routing and destination options (RFC 8200 section 4): network-types has
+/// no extension-header structs.
+#[repr(C)]
+struct Ipv6ExtHdr {
+    next_hdr: u8,
+    /// Length in 8-byte units, not counting the first 8 bytes.
+    hdr_ext_len: u8,
+}
+
+/// The IPv6 fragment header (RFC 8200 section 4.5).
+#[repr(C)]
+struct Ipv6FragHdr {
+    next_hdr: u8,
+    _reserved: u8,
+    /// Offset (13 bits, 8-byte units), 2 reserved bits, the M flag.
+    frag_off: [u8; 2],
+    _id: [u8; 4],
+}
+
+impl Ipv6FragHdr {
+    const LEN: usize = size_of::<Ipv6FragHdr>();
+}
+
+/// Byte `I` of the TCP header's data offset / flags word: network-types
+/// declares the two bytes after the acknowledgment number as one bindgen
+/// bitfield (`_bitfield_1`: reserved bits, data offset, flags), whose
+/// accessors extract bits one field at a time.
+const TCP_DOFF: usize = offset_of!(TcpHdr, _bitfield_1);
+const TCP_FLAGS: usize = offset_of!(TcpHdr, _bitfield_1) + 1;
 
 /// IPv4 fragment offset bits of `frag_off`, and the more-fragments bit.
 const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
@@ -180,16 +262,28 @@ pub fn parse(frame: &Frame) -> Parsed {
     }
 }
 
-/// `N` bytes of the packet whose bounds have been checked against `data_end`.
+/// A header `H` in the packet (its `size_of::<H>()` bytes checked against
+/// the packet's bounds).
 ///
 /// Fields are read through the one pointer that was checked: the verifier
 /// attaches the proven range to that register, so re-deriving `data + off`
-/// for every field could lose it.
-#[derive(Clone, Copy)]
-struct Hdr<const N: usize>(*const u8);
+/// for every field could lose it. They are read at their `offset_of!` in
+/// `H` (`hdr.be16::<{ offset_of!(Ipv4Hdr, tot_len) }>()`), not through a
+/// `&H` and network-types' accessors, which read multi-byte fields with
+/// `read_unaligned` (split into byte loads by the BPF backend) and the TCP
+/// data offset bit by bit.
+struct Hdr<H>(*const u8, PhantomData<H>);
 
-impl<const N: usize> Hdr<N> {
-    /// The `T` at byte `I` (bounds checked at compile time against `N`).
+impl<H> Clone for Hdr<H> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<H> Copy for Hdr<H> {}
+
+impl<H> Hdr<H> {
+    /// The `T` at byte `I` (bounds checked at compile time against `H`).
     ///
     /// A plain (aligned) load although header fields are not necessarily
     /// aligned in memory: this is what C programs do through `struct iphdr`,
@@ -201,7 +295,7 @@ impl<const N: usize> Hdr<N> {
     /// Host builds (unit tests) keep Rust's rules: an unaligned read.
     #[inline(always)]
     fn at<const I: usize, T: Copy>(self) -> T {
-        const { assert!(I + size_of::<T>() <= N) };
+        const { assert!(I + size_of::<T>() <= size_of::<H>()) };
         // SAFETY: `Bounds::hdr` checked that N bytes are inside the packet.
         unsafe {
             let p = self.0.add(I).cast::<T>();
@@ -248,19 +342,20 @@ struct Bounds {
 }
 
 impl Bounds {
-    /// `N` bytes at `off`, if they are inside the datagram and readable.
-    /// `None` means truncated: by the datagram, or (at TC) by the linear
-    /// part of the skb, which the TC program pulls and parses again.
+    /// The header `H` at `off`, if its bytes are inside the datagram and
+    /// readable. `None` means truncated: by the datagram, or (at TC) by the
+    /// linear part of the skb, which the TC program pulls and parses again.
     #[inline(always)]
-    fn hdr<const N: usize>(self, off: usize) -> Option<Hdr<N>> {
-        if off + N > self.ip_end {
+    fn hdr<H>(self, off: usize) -> Option<Hdr<H>> {
+        let n = size_of::<H>();
+        if off + n > self.ip_end {
             return None;
         }
         let start = self.data + off;
-        if start + N > self.end {
+        if start + n > self.end {
             return None;
         }
-        Some(Hdr(start as *const u8))
+        Some(Hdr(start as *const u8, PhantomData))
     }
 }
 
@@ -301,16 +396,16 @@ fn is_vlan(ethertype: u16) -> bool {
 /// not passed as non-IP: it is malformed.
 #[inline(always)]
 fn l2(pkt: Bounds) -> Result<(u16, usize), Malformed> {
-    let eth = pkt.hdr::<ETH_HLEN>(0).ok_or(Malformed::L2Truncated)?;
-    let mut ethertype = eth.be16::<12>();
+    let eth = pkt.hdr::<EthHdr>(0).ok_or(Malformed::L2Truncated)?;
+    let mut ethertype = eth.be16::<{ offset_of!(EthHdr, ether_type) }>();
     let mut off = ETH_HLEN;
     // Constant trip count: LLVM unrolls it, the verifier sees straight code.
     for _ in 0..MAX_VLAN_TAGS {
         if !is_vlan(ethertype) {
             return Ok((ethertype, off));
         }
-        let tag = pkt.hdr::<VLAN_HLEN>(off).ok_or(Malformed::L2Truncated)?;
-        ethertype = tag.be16::<2>();
+        let tag = pkt.hdr::<VlanHdr>(off).ok_or(Malformed::L2Truncated)?;
+        ethertype = tag.be16::<{ offset_of!(VlanHdr, ether_type) }>();
         off += VLAN_HLEN;
     }
     if is_vlan(ethertype) {
@@ -341,24 +436,25 @@ fn opaque(off: usize, mask: usize) -> Option<usize> {
     Some(off & mask)
 }
 
-/// The fixed IP header at `off` if it is inside the frame and of `version`.
+/// The fixed IP header at `off` if it is inside the frame and of `version`
+/// (the high nibble of the first byte, in both headers).
 #[inline(always)]
-fn ip_header<const N: usize>(pkt: Bounds, off: usize, version: u8) -> Option<Hdr<N>> {
-    let ip = pkt.hdr::<N>(off)?;
+fn ip_header<H>(pkt: Bounds, off: usize, version: u8) -> Option<Hdr<H>> {
+    let ip = pkt.hdr::<H>(off)?;
     (ip.u8::<0>() >> 4 == version).then_some(ip)
 }
 
 #[inline(always)]
 fn ipv4(pkt: Bounds, off: usize, p: &mut Packet) -> Parse {
-    let Some(ip) = ip_header::<IPV4_HLEN>(pkt, off, 4) else {
+    let Some(ip) = ip_header::<Ipv4Hdr>(pkt, off, 4) else {
         return malformed(Malformed::IpTruncated, false);
     };
     p.family = FAMILY_V4;
-    p.proto = ip.u8::<9>();
-    p.src = ip.v4_addr::<12>();
-    p.dst = ip.v4_addr::<16>();
-    let hlen = ((ip.u8::<0>() & 0x0f) as usize) * 4;
-    let total = ip.be16::<2>() as usize;
+    p.proto = ip.u8::<{ offset_of!(Ipv4Hdr, proto) }>();
+    p.src = ip.v4_addr::<{ offset_of!(Ipv4Hdr, src_addr) }>();
+    p.dst = ip.v4_addr::<{ offset_of!(Ipv4Hdr, dst_addr) }>();
+    let hlen = ((ip.u8::<{ offset_of!(Ipv4Hdr, vihl) }>() & 0x0f) as usize) * 4;
+    let total = ip.be16::<{ offset_of!(Ipv4Hdr, tot_len) }>() as usize;
     // The kernel drops a datagram longer than the frame (ip_rcv) and trims
     // the frame to the datagram: bytes after it are not part of it.
     if off + total > pkt.ip_end {
@@ -368,7 +464,7 @@ fn ipv4(pkt: Bounds, off: usize, p: &mut Packet) -> Parse {
         return malformed(Malformed::BadIpHeaderLength, true);
     }
     let pkt = Bounds { ip_end: off + total, ..pkt };
-    let frag = ip.be16::<6>();
+    let frag = ip.be16::<{ offset_of!(Ipv4Hdr, frags) }>();
     let frag_offset = frag & IPV4_FRAG_OFFSET_MASK;
     if frag_offset != 0 {
         return later_fragment(p, frag_offset);
@@ -398,14 +494,14 @@ fn is_ipv6_ext(nexthdr: u8) -> bool {
 
 #[inline(always)]
 fn ipv6(pkt: Bounds, off: usize, p: &mut Packet) -> Parse {
-    let Some(ip) = ip_header::<IPV6_HLEN>(pkt, off, 6) else {
+    let Some(ip) = ip_header::<Ipv6Hdr>(pkt, off, 6) else {
         return malformed(Malformed::IpTruncated, false);
     };
     p.family = FAMILY_V6;
-    p.proto = ip.u8::<6>();
-    p.src = ip.v6_addr::<8>();
-    p.dst = ip.v6_addr::<24>();
-    let payload = ip.be16::<4>() as usize;
+    p.proto = ip.u8::<{ offset_of!(Ipv6Hdr, next_hdr) }>();
+    p.src = ip.v6_addr::<{ offset_of!(Ipv6Hdr, src_addr) }>();
+    p.dst = ip.v6_addr::<{ offset_of!(Ipv6Hdr, dst_addr) }>();
+    let payload = ip.be16::<{ offset_of!(Ipv6Hdr, payload_len) }>() as usize;
     // Payload length 0 is a jumbogram (RFC 2675), which needs a hop-by-hop
     // option this parser does not read: fail closed.
     if payload == 0 || off + IPV6_HLEN + payload > pkt.ip_end {
@@ -426,26 +522,26 @@ fn ipv6(pkt: Bounds, off: usize, p: &mut Packet) -> Parse {
                 if p.proto == NEXTHDR_HOP && i != 0 {
                     return malformed(Malformed::Ipv6HopByHopNotFirst, true);
                 }
-                let Some(ext) = pkt.hdr::<2>(off) else {
+                let Some(ext) = pkt.hdr::<Ipv6ExtHdr>(off) else {
                     return malformed(Malformed::Ipv6ChainTruncated, true);
                 };
-                let len = (ext.u8::<1>() as usize + 1) * 8;
+                let len = (ext.u8::<{ offset_of!(Ipv6ExtHdr, hdr_ext_len) }>() as usize + 1) * 8;
                 if off + len > pkt.ip_end {
                     return malformed(Malformed::Ipv6ChainTruncated, true);
                 }
-                p.proto = ext.u8::<0>();
+                p.proto = ext.u8::<{ offset_of!(Ipv6ExtHdr, next_hdr) }>();
                 off += len;
             }
             NEXTHDR_FRAGMENT => {
                 if fragmented {
                     return malformed(Malformed::DuplicateFragmentHeader, true);
                 }
-                let Some(frag) = pkt.hdr::<IPV6_FRAG_HLEN>(off) else {
+                let Some(frag) = pkt.hdr::<Ipv6FragHdr>(off) else {
                     return malformed(Malformed::Ipv6ChainTruncated, true);
                 };
-                p.proto = frag.u8::<0>();
+                p.proto = frag.u8::<{ offset_of!(Ipv6FragHdr, next_hdr) }>();
                 off += IPV6_FRAG_HLEN;
-                let word = frag.be16::<2>();
+                let word = frag.be16::<{ offset_of!(Ipv6FragHdr, frag_off) }>();
                 let frag_offset = (word & IPV6_FRAG_OFFSET_MASK) >> 3;
                 if frag_offset != 0 {
                     return later_fragment(p, frag_offset);
@@ -470,13 +566,13 @@ fn ipv6(pkt: Bounds, off: usize, p: &mut Packet) -> Parse {
 fn transport(pkt: Bounds, off: usize, p: &mut Packet, icmp: u8, fragmented: bool) -> Parse {
     match p.proto {
         IPPROTO_TCP => {
-            let Some(tcp) = pkt.hdr::<TCP_HLEN>(off) else {
+            let Some(tcp) = pkt.hdr::<TcpHdr>(off) else {
                 return malformed(Malformed::L4Truncated, true);
             };
-            p.sport = tcp.be16::<0>();
-            p.dport = tcp.be16::<2>();
-            p.tcp_flags = tcp.u8::<13>();
-            let doff = (tcp.u8::<12>() >> 4) as usize * 4;
+            p.sport = tcp.be16::<{ offset_of!(TcpHdr, source) }>();
+            p.dport = tcp.be16::<{ offset_of!(TcpHdr, dest) }>();
+            p.tcp_flags = tcp.u8::<TCP_FLAGS>();
+            let doff = (tcp.u8::<TCP_DOFF>() >> 4) as usize * 4;
             if doff < TCP_HLEN {
                 return malformed(Malformed::BadTcpOffset, true);
             }
@@ -488,12 +584,12 @@ fn transport(pkt: Bounds, off: usize, p: &mut Packet, icmp: u8, fragmented: bool
             p.l4 = L4::Tcp;
         }
         IPPROTO_UDP => {
-            let Some(udp) = pkt.hdr::<UDP_HLEN>(off) else {
+            let Some(udp) = pkt.hdr::<UdpHdr>(off) else {
                 return malformed(Malformed::L4Truncated, true);
             };
-            p.sport = udp.be16::<0>();
-            p.dport = udp.be16::<2>();
-            let ulen = udp.be16::<4>() as usize;
+            p.sport = udp.be16::<{ offset_of!(UdpHdr, src) }>();
+            p.dport = udp.be16::<{ offset_of!(UdpHdr, dst) }>();
+            let ulen = udp.be16::<{ offset_of!(UdpHdr, len) }>() as usize;
             let in_datagram = pkt.ip_end - off;
             // Below its own header, or (unless a first fragment holds only
             // part of it) longer than the datagram: the kernel drops both.

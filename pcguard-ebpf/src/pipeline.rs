@@ -19,6 +19,7 @@ use crate::{
     events::{self, Report},
     parse::{Frame, L4, Packet, Parse, is_bare_syn},
     policy::{self, Decision, Gen, Peer},
+    trace,
 };
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -72,7 +73,7 @@ pub fn run(frame: &Frame, dir: u32, parsed: Parse, pkt: &Packet, load: &impl Loa
             let g = Gen::active();
             match g.ready_settings() {
                 Some(s) => malformed(frame, dir, g, s, kind, keyed.then_some(pkt)),
-                None => bypass(frame, dir, PROTO_IDX_OTHER),
+                None => bypass(frame, dir, PROTO_IDX_OTHER, pkt),
             }
         }
         Parse::Ip => {
@@ -81,16 +82,19 @@ pub fn run(frame: &Frame, dir: u32, parsed: Parse, pkt: &Packet, load: &impl Loa
             let g = Gen::active();
             match g.ready_settings() {
                 Some(s) => ip(frame, dir, g, s, pkt, load),
-                None => bypass(frame, dir, proto_idx(pkt.proto)),
+                None => bypass(frame, dir, proto_idx(pkt.proto), pkt),
             }
         }
     }
 }
 
 /// Passed without policy (not ready, ICMP allowed, non-first fragment).
+/// `pkt`: for the trace record only.
 #[inline(always)]
-fn bypass(frame: &Frame, dir: u32, proto_idx: u32) -> Action {
+#[cfg_attr(not(feature = "trace"), allow(unused_variables))]
+fn bypass(frame: &Frame, dir: u32, proto_idx: u32, pkt: &Packet) -> Action {
     count(dir, proto_idx, 0, 0, VERDICT_BYPASS, frame.len);
+    trace::decision!(dir, VERDICT_BYPASS, 0, pkt, 0);
     Action::Pass
 }
 
@@ -98,6 +102,7 @@ fn bypass(frame: &Frame, dir: u32, proto_idx: u32) -> Action {
 fn malformed(frame: &Frame, dir: u32, g: Gen, s: &Settings, kind: Malformed, pkt: Option<&Packet>) -> Action {
     let verdict = unexpected_verdict(s, dir);
     count(dir, PROTO_IDX_OTHER, 0, 0, verdict, frame.len);
+    trace::decision!(dir, verdict, REASON_MALFORMED, pkt.unwrap_or(&Packet::EMPTY), 0);
     if let Some(pkt) = pkt {
         let key = &conntrack::flow_key(pkt, dir).0;
         let r = Report {
@@ -144,8 +149,8 @@ impl Flow<'_> {
 fn ip(frame: &Frame, dir: u32, g: Gen, s: &Settings, pkt: &Packet, load: &impl Load) -> Action {
     let proto_idx = proto_idx(pkt.proto);
     match pkt.l4 {
-        L4::Fragment => return bypass(frame, dir, proto_idx),
-        L4::Icmp if s.allow_icmp == 1 => return bypass(frame, dir, PROTO_IDX_OTHER),
+        L4::Fragment => return bypass(frame, dir, proto_idx, pkt),
+        L4::Icmp if s.allow_icmp == 1 => return bypass(frame, dir, PROTO_IDX_OTHER, pkt),
         _ => {}
     }
     let key = &conntrack::flow_key(pkt, dir).0;
@@ -180,6 +185,7 @@ fn tracked(flow: &Flow, hit: Hit, load: &impl Load) -> Action {
     };
     let verdict = if flags & CT_FLAG_MONITORED != 0 { VERDICT_MONITOR } else { VERDICT_ALLOW };
     flow.count(port_idx, rule, verdict);
+    trace::decision!(flow.dir, verdict, 0, flow.pkt, rule);
     let refresh = conntrack::refreshes(flow.key, flow.dir, flow_dir);
     conntrack::touch(flow.key, hit, flow.dir, flow.pkt.tcp_flags, flow.now, refresh);
     if flow.dir == DIR_INGRESS
@@ -213,6 +219,7 @@ fn untracked(flow: &Flow) -> Action {
     let has_ports = pkt.l4 == L4::Tcp || pkt.l4 == L4::Udp;
     let first = if has_ports { flow.decide(&mut peer, dir, pkt.dport) } else { Decision::NO_RULE };
     if first.allowed() {
+        trace::decision!(dir, VERDICT_ALLOW, 0, pkt, first.rule);
         return track(flow, dir, &first, VERDICT_ALLOW);
     }
     // Unexpected. A TCP packet that is not an opening SYN and would be a
@@ -231,6 +238,7 @@ fn untracked(flow: &Flow) -> Action {
     let verdict = unexpected_verdict(s, dir);
     let r = Report { direction: dir, reason, verdict, slot: first.slot, tcp_flags: pkt.tcp_flags, detail: 0 };
     events::report(flow.frame, flow.key, &r, &mut peer, flow.now, s);
+    trace::decision!(dir, verdict, reason, pkt, 0);
     if verdict == VERDICT_DROP {
         flow.count(first.port_idx, 0, VERDICT_DROP);
         return Action::Drop;

@@ -1,5 +1,8 @@
-//! `pcguard run`: load, attach, serve; SIGHUP reloads, SIGTERM detaches,
-//! SIGUSR1 confirms a policy applied with a confirm window.
+//! `pcguard run`: load, attach, serve; SIGHUP reloads (answering `pcguard
+//! reload`'s requests, `crate::reload`), SIGUSR1 confirms a policy applied
+//! with a confirm window, SIGUSR2 reopens the audit log (logrotate), SIGTERM
+//! stops. Under systemd it reports readiness, reloads, its status and
+//! watchdog pings (`crate::notify`).
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -22,13 +25,16 @@ use crate::{
     audit::{self, AuditSink},
     config::SiteConfig,
     counters::Labels,
-    datapath::{Datapath, MapSizes},
+    datapath::{Datapath, MapSizes, Object},
     dns::{Accepted, FqdnClasses, Guard, Handled, LearnReport, Learner, Limits, QueryTable, Refusal, Seen},
     flows::{AuditRecord, DnsRefusal, KeyedLimit},
     gate::AuditGate,
+    logging::ALERT_TARGET,
     metrics::{Metrics, PolicyInfo},
+    notify,
     policy::{self, CompiledPolicy, StableIds},
-    state::{State, unix_now},
+    reload::{self, Outcome},
+    state::{LastReload, State, unix_now},
 };
 
 /// Options of `pcguard run` that are not in the config file.
@@ -53,6 +59,9 @@ pub struct RunOptions {
     /// Shortest life of a DNS-learned address (default `dns::MIN_TTL`);
     /// for tests that watch addresses expire.
     pub dns_min_ttl: Option<Duration>,
+    /// Load the trace object (`--trace-datapath`): a debug record of every
+    /// packet's decision in the log.
+    pub trace_datapath: bool,
 }
 
 /// How often learned addresses are expired, failed map writes retried and
@@ -137,6 +146,9 @@ struct Daemon {
     kernel_held: (u64, u64),
     reloads: u64,
     loaded_at: u64,
+    /// 1 at start, +1 for every policy installed since (reload, revert).
+    generation: u64,
+    last_reload: Option<LastReload>,
     pending: Option<Pending>,
     /// FQDN patterns of the running policy's classes.
     fqdns: FqdnClasses,
@@ -162,6 +174,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     {
         bail!("pcguard is already running (pid {}, state in {})", other.pid, opts.run_dir.display());
     }
+    let object = if opts.trace_datapath { Object::Trace } else { Object::Default };
+    // Refused before anything is touched when this build has no trace object.
+    object.bytes()?;
     let mut ids = StableIds::default();
     let (cfg, compiled) = policy::load(&opts.config, &mut ids)?;
     log_warnings(&cfg, &compiled);
@@ -175,7 +190,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let listener =
         tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics listener {addr}"))?;
 
-    let mut dp = Datapath::load(&opts.bpffs_dir, &MapSizes::of(&cfg))?;
+    let mut dp = Datapath::load_object(&opts.bpffs_dir, &MapSizes::of(&cfg), object)?;
+    if object == Object::Trace {
+        spawn_trace(&mut dp)?;
+    }
     let compiled = match dp.adopted().then(|| State::read(&opts.run_dir)) {
         // Keep the numbering the running policy's conntrack entries and
         // counters carry: compile again with it.
@@ -241,6 +259,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         kernel_held: (0, 0),
         reloads: 0,
         loaded_at,
+        generation: 1,
+        last_reload: None,
         pending,
         fqdns,
         learner: Learner::new(limits),
@@ -253,6 +273,19 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     };
     daemon.spawn_events(events)?;
     let dns_rx = spawn_dns_messages(dns_answers, daemon.metrics.clone())?;
+    // Handlers before the state file exists: `pcguard reload` and `confirm`
+    // signal the pid they read there (a signal without its handler would
+    // kill the daemon).
+    let signals = Signals::new()?;
+    // Requests left by a client of an earlier daemon are nobody's now.
+    let stale = reload::take_requests(&daemon.opts.run_dir);
+    if !stale.ids.is_empty() || !stale.refused.is_empty() {
+        warn!(
+            "removed {} reload request(s) left in {} from before this start",
+            stale.ids.len() + stale.refused.len(),
+            daemon.opts.run_dir.display()
+        );
+    }
     daemon.write_state()?;
     info!(
         "pcguard running: {} rules, mode {}, egress {}, audit log {}",
@@ -261,7 +294,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         settings.info.egress_mode,
         settings.audit_log.display()
     );
-    let result = daemon.signal_loop(dns_rx).await;
+    notify::ready(&daemon.status_line());
+    let result = daemon.signal_loop(signals, dns_rx).await;
+    notify::stopping(match &result {
+        Ok(Exit::Detach) => "stopping: the first policy was not confirmed, detaching",
+        Ok(Exit::Stop) => "stopping",
+        Err(_) => "stopping after an error",
+    });
     let detach = daemon.opts.detach_on_exit || matches!(result, Ok(Exit::Detach));
     let run_dir = daemon.opts.run_dir.clone();
     let bpffs_dir = daemon.dp.bpffs_dir().to_path_buf();
@@ -349,6 +388,41 @@ fn consume_ring(ring: RingBuf<MapData>, mut handle: impl FnMut(&[u8]) + Send + '
     Ok(())
 }
 
+/// Logs the trace object's decision records as they arrive (tokio task).
+#[cfg(feature = "trace")]
+fn spawn_trace(dp: &mut Datapath) -> Result<()> {
+    use crate::datapath::trace::TARGET;
+    if !log::log_enabled!(target: TARGET, log::Level::Debug) {
+        warn!("--trace-datapath: decision records are logged at debug level (RUST_LOG=info,{TARGET}=debug)");
+    }
+    let logger = dp.trace_logger(log::logger())?;
+    // SAFETY: the logger owns its ring buffer's fd, and the AsyncFd owns
+    // the logger, so the fd stays open as long as it is registered.
+    let mut fd = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE)? };
+    tokio::spawn(async move {
+        loop {
+            let mut guard = match fd.readable_mut().await {
+                Ok(g) => g,
+                Err(e) => {
+                    error!("trace records: {e}");
+                    return;
+                }
+            };
+            // As in `consume_ring`: clear readiness before draining.
+            guard.clear_ready();
+            guard.get_inner_mut().flush();
+        }
+    });
+    info!("--trace-datapath: the trace object is loaded; every packet's decision is logged ({TARGET}, debug)");
+    Ok(())
+}
+
+/// Without the trace object `Object::Trace` is refused before loading.
+#[cfg(not(feature = "trace"))]
+fn spawn_trace(_dp: &mut Datapath) -> Result<()> {
+    Object::Trace.bytes().map(drop)
+}
+
 /// Binds the DNS answers the kernel copies to the queries it copied
 /// before them (in ring-buffer order, so in this one task) and hands the
 /// accepted ones to the main loop, which owns the maps. Refused answers
@@ -393,7 +467,7 @@ impl Daemon {
                 return;
             };
             if rec.severity == "alert" {
-                warn!("ALERT {}", rec.human());
+                warn!(target: ALERT_TARGET, "ALERT {}", rec.human());
             }
             if let Err(e) = audit.lock().unwrap().write(&rec) {
                 metrics.daemon.audit_write_errors.inc();
@@ -402,12 +476,15 @@ impl Daemon {
         })
     }
 
-    async fn signal_loop(&mut self, mut dns_rx: mpsc::Receiver<Accepted>) -> Result<Exit> {
+    async fn signal_loop(&mut self, signals: Signals, mut dns_rx: mpsc::Receiver<Accepted>) -> Result<Exit> {
+        let Signals { mut hup, mut term, mut int, mut usr1, mut usr2 } = signals;
         let mut expiry = tokio::time::interval(EXPIRY_TICK);
-        let mut hup = signal(SignalKind::hangup())?;
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut usr1 = signal(SignalKind::user_defined1())?;
+        // `WatchdogSec=` in the unit: ping at half the interval, from this
+        // loop, so a loop that hangs stops the pings.
+        let mut watchdog = notify::watchdog_interval().map(|every| {
+            info!("systemd watchdog: pinging every {every:?}");
+            tokio::time::interval(every)
+        });
         loop {
             let deadline = self.pending.as_ref().map(|p| p.deadline);
             let sleep = async {
@@ -416,9 +493,17 @@ impl Daemon {
                     None => std::future::pending().await,
                 }
             };
+            let ping = async {
+                match watchdog.as_mut() {
+                    Some(w) => w.tick().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = hup.recv() => self.reload(),
                 _ = usr1.recv() => self.confirm(),
+                _ = usr2.recv() => self.reopen_audit(),
+                _ = ping => notify::watchdog(),
                 Some(answer) = dns_rx.recv() => self.learn(&answer),
                 _ = expiry.tick() => {
                     self.expire_learned();
@@ -436,25 +521,107 @@ impl Daemon {
     }
 
     /// SIGHUP: re-read the config; a config that fails to load, compile or
-    /// apply leaves the running policy in place.
+    /// apply leaves the running policy in place. Answers the `pcguard
+    /// reload` requests waiting in the run directory with the outcome.
     fn reload(&mut self) {
-        info!("SIGHUP: reloading {}", self.opts.config.display());
+        // Taken before the config is read: a request made after a config
+        // change is answered by a reload that saw the change.
+        let batch = reload::take_requests(&self.opts.run_dir);
+        info!(
+            "SIGHUP: reloading {}{}",
+            self.opts.config.display(),
+            match batch.confirm_within {
+                Some(w) => format!(" (confirm within {w:?}, asked by `pcguard reload`)"),
+                None => String::new(),
+            }
+        );
+        notify::reloading(&format!("reloading {}", self.opts.config.display()));
         if let Err(e) = self.audit.lock().unwrap().reopen() {
             error!("reopening audit log: {e:#}");
         }
-        match self.try_reload() {
+        let result = match batch.refused.first() {
+            Some((_, why)) => Err(anyhow::anyhow!("{why}; nothing reloaded")),
+            None => self.try_reload(batch.confirm_within),
+        };
+        let error = match &result {
             Ok(()) => {
                 self.metrics.daemon.reload(true);
-                info!("reload applied");
+                info!("reload applied (policy generation {})", self.generation);
+                None
             }
             Err(e) => {
                 self.metrics.daemon.reload(false);
                 error!("reload failed, keeping the running policy: {e:#}");
+                Some(format!("reload failed: {e:#}; keeping the running policy (generation {})", self.generation))
+            }
+        };
+        self.last_reload = Some(LastReload { at: unix_now(), ok: error.is_none(), error: error.clone() });
+        if let Err(e) = self.write_state() {
+            error!("{e:#}");
+        }
+        let outcome = Outcome {
+            ok: error.is_none(),
+            error,
+            generation: self.generation,
+            pending_confirm_until: self.pending_until(),
+        };
+        let refused = batch.refused.iter().map(|(id, why)| (id, Some(why.clone())));
+        for (id, why) in batch.ids.iter().map(|id| (id, None)).chain(refused) {
+            let outcome = match why {
+                Some(why) => Outcome { ok: false, error: Some(why), ..outcome.clone() },
+                None => outcome.clone(),
+            };
+            if let Err(e) = reload::write_result(&self.opts.run_dir, id, &outcome) {
+                error!("answering reload request {id}: {e:#}");
+            }
+        }
+        notify::ready(&self.status_line());
+    }
+
+    /// SIGUSR2 (logrotate's postrotate): reopen the audit log at its path;
+    /// nothing else (the policy is not reloaded).
+    fn reopen_audit(&mut self) {
+        let mut audit = self.audit.lock().unwrap();
+        match audit.reopen() {
+            Ok(()) => info!("SIGUSR2: audit log reopened at {}", audit.path().display()),
+            Err(e) => {
+                self.metrics.daemon.audit_write_errors.inc();
+                error!("SIGUSR2: reopening the audit log: {e:#}; still writing to the file open before");
             }
         }
     }
 
-    fn try_reload(&mut self) -> Result<()> {
+    /// The `STATUS=` line: the policy generation, a pending confirmation,
+    /// the last reload's outcome.
+    fn status_line(&self) -> String {
+        let policy = self.policy.read().unwrap();
+        let mut line = format!(
+            "policy generation {}: {} rules, ingress {}, egress {}",
+            self.generation,
+            policy.rule_count(),
+            policy.settings.ingress_mode.as_str(),
+            policy.settings.egress_mode.as_str()
+        );
+        if let Some(p) = &self.pending {
+            let left = p.deadline.saturating_duration_since(Instant::now()).as_secs();
+            line.push_str(&format!("; waiting for `pcguard confirm` (reverted in {left} s)"));
+        }
+        match &self.last_reload {
+            Some(LastReload { error: Some(e), .. }) => line.push_str(&format!("; {e}")),
+            Some(LastReload { ok: true, .. }) => line.push_str("; last reload applied"),
+            _ => {}
+        }
+        line
+    }
+
+    fn pending_until(&self) -> Option<u64> {
+        self.pending.as_ref().map(|p| unix_now() + p.deadline.saturating_duration_since(Instant::now()).as_secs())
+    }
+
+    /// Loads and applies the config; `confirm_within` (a `pcguard reload
+    /// --confirm-within` request) or `--confirm-within` of `run` makes the
+    /// new policy wait for `pcguard confirm`.
+    fn try_reload(&mut self, confirm_within: Option<Duration>) -> Result<()> {
         let (cfg, compiled) = policy::load(&self.opts.config, &mut self.ids)?;
         log_warnings(&cfg, &compiled);
         if cfg.interfaces != self.cfg.interfaces {
@@ -481,7 +648,7 @@ impl Daemon {
         let previous = (self.cfg.clone(), self.policy.read().unwrap().clone());
         self.install(cfg, compiled)?;
         self.reloads += 1;
-        if let Some(window) = self.opts.confirm_within {
+        if let Some(window) = confirm_within.or(self.opts.confirm_within) {
             // Keep the oldest confirmed policy if one is already pending.
             let previous = match self.pending.take() {
                 Some(p) => p.previous,
@@ -544,19 +711,21 @@ impl Daemon {
         self.loaded_at = unix_now();
         self.metrics.daemon.policy_loaded_time.set(self.loaded_at as f64);
         self.cfg = cfg;
+        self.generation += 1;
         Ok(())
     }
 
     /// SIGUSR1 (`pcguard confirm`): keep the pending policy.
     fn confirm(&mut self) {
         if self.pending.take().is_some() {
-            info!("policy confirmed");
+            info!("policy confirmed (generation {})", self.generation);
         } else {
             info!("confirm: nothing pending");
         }
         if let Err(e) = self.write_state() {
             error!("{e:#}");
         }
+        notify::status(&self.status_line());
     }
 
     /// The confirm window expired. Returns false when the daemon must stop
@@ -581,6 +750,8 @@ impl Daemon {
                 warn!("policy not confirmed in time: reverting to the previous policy");
                 self.install(cfg, compiled)?;
                 self.write_state()?;
+                info!("reverted (policy generation {})", self.generation);
+                notify::status(&self.status_line());
                 Ok(None)
             }
         }
@@ -633,7 +804,7 @@ impl Daemon {
                 AuditRecord::from_dns_refusal(&refusal, &policy, crate::flows::ktime_to_system(answer.ts_ns))
             };
             self.metrics.daemon.flow(&rec.reason, &rec.direction);
-            warn!("ALERT {}", rec.human());
+            warn!(target: ALERT_TARGET, "ALERT {}", rec.human());
             if let Err(e) = self.audit.lock().unwrap().write(&rec) {
                 self.metrics.daemon.audit_write_errors.inc();
                 error!("{e:#}");
@@ -724,13 +895,33 @@ impl Daemon {
             reloads: self.reloads,
             metrics_listen: Some(self.metrics_addr.to_string()),
             audit_log: Some(self.audit.lock().unwrap().path().to_path_buf()),
-            pending_confirm_until: self
-                .pending
-                .as_ref()
-                .map(|p| unix_now() + p.deadline.saturating_duration_since(Instant::now()).as_secs()),
+            pending_confirm_until: self.pending_until(),
             labels: Labels::from_policy(&policy),
+            policy_generation: self.generation,
+            last_reload: self.last_reload.clone(),
         };
         state.write(&self.opts.run_dir, self.group)
+    }
+}
+
+/// The signals the daemon handles, installed before it announces itself.
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self> {
+        Ok(Self {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            usr1: signal(SignalKind::user_defined1())?,
+            usr2: signal(SignalKind::user_defined2())?,
+        })
     }
 }
 

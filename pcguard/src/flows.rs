@@ -6,7 +6,6 @@ use std::{
     fs::File,
     io::{BufRead, BufReader, Seek, SeekFrom, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::Path,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -239,7 +238,7 @@ fn addr(family: u8, bytes: &[u8; 16]) -> IpAddr {
     }
 }
 
-fn protocol_name(proto: u8) -> String {
+pub(crate) fn protocol_name(proto: u8) -> String {
     match proto {
         IPPROTO_TCP => "tcp".into(),
         IPPROTO_UDP => "udp".into(),
@@ -331,9 +330,16 @@ impl<K: std::hash::Hash + Eq + Clone> KeyedLimit<K> {
     }
 }
 
+pub mod query;
+
 /// Filters of `pcguard flows`.
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
+    /// `--type`: unexpected (default), allowed or all records.
+    pub kind: query::Kind,
+    /// `--rule`: the rule of an allowed record, one of the `port_rules` of
+    /// an unexpected one (`*` and `?` globs).
+    pub rule: Option<String>,
     pub reason: Option<String>,
     pub direction: Option<String>,
     pub peer_class: Option<String>,
@@ -448,53 +454,36 @@ fn from_ecs(v: &serde_json::Value) -> Option<AuditRecord> {
     })
 }
 
-/// Prints matching records of the audit log at `path`: the last `tail`
-/// records that match (filter first, then count), then (if `follow`) new
-/// matching ones as they are written, across rotation. Reads both formats
-/// (`json`, `ecs`) and records from before schema 1; summaries are not
-/// shown.
-pub fn follow(path: &Path, filter: &Filter, tail: usize, follow: bool, json: bool, mut out: impl Write) -> Result<()> {
-    let selected = |line: &str| -> Option<AuditRecord> {
-        match parse_line(line) {
-            Line::Flow(rec) if filter.matches(&rec) => Some(*rec),
-            _ => None,
+/// Prints matching records of the audit logs `set` (oldest first, as
+/// [`query::log_set`] orders them): the last `tail` records that match
+/// (filter first, then count), then (if `follow`) new matching ones as they
+/// are written to the live log (the last file of `set`, unless it is a
+/// rotated one), across rotation. Reads both formats (`json`, `ecs`),
+/// records from before schema 1 and gzipped rotated files; summaries are
+/// not shown.
+pub fn follow(
+    set: &[std::path::PathBuf],
+    filter: &Filter,
+    tail: usize,
+    follow: bool,
+    json: bool,
+    mut out: impl Write,
+) -> Result<()> {
+    let print = |out: &mut dyn Write, line: &str| -> Result<()> {
+        if let Some(text) = query::render(line, json) {
+            writeln!(out, "{text}")?;
+            out.flush()?;
         }
-    };
-    let print = |out: &mut dyn Write, line: &str, rec: &AuditRecord| -> Result<()> {
-        if json {
-            writeln!(out, "{}", line.trim_end())?
-        } else {
-            writeln!(out, "{}", rec.human())?
-        }
-        out.flush()?;
         Ok(())
     };
+    for line in query::tail(set, filter, tail)? {
+        print(&mut out, &line)?;
+    }
+    let Some(path) = set.last().filter(|p| follow && !query::is_rotated(p)) else { return Ok(()) };
     let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut reader = BufReader::new(file.try_clone()?);
-    // The last `tail` matching records, kept as the file is read.
-    let mut last: std::collections::VecDeque<(String, AuditRecord)> = std::collections::VecDeque::new();
-    let mut line = String::new();
-    while reader.read_line(&mut line)? > 0 {
-        if let Some(rec) = selected(&line) {
-            if last.len() == tail {
-                last.pop_front();
-            }
-            if tail > 0 {
-                last.push_back((std::mem::take(&mut line), rec));
-            }
-        }
-        line.clear();
-    }
-    for (line, rec) in &last {
-        print(&mut out, line, rec)?;
-    }
-    if !follow {
-        return Ok(());
-    }
     let mut pos = file.seek(SeekFrom::End(0))?;
     let mut partial = String::new();
     loop {
-        std::thread::sleep(Duration::from_millis(250));
         // Rotated (new inode) or truncated: start over on the new file.
         let rotated = std::fs::metadata(path).ok().map(|m| {
             use std::os::unix::fs::MetadataExt;
@@ -514,12 +503,14 @@ pub fn follow(path: &Path, filter: &Filter, tail: usize, follow: bool, json: boo
             }
             pos += n as u64;
             if partial.ends_with('\n') {
-                if let Some(rec) = selected(&partial) {
-                    print(&mut out, &partial, &rec)?;
+                let selected = query::parse(partial.trim_end().as_bytes()).with(|f| f.matches(filter));
+                if selected == Some(true) {
+                    print(&mut out, &partial)?;
                 }
                 partial.clear();
             }
         }
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 

@@ -3,10 +3,10 @@
 //! imports only layers under it) and the data flows; docs/datapath.md the
 //! kernel side.
 //!
-//! From the bottom: `model` and `sys` -> `catalog`, `pins`, `auditlog`, `syslog`,
-//! `sockdiag` -> `config` -> `policy`, `attach` -> `render`, `seed`,
-//! `counters`, `flows`, `dns` -> `datapath`, `gate`, `metrics`, `suggest` -> `audit`, `state`
-//! -> `status` -> `daemon`.
+//! From the bottom: `model`, `sys`, `notify` and `logging` -> `catalog`, `pins`,
+//! `auditlog`, `syslog`, `sockdiag` -> `config` -> `policy`, `attach` ->
+//! `render`, `seed`, `counters`, `flows`, `dns` -> `datapath`, `gate`,
+//! `metrics`, `suggest` -> `audit`, `state` -> `status`, `reload` -> `daemon`.
 
 pub mod attach;
 pub mod audit;
@@ -20,10 +20,13 @@ pub mod dns;
 pub mod flows;
 pub mod gate;
 pub mod init;
+pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod pins;
 pub mod policy;
+pub mod reload;
 pub mod render;
 pub mod seed;
 pub mod sockdiag;

@@ -65,6 +65,12 @@ enum Command {
         /// that watch learned addresses expire; not for production.
         #[arg(long, hide = true, value_parser = humantime::parse_duration)]
         dns_min_ttl: Option<Duration>,
+        /// Debugging: load the trace build of the programs, which logs every
+        /// packet's decision (verdict, reason, protocol, ports, rule) at
+        /// debug level (RUST_LOG=info,pcguard::datapath=debug). Costs time
+        /// per packet; needs a pcguard built with `--features trace`.
+        #[arg(long)]
+        trace_datapath: bool,
     },
     /// Validate a config and print the effective rule table.
     Check {
@@ -99,11 +105,13 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
-    /// Follow the audit log of unexpected flows.
+    /// Show, follow or summarize the audit log's flow records.
     Flows {
-        /// Audit log to read (default: the running daemon's).
+        /// Audit log to read (default: the running daemon's), with its
+        /// rotated siblings (NAME.1, NAME.2.gz, ...); a rotated file alone;
+        /// or a glob (`'flows.jsonl*'`). May be given several times.
         #[arg(long)]
-        log: Option<PathBuf>,
+        log: Vec<PathBuf>,
         #[arg(long, default_value = DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
         /// Print the last N matching records (after the filters) before
@@ -120,7 +128,7 @@ enum Command {
         reason: Option<String>,
         #[arg(long, value_parser = ["inbound", "outbound"])]
         direction: Option<String>,
-        #[arg(long, value_parser = ["alert", "warning"])]
+        #[arg(long, value_parser = ["alert", "warning", "info"])]
         severity: Option<String>,
         /// Only flows whose remote address is in this peer class.
         #[arg(long)]
@@ -138,6 +146,21 @@ enum Command {
         /// Only records up to this time (same forms as --since).
         #[arg(long)]
         until: Option<String>,
+        /// Which records: unexpected (unexpected_flow, dns_poisoning; the
+        /// default), allowed (flow_start, flow_end) or all.
+        #[arg(long = "type", value_name = "TYPE", default_value = "unexpected", value_parser = flows::query::Kind::NAMES)]
+        kind: String,
+        /// Only records of this rule (allowed records: `rule`; unexpected
+        /// ones: one of `port_rules`); `*` and `?` glob.
+        #[arg(long)]
+        rule: Option<String>,
+        /// Aggregate the selected records into a table instead (every
+        /// group; no following, -n does not apply; --json prints it as
+        /// JSON). Keys: remote,
+        /// local_port (port), remote_port, protocol, rule, direction,
+        /// peer_class, reason, event_type.
+        #[arg(long, value_name = "by=KEY,...", num_args = 0..=1, default_missing_value = "by=remote,local_port")]
+        summary: Option<String>,
     },
     /// Suggest the smallest config change that allows the unexpected flows
     /// of audit logs (monitor -> suggest -> review -> enforce): peer
@@ -173,10 +196,23 @@ enum Command {
         #[arg(long, default_value = DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
     },
-    /// Ask the running daemon to reload its config (SIGHUP).
+    /// Ask the running daemon to reload its config (SIGHUP) and wait for the
+    /// outcome: exits non-zero with the daemon's error when the reload
+    /// failed (the running policy is kept). `ExecReload=` of the systemd
+    /// unit, so `systemctl reload pcguard` fails too.
     Reload {
         #[arg(long, default_value = DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
+        /// Apply the new policy in confirm-or-revert mode: it is reverted
+        /// unless `pcguard confirm` is run within this time (e.g. 2m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        confirm_within: Option<Duration>,
+        /// How long to wait for the daemon's answer.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Send the request and return without waiting for the outcome.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Write the man pages or the shell completions into DIR (packaging:
     /// `cargo xtask package`).
@@ -227,7 +263,7 @@ impl ConfigPath {
 const DEFAULT_CONFIG: &str = "/etc/pcguard/pcguard.toml";
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    pcguard::logging::init();
     match real_main(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -249,6 +285,7 @@ fn real_main(cli: Cli) -> Result<()> {
             audit_log,
             confirm_within,
             dns_min_ttl,
+            trace_datapath,
         } => {
             let opts = RunOptions {
                 config: config.path(),
@@ -260,6 +297,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 audit_log,
                 confirm_within,
                 dns_min_ttl,
+                trace_datapath,
             };
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(daemon::run(opts))
@@ -324,18 +362,31 @@ fn real_main(cli: Cli) -> Result<()> {
             addr,
             since,
             until,
+            kind,
+            rule,
+            summary,
         } => {
             let now = std::time::SystemTime::now();
             let time = |flag: &str, v: Option<String>| -> Result<Option<std::time::SystemTime>> {
                 v.map(|v| flows::parse_time(&v, now).map_err(|e| anyhow::anyhow!("{flag}: {e}"))).transpose()
             };
             let (since, until) = (time("--since", since)?, time("--until", until)?);
-            let path = match log {
-                Some(p) => p,
-                None => State::read(&run_dir)?.audit_log.context("the running daemon has no audit log")?,
+            let keys =
+                summary.map(|s| flows::query::Key::parse_list(&s).map_err(|e| anyhow::anyhow!("--summary: {e}")));
+            let keys = keys.transpose()?;
+            let kind = flows::query::Kind::parse(&kind).map_err(|e| anyhow::anyhow!("--type: {e}"))?;
+            let logs = if log.is_empty() {
+                vec![State::read(&run_dir)?.audit_log.context("the running daemon has no audit log")?]
+            } else {
+                log
             };
-            let filter = flows::Filter { reason, direction, peer_class, port, addr, severity, since, until };
-            flows::follow(&path, &filter, lines, !no_follow, json, std::io::stdout().lock())
+            let set = flows::query::skip_old(flows::query::log_set(&logs)?, since);
+            let filter =
+                flows::Filter { kind, rule, reason, direction, peer_class, port, addr, severity, since, until };
+            match keys {
+                Some(keys) => flows::query::print_summary(&set, &filter, keys, json, std::io::stdout().lock()),
+                None => flows::follow(&set, &filter, lines, !no_follow, json, std::io::stdout().lock()),
+            }
         }
         Command::Suggest { from, config, output } => suggest(&from, config.as_deref(), output.as_deref()),
         Command::Render { target: RenderTarget::Nftables { config } } => {
@@ -344,7 +395,9 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Confirm { run_dir } => signal_daemon(&run_dir, sys::SIGUSR1, "confirm"),
-        Command::Reload { run_dir } => signal_daemon(&run_dir, sys::SIGHUP, "reload"),
+        Command::Reload { run_dir, confirm_within, timeout, no_wait } => {
+            reload(&run_dir, confirm_within, (!no_wait).then_some(timeout))
+        }
         Command::Generate { what, dir } => generate(what, &dir),
         Command::Detach { bpffs_dir, run_dir } => {
             if pcguard::attach::detach_dir(&bpffs_dir)? {
@@ -382,6 +435,26 @@ fn suggest(from: &[PathBuf], config: Option<&Path>, output: Option<&Path>) -> Re
             .with_context(|| format!("{}: cannot create (an existing file is never replaced)", path.display()))?;
         std::io::Write::write_all(&mut f, text.as_bytes())?;
         eprintln!("wrote {}: review it, then `pcguard check {}`", path.display(), path.display());
+    }
+    Ok(())
+}
+
+fn reload(run_dir: &Path, confirm_within: Option<Duration>, wait: Option<Duration>) -> Result<()> {
+    let confirm_within_ms = match confirm_within {
+        Some(d) if d.is_zero() => bail!("--confirm-within must be longer than 0s"),
+        Some(d) => Some(u64::try_from(d.as_millis()).context("--confirm-within is too long")?),
+        None => None,
+    };
+    let req = pcguard::reload::Request { confirm_within_ms };
+    match pcguard::reload::request(run_dir, &req, wait)? {
+        None => println!("reload sent to pcguard"),
+        Some(outcome) => {
+            println!("reload applied: policy generation {}", outcome.generation);
+            if let Some(until) = outcome.pending_confirm_until {
+                let left = until.saturating_sub(pcguard::state::unix_now());
+                println!("run `pcguard confirm` within {left} s, or the previous policy is restored");
+            }
+        }
     }
     Ok(())
 }

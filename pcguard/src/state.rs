@@ -46,6 +46,25 @@ pub struct State {
     /// it is reverted.
     pub pending_confirm_until: Option<u64>,
     pub labels: Labels,
+    /// 1 for the policy applied at start, one more for every policy applied
+    /// since (a reload, a revert). Not changed by a failed reload or by
+    /// reopening the audit log.
+    #[serde(default)]
+    pub policy_generation: u64,
+    /// The outcome of the last reload (SIGHUP), if any.
+    #[serde(default)]
+    pub last_reload: Option<LastReload>,
+}
+
+/// How the last reload ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastReload {
+    /// Unix time.
+    pub at: u64,
+    pub ok: bool,
+    /// Why it failed (the running policy was kept).
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 impl State {
@@ -117,6 +136,8 @@ mod tests {
             audit_log: None,
             pending_confirm_until: None,
             labels: Labels::default(),
+            policy_generation: 1,
+            last_reload: None,
         };
         state.write(&dir, None).unwrap();
         let json: serde_json::Value = serde_json::from_slice(&std::fs::read(State::path(&dir)).unwrap()).unwrap();

@@ -216,6 +216,8 @@ mod tests {
             audit_log: None,
             pending_confirm_until: None,
             labels: Default::default(),
+            policy_generation: 1,
+            last_reload: None,
         }
     }
 

@@ -28,6 +28,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
+    io::BufRead as _,
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -114,26 +115,32 @@ impl Observed {
         Ok(())
     }
 
-    /// Reads audit log files (`json` or `ecs` format, any schema).
+    /// Reads audit logs (`json` or `ecs` format, any schema): the same
+    /// forms as `pcguard flows --log` (a live log with its rotated and
+    /// gzipped siblings, a rotated file, a glob; [`flows::query::log_set`]).
     pub fn read(paths: &[PathBuf]) -> Result<Self> {
         let mut obs = Observed::default();
-        for path in paths {
+        for path in flows::query::log_set(paths)? {
             let origin = path.display().to_string();
-            let bytes = std::fs::read(path).with_context(|| format!("{origin}: cannot read"))?;
-            if bytes.starts_with(&[0x1f, 0x8b]) {
-                bail!("{origin}: gzip-compressed: decompress it first (zcat {origin} > flows.jsonl)");
+            let mut reader = flows::query::open(&path)?;
+            let mut buf = Vec::with_capacity(1024);
+            let mut n = 0;
+            loop {
+                buf.clear();
+                if reader.read_until(b'\n', &mut buf).with_context(|| format!("{origin}: cannot read"))? == 0 {
+                    break;
+                }
+                n += 1;
+                // A last line without its newline is the daemon writing it.
+                let unfinished = !buf.ends_with(b"\n");
+                let r = std::str::from_utf8(buf.strip_suffix(b"\n").unwrap_or(&buf))
+                    .map_err(|_| anyhow::anyhow!("{origin}:{n}: not UTF-8"))
+                    .and_then(|line| obs.add_line(line, &origin, n));
+                match r {
+                    Err(_) if unfinished => {}
+                    r => r?,
+                }
             }
-            let text = String::from_utf8(bytes).map_err(|e| {
-                let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
-                anyhow::anyhow!("{origin}:{line}: not UTF-8")
-            })?;
-            let lines: Vec<&str> = text.split('\n').collect();
-            // After the last newline: "" or a line the daemon is writing.
-            let (last, whole) = lines.split_last().expect("split yields at least one item");
-            for (i, line) in whole.iter().enumerate() {
-                obs.add_line(line, &origin, i + 1)?;
-            }
-            let _ = obs.add_line(last, &origin, lines.len());
         }
         Ok(obs)
     }

@@ -34,6 +34,18 @@ pub fn pcguard_bin() -> Result<PathBuf> {
     bail!("pcguard binary not found near {} (build it or set PCGUARD_BIN)", exe.display())
 }
 
+/// How a test daemon is started beyond its arguments.
+#[derive(Clone, Debug, Default)]
+pub struct Launch {
+    /// Further environment variables (e.g. a `NOTIFY_SOCKET` the test
+    /// listens on).
+    pub env: Vec<(String, std::ffi::OsString)>,
+    /// A command that runs `nsenter ... pcguard run ...` (appended as its
+    /// arguments) and must exec it, keeping its pid, e.g. `sh -c
+    /// 'WATCHDOG_PID=$$ exec "$@"' sh`.
+    pub wrap: Vec<String>,
+}
+
 /// A `pcguard run` daemon in the lab's server namespace.
 pub struct Daemon {
     child: Child,
@@ -51,6 +63,12 @@ impl Daemon {
     /// attached (its state file exists). `work` holds the run dir, logs and
     /// the audit log; `extra` are further `run` arguments.
     pub fn start(lab: &Lab, config: &Path, work: &Path, extra: &[&str]) -> Result<Self> {
+        Self::start_with(lab, config, work, extra, &Launch::default())
+    }
+
+    /// [`Daemon::start`] with further environment variables and a command
+    /// the daemon is started through (see [`Launch`]).
+    pub fn start_with(lab: &Lab, config: &Path, work: &Path, extra: &[&str], launch: &Launch) -> Result<Self> {
         std::fs::create_dir_all(work)?;
         let run_dir = work.join("run");
         let bpffs_dir = lab.bpffs_dir();
@@ -81,7 +99,14 @@ impl Daemon {
         // The state file stays: a daemon that adopts the pins of an earlier
         // one reads its rule numbering from it, as after a real crash.
         let server_ns = lab.ns_path(SERVER);
-        let mut cmd = Command::new("nsenter");
+        let mut cmd = match launch.wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg("nsenter");
+                c
+            }
+            None => Command::new("nsenter"),
+        };
         cmd.arg(format!("--net={}", server_ns.display()))
             .arg(pcguard_bin()?)
             .args(["run", "--config"])
@@ -95,9 +120,12 @@ impl Daemon {
         if !config_audit && !own_audit {
             cmd.arg("--audit-log").arg(&audit_log);
         }
+        // With `--trace-datapath`, its decision records too.
+        let rust_log = if extra.contains(&"--trace-datapath") { "info,pcguard::datapath=debug" } else { "info" };
         let child = cmd
             .args(&extra)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(File::create(&log)?))
             .stderr(Stdio::from(File::options().append(true).open(&log)?))
             .spawn()
@@ -146,6 +174,18 @@ impl Daemon {
         let out = Command::new(pcguard_bin()?).args(args).arg("--run-dir").arg(&self.run_dir).output()?;
         ensure!(out.status.success(), "pcguard {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `pcguard <args> --run-dir <run dir>` and returns its output,
+    /// whatever its exit status.
+    pub fn cli_output(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(Command::new(pcguard_bin()?).args(args).arg("--run-dir").arg(&self.run_dir).output()?)
+    }
+
+    /// The daemon's state file.
+    pub fn state(&self) -> Result<serde_json::Value> {
+        let path = self.run_dir.join("state.json");
+        Ok(serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?)?)
     }
 
     /// Fetches /metrics from inside the server namespace.
@@ -314,6 +354,11 @@ impl TestLab {
     /// Starts `pcguard run` on the lab with this config.
     pub fn start(&self, extra: &[&str]) -> Result<Daemon> {
         Daemon::start(&self.lab, &self.config, &self.work.join("daemon"), extra)
+    }
+
+    /// [`TestLab::start`] with further environment variables and a wrapper.
+    pub fn start_with(&self, extra: &[&str], launch: &Launch) -> Result<Daemon> {
+        Daemon::start_with(&self.lab, &self.config, &self.work.join("daemon"), extra, launch)
     }
 
     /// Replaces the config file (then signal the daemon to reload).

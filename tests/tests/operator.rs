@@ -244,7 +244,7 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() -> Result<
             .flatten()
             .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
             .collect();
-        ensure!(rules.len() >= 9, "rules loaded: {body}");
+        ensure!(rules.len() >= 10, "rules loaded: {body}");
         for r in &rules {
             ensure!(r["health"] == "ok", "rule {} unhealthy: {}", r["name"], r["lastError"]);
         }
@@ -287,7 +287,9 @@ fn systemd_unit_is_valid_and_least_privileged() -> Result<()> {
         "CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
-        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Type=notify",
+        "NotifyAccess=main",
+        "ExecReload=/usr/local/bin/pcguard reload",
     ] {
         assert!(unit.contains(want), "unit lacks {want}");
     }

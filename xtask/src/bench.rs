@@ -29,12 +29,16 @@ use pcguard_common::names;
 
 /// Without the `datapath` feature: this task again, with it.
 #[cfg(not(feature = "datapath"))]
-pub fn run(_obj_path: &Path, iterations: u32, quick: bool) -> anyhow::Result<()> {
+pub fn run(_obj_path: &Path, iterations: u32, quick: bool, trace: bool) -> anyhow::Result<()> {
     let mut c = crate::cargo();
-    c.args(["run", "--quiet", "--package", "xtask", "--features", "datapath", "--", "bench", "--iterations"])
+    let features = if trace { "trace" } else { "datapath" };
+    c.args(["run", "--quiet", "--package", "xtask", "--features", features, "--", "bench", "--iterations"])
         .arg(iterations.to_string());
     if quick {
         c.arg("--quick");
+    }
+    if trace {
+        c.arg("--trace");
     }
     crate::run(&mut c)
 }
@@ -42,8 +46,8 @@ pub fn run(_obj_path: &Path, iterations: u32, quick: bool) -> anyhow::Result<()>
 /// The timed cases (`quick`: the ingress and egress ones only), printed as
 /// a table. The object is pcguard's own (the `Datapath`'s).
 #[cfg(feature = "datapath")]
-pub fn run(_obj_path: &Path, iterations: u32, quick: bool) -> anyhow::Result<()> {
-    timed::run(iterations, quick)
+pub fn run(_obj_path: &Path, iterations: u32, quick: bool, trace: bool) -> anyhow::Result<()> {
+    timed::run(iterations, quick, trace)
 }
 
 /// Loads both programs and prints how many instructions the verifier
@@ -96,7 +100,7 @@ mod timed {
 
     use anyhow::{Context as _, ensure};
     use aya::Ebpf;
-    use pcguard::datapath::{Datapath, MapSizes};
+    use pcguard::datapath::{Datapath, MapSizes, Object};
     use pcguard_common::{IPPROTO_TCP, MODE_MONITOR};
     use pcguard_testkit::{
         dns::filler,
@@ -149,12 +153,13 @@ mod timed {
         }
     }
 
-    fn load() -> anyhow::Result<Kernel<Loaded>> {
+    fn load(object: Object) -> anyhow::Result<Kernel<Loaded>> {
         let cfg = pcguard::config::parse(POLICY, "bench.toml")?;
         let policy = pcguard::policy::compile(&cfg)?;
         let cloud = policy.classes.iter().position(|c| c.as_deref() == Some("cloud")).context("no cloud class")?;
         let dir = PathBuf::from(format!("/sys/fs/bpf/pcguard-bench-{}", std::process::id()));
-        let mut dp = Datapath::load(&dir, &MapSizes::of(&cfg)).context("loading the data path (root needed)")?;
+        let mut dp =
+            Datapath::load_object(&dir, &MapSizes::of(&cfg), object).context("loading the data path (root needed)")?;
         dp.apply(&policy, &[])?;
         Kernel::new(Loaded { dp: Some(dp), dir, cloud: 1 << cloud })
     }
@@ -172,12 +177,18 @@ mod timed {
         k: Kernel<Loaded>,
         iterations: u32,
         rows: Vec<Row>,
+        /// With the trace object: reads (and discards) its records.
+        drain: Option<Box<dyn FnMut()>>,
     }
 
-    pub fn run(iterations: u32, quick: bool) -> anyhow::Result<()> {
+    pub fn run(iterations: u32, quick: bool, trace: bool) -> anyhow::Result<()> {
         ensure!(iterations > 0, "iterations must be > 0");
         pin_to_one_cpu()?;
-        let mut bench = Bench { k: load()?, iterations, rows: Vec::new() };
+        let object = if trace { Object::Trace } else { Object::Default };
+        let mut bench = Bench { k: load(object)?, iterations, rows: Vec::new(), drain: None };
+        if trace {
+            bench.drain = Some(trace_drain(bench.k.target.dp())?);
+        }
         bench.ingress_cases()?;
         bench.egress_cases()?;
         if !quick {
@@ -188,6 +199,26 @@ mod timed {
         }
         bench.print();
         Ok(())
+    }
+
+    /// Reads the trace object's records into a logger that keeps none.
+    #[cfg(feature = "trace")]
+    fn trace_drain(dp: &mut Datapath) -> anyhow::Result<Box<dyn FnMut()>> {
+        struct Discard;
+        impl log::Log for Discard {
+            fn enabled(&self, _: &log::Metadata) -> bool {
+                true
+            }
+            fn log(&self, _: &log::Record) {}
+            fn flush(&self) {}
+        }
+        let mut records = dp.trace_logger(Discard)?;
+        Ok(Box::new(move || records.flush()))
+    }
+
+    #[cfg(not(feature = "trace"))]
+    fn trace_drain(_: &mut Datapath) -> anyhow::Result<Box<dyn FnMut()>> {
+        anyhow::bail!("the bench of the trace object needs xtask's `trace` feature")
     }
 
     impl Bench {
@@ -201,6 +232,9 @@ mod timed {
             want: Verdict,
             note: &str,
         ) -> anyhow::Result<f64> {
+            if let Some(drain) = &mut self.drain {
+                drain();
+            }
             let (ret, avg) = self.k.test_run(hook, data, self.iterations)?;
             self.k.expect(case, hook, ret, want)?;
             let ns = avg.as_nanos() as f64;
@@ -225,6 +259,9 @@ mod timed {
             for _ in 0..runs {
                 if let Some(key) = key {
                     self.k.forget(key)?;
+                }
+                if let Some(drain) = &mut self.drain {
+                    drain();
                 }
                 let (ret, d) = self.k.test_run(hook, data, 1)?;
                 self.k.expect(case, hook, ret, want)?;

@@ -12,7 +12,9 @@
 //! * `package` — the Debian package (cargo-deb) in target/debian/.
 //! * `bench` — ns/packet of the XDP program via BPF_PROG_TEST_RUN;
 //!   `bench --compare`: pcguard side by side with no filter, nftables and
-//!   xdp-filter on a veth pair (docs/performance.md).
+//!   xdp-filter on a veth pair (docs/performance.md);
+//!   `bench --flows-summary [--lines N]`: `pcguard flows --summary` on a
+//!   generated audit log of N records (lines/s).
 
 use std::{
     path::{Path, PathBuf},
@@ -25,6 +27,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod compare;
 mod demo;
+mod flowbench;
 mod package;
 
 #[derive(Parser)]
@@ -50,7 +53,15 @@ enum Task {
         /// Only the unit tests (no root needed).
         #[arg(long)]
         unit_only: bool,
+        /// Also the tests of the trace object (`pcguard run
+        /// --trace-datapath`): pcguard built with its `trace` feature, a
+        /// second eBPF build (~1.5-2.5 minutes on 2 cores), so not by default.
+        #[arg(long)]
+        trace: bool,
     },
+    /// Only the tests of the trace object (what `test --trace` adds; CI
+    /// runs it after `test`).
+    TestTrace,
     /// Build, start a lab, run pcguard on it with sample traffic, show the results.
     Demo {
         #[arg(long)]
@@ -75,7 +86,12 @@ enum Task {
     },
     /// Load both programs and print the verifier's instruction counts
     /// (limit: 1,000,000 per program).
-    Verifier,
+    Verifier {
+        /// The trace object instead (`pcguard run --trace-datapath`;
+        /// builds pcguard with its `trace` feature).
+        #[arg(long)]
+        trace: bool,
+    },
     /// Measure the XDP program with BPF_PROG_TEST_RUN (not a timed test).
     Bench {
         #[arg(long, default_value_t = 1_000_000)]
@@ -84,16 +100,29 @@ enum Task {
         /// while optimizing); the verdict cases still assert.
         #[arg(long)]
         quick: bool,
+        /// The trace object (`pcguard run --trace-datapath`), its records
+        /// read and discarded before each case: aya-log's ring holds ~500
+        /// records, so with more iterations most runs time a full ring.
+        #[arg(long)]
+        trace: bool,
         /// Instead: pcguard on each hook side by side with no filter,
         /// nftables and xdp-filter (SYN flood, connection rate, iperf3,
         /// test-run), interleaved rounds, a markdown table of medians and
         /// ratios (release build).
         #[arg(long)]
         compare: bool,
-        /// With --compare: the short asserted version `cargo xtask test`
-        /// runs (debug build).
-        #[arg(long, requires = "compare")]
+        /// With --compare or --flows-summary: the short asserted version
+        /// `cargo xtask test` runs (debug build).
+        #[arg(long)]
         smoke: bool,
+        /// Instead: `pcguard flows --summary` on a generated audit log
+        /// (flow_end and unexpected_flow records, 200 remotes, 20 ports),
+        /// totals asserted, lines per second (release build).
+        #[arg(long, conflicts_with = "compare")]
+        flows_summary: bool,
+        /// With --flows-summary: records in the generated log.
+        #[arg(long, default_value_t = 1_000_000, requires = "flows_summary")]
+        lines: u64,
         /// With --compare: rounds (each runs every receiver once).
         #[arg(long, default_value_t = 3)]
         rounds: u32,
@@ -108,12 +137,17 @@ fn main() -> Result<()> {
         Task::Deps => deps(),
         Task::Lint => lint(),
         Task::Build { release } => build(release),
-        Task::Test { no_deps, unit_only } => {
+        Task::Test { no_deps, unit_only, trace } => {
             if !no_deps {
                 deps()?;
             }
-            test(unit_only)
+            test(unit_only)?;
+            if trace && !unit_only {
+                test_trace()?;
+            }
+            Ok(())
         }
+        Task::TestTrace => test_trace(),
         Task::Demo { no_deps, keep } => {
             if !no_deps {
                 deps()?;
@@ -127,10 +161,23 @@ fn main() -> Result<()> {
             println!("{}", deb.display());
             Ok(())
         }
-        Task::Verifier => {
+        Task::Verifier { trace: false } => {
             build(false)?;
             bench::verifier_counts(&ebpf_object("debug")?)
         }
+        Task::Verifier { trace: true } => {
+            run(cargo().args(["build", "-p", "pcguard", "--features", "trace"]))?;
+            bench::verifier_counts(&ebpf_object_named("debug", "pcguard-ebpf-trace")?)
+        }
+        Task::Bench { flows_summary: true, smoke: true, .. } => {
+            build(false)?;
+            flowbench::smoke(&workspace_root(), &target_dir().join("debug/pcguard"))
+        }
+        Task::Bench { flows_summary: true, lines, .. } => {
+            build(true)?;
+            flowbench::run(&workspace_root(), &target_dir().join("release/pcguard"), lines)
+        }
+        Task::Bench { smoke: true, compare: false, .. } => bail!("--smoke goes with --compare or --flows-summary"),
         Task::Bench { compare: true, smoke: true, .. } => {
             build(false)?;
             compare::smoke(&workspace_root(), target_dir().join("debug/pcguard"))
@@ -144,9 +191,9 @@ fn main() -> Result<()> {
             println!("{}", compare::render(&report, &opts));
             Ok(())
         }
-        Task::Bench { iterations, quick, .. } => {
+        Task::Bench { iterations, quick, trace, .. } => {
             build(false)?;
-            bench::run(&ebpf_object("debug")?, iterations, quick)
+            bench::run(&ebpf_object("debug")?, iterations, quick, trace)
         }
     }
 }
@@ -263,7 +310,10 @@ fn deps() -> Result<()> {
 }
 
 /// rustfmt's check, then clippy with `-D warnings` on every crate and
-/// target (xtask also with its `datapath` feature, which the bench uses).
+/// target (xtask also with its `datapath` feature, which the bench uses;
+/// pcguard-ebpf also with `trace`. pcguard's `trace` code is checked by
+/// `cargo clippy -p pcguard --features trace`, not here: it builds the
+/// trace object).
 fn lint() -> Result<()> {
     for toolchain in ["nightly", "stable"] {
         run(Command::new("rustup").args(["component", "add", "rustfmt", "clippy", "--toolchain", toolchain]))?;
@@ -276,6 +326,18 @@ fn lint() -> Result<()> {
         .current_dir(workspace_root()))
     .context("formatting differs from rustfmt.toml: run `cargo +nightly fmt --all`")?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    // The kernel side of the trace object (host build: no eBPF build).
+    run(cargo().args([
+        "clippy",
+        "-p",
+        "pcguard-ebpf",
+        "--features",
+        "trace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     run(cargo().args(["clippy", "-p", "xtask", "--features", "datapath", "--all-targets", "--", "-D", "warnings"]))
 }
 
@@ -314,6 +376,9 @@ fn test(unit_only: bool) -> Result<()> {
         "xtask",
     ]))?;
     prometheus_rules()?;
+    // `pcguard flows --summary` on 100,000 generated records over a
+    // rotated, gzipped log set: the totals exact (a few seconds).
+    flowbench::smoke(&workspace_root(), &target_dir().join("debug/pcguard"))?;
     if unit_only {
         return Ok(());
     }
@@ -337,6 +402,29 @@ fn prometheus_rules() -> Result<()> {
     run(Command::new("promtool").current_dir(&dir).args(["test", "rules", "pcguard-rules.test.yml"]))
 }
 
+/// The trace object's tests: the CLI refuses `--trace-datapath` only
+/// without it; its decision records (kernel tests, root); the daemon
+/// built with it logging real traffic's decisions (a lab). Leaves
+/// target/debug/pcguard built with `--features trace`.
+fn test_trace() -> Result<()> {
+    run(cargo().args(["test", "-p", "pcguard", "--features", "trace", "--test", "trace_option"]))?;
+    run(cargo().args(["build", "-p", "pcguard", "--features", "trace"]))?;
+    run(cargo().args([
+        "test",
+        "-p",
+        "pcguard-tests",
+        "--features",
+        "trace",
+        "--test",
+        "kernel",
+        "--test",
+        "trace_datapath",
+        "trace",
+        "--",
+        "--test-threads=1",
+    ]))
+}
+
 fn lab(action: &str, prefix: &str) -> Result<()> {
     match action {
         "up" => {
@@ -357,12 +445,18 @@ fn lab(action: &str, prefix: &str) -> Result<()> {
 /// optimizes it; the newest
 /// `<target>/<profile>/build/pcguard-*/out/pcguard-ebpf`).
 fn ebpf_object(profile: &str) -> Result<PathBuf> {
+    ebpf_object_named(profile, "pcguard-ebpf")
+}
+
+/// [`ebpf_object`] of another name (`pcguard-ebpf-trace`, built with
+/// pcguard's `trace` feature).
+fn ebpf_object_named(profile: &str, name: &str) -> Result<PathBuf> {
     let build_dir = target_dir().join(profile).join("build");
     std::fs::read_dir(&build_dir)
         .with_context(|| format!("reading {}", build_dir.display()))?
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().starts_with("pcguard-"))
-        .map(|e| e.path().join("out").join("pcguard-ebpf"))
+        .map(|e| e.path().join("out").join(name))
         .filter(|p| p.is_file())
         .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
         .with_context(|| format!("no eBPF object under {}", build_dir.display()))

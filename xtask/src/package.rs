@@ -106,6 +106,7 @@ mod tests {
         let unit = packaged_unit(&repo).unwrap();
         assert!(unit.contains("ExecStart=/usr/bin/pcguard run "), "{unit}");
         assert!(unit.contains("ExecStartPre=/usr/bin/pcguard check "), "{unit}");
+        assert!(unit.contains("ExecReload=/usr/bin/pcguard reload "), "{unit}");
         assert!(!unit.contains("/usr/local"));
         // Every line but the substituted ones is kept.
         assert_eq!(repo.lines().count(), unit.lines().count());

@@ -311,7 +311,7 @@ fn flows_filters_first_then_takes_the_last_n_of_every_format() {
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();
     let run = |filter: Filter, n: usize, as_json: bool| {
         let mut out = Vec::new();
-        follow(&path, &filter, n, false, as_json, &mut out).unwrap();
+        follow(std::slice::from_ref(&path), &filter, n, false, as_json, &mut out).unwrap();
         String::from_utf8(out).unwrap()
     };
     let no_rule = || Filter { reason: Some("no_rule".into()), ..Default::default() };

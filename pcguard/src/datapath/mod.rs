@@ -16,6 +16,7 @@
 mod diff;
 mod generation;
 mod maps;
+pub mod trace;
 
 use std::{net::IpAddr, path::Path};
 
@@ -43,6 +44,39 @@ use crate::{
 
 /// The eBPF object built by `build.rs` (pcguard-ebpf, bpfel-unknown-none).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pcguard-ebpf"));
+
+/// The trace object (pcguard-ebpf with its `trace` feature), built only
+/// with pcguard's `trace` feature.
+#[cfg(feature = "trace")]
+static TRACE_OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pcguard-ebpf-trace")));
+#[cfg(not(feature = "trace"))]
+static TRACE_OBJECT: Option<&[u8]> = None;
+
+/// Which build of the programs [`Datapath::load_object`] loads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Object {
+    /// The programs as deployed.
+    #[default]
+    Default,
+    /// The same programs with a debug record of every packet's decision
+    /// (aya-log; see [`trace`]): `pcguard run --trace-datapath`.
+    Trace,
+}
+
+impl Object {
+    /// The object's bytes, or why this binary has none.
+    pub fn bytes(self) -> Result<&'static [u8]> {
+        match self {
+            Object::Default => Ok(OBJECT),
+            Object::Trace => TRACE_OBJECT.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "this pcguard was built without the trace object (--trace-datapath): build it with \
+                     `cargo build --features trace`"
+                )
+            }),
+        }
+    }
+}
 
 /// Default directory for pinned maps (on bpffs).
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/pcguard";
@@ -75,10 +109,17 @@ impl Datapath {
     /// stays active and is read back, so the next apply writes only what
     /// differs.
     pub fn load(bpffs_dir: &Path, sizes: &MapSizes) -> Result<Self> {
+        Self::load_object(bpffs_dir, sizes, Object::Default)
+    }
+
+    /// [`Datapath::load`] with the programs of `object`: the maps and
+    /// their pins are the same either way.
+    pub fn load_object(bpffs_dir: &Path, sizes: &MapSizes, object: Object) -> Result<Self> {
+        let object = object.bytes()?;
         if let Err(e) = sys::raise_memlock_rlimit() {
             debug!("raising RLIMIT_MEMLOCK failed: {e}");
         }
-        let Loaded { ebpf, pins, adopted, xdp_unavailable } = attach::load(OBJECT, bpffs_dir, sizes)?;
+        let Loaded { ebpf, pins, adopted, xdp_unavailable } = attach::load(object, bpffs_dir, sizes)?;
         let generations = if adopted { Generations::adopt(&ebpf)? } else { Generations::new() };
         Ok(Self { ebpf, pins, adopted, interfaces: Vec::new(), generations, xdp_unavailable })
     }

@@ -17,6 +17,8 @@ mod flows;
 mod policy;
 mod reports;
 mod rig;
+#[cfg(feature = "trace")]
+mod trace;
 
 use anyhow::Result;
 use pcguard_common::FlowKey;

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::Ebpf;
 use pcguard::{
-    datapath::{Datapath, MapSizes},
+    datapath::{Datapath, MapSizes, Object},
     policy::CompiledPolicy,
 };
 use pcguard_tests::kernel::{Kernel, Target, pin_to_one_cpu};
@@ -36,6 +36,11 @@ impl Rig {
     /// Loads the programs against new maps (sized by `config`), applies
     /// `config`'s policy, and pins this thread to its CPU.
     pub fn load(config: &str) -> Result<K> {
+        Self::load_object(config, Object::Default)
+    }
+
+    /// [`Rig::load`] with the programs of `object`.
+    pub fn load_object(config: &str, object: Object) -> Result<K> {
         static N: AtomicU32 = AtomicU32::new(0);
         pin_to_one_cpu()?;
         let (cfg, policy) = compile(config)?;
@@ -44,7 +49,8 @@ impl Rig {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut dp = Datapath::load(&dir, &MapSizes::of(&cfg)).context("loading the data path (root needed)")?;
+        let mut dp =
+            Datapath::load_object(&dir, &MapSizes::of(&cfg), object).context("loading the data path (root needed)")?;
         dp.apply(&policy, &[])?;
         Kernel::new(Rig { dp: Some(dp), dir, policy })
     }
