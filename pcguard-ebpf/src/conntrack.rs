@@ -92,7 +92,7 @@ fn remove(key: &FlowKey, table: Table) -> bool {
 /// Sends the start (`end` 0) or end of an audited flow on `FLOW_RECORDS`
 /// with a copy of its entry. Only for entries with `CT_FLAG_AUDITED`, on
 /// a flow's creation and close: never per packet.
-#[inline(always)]
+#[inline(never)]
 fn flow_record(key: &FlowKey, e: &CtEntry, ifindex: u32, end: u8) {
     let Some(mut r) = FLOW_RECORDS.reserve::<FlowRecord>(0) else {
         stat(STAT_FLOW_RECORDS_DROPPED);
@@ -111,6 +111,20 @@ fn flow_record(key: &FlowKey, e: &CtEntry, ifindex: u32, end: u8) {
     stat(STAT_FLOW_RECORDS_SENT);
 }
 
+/// Removes an audited entry found idle past its timeout and sends its end
+/// record (reason idle). Copied first: the removal frees the value. Only
+/// the CPU whose removal succeeded reports it (the daemon's walk, which
+/// also removes idle audited entries, follows the same rule). A
+/// subprogram: one copy for both tables' lookups.
+#[inline(never)]
+fn expire_audited(key: &FlowKey, established: bool, e: &CtEntry) {
+    let copy = *e;
+    let table = if established { Table::Established } else { Table::New };
+    if remove(key, table) {
+        flow_record(key, &copy, 0, FLOW_END_IDLE);
+    }
+}
+
 /// `key`'s entry in `table` if it is a valid hit: not idle past its
 /// timeout (an expired entry is deleted).
 #[inline(always)]
@@ -121,13 +135,12 @@ fn lookup_in(table: Table, key: &FlowKey, now: u64, s: &Settings) -> Option<Hit>
     // Saturating: another CPU may have stored a `last_seen_ns` later than our
     // `now`; that is an age of 0, not an expiry.
     if now.saturating_sub(e.last_seen_ns) >= idle_timeout(key.proto, e.state, s) {
-        // Copied first: the removal frees the value. Only the CPU whose
-        // removal succeeded reports it (the daemon's walk, which also
-        // removes expired entries, follows the same rule), and a flow
-        // closed by FIN was reported then.
-        let copy = *e;
-        if remove(key, table) && copy.flags & CT_FLAG_AUDITED != 0 && copy.state == CT_STATE_OPEN {
-            flow_record(key, &copy, 0, FLOW_END_IDLE);
+        // An open audited flow's end (a flow closed by FIN was reported
+        // then).
+        if e.flags & CT_FLAG_AUDITED != 0 && e.state == CT_STATE_OPEN {
+            expire_audited(key, table == Table::Established, e);
+        } else {
+            remove(key, table);
         }
         return None;
     }
@@ -198,10 +211,12 @@ pub fn touch(key: &FlowKey, hit: Hit, dir: u32, tcp_flags: u8, now: u64, refresh
     // SAFETY: map value pointer, valid for the duration of the program.
     let e = unsafe { &mut *hit.entry };
     count_packet(e, dir, len);
+    // One call site for both ends (a smaller program for the verifier).
+    if tcp_flags & (TCP_RST | TCP_FIN) != 0 && e.flags & CT_FLAG_AUDITED != 0 && e.state == CT_STATE_OPEN {
+        let end = if tcp_flags & TCP_RST != 0 { FLOW_END_RST } else { FLOW_END_FIN };
+        flow_record(key, e, ifindex, end);
+    }
     if tcp_flags & TCP_RST != 0 {
-        if e.flags & CT_FLAG_AUDITED != 0 && e.state == CT_STATE_OPEN {
-            flow_record(key, e, ifindex, FLOW_END_RST);
-        }
         // Both tables: a bare SYN of an established 5-tuple (a duplicate,
         // or a new connection reusing it) may have left a `CT_NEW` entry
         // beside it.
@@ -213,9 +228,6 @@ pub fn touch(key: &FlowKey, hit: Hit, dir: u32, tcp_flags: u8, now: u64, refresh
         e.last_seen_ns = now;
     }
     if tcp_flags & TCP_FIN != 0 {
-        if e.flags & CT_FLAG_AUDITED != 0 && e.state == CT_STATE_OPEN {
-            flow_record(key, e, ifindex, FLOW_END_FIN);
-        }
         e.state = CT_STATE_CLOSING;
     }
     if hit.table == Table::Established {
