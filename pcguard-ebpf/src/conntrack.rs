@@ -18,7 +18,7 @@ use pcguard_common::{
 use crate::{
     counters::stat,
     maps::{CONNTRACK, CT_NEW, FLOW_RECORDS},
-    parse::{DNS_PORT, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, addr_bytes},
+    parse::{DNS_PORT, Frame, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, addr_bytes},
 };
 
 const EEXIST: i32 = 17;
@@ -202,19 +202,19 @@ fn count_packet(e: &mut CtEntry, dir: u32, len: u32) {
 }
 
 /// Updates a valid hit after its packet has been counted: adds the packet
-/// (`len` frame bytes, on `ifindex`) to the entry's counters, refreshes
+/// (its frame) to the entry's counters, refreshes
 /// `last_seen_ns` (when `refresh`), deletes the entry on RST, marks it
 /// closing on FIN, and moves a `CT_NEW` flow to `CONNTRACK` once it is
 /// established. An audited flow's RST or first FIN sends its end record.
 #[inline(always)]
-pub fn touch(key: &FlowKey, hit: Hit, dir: u32, tcp_flags: u8, now: u64, refresh: bool, len: u32, ifindex: u32) {
+pub fn touch(key: &FlowKey, hit: Hit, dir: u32, tcp_flags: u8, now: u64, refresh: bool, frame: &Frame) {
     // SAFETY: map value pointer, valid for the duration of the program.
     let e = unsafe { &mut *hit.entry };
-    count_packet(e, dir, len);
+    count_packet(e, dir, frame.len);
     // One call site for both ends (a smaller program for the verifier).
     if tcp_flags & (TCP_RST | TCP_FIN) != 0 && e.flags & CT_FLAG_AUDITED != 0 && e.state == CT_STATE_OPEN {
         let end = if tcp_flags & TCP_RST != 0 { FLOW_END_RST } else { FLOW_END_FIN };
-        flow_record(key, e, ifindex, end);
+        flow_record(key, e, frame.ifindex, end);
     }
     if tcp_flags & TCP_RST != 0 {
         // Both tables: a bare SYN of an established 5-tuple (a duplicate,
@@ -256,14 +256,14 @@ fn promote(key: &FlowKey, e: &CtEntry) {
 }
 
 /// Tracks a new flow initiated in `flow_dir` (in `CT_NEW`), counting its
-/// first packet (`len` frame bytes, on `ifindex`). An audited flow
+/// first packet (its frame). An audited flow
 /// (`CT_FLAG_AUDITED` in `flags`) sends its start record once the entry
 /// is created.
 ///
 /// `BPF_NOEXIST`: an existing entry (one ignored because of a bare SYN
 /// against its direction, or one another CPU just created) is kept.
 #[inline(always)]
-pub fn insert(key: &FlowKey, flow_dir: u32, rule: u16, port_idx: u16, flags: u8, now: u64, len: u32, ifindex: u32) {
+pub fn insert(key: &FlowKey, flow_dir: u32, rule: u16, port_idx: u16, flags: u8, now: u64, frame: &Frame) {
     let mut entry = CtEntry {
         last_seen_ns: now,
         rule,
@@ -278,12 +278,12 @@ pub fn insert(key: &FlowKey, flow_dir: u32, rule: u16, port_idx: u16, flags: u8,
         packets_out: 0,
         bytes_out: 0,
     };
-    count_packet(&mut entry, flow_dir, len);
+    count_packet(&mut entry, flow_dir, frame.len);
     match CT_NEW.insert(key, entry, BPF_NOEXIST as u64) {
         Ok(()) => {
             stat(STAT_CT_CREATED);
             if flags & CT_FLAG_AUDITED != 0 {
-                flow_record(key, &entry, ifindex, 0);
+                flow_record(key, &entry, frame.ifindex, 0);
             }
         }
         Err(e) if e == -EEXIST => {}

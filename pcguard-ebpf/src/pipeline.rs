@@ -181,16 +181,7 @@ fn tracked(flow: &Flow, hit: Hit, load: &impl Load) -> Action {
     let verdict = if flags & CT_FLAG_MONITORED != 0 { VERDICT_MONITOR } else { VERDICT_ALLOW };
     flow.count(port_idx, rule, verdict);
     let refresh = conntrack::refreshes(flow.key, flow.dir, flow_dir);
-    conntrack::touch(
-        flow.key,
-        hit,
-        flow.dir,
-        flow.pkt.tcp_flags,
-        flow.now,
-        refresh,
-        flow.frame.len,
-        flow.frame.ifindex,
-    );
+    conntrack::touch(flow.key, hit, flow.dir, flow.pkt.tcp_flags, flow.now, refresh, flow.frame);
     if flow.dir == DIR_INGRESS
         && let Some(answer) = dns::answer(flow.pkt, flow.key, flow_dir, flow.g, flow.s, flow.now)
     {
@@ -211,7 +202,7 @@ fn track(flow: &Flow, flow_dir: u32, d: &Decision, verdict: usize) -> Action {
     } else {
         0
     };
-    conntrack::insert(flow.key, flow_dir, d.rule, d.port_idx, flags, flow.now, flow.frame.len, flow.frame.ifindex);
+    conntrack::insert(flow.key, flow_dir, d.rule, d.port_idx, flags, flow.now, flow.frame);
     flow.count(d.port_idx, d.rule, verdict);
     Action::Pass
 }
