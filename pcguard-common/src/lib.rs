@@ -26,6 +26,7 @@
 //! | `DNS_PENDING`   | LruHash              | [`DnsPendingKey`]    | u64 (ns)       |
 //! | `EVENTS`        | RingBuf              | -                    | [`FlowEvent`]  |
 //! | `DNS_MESSAGES`  | RingBuf              | -                    | [`DnsMessage`] |
+//! | `FLOW_RECORDS`  | RingBuf              | -                    | [`FlowRecord`] |
 //! | `TC_RERUN`      | ProgArray (1 entry)  | 0                    | the TC program |
 //!
 //! The per-packet cost is a fixed number of map lookups whatever the number
@@ -339,7 +340,12 @@ pub const STAT_DNS_UNSOLICITED: u32 = 11;
 pub const STAT_EVENTS_RATE_LIMITED: u32 = 12;
 /// Flows moved from `CT_NEW` to `CONNTRACK` (established).
 pub const STAT_CT_PROMOTED: u32 = 13;
-pub const NUM_STATS: u32 = 14;
+/// Starts and ends of audited flows written to `FLOW_RECORDS`.
+pub const STAT_FLOW_RECORDS_SENT: u32 = 14;
+/// Starts and ends of audited flows that could not be reserved in
+/// `FLOW_RECORDS` (the daemon is behind).
+pub const STAT_FLOW_RECORDS_DROPPED: u32 = 15;
+pub const NUM_STATS: u32 = 16;
 
 kernel_codes! {
     /// What happens to a new flow no rule allows, per direction
@@ -410,6 +416,20 @@ pub struct Settings {
     /// `STAT_EVENTS_RATE_LIMITED`, not sent. 0: no event is sent.
     pub event_rate: u32,
     pub event_burst: u32,
+    /// Rules whose allowed flows are audited (`[audit] allowed`): bit
+    /// `rule % 64` of word `rule / 64` ([`rule_audited`]). A flow created
+    /// by such a rule carries [`CT_FLAG_AUDITED`] and sends a
+    /// [`FlowRecord`] when it starts and when it ends.
+    pub audit_rules: [u64; AUDIT_RULE_WORDS],
+}
+
+/// Words of [`Settings::audit_rules`]: one bit per rule id.
+pub const AUDIT_RULE_WORDS: usize = (MAX_RULES / 64) as usize;
+
+/// Whether `rule` is set in an [`Settings::audit_rules`] bitmap.
+#[inline(always)]
+pub const fn rule_audited(bits: &[u64; AUDIT_RULE_WORDS], rule: u16) -> bool {
+    bits[(rule as usize >> 6) & (AUDIT_RULE_WORDS - 1)] & (1 << (rule & 63)) != 0
 }
 
 /// Conntrack / event key, normalized from the server's point of view:
@@ -442,6 +462,9 @@ pub const CT_FLAG_MONITORED: u8 = 1;
 /// initiator's next packet (a TCP one with ACK and without SYN), or at
 /// once for a UDP flow this server opened.
 pub const CT_FLAG_REPLIED: u8 = 2;
+/// The rule that allowed the flow is audited (`Settings::audit_rules`):
+/// the flow's start and end are sent on `FLOW_RECORDS`.
+pub const CT_FLAG_AUDITED: u8 = 4;
 
 /// Value of a conntrack entry.
 #[repr(C)]
@@ -457,6 +480,52 @@ pub struct CtEntry {
     pub state: u8,
     pub flags: u8,
     pub _pad: u8,
+    /// Clock (`bpf_ktime_get_coarse_ns`) when the entry was created.
+    pub started_ns: u64,
+    /// Packets and frame bytes that travelled toward this server
+    /// (`DIR_INGRESS`) and from it, the creating packet included. Plain
+    /// adds on the entry the packet's lookup returned (no atomic add in
+    /// Rust for BPF): two CPUs updating one direction of one flow at the
+    /// same instant may lose an increment; never over-counted.
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+}
+
+kernel_codes! {
+    /// How an audited flow ended ([`FlowRecord::end`]; 0: the record is the
+    /// flow's start).
+    pub enum FlowEnd {
+        /// A FIN was seen (the first one of either end).
+        Fin = 1 => "fin",
+        /// A RST was seen.
+        Rst = 2 => "rst",
+        /// Idle past its conntrack timeout (found by the kernel's lookup or
+        /// the daemon's walk).
+        Idle = 3 => "idle",
+    }
+}
+
+/// [`FlowEnd`] values, as the programs use them.
+pub const FLOW_END_FIN: u8 = FlowEnd::Fin as u8;
+pub const FLOW_END_RST: u8 = FlowEnd::Rst as u8;
+pub const FLOW_END_IDLE: u8 = FlowEnd::Idle as u8;
+
+/// The start or end of an audited allowed flow, sent on `FLOW_RECORDS`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowRecord {
+    /// `bpf_ktime_get_ns()` when the record was sent.
+    pub ts_ns: u64,
+    pub key: FlowKey,
+    /// The entry, counters included, after the packet that started or
+    /// ended the flow.
+    pub entry: CtEntry,
+    pub ifindex: u32,
+    /// 0: start; else a [`FlowEnd`].
+    pub end: u8,
+    pub _pad: [u8; 3],
 }
 
 kernel_codes! {
@@ -762,12 +831,15 @@ pub const fn peer_key_v6(generation: u32, a: [u8; 16]) -> [u8; 17] {
 }
 /// Size of `EVENTS` in bytes (power of two, multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 20;
+/// Size of `FLOW_RECORDS` in bytes (2340 records of 112 bytes + 8 of
+/// header).
+pub const FLOW_RECORDS_BYTES: u32 = 1 << 18;
 
 /// Version of this contract (map layouts, key and value types, the
 /// meaning of their fields). Bump it whenever any of them changes: a daemon
 /// finding maps pinned under another version does not adopt them (it
 /// creates a new set and swaps the programs), and `status` names both.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// `TC_RERUN` entries: each TC program's own (the program runs itself again
 /// after pulling headers into the skb's linear part).
@@ -797,7 +869,7 @@ const fn layout<K, V>(name: &'static str, max_entries: u32) -> MapLayout {
 /// Every map of the object, with its key and value sizes: checked against
 /// the built object by a test (`pcguard/tests/object_layouts.rs`, which
 /// parses it), and against pinned maps before a daemon adopts them.
-pub const MAP_LAYOUTS: [MapLayout; 19] = [
+pub const MAP_LAYOUTS: [MapLayout; 20] = [
     layout::<u32, u32>(names::ACTIVE, 1),
     layout::<u32, PortEntry>(names::PORTS, PORTS_ENTRIES),
     layout::<u32, PortSlot>(names::SLOTS, SLOTS_ENTRIES),
@@ -816,6 +888,7 @@ pub const MAP_LAYOUTS: [MapLayout; 19] = [
     layout::<DnsPendingKey, u64>(names::DNS_PENDING, DNS_PENDING_ENTRIES),
     MapLayout { name: names::EVENTS, key_size: 0, value_size: 0, max_entries: EVENTS_BYTES },
     MapLayout { name: names::DNS_MESSAGES, key_size: 0, value_size: 0, max_entries: DNS_MESSAGES_BYTES },
+    MapLayout { name: names::FLOW_RECORDS, key_size: 0, value_size: 0, max_entries: FLOW_RECORDS_BYTES },
     layout::<u32, u32>(names::TC_RERUN, 2),
     layout::<u32, u32>(names::SCRATCH, 1),
 ];
@@ -857,6 +930,7 @@ pub mod names {
     pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
     pub const STATS: &str = "STATS";
     pub const EVENTS: &str = "EVENTS";
+    pub const FLOW_RECORDS: &str = "FLOW_RECORDS";
     pub const DNS_MESSAGES: &str = "DNS_MESSAGES";
     pub const LEARNED: &str = "LEARNED";
     pub const DNS_PENDING: &str = "DNS_PENDING";
@@ -901,6 +975,8 @@ mod pod {
     unsafe impl aya::Pod for CtEntry {}
     // SAFETY: repr(C) plain data without padding (layouts_have_no_implicit_padding).
     unsafe impl aya::Pod for FlowEvent {}
+    // SAFETY: repr(C) plain data without padding (layouts_have_no_implicit_padding).
+    unsafe impl aya::Pod for FlowRecord {}
     // SAFETY: repr(C) plain data without padding (layouts_have_no_implicit_padding).
     unsafe impl aya::Pod for ReportKey {}
     // SAFETY: repr(C) plain data without padding (layouts_have_no_implicit_padding).
@@ -1129,8 +1205,10 @@ mod tests {
         assert_eq!(size_of::<PortEntry>(), 4);
         assert_eq!(size_of::<PortSlot>(), 4 + 2 * MAX_CLASSES);
         assert_eq!(size_of::<FlowKey>(), 8 + 32);
-        assert_eq!(size_of::<CtEntry>(), 16);
-        assert_eq!(size_of::<Settings>(), 16 + 32 + 8);
+        assert_eq!(size_of::<CtEntry>(), 16 + 40);
+        assert_eq!(align_of::<CtEntry>(), 8);
+        assert_eq!(size_of::<Settings>(), 16 + 32 + 8 + 64);
+        assert_eq!(size_of::<FlowRecord>(), 8 + 40 + 56 + 8);
         assert_eq!(size_of::<ReportKey>(), 8 + 16);
         assert_eq!(size_of::<ReportSlot>(), 24 + 16);
         assert_eq!(align_of::<ReportKey>(), 8);
@@ -1148,7 +1226,7 @@ mod tests {
         fields!(Counters, 16 * NUM_VERDICTS, packets @ 0, bytes @ 8 * NUM_VERDICTS);
         fields!(
             Settings,
-            56,
+            120,
             ingress_mode @ 0,
             egress_mode @ 1,
             allow_icmp @ 2,
@@ -1162,9 +1240,26 @@ mod tests {
             report_interval_ns @ 40,
             event_rate @ 48,
             event_burst @ 52,
+            audit_rules @ 56,
         );
         fields!(FlowKey, 40, family @ 0, proto @ 1, _pad @ 2, local_port @ 4, remote_port @ 6, local_addr @ 8, remote_addr @ 24);
-        fields!(CtEntry, 16, last_seen_ns @ 0, rule @ 8, port_idx @ 10, flow_dir @ 12, state @ 13, flags @ 14, _pad @ 15);
+        fields!(
+            CtEntry,
+            56,
+            last_seen_ns @ 0,
+            rule @ 8,
+            port_idx @ 10,
+            flow_dir @ 12,
+            state @ 13,
+            flags @ 14,
+            _pad @ 15,
+            started_ns @ 16,
+            packets_in @ 24,
+            bytes_in @ 32,
+            packets_out @ 40,
+            bytes_out @ 48,
+        );
+        fields!(FlowRecord, 112, ts_ns @ 0, key @ 8, entry @ 48, ifindex @ 104, end @ 108, _pad @ 109);
         fields!(
             FlowEvent,
             72,

@@ -8,16 +8,17 @@
 //!   evict one, so a flood of new flows (spoofed SYNs, scans, churn from
 //!   random source ports) cannot push out the connections that work.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, maps::LruHashMap};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::LruHashMap};
 use pcguard_common::{
-    CT_FLAG_REPLIED, CT_STATE_CLOSING, CT_STATE_OPEN, CtEntry, DIR_EGRESS, DIR_INGRESS, FlowKey, IPPROTO_TCP,
-    IPPROTO_UDP, STAT_CT_CREATED, STAT_CT_EXPIRED, STAT_CT_INSERT_FAILED, STAT_CT_PROMOTED, Settings,
+    CT_FLAG_AUDITED, CT_FLAG_REPLIED, CT_STATE_CLOSING, CT_STATE_OPEN, CtEntry, DIR_EGRESS, DIR_INGRESS, FLOW_END_FIN,
+    FLOW_END_IDLE, FLOW_END_RST, FlowKey, FlowRecord, IPPROTO_TCP, IPPROTO_UDP, STAT_CT_CREATED, STAT_CT_EXPIRED,
+    STAT_CT_INSERT_FAILED, STAT_CT_PROMOTED, STAT_FLOW_RECORDS_DROPPED, STAT_FLOW_RECORDS_SENT, Settings,
 };
 
 use crate::{
     counters::stat,
-    maps::{CONNTRACK, CT_NEW},
-    parse::{DNS_PORT, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, addr_bytes},
+    maps::{CONNTRACK, CT_NEW, FLOW_RECORDS},
+    parse::{DNS_PORT, Frame, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, addr_bytes},
 };
 
 const EEXIST: i32 = 17;
@@ -78,11 +79,49 @@ fn idle_timeout(proto: u8, state: u8, s: &Settings) -> u64 {
     }
 }
 
-/// Removes a closed or expired entry.
+/// Removes a closed or expired entry; whether it was there.
 #[inline(always)]
-fn remove(key: &FlowKey, table: Table) {
-    if table.map().remove(key).is_ok() {
+fn remove(key: &FlowKey, table: Table) -> bool {
+    let removed = table.map().remove(key).is_ok();
+    if removed {
         stat(STAT_CT_EXPIRED);
+    }
+    removed
+}
+
+/// Sends the start (`end` 0) or end of an audited flow on `FLOW_RECORDS`
+/// with a copy of its entry. Only for entries with `CT_FLAG_AUDITED`, on
+/// a flow's creation and close: never per packet.
+#[inline(never)]
+fn flow_record(key: &FlowKey, e: &CtEntry, ifindex: u32, end: u8) {
+    let Some(mut r) = FLOW_RECORDS.reserve::<FlowRecord>(0) else {
+        stat(STAT_FLOW_RECORDS_DROPPED);
+        return;
+    };
+    r.write(FlowRecord {
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        key: *key,
+        entry: *e,
+        ifindex,
+        end,
+        _pad: [0; 3],
+    });
+    r.submit(0);
+    stat(STAT_FLOW_RECORDS_SENT);
+}
+
+/// Removes an audited entry found idle past its timeout and sends its end
+/// record (reason idle). Copied first: the removal frees the value. Only
+/// the CPU whose removal succeeded reports it (the daemon's walk, which
+/// also removes idle audited entries, follows the same rule). A
+/// subprogram: one copy for both tables' lookups.
+#[inline(never)]
+fn expire_audited(key: &FlowKey, established: bool, e: &CtEntry) {
+    let copy = *e;
+    let table = if established { Table::Established } else { Table::New };
+    if remove(key, table) {
+        flow_record(key, &copy, 0, FLOW_END_IDLE);
     }
 }
 
@@ -96,7 +135,13 @@ fn lookup_in(table: Table, key: &FlowKey, now: u64, s: &Settings) -> Option<Hit>
     // Saturating: another CPU may have stored a `last_seen_ns` later than our
     // `now`; that is an age of 0, not an expiry.
     if now.saturating_sub(e.last_seen_ns) >= idle_timeout(key.proto, e.state, s) {
-        remove(key, table);
+        // An open audited flow's end (a flow closed by FIN was reported
+        // then).
+        if e.flags & CT_FLAG_AUDITED != 0 && e.state == CT_STATE_OPEN {
+            expire_audited(key, table == Table::Established, e);
+        } else {
+            remove(key, table);
+        }
         return None;
     }
     Some(Hit { entry, table })
@@ -142,12 +187,35 @@ fn established(key: &FlowKey, flow_dir: u32, replied: bool, reply: bool, tcp_fla
     }
 }
 
-/// Updates a valid hit after its packet has been counted: refreshes
+/// Adds a packet of `len` frame bytes travelling in `dir` to the flow's
+/// counters: the allowed path's only cost for per-flow volumes (the entry
+/// is the one the packet's lookup returned).
+#[inline(always)]
+fn count_packet(e: &mut CtEntry, dir: u32, len: u32) {
+    if dir == DIR_INGRESS {
+        e.packets_in += 1;
+        e.bytes_in += len as u64;
+    } else {
+        e.packets_out += 1;
+        e.bytes_out += len as u64;
+    }
+}
+
+/// Updates a valid hit after its packet has been counted: adds the packet
+/// (its frame) to the entry's counters, refreshes
 /// `last_seen_ns` (when `refresh`), deletes the entry on RST, marks it
 /// closing on FIN, and moves a `CT_NEW` flow to `CONNTRACK` once it is
-/// established.
+/// established. An audited flow's RST or first FIN sends its end record.
 #[inline(always)]
-pub fn touch(key: &FlowKey, hit: Hit, dir: u32, tcp_flags: u8, now: u64, refresh: bool) {
+pub fn touch(key: &FlowKey, hit: Hit, dir: u32, tcp_flags: u8, now: u64, refresh: bool, frame: &Frame) {
+    // SAFETY: map value pointer, valid for the duration of the program.
+    let e = unsafe { &mut *hit.entry };
+    count_packet(e, dir, frame.len);
+    // One call site for both ends (a smaller program for the verifier).
+    if tcp_flags & (TCP_RST | TCP_FIN) != 0 && e.flags & CT_FLAG_AUDITED != 0 && e.state == CT_STATE_OPEN {
+        let end = if tcp_flags & TCP_RST != 0 { FLOW_END_RST } else { FLOW_END_FIN };
+        flow_record(key, e, frame.ifindex, end);
+    }
     if tcp_flags & TCP_RST != 0 {
         // Both tables: a bare SYN of an established 5-tuple (a duplicate,
         // or a new connection reusing it) may have left a `CT_NEW` entry
@@ -156,8 +224,6 @@ pub fn touch(key: &FlowKey, hit: Hit, dir: u32, tcp_flags: u8, now: u64, refresh
         remove(key, Table::New);
         return;
     }
-    // SAFETY: map value pointer, valid for the duration of the program.
-    let e = unsafe { &mut *hit.entry };
     if refresh {
         e.last_seen_ns = now;
     }
@@ -189,16 +255,37 @@ fn promote(key: &FlowKey, e: &CtEntry) {
     }
 }
 
-/// Tracks a new flow initiated in `flow_dir` (in `CT_NEW`).
+/// Tracks a new flow initiated in `flow_dir` (in `CT_NEW`), counting its
+/// first packet (its frame). An audited flow
+/// (`CT_FLAG_AUDITED` in `flags`) sends its start record once the entry
+/// is created.
 ///
 /// `BPF_NOEXIST`: an existing entry (one ignored because of a bare SYN
 /// against its direction, or one another CPU just created) is kept.
 #[inline(always)]
-pub fn insert(key: &FlowKey, flow_dir: u32, rule: u16, port_idx: u16, flags: u8, now: u64) {
-    let entry =
-        CtEntry { last_seen_ns: now, rule, port_idx, flow_dir: flow_dir as u8, state: CT_STATE_OPEN, flags, _pad: 0 };
+pub fn insert(key: &FlowKey, flow_dir: u32, rule: u16, port_idx: u16, flags: u8, now: u64, frame: &Frame) {
+    let mut entry = CtEntry {
+        last_seen_ns: now,
+        rule,
+        port_idx,
+        flow_dir: flow_dir as u8,
+        state: CT_STATE_OPEN,
+        flags,
+        _pad: 0,
+        started_ns: now,
+        packets_in: 0,
+        bytes_in: 0,
+        packets_out: 0,
+        bytes_out: 0,
+    };
+    count_packet(&mut entry, flow_dir, frame.len);
     match CT_NEW.insert(key, entry, BPF_NOEXIST as u64) {
-        Ok(()) => stat(STAT_CT_CREATED),
+        Ok(()) => {
+            stat(STAT_CT_CREATED);
+            if flags & CT_FLAG_AUDITED != 0 {
+                flow_record(key, &entry, frame.ifindex, 0);
+            }
+        }
         Err(e) if e == -EEXIST => {}
         Err(_) => stat(STAT_CT_INSERT_FAILED),
     }

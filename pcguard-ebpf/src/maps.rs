@@ -9,9 +9,9 @@ use aya_ebpf::{
 };
 use pcguard_common::{
     CONNTRACK_ENTRIES, CT_NEW_ENTRIES, Counters, CtEntry, DNS_MESSAGES_BYTES, DNS_PENDING_ENTRIES, DnsPendingKey,
-    EVENTS_BYTES, FlowKey, LEARNED_ENTRIES, LearnedKey, NUM_GENERATIONS, NUM_STATS, PEER_TRIE_ENTRIES,
-    PORT_COUNTER_ENTRIES, PORTS_ENTRIES, PortEntry, PortSlot, REPORTED_ENTRIES, RULE_COUNTER_ENTRIES, ReportSlot,
-    SLOTS_ENTRIES, Settings, TokenBucket,
+    EVENTS_BYTES, FLOW_RECORDS_BYTES, FlowKey, LEARNED_ENTRIES, LearnedKey, NUM_GENERATIONS, NUM_STATS,
+    PEER_TRIE_ENTRIES, PORT_COUNTER_ENTRIES, PORTS_ENTRIES, PortEntry, PortSlot, REPORTED_ENTRIES,
+    RULE_COUNTER_ENTRIES, ReportSlot, SLOTS_ENTRIES, Settings, TokenBucket,
 };
 
 /// The policy generation packets use (0 or 1), one entry: read once per
@@ -78,6 +78,10 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_STATS, 0)
 /// Unexpected-flow records (`FlowEvent`).
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Starts and ends of audited allowed flows (`FlowRecord`).
+#[map]
+pub static FLOW_RECORDS: RingBuf = RingBuf::with_byte_size(FLOW_RECORDS_BYTES, 0);
 
 /// (generation, address) -> FQDN class mask learned from DNS answers.
 /// Separate from the static peer tries, so that the policy always has its

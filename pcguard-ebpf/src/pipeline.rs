@@ -7,9 +7,9 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use pcguard_common::{
-    CT_FLAG_MONITORED, DIR_INGRESS, FlowKey, MODE_MONITOR, Malformed, PROTO_IDX_OTHER, REASON_MALFORMED,
-    REASON_OUTBOUND_TO_WORKSTATION, REASON_UNTRACKED_REPLY, STAT_MALFORMED, STAT_NON_IP, Settings, VERDICT_ALLOW,
-    VERDICT_BYPASS, VERDICT_DROP, VERDICT_MONITOR,
+    CT_FLAG_AUDITED, CT_FLAG_MONITORED, DIR_INGRESS, FlowKey, MODE_MONITOR, Malformed, PROTO_IDX_OTHER,
+    REASON_MALFORMED, REASON_OUTBOUND_TO_WORKSTATION, REASON_UNTRACKED_REPLY, STAT_MALFORMED, STAT_NON_IP, Settings,
+    VERDICT_ALLOW, VERDICT_BYPASS, VERDICT_DROP, VERDICT_MONITOR, rule_audited,
 };
 
 use crate::{
@@ -187,7 +187,7 @@ fn tracked(flow: &Flow, hit: Hit, load: &impl Load) -> Action {
     flow.count(port_idx, rule, verdict);
     trace::decision!(flow.dir, verdict, 0, flow.pkt, rule);
     let refresh = conntrack::refreshes(flow.key, flow.dir, flow_dir);
-    conntrack::touch(flow.key, hit, flow.dir, flow.pkt.tcp_flags, flow.now, refresh);
+    conntrack::touch(flow.key, hit, flow.dir, flow.pkt.tcp_flags, flow.now, refresh, flow.frame);
     if flow.dir == DIR_INGRESS
         && let Some(answer) = dns::answer(flow.pkt, flow.key, flow_dir, flow.g, flow.s, flow.now)
     {
@@ -199,8 +199,16 @@ fn tracked(flow: &Flow, hit: Hit, load: &impl Load) -> Action {
 /// Tracks a new flow initiated in `flow_dir` and passes the packet.
 #[inline(always)]
 fn track(flow: &Flow, flow_dir: u32, d: &Decision, verdict: usize) -> Action {
-    let flags = if verdict == VERDICT_MONITOR { CT_FLAG_MONITORED } else { 0 };
-    conntrack::insert(flow.key, flow_dir, d.rule, d.port_idx, flags, flow.now);
+    // An allowed flow of an audited rule (a bit of the generation's
+    // settings: no lookup) sends start and end records.
+    let flags = if verdict == VERDICT_MONITOR {
+        CT_FLAG_MONITORED
+    } else if rule_audited(&flow.s.audit_rules, d.rule) {
+        CT_FLAG_AUDITED
+    } else {
+        0
+    };
+    conntrack::insert(flow.key, flow_dir, d.rule, d.port_idx, flags, flow.now, flow.frame);
     flow.count(d.port_idx, d.rule, verdict);
     Action::Pass
 }

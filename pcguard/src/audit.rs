@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 pub use crate::config::AuditFormat;
 use crate::{
     auditlog::AuditLog,
+    flowrec::FlowRecordOut,
     flows::{AuditRecord, DNS_POISONING},
     gate::SummaryRecord,
     syslog::{Facility, SendError, Syslog},
@@ -46,6 +47,10 @@ pub enum EventType {
     DnsPoisoning,
     /// What the audit gate held back in a report interval.
     AuditSummary,
+    /// An allowed flow of an audited rule (`[audit] allowed`) started.
+    FlowStart,
+    /// It ended (FIN, RST or idle expiry), with its counters.
+    FlowEnd,
 }
 
 impl EventType {
@@ -54,6 +59,8 @@ impl EventType {
             EventType::UnexpectedFlow => "unexpected_flow",
             EventType::DnsPoisoning => "dns_poisoning",
             EventType::AuditSummary => "audit_summary",
+            EventType::FlowStart => "flow_start",
+            EventType::FlowEnd => "flow_end",
         }
     }
 
@@ -203,6 +210,26 @@ impl Encoder {
         Encoded { line, severity: code, ts: rec.ts.clone(), msgid: rec.reason.clone() }
     }
 
+    /// A `flow_start` or `flow_end` record.
+    pub fn flow_record(&self, rec: &FlowRecordOut, now: SystemTime) -> Encoded {
+        let ty = if rec.is_end() { EventType::FlowEnd } else { EventType::FlowStart };
+        let id = self.ids.next(now);
+        let code = severity_code(&rec.severity);
+        let line = match self.format {
+            AuditFormat::Json => serde_json::to_vec(&V1 {
+                schema: SCHEMA_VERSION,
+                event_type: ty.as_str(),
+                event_id: &id,
+                host: &self.host,
+                severity_code: code,
+                record: rec,
+            }),
+            AuditFormat::Ecs => serde_json::to_vec(&ecs_flow_record(rec, ty, &id, &self.host)),
+        }
+        .expect("audit records serialize");
+        Encoded { line, severity: code, ts: rec.ts.clone(), msgid: ty.as_str().into() }
+    }
+
     pub fn summary(&self, rec: &SummaryRecord, now: SystemTime) -> Encoded {
         let ty = EventType::AuditSummary;
         let id = self.ids.next(now);
@@ -335,6 +362,83 @@ pub fn ecs_flow(rec: &AuditRecord, ty: EventType, id: &str, host: &str) -> Value
     Value::Object(m)
 }
 
+/// A `flow_start` / `flow_end` record in ECS: an `event` of category
+/// `network`, type `connection` + `start` / `end`; an end carries ECS's
+/// byte and packet counts (`source.*` = the initiator's side,
+/// `destination.*` = the responder's, `network.*` = both).
+pub fn ecs_flow_record(rec: &FlowRecordOut, ty: EventType, id: &str, host: &str) -> Value {
+    let inbound = rec.direction == "inbound";
+    let (src, dst) = if inbound { (&rec.remote, &rec.local) } else { (&rec.local, &rec.remote) };
+    let phase = if ty == EventType::FlowEnd { "end" } else { "start" };
+    let mut m = ecs_base(
+        &rec.ts,
+        ty,
+        id,
+        host,
+        &rec.severity,
+        "event",
+        &["network"],
+        &["connection", phase],
+        ty.as_str(),
+        "success",
+    );
+    m.insert("message".into(), rec.human().into());
+    let mut source = json!({ "ip": src.addr, "port": src.port });
+    let mut destination = json!({ "ip": dst.addr, "port": dst.port });
+    let mut network = json!({
+        "transport": ecs_transport(&rec.protocol),
+        "type": if rec.remote.addr.is_ipv4() { "ipv4" } else { "ipv6" },
+        "direction": if inbound { "ingress" } else { "egress" },
+    });
+    let mut p = json!({
+        "schema": SCHEMA_VERSION,
+        "event_type": ty.as_str(),
+        "direction": rec.direction,
+        "protocol": rec.protocol,
+        "rule": rec.rule,
+        "peer_classes": rec.peer_classes,
+    });
+    if let Some(e) = &rec.end {
+        // Bytes "in" travel toward this server: from the initiator of an
+        // inbound flow, from the responder of an outbound one.
+        let (src_side, dst_side) = if inbound {
+            ((e.bytes_in, e.packets_in), (e.bytes_out, e.packets_out))
+        } else {
+            ((e.bytes_out, e.packets_out), (e.bytes_in, e.packets_in))
+        };
+        source["bytes"] = src_side.0.into();
+        source["packets"] = src_side.1.into();
+        destination["bytes"] = dst_side.0.into();
+        destination["packets"] = dst_side.1.into();
+        network["bytes"] = (e.bytes_in + e.bytes_out).into();
+        network["packets"] = (e.packets_in + e.packets_out).into();
+        m["event"]["start"] = e.started.clone().into();
+        m["event"]["end"] = rec.ts.clone().into();
+        m["event"]["duration"] = (e.duration_ms.saturating_mul(1_000_000)).into();
+        for (k, v) in [
+            ("started", Value::from(e.started.clone())),
+            ("duration_ms", e.duration_ms.into()),
+            ("packets_in", e.packets_in.into()),
+            ("bytes_in", e.bytes_in.into()),
+            ("packets_out", e.packets_out.into()),
+            ("bytes_out", e.bytes_out.into()),
+            ("end_reason", e.end_reason.clone().into()),
+        ] {
+            p[k] = v;
+        }
+    }
+    m.insert("source".into(), source);
+    m.insert("destination".into(), destination);
+    m.insert("network".into(), network);
+    m.insert("rule".into(), json!({ "name": rec.rule, "ruleset": "pcguard" }));
+    if !rec.interface.is_empty() {
+        let side = if inbound { "ingress" } else { "egress" };
+        m["observer"][side] = json!({ "interface": { "name": rec.interface } });
+    }
+    m.insert("pcguard".into(), p);
+    Value::Object(m)
+}
+
 /// A summary record in ECS: a metric event, its counts under
 /// `pcguard.summary`.
 pub fn ecs_summary(rec: &SummaryRecord, id: &str, host: &str) -> Value {
@@ -427,6 +531,12 @@ impl AuditSink {
     /// Writes an unexpected-flow or `dns_poisoning` record.
     pub fn write(&mut self, rec: &AuditRecord) -> Result<()> {
         let e = self.encoder.flow(rec, SystemTime::now());
+        self.emit(e)
+    }
+
+    /// Writes a `flow_start` or `flow_end` record.
+    pub fn write_flow_record(&mut self, rec: &FlowRecordOut) -> Result<()> {
+        let e = self.encoder.flow_record(rec, SystemTime::now());
         self.emit(e)
     }
 

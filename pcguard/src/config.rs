@@ -38,6 +38,10 @@ pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(60);
 /// Unexpected-flow records the daemon writes per second at most; beyond,
 /// one summary record per report interval counts what was left out.
 pub const DEFAULT_MAX_RECORDS_PER_SECOND: u32 = 100;
+/// Allowed-flow records (`flow_start`, `flow_end`) the daemon writes per
+/// second at most (`[audit] max_flow_records_per_second`); beyond, they
+/// are counted in the summary record.
+pub const DEFAULT_MAX_FLOW_RECORDS_PER_SECOND: u32 = 200;
 /// Conntrack table sizes (`[conntrack] max_entries`, `new_entries`).
 pub const CONNTRACK_ENTRIES_RANGE: (u64, u64) = (1024, 16_777_216);
 /// The pseudo peer class every address belongs to.
@@ -139,6 +143,62 @@ pub struct AuditConfig {
     pub format: AuditFormat,
     /// `syslog = true`: records also go to this socket, with this facility.
     pub syslog: Option<(PathBuf, crate::syslog::Facility)>,
+    /// Rules whose allowed flows get `flow_start` / `flow_end` records.
+    pub allowed: AuditAllowed,
+    /// Those records written per second at most.
+    pub max_flow_records_per_second: u32,
+}
+
+/// Which rules' allowed flows are recorded (`[audit] allowed`): none (the
+/// default), all, or the rules whose id matches one of the globs (`*`: any
+/// run of characters, `?`: one character).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum AuditAllowed {
+    #[default]
+    None,
+    All,
+    Rules(Vec<String>),
+}
+
+impl AuditAllowed {
+    /// Whether the flows of rule `id` are recorded.
+    pub fn matches(&self, id: &str) -> bool {
+        match self {
+            AuditAllowed::None => false,
+            AuditAllowed::All => true,
+            AuditAllowed::Rules(globs) => globs.iter().any(|g| glob_match(g, id)),
+        }
+    }
+}
+
+/// Whether `text` matches `pattern` as a whole (`*`: any run of characters,
+/// `?`: any one character, anything else itself). Linear backtracking on
+/// the last `*`, so no pattern is exponential.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        match p.get(pi) {
+            Some('*') => {
+                star = Some((pi, ti));
+                pi += 1;
+            }
+            Some(&c) if c == '?' || c == t[ti] => {
+                pi += 1;
+                ti += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    pi = sp + 1;
+                    ti = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
 }
 
 /// The audit records' format (`[audit] format`, docs/audit.md).
@@ -393,12 +453,47 @@ pub fn parse(text: &str, origin: &str) -> Result<SiteConfig, ConfigError> {
                     None => None,
                 },
             },
+            allowed: audit_allowed(&ctx, &raw.audit.allowed)?,
+            max_flow_records_per_second: ctx.count(
+                &raw.audit.max_flow_records_per_second,
+                "audit.max_flow_records_per_second",
+                (1, 100_000),
+                DEFAULT_MAX_FLOW_RECORDS_PER_SECOND,
+            )?,
         },
         metrics: MetricsConfig {
             listen: raw.metrics.listen.unwrap_or_else(|| DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
         },
         notes,
     })
+}
+
+/// `[audit] allowed`: `"all"`, or globs of rule ids (letters, digits,
+/// `-`, `_`, `.`, `*`, `?`).
+fn audit_allowed(ctx: &Ctx, value: &Option<Spanned<toml::Value>>) -> Result<AuditAllowed, ConfigError> {
+    let Some(v) = value else { return Ok(AuditAllowed::None) };
+    let err = |message: String| ctx.error(Some(v.span()), "audit.allowed", message);
+    let expected = "expected \"all\" or a list of rule ids (e.g. [\"admin-ssh\", \"web-*\"])";
+    match v.get_ref() {
+        toml::Value::String(w) if w == "all" => Ok(AuditAllowed::All),
+        toml::Value::String(w) => Err(err(format!("\"{w}\" is neither \"all\" nor a list: {expected}"))),
+        toml::Value::Array(items) => {
+            let mut out = Vec::new();
+            for item in items {
+                let Some(s) = item.as_str() else {
+                    return Err(err(format!("{item} is not a rule id: {expected}")));
+                };
+                if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.*?".contains(c)) {
+                    return Err(err(format!(
+                        "\"{s}\" is not a rule id glob (letters, digits, '-', '_', '.', '*', '?')"
+                    )));
+                }
+                out.push(s.to_string());
+            }
+            Ok(if out.is_empty() { AuditAllowed::None } else { AuditAllowed::Rules(out) })
+        }
+        other => Err(err(format!("{other} is not {expected}"))),
+    }
 }
 
 /// Where errors point: the config text and its name.

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{MapData, RingBuf};
 use log::{debug, error, info, warn};
-use pcguard_common::{DnsMessage, FlowEvent, names};
+use pcguard_common::{DnsMessage, FlowEvent, FlowRecord, names};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -27,6 +27,7 @@ use crate::{
     counters::Labels,
     datapath::{Datapath, MapSizes, Object},
     dns::{Accepted, FqdnClasses, Guard, Handled, LearnReport, Learner, Limits, QueryTable, Refusal, Seen},
+    flowrec::FlowRecordOut,
     flows::{AuditRecord, DnsRefusal, KeyedLimit},
     gate::AuditGate,
     logging::ALERT_TARGET,
@@ -85,6 +86,8 @@ struct DaemonSettings {
     group: Option<u32>,
     report_interval: Duration,
     max_records_per_second: u32,
+    /// `[audit] max_flow_records_per_second`.
+    max_flow_records_per_second: u32,
     info: PolicyInfo,
 }
 
@@ -102,6 +105,7 @@ fn daemon_settings(cfg: &SiteConfig, policy: &CompiledPolicy, opts: &RunOptions)
         group,
         report_interval: policy.settings.report_interval,
         max_records_per_second: cfg.audit.max_records_per_second,
+        max_flow_records_per_second: cfg.audit.max_flow_records_per_second,
         info: PolicyInfo {
             labels: Labels::from_policy(policy),
             mode: policy.settings.ingress_mode.as_str().into(),
@@ -220,6 +224,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     dp.attach(&settings.interfaces, cfg.ingress_hook, opts.xdp_skb)?;
     let events = dp.take_ring(names::EVENTS)?;
     let dns_answers = dp.take_ring(names::DNS_MESSAGES)?;
+    let flow_records = dp.take_ring(names::FLOW_RECORDS)?;
 
     let mut info = settings.info.clone();
     info.interfaces = dp.interfaces().to_vec();
@@ -251,11 +256,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         policy: Arc::new(RwLock::new(compiled)),
         metrics,
         audit: Arc::new(Mutex::new(audit)),
-        gate: Arc::new(Mutex::new(AuditGate::new(
-            settings.report_interval,
-            settings.max_records_per_second,
-            Instant::now(),
-        ))),
+        gate: Arc::new(Mutex::new({
+            let mut gate = AuditGate::new(settings.report_interval, settings.max_records_per_second, Instant::now());
+            gate.set_flow_ceiling(settings.max_flow_records_per_second);
+            gate
+        })),
         kernel_held: (0, 0),
         reloads: 0,
         loaded_at,
@@ -272,6 +277,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         opts,
     };
     daemon.spawn_events(events)?;
+    daemon.spawn_flow_records(flow_records)?;
     let dns_rx = spawn_dns_messages(dns_answers, daemon.metrics.clone())?;
     // Handlers before the state file exists: `pcguard reload` and `confirm`
     // signal the pid they read there (a signal without its handler would
@@ -357,6 +363,18 @@ fn cut_fate(s: &policy::PolicySettings) -> &'static str {
         (false, false) => "it will be cut (its packets are dropped)",
         (true, true) => "monitor mode: it keeps working, and its packets are reported",
         _ => "its packets are dropped in the enforced direction (it may be cut)",
+    }
+}
+
+/// Writes an allowed-flow record if the gate's ceiling lets it through.
+fn write_flow_record(gate: &Mutex<AuditGate>, audit: &Mutex<AuditSink>, metrics: &Metrics, rec: &FlowRecordOut) {
+    if !gate.lock().unwrap().offer_flow_record(Instant::now()) {
+        metrics.daemon.audit_held_back.inc();
+        return;
+    }
+    if let Err(e) = audit.lock().unwrap().write_flow_record(rec) {
+        metrics.daemon.audit_write_errors.inc();
+        error!("{e:#}");
     }
 }
 
@@ -476,6 +494,39 @@ impl Daemon {
         })
     }
 
+    /// `flow_start` / `flow_end` records from `FLOW_RECORDS`, through the
+    /// gate's ceiling of allowed-flow records.
+    fn spawn_flow_records(&self, ring: RingBuf<MapData>) -> Result<()> {
+        let policy = self.policy.clone();
+        let audit = self.audit.clone();
+        let gate = self.gate.clone();
+        let metrics = self.metrics.clone();
+        consume_ring(ring, move |bytes| {
+            let Some(r) = crate::datapath::read_record::<FlowRecord>(bytes) else { return };
+            let rec = FlowRecordOut::from_kernel(&r, &policy.read().unwrap());
+            write_flow_record(&gate, &audit, &metrics, &rec);
+        })
+    }
+
+    /// The expiry walk's half of allowed-flow records: audited flows idle
+    /// past their timeout are removed and get a `flow_end` record (reason
+    /// `idle`). Walks the conntrack tables only when some rule is audited.
+    fn expire_flows(&mut self) {
+        if self.cfg.audit.allowed == crate::config::AuditAllowed::None {
+            return;
+        }
+        match self.dp.expire_audited() {
+            Ok(idle) => {
+                let policy = self.policy.read().unwrap();
+                for (k, e) in &idle {
+                    let rec = FlowRecordOut::idle(k, e, &policy);
+                    write_flow_record(&self.gate, &self.audit, &self.metrics, &rec);
+                }
+            }
+            Err(e) => warn!("walking conntrack for idle audited flows: {e:#}"),
+        }
+    }
+
     async fn signal_loop(&mut self, signals: Signals, mut dns_rx: mpsc::Receiver<Accepted>) -> Result<Exit> {
         let Signals { mut hup, mut term, mut int, mut usr1, mut usr2 } = signals;
         let mut expiry = tokio::time::interval(EXPIRY_TICK);
@@ -507,6 +558,7 @@ impl Daemon {
                 Some(answer) = dns_rx.recv() => self.learn(&answer),
                 _ = expiry.tick() => {
                     self.expire_learned();
+                    self.expire_flows();
                     self.write_summary();
                 }
                 _ = term.recv() => return Ok(Exit::Stop),
@@ -703,6 +755,7 @@ impl Daemon {
         }
         self.group = settings.group;
         self.gate.lock().unwrap().configure(settings.report_interval, settings.max_records_per_second);
+        self.gate.lock().unwrap().set_flow_ceiling(settings.max_flow_records_per_second);
         self.dns_audit.set_interval(settings.report_interval);
         *self.policy.write().unwrap() = compiled;
         let mut info = settings.info;

@@ -215,7 +215,7 @@ impl AuditRecord {
 /// The audit direction of a report of a packet that travelled `dir`
 /// ([`PacketDir`]): a flow a peer opens is reported at ingress, one this
 /// server opens at egress.
-fn flow_direction(dir: u8) -> &'static str {
+pub(crate) fn flow_direction(dir: u8) -> &'static str {
     match PacketDir::try_from(dir) {
         Ok(PacketDir::Ingress) => Direction::Inbound.as_str(),
         Ok(PacketDir::Egress) => Direction::Outbound.as_str(),
@@ -230,7 +230,7 @@ fn fmt_endpoint(e: &Endpoint) -> String {
     }
 }
 
-fn addr(family: u8, bytes: &[u8; 16]) -> IpAddr {
+pub(crate) fn addr(family: u8, bytes: &[u8; 16]) -> IpAddr {
     if family == FAMILY_V4 {
         IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
     } else {

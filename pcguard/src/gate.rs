@@ -161,6 +161,14 @@ pub struct SummaryRecord {
     /// budget, or lost to a full ring buffer.
     pub kernel_rate_limited: u64,
     pub kernel_ring_dropped: u64,
+    /// `flow_start` / `flow_end` records held back by their own ceiling
+    /// (`[audit] max_flow_records_per_second`); absent when none were.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub flow_records_over_ceiling: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -184,6 +192,35 @@ pub struct AuditGate {
     by_reason: BoundedCounts<String>,
     sources: BoundedCounts<IpAddr>,
     ports: BoundedCounts<String>,
+    /// The allowed-flow records' own ceiling (a second's burst), and what
+    /// it held back since the last summary.
+    flow_ceiling: Ceiling,
+    flow_over_ceiling: u64,
+}
+
+/// A token bucket of `rate` tokens per second, a second's worth at most.
+struct Ceiling {
+    rate: u32,
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl Ceiling {
+    fn new(rate: u32, now: Instant) -> Self {
+        Self { rate: rate.max(1), tokens: f64::from(rate.max(1)), refilled: now }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let rate = f64::from(self.rate);
+        let earned = now.saturating_duration_since(self.refilled).as_secs_f64() * rate;
+        self.tokens = (self.tokens + earned).min(rate);
+        self.refilled = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
 }
 
 impl AuditGate {
@@ -200,7 +237,26 @@ impl AuditGate {
             by_reason: BoundedCounts::default(),
             sources: BoundedCounts::default(),
             ports: BoundedCounts::default(),
+            flow_ceiling: Ceiling::new(crate::config::DEFAULT_MAX_FLOW_RECORDS_PER_SECOND, now),
+            flow_over_ceiling: 0,
         }
+    }
+
+    /// The ceiling of `flow_start` / `flow_end` records
+    /// (`[audit] max_flow_records_per_second`).
+    pub fn set_flow_ceiling(&mut self, max_per_second: u32) {
+        self.flow_ceiling.rate = max_per_second.max(1);
+    }
+
+    /// Whether an allowed-flow record may be written now: no dedup (each
+    /// stands for one flow), only their own ceiling; one held back is
+    /// counted in the next summary.
+    pub fn offer_flow_record(&mut self, now: Instant) -> bool {
+        if self.flow_ceiling.take(now) {
+            return true;
+        }
+        self.flow_over_ceiling += 1;
+        false
     }
 
     /// A reload's new interval and ceiling.
@@ -258,7 +314,7 @@ impl AuditGate {
             return None;
         }
         let held = self.deduplicated + self.over_ceiling;
-        if held == 0 && kernel == (0, 0) {
+        if held == 0 && kernel == (0, 0) && self.flow_over_ceiling == 0 {
             self.since = now;
             return None;
         }
@@ -283,6 +339,7 @@ impl AuditGate {
             more_sources: self.sources.others,
             kernel_rate_limited: kernel.0,
             kernel_ring_dropped: kernel.1,
+            flow_records_over_ceiling: std::mem::take(&mut self.flow_over_ceiling),
         };
         self.since = now;
         self.deduplicated = 0;

@@ -17,6 +17,7 @@ pub mod counters;
 pub mod daemon;
 pub mod datapath;
 pub mod dns;
+pub mod flowrec;
 pub mod flows;
 pub mod gate;
 pub mod init;

@@ -11,7 +11,8 @@ use log::{debug, warn};
 use pcguard_common::{
     Counters, STAT_CT_CREATED, STAT_CT_EXPIRED, STAT_CT_INSERT_FAILED, STAT_CT_PROMOTED, STAT_DNS_ANSWERS,
     STAT_DNS_ANSWERS_DROPPED, STAT_DNS_QUERIES, STAT_DNS_UNSOLICITED, STAT_EVENTS_DROPPED, STAT_EVENTS_RATE_LIMITED,
-    STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, STAT_MALFORMED, STAT_NON_IP, Verdict,
+    STAT_EVENTS_SENT, STAT_EVENTS_SUPPRESSED, STAT_FLOW_RECORDS_DROPPED, STAT_FLOW_RECORDS_SENT, STAT_MALFORMED,
+    STAT_NON_IP, Verdict,
 };
 use prometheus_client::{
     collector::Collector,
@@ -362,6 +363,16 @@ impl Collector for KernelCollector {
                 "pcguard_conntrack_promoted",
                 "Flows moved from the new-flow table to the established table",
                 STAT_CT_PROMOTED,
+            ),
+            (
+                "pcguard_flow_records_sent",
+                "Starts and ends of audited allowed flows ([audit] allowed) the kernel sent to the daemon",
+                STAT_FLOW_RECORDS_SENT,
+            ),
+            (
+                "pcguard_flow_records_dropped",
+                "Starts and ends of audited allowed flows lost because their ring buffer was full",
+                STAT_FLOW_RECORDS_DROPPED,
             ),
         ];
         for (name, help, idx) in stats {

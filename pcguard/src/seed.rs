@@ -44,6 +44,13 @@ impl Seed {
             state: CT_STATE_OPEN,
             flags: 0,
             _pad: 0,
+            // Seeded: started before pcguard saw it, counted from now on,
+            // never audited (its start was not seen).
+            started_ns: now_ns,
+            packets_in: 0,
+            bytes_in: 0,
+            packets_out: 0,
+            bytes_out: 0,
         }
     }
 }

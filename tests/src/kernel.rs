@@ -22,8 +22,8 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use pcguard_common::{
-    Counters, CtEntry, DnsMessage, FAMILY_V4, FlowEvent, FlowKey, IPPROTO_TCP, LearnedKey, NUM_GENERATIONS, Settings,
-    VERDICT_ALLOW, names,
+    Counters, CtEntry, DnsMessage, FAMILY_V4, FlowEvent, FlowKey, FlowRecord, IPPROTO_TCP, LearnedKey, NUM_GENERATIONS,
+    Settings, VERDICT_ALLOW, names,
 };
 pub use pcguard_testkit::{dns, frame};
 
@@ -210,6 +210,7 @@ pub struct Kernel<T> {
     pub target: T,
     event_ring: RingBuf<MapData>,
     dns_ring: RingBuf<MapData>,
+    flow_ring: RingBuf<MapData>,
     /// Every event read from `EVENTS` so far.
     pub events: Vec<FlowEvent>,
     /// How many messages were read from `DNS_MESSAGES` so far.
@@ -227,7 +228,8 @@ impl<T: Target> Kernel<T> {
         let ebpf = target.ebpf();
         let event_ring = RingBuf::try_from(ebpf.take_map(names::EVENTS).context("no EVENTS map")?)?;
         let dns_ring = RingBuf::try_from(ebpf.take_map(names::DNS_MESSAGES).context("no DNS_MESSAGES map")?)?;
-        Ok(Self { target, event_ring, dns_ring, events: Vec::new(), dns_copied: 0 })
+        let flow_ring = RingBuf::try_from(ebpf.take_map(names::FLOW_RECORDS).context("no FLOW_RECORDS map")?)?;
+        Ok(Self { target, event_ring, dns_ring, flow_ring, events: Vec::new(), dns_copied: 0 })
     }
 
     pub fn ebpf(&mut self) -> &mut Ebpf {
@@ -278,6 +280,18 @@ impl<T: Target> Kernel<T> {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// The records on `FLOW_RECORDS` (audited flows' starts and ends),
+    /// drained.
+    pub fn flow_records(&mut self) -> Result<Vec<FlowRecord>> {
+        let mut recs = Vec::new();
+        while let Some(item) = self.flow_ring.next() {
+            ensure!(item.len() == size_of::<FlowRecord>(), "flow record of {} bytes", item.len());
+            // SAFETY: FlowRecord is plain data and the length was checked.
+            recs.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+        }
+        Ok(recs)
     }
 
     /// The records on `DNS_MESSAGES`, drained.

@@ -95,6 +95,7 @@ fn records() -> (Vec<AuditRecord>, SummaryRecord) {
         more_sources: 0,
         kernel_rate_limited: 3,
         kernel_ring_dropped: 0,
+        flow_records_over_ceiling: 0,
     };
     (vec![flow("no_rule", "dropped", "warning"), outbound, malformed, icmp, dns], summary)
 }
@@ -381,7 +382,7 @@ fn documented_examples_validate() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 5, "README: 2 records, docs/audit.md: 3");
+    assert_eq!(checked, 7, "README: 2 records, docs/audit.md: 5");
 }
 
 /// A reload's format and syslog socket apply to the next record; the file
@@ -424,4 +425,99 @@ fn the_sink_takes_a_reloads_format_and_syslog() {
     assert_eq!(dropped.get(), 1);
     assert_eq!(std::fs::read_to_string(&out.path).unwrap().lines().count(), 3);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A `flow_start` and a `flow_end` record of an inbound TCP flow, as the
+/// daemon builds them from the kernel's `FlowRecord`s.
+fn flow_records() -> Vec<crate::flowrec::FlowRecordOut> {
+    use pcguard_common::{CT_FLAG_AUDITED, CtEntry, FAMILY_V4, FlowKey, FlowRecord, IPPROTO_TCP};
+    let text = "role = \"primary\"\ninterfaces = [\"eth0\"]\nmode = \"enforce\"\n[peers]\n\
+                workstations = [\"10.77.0.0/24\"]\n[features]\nweb = true\n[audit]\nallowed = \"all\"\n";
+    let policy = crate::policy::compile(&crate::config::parse(text, "t.toml").unwrap()).unwrap();
+    let rule = policy.rules.iter().position(|r| !r.id.is_empty()).unwrap() as u16;
+    let mut key =
+        FlowKey { family: FAMILY_V4, proto: IPPROTO_TCP, local_port: 9191, remote_port: 40000, ..Default::default() };
+    key.local_addr[..4].copy_from_slice(&[10, 77, 0, 1]);
+    key.remote_addr[..4].copy_from_slice(&[10, 77, 0, 2]);
+    let now = crate::sys::ktime_coarse_ns();
+    let entry = CtEntry {
+        last_seen_ns: now,
+        rule,
+        flow_dir: 0,
+        flags: CT_FLAG_AUDITED,
+        started_ns: now - 2_000_000_000,
+        packets_in: 700,
+        bytes_in: 1_050_000,
+        packets_out: 350,
+        bytes_out: 23_100,
+        ..Default::default()
+    };
+    let start = FlowRecord {
+        ts_ns: now - 2_000_000_000,
+        key,
+        entry: CtEntry { packets_in: 1, bytes_in: 74, packets_out: 0, bytes_out: 0, ..entry },
+        ifindex: 1,
+        end: 0,
+        _pad: [0; 3],
+    };
+    let end = FlowRecord { ts_ns: now, key, entry, ifindex: 1, end: pcguard_common::FLOW_END_FIN, _pad: [0; 3] };
+    let idle = crate::flowrec::FlowRecordOut::idle(&key, &entry, &policy);
+    vec![
+        crate::flowrec::FlowRecordOut::from_kernel(&start, &policy),
+        crate::flowrec::FlowRecordOut::from_kernel(&end, &policy),
+        idle,
+    ]
+}
+
+#[test]
+fn flow_records_validate_in_both_formats() {
+    let recs = flow_records();
+    let now = SystemTime::now();
+    let json = Encoder::new(AuditFormat::Json, "print-1".into());
+    let v = validator("audit.schema.json");
+    let lines: Vec<Value> =
+        recs.iter().map(|r| serde_json::from_slice(&json.flow_record(r, now).line).unwrap()).collect();
+    for rec in &lines {
+        assert_eq!(errors(&v, rec), Vec::<String>::new(), "{rec}");
+        assert_eq!((rec["severity"].as_str(), rec["severity_code"].as_u64()), (Some("info"), Some(6)));
+        assert_eq!(rec["local"]["port"], 9191);
+    }
+    let types: Vec<&str> = lines.iter().map(|r| r["event_type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["flow_start", "flow_end", "flow_end"]);
+    assert!(lines[0].get("bytes_in").is_none(), "a start carries no counters: {}", lines[0]);
+    let end = &lines[1];
+    assert_eq!((end["bytes_in"].as_u64(), end["packets_out"].as_u64()), (Some(1_050_000), Some(350)));
+    assert_eq!((end["end_reason"].as_str(), end["direction"].as_str()), (Some("fin"), Some("inbound")));
+    let ms = end["duration_ms"].as_u64().unwrap();
+    assert!((1900..=2100).contains(&ms), "duration {ms}");
+    assert_eq!((lines[2]["end_reason"].as_str(), lines[2]["interface"].as_str()), (Some("idle"), Some("")));
+    // A flow_end without its counters, or with an unknown reason, is not one.
+    for (field, value) in [("bytes_in", Value::Null), ("end_reason", Value::from("timeout"))] {
+        let mut broken = end.clone();
+        match value {
+            Value::Null => {
+                broken.as_object_mut().unwrap().remove(field);
+            }
+            v => broken[field] = v,
+        }
+        assert!(!errors(&v, &broken).is_empty(), "{field}: {broken}");
+    }
+
+    let ecs = Encoder::new(AuditFormat::Ecs, "print-1".into());
+    let v = validator("audit-ecs.schema.json");
+    let lines: Vec<Value> =
+        recs.iter().map(|r| serde_json::from_slice(&ecs.flow_record(r, now).line).unwrap()).collect();
+    for rec in &lines {
+        assert_eq!(errors(&v, rec), Vec::<String>::new(), "{rec}");
+    }
+    assert_eq!(lines[0]["event"]["type"], serde_json::json!(["connection", "start"]));
+    let end = &lines[1];
+    assert_eq!(end["event"]["type"], serde_json::json!(["connection", "end"]));
+    // Inbound: the peer is the source; it sent the bytes toward this server.
+    assert_eq!((end["source"]["ip"].as_str(), end["source"]["bytes"].as_u64()), (Some("10.77.0.2"), Some(1_050_000)));
+    assert_eq!(end["destination"]["bytes"], 23_100);
+    assert_eq!((end["network"]["bytes"].as_u64(), end["network"]["packets"].as_u64()), (Some(1_073_100), Some(1050)));
+    let mut broken = end.clone();
+    broken["source"].as_object_mut().unwrap().remove("bytes");
+    assert!(!errors(&v, &broken).is_empty());
 }

@@ -104,6 +104,10 @@ pub struct RawAudit {
     pub syslog_socket: Option<Spanned<PathBuf>>,
     #[serde(default)]
     pub syslog_facility: Option<Spanned<crate::syslog::Facility>>,
+    /// `"all"` or a list of rule-id globs (`[audit] allowed`).
+    #[serde(default)]
+    pub allowed: Option<Spanned<toml::Value>>,
+    pub max_flow_records_per_second: Option<Spanned<u64>>,
 }
 
 #[derive(Default, Deserialize)]

@@ -501,3 +501,51 @@ fn include_shares_peer_classes_and_errors_name_the_included_file() {
     assert!(e.starts_with(&format!("{}:2: peers.site_servers", dir.join("sites.toml").display())), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn audit_allowed_takes_all_or_rule_id_globs() {
+    use crate::config::{AuditAllowed, glob_match};
+    let base = "role = \"primary\"\ninterfaces = [\"eth0\"]\nmode = \"enforce\"\n[audit]\n";
+    let parse = |extra: &str| parse(&format!("{base}{extra}"), "site.toml");
+    assert_eq!(parse("").unwrap().audit.allowed, AuditAllowed::None);
+    assert_eq!(parse("allowed = \"all\"\n").unwrap().audit.allowed, AuditAllowed::All);
+    assert_eq!(parse("allowed = []\n").unwrap().audit.allowed, AuditAllowed::None);
+    let globs = parse("allowed = [\"admin-ssh\", \"web-*\"]\n").unwrap().audit.allowed;
+    assert_eq!(globs, AuditAllowed::Rules(vec!["admin-ssh".into(), "web-*".into()]));
+    assert!(globs.matches("web-http") && globs.matches("web-https") && globs.matches("admin-ssh"));
+    assert!(!globs.matches("admin-ssh2") && !globs.matches("upstream-http") && !globs.matches("web"));
+    assert_eq!(parse("").unwrap().audit.max_flow_records_per_second, super::DEFAULT_MAX_FLOW_RECORDS_PER_SECOND);
+    assert_eq!(parse("max_flow_records_per_second = 5\n").unwrap().audit.max_flow_records_per_second, 5);
+
+    // Errors name the file, the line and the key.
+    for (extra, words) in [
+        ("allowed = \"some\"\n", "neither \"all\""),
+        ("allowed = [\"web http\"]\n", "not a rule id glob"),
+        ("allowed = [\"\"]\n", "not a rule id glob"),
+        ("max_flow_records_per_second = 0\n", "out of range"),
+    ] {
+        let e = parse(extra).unwrap_err().to_string();
+        let key = if extra.starts_with("max") { "audit.max_flow_records_per_second" } else { "audit.allowed" };
+        assert!(e.contains("site.toml:5") && e.contains(key) && e.contains(words), "{extra}: {e}");
+    }
+    assert!(parse("allowed = 3\n").unwrap_err().to_string().contains("site.toml:5"));
+
+    assert!(glob_match("*", "") && glob_match("a*b*c", "axxbyyc") && glob_match("w?b-*", "web-http"));
+    assert!(!glob_match("a*b", "acb-") && !glob_match("?", "") && !glob_match("web-http", "web-https"));
+    assert!(glob_match("**a", "a") && !glob_match("*a*a*a*a*a*b", &"a".repeat(60)));
+}
+
+#[test]
+fn audited_rules_become_the_kernel_s_rule_bits() {
+    let text = "role = \"primary\"\ninterfaces = [\"eth0\"]\nmode = \"enforce\"\n[peers]\nworkstations = [\"10.0.0.0/24\"]\n\
+                [features]\nweb = true\n[audit]\nallowed = [\"web-https\"]\n";
+    let policy = crate::policy::compile(&parse(text, "site.toml").unwrap()).unwrap();
+    let bits = policy.audit_bits();
+    let audited: Vec<&str> = (1..policy.rules.len())
+        .filter(|&i| pcguard_common::rule_audited(&bits, i as u16))
+        .map(|i| policy.rules[i].id.as_str())
+        .collect();
+    assert_eq!(audited, ["web-https"]);
+    let none = crate::policy::compile(&parse(&text.replace("[\"web-https\"]", "[]"), "site.toml").unwrap()).unwrap();
+    assert_eq!(none.audit_bits(), [0; pcguard_common::AUDIT_RULE_WORDS]);
+}

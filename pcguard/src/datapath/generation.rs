@@ -308,7 +308,7 @@ fn write_generation(
     stats.ports = ports.len();
     // The event budget is per CPU in the kernel (a bucket each).
     let cpus = aya::util::nr_cpus().unwrap_or(1).max(1) as u32;
-    let settings = kernel_settings(&new.settings, cpus);
+    let settings = Settings { audit_rules: new.audit_bits(), ..kernel_settings(&new.settings, cpus) };
     let mut array: Array<&mut MapData, Settings> = Array::try_from(maps::map_mut(ebpf, names::SETTINGS)?)?;
     array.set(generation, settings, 0).with_context(|| format!("writing SETTINGS[{generation}]"))?;
     Ok(())
@@ -333,6 +333,7 @@ fn kernel_settings(s: &PolicySettings, cpus: u32) -> Settings {
         report_interval_ns: ns(s.report_interval),
         event_rate: s.event_rate.div_ceil(cpus),
         event_burst: s.event_burst.div_ceil(cpus),
+        audit_rules: [0; pcguard_common::AUDIT_RULE_WORDS],
     }
 }
 
@@ -390,6 +391,7 @@ mod tests {
             report_interval: Duration::from_secs(60),
             event_rate: 1000,
             event_burst: 999,
+            audit_allowed: crate::config::AuditAllowed::All,
         };
         let k = kernel_settings(&s, 4);
         assert_eq!(
@@ -408,6 +410,9 @@ mod tests {
                 report_interval_ns: 60_000_000_000,
                 event_rate: 250,
                 event_burst: 250,
+                // Set from the rules by `write_generation`
+                // (`CompiledPolicy::audit_bits`).
+                audit_rules: [0; pcguard_common::AUDIT_RULE_WORDS],
             }
         );
         let k = kernel_settings(&PolicySettings::default(), 1);

@@ -11,12 +11,12 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, RingBuf},
 };
 use pcguard_common::{
-    CtEntry, FAMILY_V4, FAMILY_V6, FlowKey, GEN_PREFIX_BITS, LearnedKey, PortEntry, PortSlot, names, ports_index,
-    slots_index,
+    CT_FLAG_AUDITED, CT_STATE_CLOSING, CT_STATE_OPEN, CtEntry, FAMILY_V4, FAMILY_V6, FlowKey, GEN_PREFIX_BITS,
+    IPPROTO_TCP, LearnedKey, PortEntry, PortSlot, names, ports_index, slots_index,
 };
 
 use crate::{
-    policy::{CompiledPolicy, PeerPrefix},
+    policy::{CompiledPolicy, PeerPrefix, PolicySettings},
     seed::Seed,
     sys,
 };
@@ -73,6 +73,51 @@ pub(super) fn seed_conntrack(ebpf: &mut Ebpf, seeds: &[Seed]) -> Result<SeedStat
         }
     }
     Ok(stats)
+}
+
+/// The idle timeout (ns) the programs give an entry of protocol `proto` in
+/// `state` (`pcguard-ebpf` `conntrack::idle_timeout`).
+fn idle_timeout_ns(proto: u8, state: u8, s: &PolicySettings) -> u64 {
+    let d = match (proto, state) {
+        (IPPROTO_TCP, CT_STATE_CLOSING) => s.tcp_closing_timeout,
+        (IPPROTO_TCP, _) => s.tcp_timeout,
+        _ => s.udp_timeout,
+    };
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Removes the open audited flows (`CT_FLAG_AUDITED`, not closed by
+/// FIN/RST) of both conntrack tables that are idle past their timeout
+/// under `s`, and returns them (key, entry as last read): each is one
+/// `flow_end` record with reason `idle`. An entry is returned only if
+/// this removal succeeded, so a flow the kernel's own expiry removed
+/// (which then reported it) is never reported twice.
+pub(super) fn expire_audited(ebpf: &mut Ebpf, s: &PolicySettings) -> Result<Vec<(FlowKey, CtEntry)>> {
+    let now = sys::ktime_coarse_ns();
+    let mut out = Vec::new();
+    for name in [names::CONNTRACK, names::CT_NEW] {
+        let mut map: BpfHashMap<&mut MapData, FlowKey, CtEntry> = BpfHashMap::try_from(map_mut(ebpf, name)?)?;
+        let idle: Vec<(FlowKey, CtEntry)> = map
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, e)| {
+                e.flags & CT_FLAG_AUDITED != 0
+                    && e.state == CT_STATE_OPEN
+                    && now.saturating_sub(e.last_seen_ns) >= idle_timeout_ns(k.proto, e.state, s)
+            })
+            .collect();
+        for (k, e) in idle {
+            // Read again: a packet may have refreshed it since.
+            match map.get(&k, 0) {
+                Ok(cur) if now.saturating_sub(cur.last_seen_ns) >= idle_timeout_ns(k.proto, cur.state, s) => {}
+                _ => continue,
+            }
+            if map.remove(&k).is_ok() {
+                out.push((k, e));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Reads back what generation `generation` of the policy tables holds:

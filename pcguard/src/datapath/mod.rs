@@ -201,6 +201,14 @@ impl Datapath {
         maps::stat(&self.ebpf, idx)
     }
 
+    /// Removes the audited flows idle past their timeout (under the
+    /// running policy's timeouts) and returns them, for their `flow_end`
+    /// records (`maps::expire_audited`). Nothing when no policy is applied.
+    pub fn expire_audited(&mut self) -> Result<Vec<(pcguard_common::FlowKey, pcguard_common::CtEntry)>> {
+        let Some(settings) = self.applied().map(|p| p.settings.clone()) else { return Ok(Vec::new()) };
+        maps::expire_audited(&mut self.ebpf, &settings)
+    }
+
     /// Takes a ring buffer (`EVENTS`, `DNS_MESSAGES`) to consume it (once).
     pub fn take_ring(&mut self, name: &str) -> Result<RingBuf<MapData>> {
         maps::take_ring(&mut self.ebpf, name)

@@ -113,6 +113,7 @@ fn settings(cfg: &SiteConfig) -> PolicySettings {
         tcp_closing_timeout: cfg.conntrack.tcp_closing,
         udp_timeout: cfg.conntrack.udp,
         report_interval: cfg.audit.report_interval,
+        audit_allowed: cfg.audit.allowed.clone(),
         // The whole machine's budget: the datapath divides it between the
         // CPUs when it writes the settings. Twice the records the daemon
         // writes, so that its own dedup and ceiling have room to work.

@@ -94,6 +94,9 @@ pub struct PolicySettings {
     /// its burst (the datapath divides both between the CPUs).
     pub event_rate: u32,
     pub event_burst: u32,
+    /// Rules whose allowed flows get start and end records
+    /// ([`CompiledPolicy::audit_bits`]).
+    pub audit_allowed: crate::config::AuditAllowed,
 }
 
 impl PolicySettings {
@@ -132,6 +135,19 @@ impl CompiledPolicy {
     /// daemon keeps for rules of earlier policies).
     pub fn rule_count(&self) -> usize {
         self.rules.iter().skip(1).filter(|r| !r.id.is_empty()).count()
+    }
+
+    /// `Settings::audit_rules`: the bit of every rule id whose rule
+    /// `[audit] allowed` names.
+    pub fn audit_bits(&self) -> [u64; pcguard_common::AUDIT_RULE_WORDS] {
+        let mut bits = [0u64; pcguard_common::AUDIT_RULE_WORDS];
+        for (id, r) in self.rules.iter().enumerate().skip(1) {
+            if !r.id.is_empty() && id < pcguard_common::MAX_RULES as usize && self.settings.audit_allowed.matches(&r.id)
+            {
+                bits[id / 64] |= 1 << (id % 64);
+            }
+        }
+        bits
     }
 
     /// The class mask the kernel finds for `addr` in the static peer tries:

@@ -13,6 +13,7 @@
 //! after the apply, and says why.
 
 mod dns;
+mod flowrec;
 mod flows;
 mod policy;
 mod reports;
