@@ -158,6 +158,53 @@ fn allowed_flows_produce_start_and_end_records_with_their_volumes() -> Result<()
         recs.iter().filter(|r| r["event_type"] == "flow_start").all(|r| r["rule"] != "directory-ldap"),
         "a record of a rule that is not audited"
     );
+
+    // The README's walk-through on this log: allowed flows of the day, and
+    // the summary by remote and rule, whose volumes are the records' own.
+    let log = daemon.audit_log.to_str().context("audit log path")?;
+    let listed = daemon.cli(&[
+        "flows",
+        "--log",
+        log,
+        "--type",
+        "allowed",
+        "--since",
+        "24h",
+        "--no-follow",
+        "--json",
+        "-n",
+        "100",
+    ])?;
+    let listed: Vec<Value> = listed.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let ends = recs.iter().filter(|r| r["event_type"] == "flow_end").count();
+    let starts = recs.iter().filter(|r| r["event_type"] == "flow_start").count();
+    ensure!(listed.len() == starts + ends, "flows --type allowed listed {} of {} records", listed.len(), starts + ends);
+    ensure!(listed.iter().all(|r| r["event_type"] == "flow_start" || r["event_type"] == "flow_end"), "{listed:?}");
+    let summary = daemon.cli(&[
+        "flows",
+        "--log",
+        log,
+        "--type",
+        "allowed",
+        "--since",
+        "24h",
+        "--summary",
+        "by=remote,rule",
+        "--json",
+    ])?;
+    let summary: Value = serde_json::from_str(&summary)?;
+    let row = |rule: &str| -> Result<&Value> {
+        summary["rows"]
+            .as_array()
+            .context("rows")?
+            .iter()
+            .find(|r| r["rule"] == rule && r["remote"] == addr("ws").to_string())
+            .with_context(|| format!("no summary row for {rule}: {summary}"))
+    };
+    let web = row("web-http")?;
+    ensure!(web["flows"] == 1 && web["bytes_in"] == bytes_in && web["packets_in"] == packets_in, "web row {web}");
+    let udp = row("test-udp-7000")?;
+    ensure!(udp["flows"] == 1 && udp["bytes_in"] == frame(msg.len()), "udp row {udp}");
     daemon.stop()?;
     Ok(())
 }

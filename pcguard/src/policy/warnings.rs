@@ -59,6 +59,17 @@ pub fn warnings(cfg: &SiteConfig, p: &CompiledPolicy) -> Vec<Warning> {
     if let Some(w) = scrape_warning(cfg.metrics_listen(), p) {
         out.push(w);
     }
+    if let crate::config::AuditAllowed::Rules(globs) = &cfg.audit.allowed {
+        for g in globs {
+            if !rules().any(|r| crate::config::glob_match(g, &r.id)) {
+                out.push(Warning {
+                    code: "audit_allowed_unmatched",
+                    message: format!("[audit] allowed names \"{g}\", which matches no rule: no flow records for it"),
+                    fix: "use rule ids as `pcguard check` lists them (e.g. \"web-*\", \"admin-ssh\")".to_string(),
+                });
+            }
+        }
+    }
     out
 }
 
@@ -136,6 +147,17 @@ mod tests {
              protocol = \"udp\"\nports = [53]\npeers = [\"any\"]\n"
         );
         assert_eq!(warn(&toml), ["cloud_without_resolver"]);
+    }
+
+    #[test]
+    fn audited_globs_that_match_no_rule_warn() {
+        let audit = "[audit]\nallowed = [\"web-*\", \"no-such-rule\", \"admin-s?h\"]\n";
+        let toml = format!("{BASE}egress_mode = \"monitor\"\n{audit}{PEERS}admin = [\"10.0.0.10\"]\n");
+        let cfg = config::parse(&toml, "t.toml").unwrap();
+        let p = compile(&cfg).unwrap();
+        let w = warnings(&cfg, &p);
+        assert_eq!(w.iter().map(|w| w.code).collect::<Vec<_>>(), ["audit_allowed_unmatched"]);
+        assert!(w[0].message.contains("\"no-such-rule\""), "{}", w[0].message);
     }
 
     #[test]
