@@ -205,6 +205,25 @@ fn allowed_flows_produce_start_and_end_records_with_their_volumes() -> Result<()
     ensure!(web["flows"] == 1 && web["bytes_in"] == bytes_in && web["packets_in"] == packets_in, "web row {web}");
     let udp = row("test-udp-7000")?;
     ensure!(udp["flows"] == 1 && udp["bytes_in"] == frame(msg.len()), "udp row {udp}");
+
+    // `pcguard suggest` reads the same records: of the audited rules, the
+    // ones that carried these flows had traffic, web-https none.
+    let out = std::process::Command::new(pcguard_bin()?)
+        .args(["suggest", "--from", log, "--config"])
+        .arg(&env.config)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(out.status.success(), "suggest failed: {}", String::from_utf8_lossy(&out.stderr));
+    let unused: Vec<&str> = text
+        .lines()
+        .find_map(|l| l.trim().trim_start_matches("- ").strip_prefix("rules without traffic in the period: "))
+        .with_context(|| format!("no rule-usage line in:\n{text}"))?
+        .split(", ")
+        .collect();
+    ensure!(
+        unused.contains(&"web-https") && !unused.contains(&"web-http") && !unused.contains(&"test-udp-7000"),
+        "rules without traffic: {unused:?}\n{text}"
+    );
     daemon.stop()?;
     Ok(())
 }
