@@ -193,47 +193,35 @@ impl Encoder {
 
     pub fn flow(&self, rec: &AuditRecord, now: SystemTime) -> Encoded {
         let ty = EventType::of(rec);
-        let id = self.ids.next(now);
-        let code = severity_code(&rec.severity);
-        let line = match self.format {
-            AuditFormat::Json => serde_json::to_vec(&V1 {
-                schema: SCHEMA_VERSION,
-                event_type: ty.as_str(),
-                event_id: &id,
-                host: &self.host,
-                severity_code: code,
-                record: rec,
-            }),
-            AuditFormat::Ecs => serde_json::to_vec(&ecs_flow(rec, ty, &id, &self.host)),
-        }
-        .expect("audit records serialize");
-        Encoded { line, severity: code, ts: rec.ts.clone(), msgid: rec.reason.clone() }
+        self.encode(ty, rec, &rec.severity, &rec.ts, &rec.reason, now, |id| ecs_flow(rec, ty, id, &self.host))
     }
 
     /// A `flow_start` or `flow_end` record.
     pub fn flow_record(&self, rec: &FlowRecordOut, now: SystemTime) -> Encoded {
         let ty = if rec.is_end() { EventType::FlowEnd } else { EventType::FlowStart };
-        let id = self.ids.next(now);
-        let code = severity_code(&rec.severity);
-        let line = match self.format {
-            AuditFormat::Json => serde_json::to_vec(&V1 {
-                schema: SCHEMA_VERSION,
-                event_type: ty.as_str(),
-                event_id: &id,
-                host: &self.host,
-                severity_code: code,
-                record: rec,
-            }),
-            AuditFormat::Ecs => serde_json::to_vec(&ecs_flow_record(rec, ty, &id, &self.host)),
-        }
-        .expect("audit records serialize");
-        Encoded { line, severity: code, ts: rec.ts.clone(), msgid: ty.as_str().into() }
+        self.encode(ty, rec, &rec.severity, &rec.ts, ty.as_str(), now, |id| ecs_flow_record(rec, ty, id, &self.host))
     }
 
     pub fn summary(&self, rec: &SummaryRecord, now: SystemTime) -> Encoded {
         let ty = EventType::AuditSummary;
+        self.encode(ty, rec, rec.severity, &rec.ts, ty.as_str(), now, |id| ecs_summary(rec, id, &self.host))
+    }
+
+    /// One record in the configured format: `record` inside schema 1's
+    /// envelope (`json`), or what `ecs` builds from the record and its id.
+    #[allow(clippy::too_many_arguments)]
+    fn encode<R: Serialize, E: Serialize>(
+        &self,
+        ty: EventType,
+        record: &R,
+        severity: &str,
+        ts: &str,
+        msgid: &str,
+        now: SystemTime,
+        ecs: impl FnOnce(&str) -> E,
+    ) -> Encoded {
         let id = self.ids.next(now);
-        let code = severity_code(rec.severity);
+        let code = severity_code(severity);
         let line = match self.format {
             AuditFormat::Json => serde_json::to_vec(&V1 {
                 schema: SCHEMA_VERSION,
@@ -241,12 +229,12 @@ impl Encoder {
                 event_id: &id,
                 host: &self.host,
                 severity_code: code,
-                record: rec,
+                record,
             }),
-            AuditFormat::Ecs => serde_json::to_vec(&ecs_summary(rec, &id, &self.host)),
+            AuditFormat::Ecs => serde_json::to_vec(&ecs(&id)),
         }
         .expect("audit records serialize");
-        Encoded { line, severity: code, ts: rec.ts.clone(), msgid: ty.as_str().into() }
+        Encoded { line, severity: code, ts: ts.to_string(), msgid: msgid.to_string() }
     }
 }
 
