@@ -181,10 +181,8 @@ pub struct Count {
 pub struct AuditGate {
     interval: Duration,
     dedup: Dedup<FlowAuditKey>,
-    /// Ceiling: tokens (a second's worth at most) and when last counted.
-    rate: u32,
-    tokens: f64,
-    refilled: Instant,
+    /// Ceiling of unexpected-flow records.
+    ceiling: Ceiling,
     // What was held back since the last summary.
     since: Instant,
     deduplicated: u64,
@@ -210,6 +208,11 @@ impl Ceiling {
         Self { rate: rate.max(1), tokens: f64::from(rate.max(1)), refilled: now }
     }
 
+    /// A new rate; the tokens already earned stay.
+    fn set_rate(&mut self, rate: u32) {
+        self.rate = rate.max(1);
+    }
+
     fn take(&mut self, now: Instant) -> bool {
         let rate = f64::from(self.rate);
         let earned = now.saturating_duration_since(self.refilled).as_secs_f64() * rate;
@@ -228,9 +231,7 @@ impl AuditGate {
         Self {
             interval,
             dedup: Dedup::new(interval, DEDUP_KEYS, now),
-            rate: max_records_per_second.max(1),
-            tokens: f64::from(max_records_per_second.max(1)),
-            refilled: now,
+            ceiling: Ceiling::new(max_records_per_second, now),
             since: now,
             deduplicated: 0,
             over_ceiling: 0,
@@ -245,7 +246,7 @@ impl AuditGate {
     /// The ceiling of `flow_start` / `flow_end` records
     /// (`[audit] max_flow_records_per_second`).
     pub fn set_flow_ceiling(&mut self, max_per_second: u32) {
-        self.flow_ceiling.rate = max_per_second.max(1);
+        self.flow_ceiling.set_rate(max_per_second);
     }
 
     /// Whether an allowed-flow record may be written now: no dedup (each
@@ -263,7 +264,7 @@ impl AuditGate {
     pub fn configure(&mut self, interval: Duration, max_records_per_second: u32) {
         self.interval = interval;
         self.dedup.interval = interval;
-        self.rate = max_records_per_second.max(1);
+        self.ceiling.set_rate(max_records_per_second);
     }
 
     /// `rec` if it is to be written now (with `suppressed` = records of
@@ -276,7 +277,7 @@ impl AuditGate {
             self.count(&key);
             return None;
         };
-        if !self.take_token(now) {
+        if !self.ceiling.take(now) {
             self.over_ceiling += 1;
             self.count(&key);
             return None;
@@ -285,18 +286,6 @@ impl AuditGate {
             rec.suppressed = Some(held);
         }
         Some(rec)
-    }
-
-    fn take_token(&mut self, now: Instant) -> bool {
-        let rate = f64::from(self.rate);
-        let earned = now.saturating_duration_since(self.refilled).as_secs_f64() * rate;
-        self.tokens = (self.tokens + earned).min(rate);
-        self.refilled = now;
-        if self.tokens < 1.0 {
-            return false;
-        }
-        self.tokens -= 1.0;
-        true
     }
 
     fn count(&mut self, key: &FlowAuditKey) {
