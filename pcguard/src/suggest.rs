@@ -766,7 +766,7 @@ fn rule_usage(obs: &Observed, current: Option<&Current>, report: &mut Report) {
         Some(Value::Array(a)) => Some(a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()),
         _ => None,
     };
-    let ids: Vec<&str> = c.policy.rules.iter().skip(1).map(|r| r.id.as_str()).filter(|id| !id.is_empty()).collect();
+    let ids: Vec<&str> = c.policy.current_rules().map(|r| r.id.as_str()).collect();
     match (globs, obs.allowed_records) {
         (None, 0) => {
             report.rule_usage.push(

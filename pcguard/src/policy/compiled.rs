@@ -134,7 +134,13 @@ impl CompiledPolicy {
     /// Number of rules (without the "no rule" placeholder and the holes a
     /// daemon keeps for rules of earlier policies).
     pub fn rule_count(&self) -> usize {
-        self.rules.iter().skip(1).filter(|r| !r.id.is_empty()).count()
+        self.current_rules().count()
+    }
+
+    /// The rules of this policy: without the "no rule" placeholder and the
+    /// holes a daemon keeps for rules of earlier policies.
+    pub fn current_rules(&self) -> impl Iterator<Item = &RuleInfo> {
+        self.rules.iter().skip(1).filter(|r| !r.id.is_empty())
     }
 
     /// `Settings::audit_rules`: the bit of every rule id whose rule

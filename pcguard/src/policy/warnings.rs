@@ -24,7 +24,7 @@ const DNS_PORT: u16 = 53;
 pub fn warnings(cfg: &SiteConfig, p: &CompiledPolicy) -> Vec<Warning> {
     let mut out = Vec::new();
     let egress_enforced = p.settings.egress_mode == Mode::Enforce;
-    let rules = || p.rules.iter().skip(1).filter(|r| !r.id.is_empty());
+    let rules = || p.current_rules();
     let dns_rules: Vec<&RuleInfo> = rules()
         .filter(|r| r.direction == Direction::Outbound && r.protocol == Protocol::Udp && covers(r, DNS_PORT))
         .collect();
@@ -79,12 +79,8 @@ fn scrape_warning(listen: SocketAddr, p: &CompiledPolicy) -> Option<Warning> {
         return None;
     }
     let port = listen.port();
-    let allowed = p
-        .rules
-        .iter()
-        .skip(1)
-        .filter(|r| !r.id.is_empty())
-        .any(|r| r.direction == Direction::Inbound && r.protocol == Protocol::Tcp && covers(r, port));
+    let allowed =
+        p.current_rules().any(|r| r.direction == Direction::Inbound && r.protocol == Protocol::Tcp && covers(r, port));
     if allowed {
         return None;
     }
