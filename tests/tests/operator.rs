@@ -34,7 +34,9 @@ fn unconfirmed_reload_is_reverted_and_confirmed_one_kept() -> Result<()> {
     daemon.signal(libc::SIGHUP)?;
     wait_until("the reload", Duration::from_secs(5), || Ok(daemon.log_text().contains("reload applied")))?;
     assert!(ws_reaches(&env.lab, 9999)?, "allowed while pending");
-    wait_until("the revert", Duration::from_secs(8), || Ok(daemon.log_text().contains("reverting")))?;
+    // "reverted (...)" is logged once the previous policy is installed;
+    // "reverting" comes before it, and a probe there can race the switch.
+    wait_until("the revert", Duration::from_secs(8), || Ok(daemon.log_text().contains("reverted (policy generation")))?;
     assert!(!ws_reaches(&env.lab, 9999)?, "reverted to the confirmed policy");
     assert!(daemon.try_wait()?.is_none());
 
